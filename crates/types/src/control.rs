@@ -1,0 +1,182 @@
+//! The control protocol between a client (the CLI, tests, dashboards) and the
+//! daemon: one JSON object per line over a Unix socket.
+//!
+//! Every connection opens with `hello`, carrying the protocol version; the
+//! daemon answers with its own or with a `version_mismatch` error, so an old
+//! CLI talking to a new daemon (or the reverse) fails clearly instead of
+//! misreading messages. After the greeting, each request gets one response,
+//! except `logs` with `follow`, which streams `log_line`s until the client
+//! hangs up.
+
+use crate::exit::ExitInfo;
+use crate::id::{ProcessNum, Selector};
+use crate::spec::ProcessSpec;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Bumped whenever a message changes shape.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest accepted control frame: a manifest of thousands of processes fits,
+/// and a confused peer cannot make the daemon buffer without bound.
+pub const MAX_FRAME: usize = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Hello {
+        protocol: u32,
+        version: String,
+    },
+    Start {
+        specs: Vec<ProcessSpec>,
+    },
+    List,
+    Stop {
+        target: Selector,
+    },
+    Restart {
+        target: Selector,
+    },
+    Delete {
+        target: Selector,
+    },
+    Logs {
+        target: Selector,
+        /// How many past lines to send first (per stream file).
+        lines: usize,
+        follow: bool,
+        stream: LogStream,
+    },
+    Status,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Out,
+    Err,
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Hello {
+        protocol: u32,
+        version: String,
+        pid: u32,
+    },
+    Started {
+        ids: Vec<ProcessNum>,
+    },
+    List {
+        processes: Vec<ProcessInfo>,
+    },
+    /// The processes an action applied to.
+    Done {
+        ids: Vec<ProcessNum>,
+    },
+    LogLine {
+        id: ProcessNum,
+        name: Option<String>,
+        stream: LogStream,
+        line: String,
+    },
+    /// Lines were dropped for a follower that read too slowly.
+    LogGap {
+        id: ProcessNum,
+        missed: u64,
+    },
+    LogEnd,
+    Status(DaemonStatus),
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    VersionMismatch,
+    BadRequest,
+    NotFound,
+    InvalidSpec,
+    ShuttingDown,
+    Internal,
+}
+
+/// One row of `ls`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub id: ProcessNum,
+    pub name: Option<String>,
+    pub command: String,
+    pub state: StateLabel,
+    pub pid: Option<u32>,
+    pub uptime_ms: Option<u64>,
+    pub restarts: u32,
+    pub cpu_percent: Option<f32>,
+    pub memory_bytes: Option<u64>,
+    pub on_exit: String,
+    pub last_exit: Option<ExitInfo>,
+    /// While in backoff: milliseconds until the next restart.
+    pub restart_in_ms: Option<u64>,
+    pub log_out: PathBuf,
+    pub log_err: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateLabel {
+    Starting,
+    Running,
+    Stopping,
+    Backoff,
+    Stopped,
+}
+
+impl std::fmt::Display for StateLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateLabel::Starting => "starting",
+            StateLabel::Running => "running",
+            StateLabel::Stopping => "stopping",
+            StateLabel::Backoff => "backoff",
+            StateLabel::Stopped => "stopped",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub version: String,
+    pub protocol: u32,
+    pub home: PathBuf,
+    pub uptime_ms: u64,
+    pub processes: usize,
+    pub running: usize,
+    pub rss_bytes: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_tagged_json() {
+        let r = Request::Stop {
+            target: Selector::Name("api".into()),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"op":"stop","target":{"name":"api"}}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        let hello = r#"{"op":"hello","protocol":1,"version":"0.1.0"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Request>(hello).unwrap(),
+            Request::Hello { protocol: 1, .. }
+        ));
+    }
+}

@@ -1,0 +1,326 @@
+//! The TOML manifest (`[[process]]` tables) and the command-line flags that
+//! mirror its keys, turned into validated [`ProcessSpec`]s.
+//!
+//! Validation is all-or-nothing: one bad key anywhere and no spec comes out,
+//! so nothing is started half-way. Every error names the process, the key and
+//! what a valid value looks like. Relative paths are resolved against `base`
+//! (the manifest's directory, or the caller's working directory for flags);
+//! this module does no I/O — whether an executable exists is the daemon's check.
+
+use crate::exit::OnExit;
+use crate::id::validate_name;
+use crate::restart::RestartSchedule;
+use crate::spec::{DEFAULT_GRACE, LogSpec, ProcessSpec, Program, StopSignal};
+use crate::units::{parse_duration, parse_size};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One `[[process]]` table as written, before validation. The CLI builds the
+/// same struct from its flags.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProcess {
+    pub name: Option<String>,
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub log: Option<String>,
+    pub err_log: Option<String>,
+    pub restart_at: Option<Vec<DelayValue>>,
+    pub restart_ok: Option<String>,
+    pub on_exit: Option<String>,
+    pub grace: Option<String>,
+    pub stop_signal: Option<String>,
+    pub strip_ansi: Option<bool>,
+    pub timestamps: Option<bool>,
+    pub max_memory: Option<String>,
+    pub log_max_size: Option<String>,
+    pub log_keep: Option<u32>,
+}
+
+/// A schedule entry: `"100ms"` or the bare integer `0`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DelayValue {
+    Text(String),
+    Int(i64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    #[serde(default)]
+    process: Vec<RawProcess>,
+}
+
+/// A value in a process description that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: key `{key}`: {message}")]
+pub struct SpecError {
+    /// Which process: `process 2 ("api")`.
+    pub at: String,
+    pub key: &'static str,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("no processes: add at least one [[process]] table with a `command`")]
+    Empty,
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+}
+
+/// Reads a manifest's text into specs; relative paths resolve against `base`.
+pub fn parse_manifest(text: &str, base: &Path) -> Result<Vec<ProcessSpec>, ManifestError> {
+    let manifest: Manifest = toml::from_str(text)?;
+    if manifest.process.is_empty() {
+        return Err(ManifestError::Empty);
+    }
+    manifest
+        .process
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| raw.into_spec(i + 1, base).map_err(ManifestError::from))
+        .collect()
+}
+
+/// Joins `p` onto `base` unless absolute, and folds `.` and `..` lexically so
+/// tables and errors show clean paths.
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(p).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+impl RawProcess {
+    /// Validates and resolves this entry; `index` (1-based) names it in errors.
+    pub fn into_spec(self, index: usize, base: &Path) -> Result<ProcessSpec, SpecError> {
+        let at = match &self.name {
+            Some(n) => format!("process {index} ({n:?})"),
+            None => format!("process {index}"),
+        };
+        let err = |key: &'static str, message: String| SpecError {
+            at: at.clone(),
+            key,
+            message,
+        };
+        if let Some(name) = &self.name {
+            validate_name(name).map_err(|e| err("name", e.to_string()))?;
+        }
+        let command = match self.command {
+            Some(c) if !c.trim().is_empty() => c,
+            _ => {
+                return Err(err(
+                    "command",
+                    "missing: say what to run, e.g. command = \"node\"".into(),
+                ));
+            }
+        };
+        let cwd = match &self.cwd {
+            Some(c) => resolve(base, c),
+            None => base.to_path_buf(),
+        };
+        // A command with a slash is a path: resolve it now, against the process's
+        // working directory, so the daemon runs exactly what was meant.
+        let command = if command.contains('/') {
+            resolve(&cwd, &command).to_string_lossy().into_owned()
+        } else {
+            command
+        };
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(err(
+                    "env",
+                    format!("invalid variable name {key:?}: names cannot be empty or contain `=`"),
+                ));
+            }
+        }
+
+        let mut restart = RestartSchedule::default();
+        if let Some(delays) = self.restart_at {
+            restart.delays = delays
+                .iter()
+                .map(|d| match d {
+                    DelayValue::Int(0) => Ok(std::time::Duration::ZERO),
+                    DelayValue::Int(n) => Err(format!(
+                        "bare number {n}: give a unit, e.g. \"{n}ms\" (only 0 may stand alone)"
+                    )),
+                    DelayValue::Text(t) => parse_duration(t).map_err(|e| e.to_string()),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|m| err("restart_at", m))?;
+        }
+        if let Some(ok) = &self.restart_ok {
+            restart.ok = parse_duration(ok).map_err(|e| err("restart_ok", e.to_string()))?;
+        }
+        let on_exit = match self.on_exit.as_deref() {
+            None | Some("restart") => OnExit::Restart,
+            Some("none") => OnExit::None,
+            Some("requests") => OnExit::Requests(vec![]),
+            Some(other) => {
+                return Err(err(
+                    "on_exit",
+                    format!("unknown policy {other:?}: use none, restart or requests"),
+                ));
+            }
+        };
+        let grace = match &self.grace {
+            Some(g) => parse_duration(g).map_err(|e| err("grace", e.to_string()))?,
+            None => DEFAULT_GRACE,
+        };
+        let stop_signal = match &self.stop_signal {
+            Some(s) => s.parse::<StopSignal>().map_err(|m| err("stop_signal", m))?,
+            None => StopSignal::default(),
+        };
+        let max_memory = match &self.max_memory {
+            Some(m) => Some(parse_size(m).map_err(|e| err("max_memory", e.to_string()))?),
+            None => None,
+        };
+        let mut log = LogSpec {
+            out: self.log.as_deref().map(|p| resolve(base, p)),
+            err: self.err_log.as_deref().map(|p| resolve(base, p)),
+            strip_ansi: self.strip_ansi.unwrap_or(false),
+            timestamps: self.timestamps.unwrap_or(false),
+            ..LogSpec::default()
+        };
+        if let Some(s) = &self.log_max_size {
+            log.max_size = parse_size(s).map_err(|e| err("log_max_size", e.to_string()))?;
+            if log.max_size < 4096 {
+                return Err(err(
+                    "log_max_size",
+                    format!(
+                        "{s:?} is below the 4KiB minimum: a rotated file must hold whole lines"
+                    ),
+                ));
+            }
+        }
+        if let Some(k) = self.log_keep {
+            log.keep = k;
+        }
+        Ok(ProcessSpec {
+            name: self.name,
+            program: Program::Native {
+                command,
+                args: self.args,
+                cwd,
+            },
+            env: self.env,
+            log,
+            restart,
+            on_exit,
+            grace,
+            stop_signal,
+            max_memory,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const FULL: &str = r#"
+[[process]]
+name = "api"
+command = "node"
+args = ["server.js"]
+cwd = "services/first"
+env = { PORT = "8080" }
+log = "logs/api.log"
+restart_at = ["100ms", "500ms", "1s", "10s", "30s", "1m", "5m", "15m"]
+restart_ok = "30m"
+on_exit = "restart"
+grace = "200ms"
+stop_signal = "SIGTERM"
+strip_ansi = true
+max_memory = "512MiB"
+
+[[process]]
+command = "./bin/worker"
+restart_at = [0]
+on_exit = "none"
+"#;
+
+    #[test]
+    fn full_manifest() {
+        let specs = parse_manifest(FULL, Path::new("/srv/app")).unwrap();
+        assert_eq!(specs.len(), 2);
+        let api = &specs[0];
+        assert_eq!(api.name.as_deref(), Some("api"));
+        assert_eq!(
+            api.program,
+            Program::Native {
+                command: "node".into(),
+                args: vec!["server.js".into()],
+                cwd: "/srv/app/services/first".into()
+            }
+        );
+        assert_eq!(api.env["PORT"], "8080");
+        assert_eq!(
+            api.log.out.as_deref(),
+            Some(Path::new("/srv/app/logs/api.log"))
+        );
+        assert_eq!(api.restart.delays.len(), 8);
+        assert_eq!(api.restart.ok, Duration::from_secs(1800));
+        assert_eq!(api.grace, Duration::from_millis(200));
+        assert!(api.log.strip_ansi);
+        assert_eq!(api.max_memory, Some(512 << 20));
+        let worker = &specs[1];
+        assert!(worker.restart.never_restarts());
+        assert_eq!(worker.on_exit, OnExit::None);
+        match &worker.program {
+            Program::Native { command, .. } => assert_eq!(command, "/srv/app/bin/worker"),
+        }
+    }
+
+    fn error_of(text: &str) -> String {
+        parse_manifest(text, Path::new("/m"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = error_of("[[process]]\ncommand = \"x\"\ngrace = \"soon\"\n");
+        assert!(
+            e.contains("process 1") && e.contains("`grace`") && e.contains("200ms"),
+            "{e}"
+        );
+        let e = error_of("[[process]]\ncommand = \"x\"\nrestrt_at = [\"1s\"]\n");
+        assert!(e.contains("unknown field `restrt_at`"), "{e}");
+        let e = error_of("[[process]]\nname = \"a\"\ncommand = \"x\"\n[[process]]\nname = \"b\"\n");
+        assert!(
+            e.contains("process 2 (\"b\")") && e.contains("`command`"),
+            "{e}"
+        );
+        let e = error_of("[[process]]\ncommand = \"x\"\nrestart_at = [100]\n");
+        assert!(e.contains("`restart_at`") && e.contains("100ms"), "{e}");
+        let e = error_of("[[process]]\ncommand = \"x\"\non_exit = \"sometimes\"\n");
+        assert!(e.contains("none, restart or requests"), "{e}");
+        let e = error_of("[[process]]\ncommand = \"x\"\nname = \"12\"\n");
+        assert!(e.contains("`name`") && e.contains("all digits"), "{e}");
+        let e = error_of("[[process]]\ncommand = \"x\"\nmax_memory = \"big\"\n");
+        assert!(e.contains("`max_memory`") && e.contains("512MiB"), "{e}");
+        let e = error_of("");
+        assert!(e.contains("no processes"), "{e}");
+        let e = error_of("[[process]\n");
+        assert!(!e.is_empty());
+    }
+}
