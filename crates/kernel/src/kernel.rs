@@ -1,0 +1,610 @@
+use crate::snapshot::{Desired, SavedProcess, TABLE_VERSION, TableSnapshot};
+use spindle_types::{
+    ExitInfo, ExitReason, ExitStatus, ProcessNum, ProcessSpec, RestartDecision, Selector,
+    spec::StopSignal,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Number of one spawn of one process; events naming an older run are stale.
+pub type RunId = u64;
+
+/// Why a stop was asked for; decides the exit reason the run ends with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopCause {
+    /// A user (or another process with the right) stopped it: `Killed`.
+    User,
+    /// The node is stopping: `Shutdown`.
+    Shutdown,
+    /// The kernel stopped it for misbehaving (e.g. a memory limit): `Crashed`.
+    Fault(String),
+}
+
+/// What to do once a stopping run has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterStop {
+    Stay,
+    Restart,
+    Delete,
+}
+
+/// Where a process is in its life. Each state carries the data that only
+/// makes sense in it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    /// A spawn was requested; the driver has not confirmed it yet.
+    Starting {
+        run: RunId,
+        since: Instant,
+    },
+    Running {
+        run: RunId,
+        pid: Option<u32>,
+        since: Instant,
+    },
+    /// Asked to stop; SIGKILL follows at `deadline` unless it exits first.
+    Stopping {
+        run: RunId,
+        pid: Option<u32>,
+        since: Instant,
+        deadline: Instant,
+        killed: bool,
+        cause: StopCause,
+        then: AfterStop,
+    },
+    /// Waiting out the restart schedule.
+    Backoff {
+        until: Instant,
+    },
+    Stopped,
+}
+
+impl State {
+    /// The current run, while one exists.
+    pub fn run(&self) -> Option<RunId> {
+        match self {
+            State::Starting { run, .. }
+            | State::Running { run, .. }
+            | State::Stopping { run, .. } => Some(*run),
+            _ => None,
+        }
+    }
+    pub fn is_live(&self) -> bool {
+        self.run().is_some()
+    }
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            State::Running { pid, .. } | State::Stopping { pid, .. } => *pid,
+            _ => None,
+        }
+    }
+    /// When the current run started.
+    pub fn since(&self) -> Option<Instant> {
+        match self {
+            State::Starting { since, .. }
+            | State::Running { since, .. }
+            | State::Stopping { since, .. } => Some(*since),
+            _ => None,
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub num: ProcessNum,
+    pub spec: Arc<ProcessSpec>,
+    pub state: State,
+    pub desired: Desired,
+    /// Automatic restarts made so far.
+    pub restarts: u32,
+    /// Position in the restart schedule (consecutive short runs).
+    pub attempt: u32,
+    pub last_exit: Option<ExitInfo>,
+}
+
+/// Something the kernel decided that the caller must carry out, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Start a new run; answer with [`Kernel::spawned`].
+    Spawn {
+        num: ProcessNum,
+        run: RunId,
+        spec: Arc<ProcessSpec>,
+    },
+    /// Ask the run to stop politely (stop signal, or `stopping` message).
+    AskStop {
+        num: ProcessNum,
+        run: RunId,
+        signal: StopSignal,
+    },
+    /// Grace is over: SIGKILL the run's whole process tree.
+    Kill { num: ProcessNum, run: RunId },
+    /// A run ended; `restart_in` says when the next one starts, if any.
+    Exited {
+        num: ProcessNum,
+        info: ExitInfo,
+        restart_in: Option<Duration>,
+    },
+    /// The entry is gone from the table: release what belongs to it.
+    Removed { num: ProcessNum },
+    /// The persisted table changed: write [`Kernel::snapshot`].
+    Persist,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error("no process matches {0:?}: see `spindle ls` for ids and names")]
+    NotFound(String),
+    #[error("the daemon is shutting down and starts nothing new")]
+    ShuttingDown,
+}
+
+/// The process table and every lifecycle decision. See the crate docs.
+#[derive(Debug)]
+pub struct Kernel {
+    procs: BTreeMap<ProcessNum, Entry>,
+    next_num: u64,
+    next_run: RunId,
+    node_tag: String,
+    shutting_down: bool,
+    effects: Vec<Effect>,
+}
+
+impl Kernel {
+    pub fn new(node_tag: impl Into<String>) -> Self {
+        Kernel {
+            procs: BTreeMap::new(),
+            next_num: 1,
+            next_run: 1,
+            node_tag: node_tag.into(),
+            shutting_down: false,
+            effects: Vec::new(),
+        }
+    }
+
+    /// Rebuilds the table after a daemon start: what was meant to run and
+    /// restarts on exit is started again; everything else is listed stopped.
+    pub fn restore(snapshot: TableSnapshot, now: Instant) -> Self {
+        let mut k = Kernel::new(snapshot.node_tag);
+        k.next_num = snapshot.next_num;
+        for saved in snapshot.processes {
+            k.next_num = k.next_num.max(saved.num.0 + 1);
+            let resume = saved.desired == Desired::Running
+                && saved.spec.on_exit.restarts_after(ExitReason::Crashed);
+            let entry = Entry {
+                num: saved.num,
+                spec: Arc::new(saved.spec),
+                state: State::Stopped,
+                desired: if resume {
+                    Desired::Running
+                } else {
+                    Desired::Stopped
+                },
+                restarts: saved.restarts,
+                attempt: 0,
+                last_exit: saved.last_exit,
+            };
+            let num = entry.num;
+            k.procs.insert(num, entry);
+            if resume {
+                k.spawn(num, now);
+            }
+        }
+        k.effects.push(Effect::Persist);
+        k
+    }
+
+    pub fn node_tag(&self) -> &str {
+        &self.node_tag
+    }
+
+    /// The persisted view of the table.
+    pub fn snapshot(&self) -> TableSnapshot {
+        TableSnapshot {
+            version: TABLE_VERSION,
+            node_tag: self.node_tag.clone(),
+            next_num: self.next_num,
+            processes: self
+                .procs
+                .values()
+                .map(|e| SavedProcess {
+                    num: e.num,
+                    spec: (*e.spec).clone(),
+                    desired: e.desired,
+                    restarts: e.restarts,
+                    last_exit: e.last_exit.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.procs.values()
+    }
+
+    pub fn get(&self, num: ProcessNum) -> Option<&Entry> {
+        self.procs.get(&num)
+    }
+
+    /// Effects decided since the last call, in the order to carry them out.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// True when no process has a live run.
+    pub fn is_quiescent(&self) -> bool {
+        self.procs.values().all(|e| !e.state.is_live())
+    }
+
+    /// Adds a process and starts its first run.
+    pub fn start(&mut self, spec: ProcessSpec, now: Instant) -> Result<ProcessNum, KernelError> {
+        if self.shutting_down {
+            return Err(KernelError::ShuttingDown);
+        }
+        let num = ProcessNum(self.next_num);
+        self.next_num += 1;
+        self.procs.insert(
+            num,
+            Entry {
+                num,
+                spec: Arc::new(spec),
+                state: State::Stopped,
+                desired: Desired::Running,
+                restarts: 0,
+                attempt: 0,
+                last_exit: None,
+            },
+        );
+        self.spawn(num, now);
+        self.effects.push(Effect::Persist);
+        Ok(num)
+    }
+
+    /// Ids matching `sel`, or `NotFound` when none does (`all` on an empty
+    /// table matches nothing and is not an error).
+    pub fn select(&self, sel: &Selector) -> Result<Vec<ProcessNum>, KernelError> {
+        let found: Vec<ProcessNum> = match sel {
+            Selector::All => return Ok(self.procs.keys().copied().collect()),
+            Selector::Id(n) => self.procs.get(n).map(|e| e.num).into_iter().collect(),
+            Selector::Name(name) => self
+                .procs
+                .values()
+                .filter(|e| e.spec.name.as_deref() == Some(name))
+                .map(|e| e.num)
+                .collect(),
+        };
+        if found.is_empty() {
+            Err(KernelError::NotFound(sel.to_string()))
+        } else {
+            Ok(found)
+        }
+    }
+
+    /// Stops the selected processes (graceful, then SIGKILL after grace);
+    /// cancels pending restarts. They stay in the table, stopped.
+    pub fn stop(&mut self, sel: &Selector, now: Instant) -> Result<Vec<ProcessNum>, KernelError> {
+        let nums = self.select(sel)?;
+        for &num in &nums {
+            self.set_desired(num, Desired::Stopped);
+            self.begin_stop(num, StopCause::User, AfterStop::Stay, now);
+        }
+        Ok(nums)
+    }
+
+    /// Restarts the selected processes now: a live run is stopped gracefully
+    /// first; a stopped or backing-off one starts at once. Resets the schedule.
+    pub fn restart(
+        &mut self,
+        sel: &Selector,
+        now: Instant,
+    ) -> Result<Vec<ProcessNum>, KernelError> {
+        if self.shutting_down {
+            return Err(KernelError::ShuttingDown);
+        }
+        let nums = self.select(sel)?;
+        for &num in &nums {
+            self.set_desired(num, Desired::Running);
+            let e = self.procs.get_mut(&num).expect("selected");
+            e.attempt = 0;
+            if e.state.is_live() {
+                self.begin_stop(num, StopCause::User, AfterStop::Restart, now);
+            } else {
+                self.spawn(num, now);
+            }
+        }
+        Ok(nums)
+    }
+
+    /// Stops the selected processes and removes them from the table.
+    pub fn delete(&mut self, sel: &Selector, now: Instant) -> Result<Vec<ProcessNum>, KernelError> {
+        let nums = self.select(sel)?;
+        for &num in &nums {
+            if self.procs[&num].state.is_live() {
+                self.begin_stop(num, StopCause::User, AfterStop::Delete, now);
+            } else {
+                self.remove(num);
+            }
+        }
+        Ok(nums)
+    }
+
+    /// Stops a misbehaving run (e.g. over its memory cap); it ends `Crashed`
+    /// with `detail`, and the on-exit policy applies as for any crash.
+    pub fn fault(&mut self, num: ProcessNum, run: RunId, detail: String, now: Instant) {
+        if self.procs.get(&num).and_then(|e| e.state.run()) == Some(run) {
+            self.begin_stop(num, StopCause::Fault(detail), AfterStop::Stay, now);
+        }
+    }
+
+    /// The node is stopping: every live run is stopped with reason `Shutdown`,
+    /// pending restarts are dropped, and what should run stays marked so the
+    /// next daemon starts it again.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        let nums: Vec<ProcessNum> = self.procs.keys().copied().collect();
+        for num in nums {
+            self.begin_stop(num, StopCause::Shutdown, AfterStop::Stay, now);
+        }
+    }
+
+    /// The driver's answer to `Spawn`: the OS pid, or why it could not start
+    /// (which counts as a crash of a zero-length run).
+    pub fn spawned(
+        &mut self,
+        num: ProcessNum,
+        run: RunId,
+        result: Result<Option<u32>, String>,
+        now: Instant,
+        wall_ms: u64,
+    ) {
+        let Some(e) = self.procs.get_mut(&num) else {
+            return;
+        };
+        match (&e.state, result) {
+            (State::Starting { run: r, since }, Ok(pid)) if *r == run => {
+                e.state = State::Running {
+                    run,
+                    pid,
+                    since: *since,
+                };
+            }
+            (State::Stopping { run: r, .. }, Ok(pid)) if *r == run => {
+                if let State::Stopping { pid: p, .. } = &mut e.state {
+                    *p = pid;
+                }
+            }
+            (State::Starting { run: r, .. } | State::Stopping { run: r, .. }, Err(detail))
+                if *r == run =>
+            {
+                self.finish_run(num, None, Some(detail), now, wall_ms);
+            }
+            _ => {}
+        }
+    }
+
+    /// The driver saw the run's main process end.
+    pub fn exited(
+        &mut self,
+        num: ProcessNum,
+        run: RunId,
+        status: ExitStatus,
+        now: Instant,
+        wall_ms: u64,
+    ) {
+        if self.procs.get(&num).and_then(|e| e.state.run()) == Some(run) {
+            self.finish_run(num, Some(status), None, now, wall_ms);
+        }
+    }
+
+    /// Fires what is due at `now`: restarts whose backoff is over, SIGKILL for
+    /// stops whose grace is over.
+    pub fn tick(&mut self, now: Instant) {
+        let mut due_spawn = vec![];
+        for e in self.procs.values_mut() {
+            match &mut e.state {
+                State::Backoff { until } if *until <= now => due_spawn.push(e.num),
+                State::Stopping {
+                    run,
+                    deadline,
+                    killed,
+                    ..
+                } if !*killed && *deadline <= now => {
+                    *killed = true;
+                    self.effects.push(Effect::Kill {
+                        num: e.num,
+                        run: *run,
+                    });
+                }
+                _ => {}
+            }
+        }
+        for num in due_spawn {
+            self.procs.get_mut(&num).expect("due").restarts += 1;
+            self.spawn(num, now);
+        }
+    }
+
+    /// The earliest instant at which [`Kernel::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.procs
+            .values()
+            .filter_map(|e| match &e.state {
+                State::Backoff { until } => Some(*until),
+                State::Stopping {
+                    deadline,
+                    killed: false,
+                    ..
+                } => Some(*deadline),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn spawn(&mut self, num: ProcessNum, now: Instant) {
+        let run = self.next_run;
+        self.next_run += 1;
+        let e = self.procs.get_mut(&num).expect("spawn of a known process");
+        debug_assert!(!e.state.is_live(), "one live run per process");
+        e.state = State::Starting { run, since: now };
+        self.effects.push(Effect::Spawn {
+            num,
+            run,
+            spec: e.spec.clone(),
+        });
+    }
+
+    fn set_desired(&mut self, num: ProcessNum, desired: Desired) {
+        let e = self.procs.get_mut(&num).expect("known process");
+        if e.desired != desired {
+            e.desired = desired;
+            self.effects.push(Effect::Persist);
+        }
+    }
+
+    fn remove(&mut self, num: ProcessNum) {
+        self.procs.remove(&num);
+        self.effects.push(Effect::Removed { num });
+        self.effects.push(Effect::Persist);
+    }
+
+    fn begin_stop(&mut self, num: ProcessNum, cause: StopCause, then: AfterStop, now: Instant) {
+        let e = self.procs.get_mut(&num).expect("known process");
+        let grace = e.spec.grace;
+        let signal = e.spec.stop_signal;
+        match &mut e.state {
+            State::Starting { run, since } => {
+                let (run, since) = (*run, *since);
+                e.state = State::Stopping {
+                    run,
+                    pid: None,
+                    since,
+                    deadline: now + grace,
+                    killed: false,
+                    cause,
+                    then,
+                };
+                self.effects.push(Effect::AskStop { num, run, signal });
+            }
+            State::Running { run, pid, since } => {
+                let (run, pid, since) = (*run, *pid, *since);
+                e.state = State::Stopping {
+                    run,
+                    pid,
+                    since,
+                    deadline: now + grace,
+                    killed: false,
+                    cause,
+                    then,
+                };
+                self.effects.push(Effect::AskStop { num, run, signal });
+            }
+            State::Stopping {
+                cause: c, then: t, ..
+            } => {
+                // Already on its way out: a stronger intent wins (delete over
+                // stop over restart), and a user stop overrides a fault.
+                let new = then;
+                *t = match (*t, new) {
+                    (AfterStop::Delete, _) | (_, AfterStop::Delete) => AfterStop::Delete,
+                    (_, n) => n,
+                };
+                if matches!(cause, StopCause::User | StopCause::Shutdown) {
+                    *c = cause;
+                }
+            }
+            State::Backoff { .. } => {
+                e.state = State::Stopped;
+                match then {
+                    AfterStop::Delete => self.remove(num),
+                    AfterStop::Restart => self.spawn(num, now),
+                    AfterStop::Stay => {}
+                }
+            }
+            State::Stopped => {}
+        }
+    }
+
+    fn finish_run(
+        &mut self,
+        num: ProcessNum,
+        status: Option<ExitStatus>,
+        spawn_error: Option<String>,
+        now: Instant,
+        wall_ms: u64,
+    ) {
+        let e = self.procs.get_mut(&num).expect("known process");
+        let since = e.state.since().unwrap_or(now);
+        let uptime = now.saturating_duration_since(since);
+        let (reason, detail, then) = match &e.state {
+            State::Stopping { cause, then, .. } => match cause {
+                StopCause::User => (ExitReason::Killed, None, *then),
+                StopCause::Shutdown => (ExitReason::Shutdown, None, *then),
+                StopCause::Fault(d) => (ExitReason::Crashed, Some(d.clone()), *then),
+            },
+            _ => {
+                let reason = match status {
+                    Some(ExitStatus::Code(0)) => ExitReason::Completed,
+                    _ => ExitReason::Crashed,
+                };
+                (reason, spawn_error.clone(), AfterStop::Stay)
+            }
+        };
+        let detail = detail.or(spawn_error);
+        let info = ExitInfo {
+            reason,
+            status,
+            detail,
+            at_ms: wall_ms,
+            uptime_ms: uptime.as_millis() as u64,
+        };
+        e.last_exit = Some(info.clone());
+        e.state = State::Stopped;
+
+        let mut restart_in = None;
+        match then {
+            AfterStop::Delete => {
+                self.effects.push(Effect::Exited {
+                    num,
+                    info,
+                    restart_in: None,
+                });
+                self.remove(num);
+                return;
+            }
+            AfterStop::Restart if !self.shutting_down => {
+                restart_in = Some(Duration::ZERO);
+                self.spawn(num, now);
+            }
+            _ if self.shutting_down => {}
+            _ if e.desired == Desired::Running && e.spec.on_exit.restarts_after(reason) => {
+                match e.spec.restart.decide(e.attempt, uptime) {
+                    RestartDecision::After { delay, attempt } => {
+                        e.attempt = attempt;
+                        e.state = State::Backoff { until: now + delay };
+                        restart_in = Some(delay);
+                    }
+                    RestartDecision::Never => self.set_desired(num, Desired::Stopped),
+                }
+            }
+            _ => {
+                if reason != ExitReason::Shutdown {
+                    self.set_desired(num, Desired::Stopped);
+                }
+            }
+        }
+        self.effects.push(Effect::Exited {
+            num,
+            info,
+            restart_in,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,36 @@
+//! The persisted form of the process table: what was asked to run, not what
+//! happened to be running. Versioned; older versions stay readable (a fixture
+//! of each is kept under test).
+
+use serde::{Deserialize, Serialize};
+use spindle_types::{ExitInfo, ProcessNum, ProcessSpec};
+
+/// Version written by this build.
+pub const TABLE_VERSION: u32 = 1;
+
+/// Whether the user (or the process's policy) wants it running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedProcess {
+    pub num: ProcessNum,
+    pub spec: ProcessSpec,
+    pub desired: Desired,
+    pub restarts: u32,
+    pub last_exit: Option<ExitInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableSnapshot {
+    pub version: u32,
+    /// Random tag of this node; marks every process it spawns so a later
+    /// daemon can find leftovers of an earlier one.
+    pub node_tag: String,
+    pub next_num: u64,
+    pub processes: Vec<SavedProcess>,
+}
