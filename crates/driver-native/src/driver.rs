@@ -1,0 +1,260 @@
+use crate::spawn::{self, SpawnError};
+use crate::stats::CpuMeter;
+use crate::tree::ProcTable;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use spindle_kernel::RunId;
+use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
+use spindle_types::spec::StopSignal;
+use spindle_types::{ExitStatus, ProcessNum, ProcessSpec};
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::broadcast;
+
+/// What the driver reports back to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverEvent {
+    Exited {
+        num: ProcessNum,
+        run: RunId,
+        status: ExitStatus,
+    },
+}
+
+/// Latest CPU and memory figures of a run's main process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub cpu_percent: Option<f32>,
+    pub rss_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+struct LiveRun {
+    run: RunId,
+    pid: i32,
+    meter: CpuMeter,
+}
+
+/// The SIGCHLD stream the daemon waits on before calling [`NativeDriver::reap`].
+/// Create it before the first spawn.
+pub fn child_signal() -> io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+}
+
+/// Kills (SIGKILL) every process an earlier daemon of this node left behind,
+/// found by the node tag in its environment. Returns how many there were.
+pub fn kill_leftovers(node_tag: &str) -> usize {
+    let pids = ProcTable::scan().tagged(node_tag);
+    for &pid in &pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    pids.len()
+}
+
+fn to_signal(s: StopSignal) -> Signal {
+    match s {
+        StopSignal::SIGTERM => Signal::SIGTERM,
+        StopSignal::SIGINT => Signal::SIGINT,
+        StopSignal::SIGHUP => Signal::SIGHUP,
+        StopSignal::SIGQUIT => Signal::SIGQUIT,
+        StopSignal::SIGUSR1 => Signal::SIGUSR1,
+        StopSignal::SIGUSR2 => Signal::SIGUSR2,
+        StopSignal::SIGKILL => Signal::SIGKILL,
+    }
+}
+
+/// Runs native processes for one node. See the crate docs.
+#[derive(Debug)]
+pub struct NativeDriver {
+    node_tag: String,
+    self_pid: i32,
+    logs_dir: PathBuf,
+    hub: Arc<LogHub>,
+    runs: HashMap<ProcessNum, LiveRun>,
+    by_pid: HashMap<i32, ProcessNum>,
+}
+
+impl NativeDriver {
+    /// Makes this process a child subreaper, so orphans of managed processes
+    /// come back to it instead of escaping to init.
+    pub fn new(node_tag: &str, logs_dir: &Path, hub: Arc<LogHub>) -> io::Result<Self> {
+        // SAFETY: plain prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(NativeDriver {
+            node_tag: node_tag.into(),
+            self_pid: std::process::id() as i32,
+            logs_dir: logs_dir.into(),
+            hub,
+            runs: HashMap::new(),
+            by_pid: HashMap::new(),
+        })
+    }
+
+    fn tag(&self, num: ProcessNum) -> String {
+        format!("{}.{}", self.node_tag, num)
+    }
+
+    /// The files a process's stdout and stderr go to.
+    pub fn log_paths(&self, num: ProcessNum, spec: &ProcessSpec) -> (PathBuf, PathBuf) {
+        let label = spec.name.clone().unwrap_or_else(|| spec.program.label());
+        spec.log.paths(&self.logs_dir, &label, num.0)
+    }
+
+    /// Checks everything that can be checked before starting: executable,
+    /// working directory.
+    pub fn preflight(spec: &ProcessSpec) -> Result<PathBuf, SpawnError> {
+        spawn::preflight(&spec.program, spec.env.get("PATH").map(String::as_str))
+    }
+
+    /// Starts a run; returns the main process's pid.
+    pub fn spawn(
+        &mut self,
+        num: ProcessNum,
+        run: RunId,
+        spec: &ProcessSpec,
+        tap: Option<broadcast::Sender<LogChunk>>,
+    ) -> Result<u32, SpawnError> {
+        let exe = Self::preflight(spec)?;
+        let (out_path, err_path) = self.log_paths(num, spec);
+        let open = |p: &Path| {
+            self.hub
+                .open(p, spec.log.max_size, spec.log.keep)
+                .map_err(|source| SpawnError::Log {
+                    path: p.to_path_buf(),
+                    source,
+                })
+        };
+        let out_file = open(&out_path)?;
+        let err_file = open(&err_path)?;
+        let env = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).chain([
+            (crate::TAG_VAR.to_string(), self.tag(num)),
+            (crate::ID_VAR.to_string(), num.to_string()),
+        ]);
+        let child = spawn::start(&exe, &spec.program, env)?;
+        let shaping = Shaping {
+            strip_ansi: spec.log.strip_ansi,
+            timestamps: spec.log.timestamps,
+        };
+        let label = format!("process {num}");
+        tokio::spawn(crate::capture::capture(
+            child.stdout,
+            LineSink::new(out_file, Stream::Out, shaping, tap.clone()),
+            label.clone(),
+        ));
+        tokio::spawn(crate::capture::capture(
+            child.stderr,
+            LineSink::new(err_file, Stream::Err, shaping, tap),
+            label,
+        ));
+        self.runs.insert(
+            num,
+            LiveRun {
+                run,
+                pid: child.pid,
+                meter: CpuMeter::default(),
+            },
+        );
+        self.by_pid.insert(child.pid, num);
+        Ok(child.pid as u32)
+    }
+
+    /// Sends the polite stop signal to the whole tree of each run.
+    pub fn ask_stop(&mut self, targets: &[(ProcessNum, RunId, StopSignal)]) {
+        if targets.is_empty() {
+            return;
+        }
+        let table = ProcTable::scan();
+        for &(num, run, sig) in targets {
+            self.signal_tree(&table, num, run, to_signal(sig));
+        }
+    }
+
+    /// SIGKILLs the whole tree of each run.
+    pub fn kill(&mut self, targets: &[(ProcessNum, RunId)]) {
+        if targets.is_empty() {
+            return;
+        }
+        let table = ProcTable::scan();
+        for &(num, run) in targets {
+            self.signal_tree(&table, num, run, Signal::SIGKILL);
+        }
+    }
+
+    fn signal_tree(&self, table: &ProcTable, num: ProcessNum, run: RunId, sig: Signal) {
+        let Some(live) = self.runs.get(&num).filter(|l| l.run == run) else {
+            return;
+        };
+        for pid in table.members(live.pid, &self.tag(num), self.self_pid) {
+            let _ = kill(Pid::from_raw(pid), sig);
+        }
+    }
+
+    /// Collects every child that has exited. Main processes come back as
+    /// exits — after what they left behind has been killed; adopted orphans
+    /// are just reaped.
+    pub fn reap(&mut self) -> Vec<DriverEvent> {
+        let mut events = vec![];
+        let mut ended = vec![];
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (pid, ExitStatus::Code(code)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, ExitStatus::Signal(sig as i32)),
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            let (pid, status) = (status.0.as_raw(), status.1);
+            if let Some(num) = self.by_pid.remove(&pid)
+                && let Some(live) = self.runs.remove(&num)
+            {
+                ended.push((num, live.pid));
+                events.push(DriverEvent::Exited {
+                    num,
+                    run: live.run,
+                    status,
+                });
+            }
+        }
+        if !ended.is_empty() {
+            let table = ProcTable::scan();
+            for (num, pid) in ended {
+                for member in table.members(pid, &self.tag(num), self.self_pid) {
+                    tracing::info!(
+                        "process {num}: killing {member}, left behind by its main process {pid}"
+                    );
+                    let _ = kill(Pid::from_raw(member), Signal::SIGKILL);
+                }
+            }
+        }
+        events
+    }
+
+    /// Samples CPU and memory of every live run; returns (num, run, rss) of
+    /// each, for the caller to hold against memory caps.
+    pub fn sample(&mut self, now: Instant) -> Vec<(ProcessNum, RunId, u64)> {
+        let mut sampled = vec![];
+        for (&num, live) in self.runs.iter_mut() {
+            if let Some(u) = live.meter.sample(live.pid, now) {
+                sampled.push((num, live.run, u.rss_bytes));
+            }
+        }
+        sampled
+    }
+
+    /// Latest figures for a live run.
+    pub fn usage(&self, num: ProcessNum) -> Option<Usage> {
+        self.runs.get(&num).map(|l| Usage {
+            cpu_percent: l.meter.percent,
+            rss_bytes: l.meter.rss_bytes,
+        })
+    }
+
+    pub fn live_runs(&self) -> usize {
+        self.runs.len()
+    }
+}

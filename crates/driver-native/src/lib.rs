@@ -1,0 +1,45 @@
+//! # spindle-driver-native: executables as supervised OS children
+//!
+//! The kernel decides *that* a run starts or stops; this driver does it with
+//! real processes, and tells the kernel when a run's main process has exited.
+//!
+//! - **Spawn** ([`spawn`]): the executable is resolved first (a clear error
+//!   names a missing one and the `PATH` searched). The child gets its own
+//!   session and process group, `PR_SET_PDEATHSIG(SIGKILL)` so it dies with
+//!   the daemon, a clean signal mask and default signal dispositions (an
+//!   ignored SIGPIPE is not inherited), stdin from `/dev/null`, stdout and
+//!   stderr into pipes, and `SPINDLE_TAG=<node>.<id>` in its environment.
+//! - **Trees** ([`tree`]): the daemon is a child subreaper, so orphans of a
+//!   managed process (double-forked daemons included) are re-parented to it
+//!   rather than to init. A run's tree is found in one `/proc` scan: the main
+//!   process, its process group and session, every process descending from it
+//!   by parent links, and every orphan adopted by the daemon whose environment
+//!   carries the run's tag — and their descendants. A stop signals the whole
+//!   tree; SIGKILL after the grace does too; when the main process exits on its
+//!   own, whatever it left behind is killed at once, so a restart can never
+//!   meet a copy of its predecessor. A daemon that starts kills leftovers of an
+//!   earlier one (found by the node tag) before starting anything.
+//! - **Reaping**: one `waitpid(-1, WNOHANG)` loop per SIGCHLD reaps main
+//!   processes (reported as exits) and adopted orphans (just reaped).
+//! - **Logs** ([`capture`]): each stream is read by a task on the daemon's
+//!   runtime into one shared scratch buffer and fed to a `spindle_logs::LineSink`.
+//! - **Usage** ([`stats`]): CPU and resident memory of a run's main process,
+//!   read from `/proc`, for `ls` and memory caps.
+//!
+//! Everything here runs on the daemon's single control thread (`PDEATHSIG` is
+//! tied to the thread that forked, so spawning must stay on that thread).
+
+pub mod capture;
+pub mod spawn;
+pub mod stats;
+pub mod tree;
+
+mod driver;
+
+pub use driver::{DriverEvent, NativeDriver, Usage, child_signal, kill_leftovers};
+pub use spawn::SpawnError;
+
+/// Environment variable carrying a run's tag (`<node tag>.<process id>`).
+pub const TAG_VAR: &str = "SPINDLE_TAG";
+/// Environment variable carrying the process's numeric id.
+pub const ID_VAR: &str = "SPINDLE_ID";
