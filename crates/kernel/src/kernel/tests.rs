@@ -408,13 +408,13 @@ proptest! {
             let pick = |i: usize| nums.get(i % nums.len().max(1)).copied();
             match op {
                 Op::Start => nums.push(f.start(spec("p"))),
-                Op::Exit(i, c) => if let Some(n) = pick(i) {
-                    if f.live.contains_key(&n) {
+                Op::Exit(i, c) => {
+                    if let Some(n) = pick(i) && f.live.contains_key(&n) {
                         f.exit(n, if c < 0 { ExitStatus::Signal(9) } else { ExitStatus::Code(c) });
                     }
-                },
-                Op::Stop(i) => if let Some(n) = pick(i) {
-                    if f.k.get(n).is_some() {
+                }
+                Op::Stop(i) => {
+                    if let Some(n) = pick(i) && f.k.get(n).is_some() {
                         f.k.stop(&Selector::Id(n), f.now).unwrap();
                         f.pump();
                         let spawns = f.spawns.len();
@@ -423,13 +423,19 @@ proptest! {
                         let respawned = f.spawns[spawns..].iter().any(|(m, _)| *m == n);
                         prop_assert!(!respawned, "stopped process restarted");
                     }
-                },
-                Op::Restart(i) => if let Some(n) = pick(i) {
-                    if f.k.get(n).is_some() { f.k.restart(&Selector::Id(n), f.now).unwrap(); f.pump(); }
-                },
-                Op::Delete(i) => if let Some(n) = pick(i) {
-                    if f.k.get(n).is_some() { f.k.delete(&Selector::Id(n), f.now).unwrap(); f.pump(); }
-                },
+                }
+                Op::Restart(i) => {
+                    if let Some(n) = pick(i) && f.k.get(n).is_some() {
+                        f.k.restart(&Selector::Id(n), f.now).unwrap();
+                        f.pump();
+                    }
+                }
+                Op::Delete(i) => {
+                    if let Some(n) = pick(i) && f.k.get(n).is_some() {
+                        f.k.delete(&Selector::Id(n), f.now).unwrap();
+                        f.pump();
+                    }
+                }
                 Op::Advance(d) => f.advance(ms(d)),
             }
             for e in f.k.entries() {
