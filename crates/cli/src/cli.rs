@@ -1,0 +1,137 @@
+//! The command line. Process flags mirror the manifest's keys.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "spindle",
+    version,
+    about = "A fault-tolerant process kernel: run, supervise and restart processes",
+    after_help = "The first command starts the daemon if none runs. Home: --home, $SPINDLE_HOME, or ~/.spindle."
+)]
+pub struct Cli {
+    /// Node home directory (default: $SPINDLE_HOME, else ~/.spindle)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Start processes from a manifest (app.toml) or a command after `--`
+    Start(StartArgs),
+    /// List processes
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop processes gracefully (stop signal, grace, then SIGKILL of the whole tree)
+    Stop(Targets),
+    /// Restart processes (stop gracefully, start again at once)
+    Restart(Targets),
+    /// Stop processes and remove them from the table
+    Delete(Targets),
+    /// Show a process's log; --follow streams new lines
+    Logs {
+        /// Id, name, or `all`
+        target: String,
+        /// Keep streaming new lines
+        #[arg(short, long)]
+        follow: bool,
+        /// Past lines to show first
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Only stderr
+        #[arg(long, conflicts_with = "out")]
+        err: bool,
+        /// Only stdout
+        #[arg(long)]
+        out: bool,
+    },
+    /// Manage the daemon
+    Daemon {
+        #[command(subcommand)]
+        cmd: DaemonCmd,
+    },
+    /// Boot a throw-away node with example processes and show what it does
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonCmd {
+    /// Show whether the daemon runs, and its pid, version and memory
+    Status,
+    /// Stop every process gracefully, then the daemon
+    Stop,
+    /// Run the daemon in the foreground (what the first client command starts)
+    Run,
+}
+
+#[derive(Debug, Args)]
+pub struct Targets {
+    /// Ids or names (a name applies to every process bearing it)
+    #[arg(required_unless_present = "all")]
+    pub targets: Vec<String>,
+    /// Every process
+    #[arg(long, conflicts_with = "targets")]
+    pub all: bool,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct StartArgs {
+    /// A manifest file (TOML) with [[process]] tables
+    #[arg(value_name = "MANIFEST")]
+    pub manifest: Option<PathBuf>,
+    /// Name (optional, may repeat)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Working directory (default: the current one)
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Environment variable, KEY=VALUE (repeatable)
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Log file for stdout and stderr
+    #[arg(long)]
+    pub log: Option<String>,
+    /// Separate log file for stderr
+    #[arg(long)]
+    pub err_log: Option<String>,
+    /// Delays before consecutive restarts, e.g. 100ms,1s,10s (last repeats; 0 = never)
+    #[arg(long, value_name = "DELAYS")]
+    pub restart_at: Option<String>,
+    /// Uptime after which the schedule starts over (default 30m)
+    #[arg(long, value_name = "DURATION")]
+    pub restart_ok: Option<String>,
+    /// none | restart | requests (default restart)
+    #[arg(long)]
+    pub on_exit: Option<String>,
+    /// Time between the stop signal and SIGKILL (default 200ms)
+    #[arg(long)]
+    pub grace: Option<String>,
+    /// Signal that asks the process to stop (default SIGTERM)
+    #[arg(long)]
+    pub stop_signal: Option<String>,
+    /// Remove ANSI escapes from logged lines
+    #[arg(long)]
+    pub strip_ansi: bool,
+    /// Prefix logged lines with a UTC timestamp
+    #[arg(long)]
+    pub timestamps: bool,
+    /// Restart the process (as crashed) above this resident memory, e.g. 512MiB
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// Rotate the log file at this size (default 64MiB)
+    #[arg(long)]
+    pub log_max_size: Option<String>,
+    /// Rotated log files kept (default 3)
+    #[arg(long)]
+    pub log_keep: Option<u32>,
+    /// The command to run and its arguments
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}

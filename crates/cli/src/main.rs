@@ -1,0 +1,19 @@
+//! `spindle`: parse the command line, run it, map errors to an exit code.
+
+mod cli;
+mod commands;
+mod demo;
+mod table;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    match commands::run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spindle: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! # spindle-daemon: one node
+//!
+//! Composes the kernel, the native driver, log capture and the control socket
+//! into the long-running daemon. [`run`] boots a node in its home directory
+//! (`$SPINDLE_HOME`, default `~/.spindle`) and serves until told to stop.
+//!
+//! Boot, in order: create the home (mode 0700); take `daemon.lock` (one daemon
+//! per home, ever); read `table.json`; kill whatever an earlier daemon of this
+//! node left running (it may have been SIGKILLed: its direct children died by
+//! `PDEATHSIG`, its double-forked grandchildren are found by their tag); bind
+//! `spindle.sock` (mode 0600); become a child subreaper; restart what the table
+//! says should run.
+//!
+//! One task owns the kernel and the driver: the control loop ([`node`]) waits
+//! on control requests, SIGCHLD, the kernel's next deadline, a one-second
+//! usage sampler and SIGTERM/SIGINT; every input goes to the kernel, whose
+//! effects are then carried out in order. Lifecycle changes are therefore
+//! ordered and race-free without locks. Control connections ([`server`]) are
+//! tasks of their own that only parse, forward and write back; log followers
+//! read from per-process broadcast channels and never touch the loop.
+//!
+//! The table is persisted with write-temp, fsync, rename, fsync-directory
+//! ([`table`]) whenever what should run changes — not on every exit.
+//! Shutdown stops every process gracefully (reason `Shutdown`), keeps them
+//! marked to run, writes the table, and removes the socket.
+
+pub mod node;
+pub mod server;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+
+pub use node::run;
+
+/// Where a node keeps its files.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub home: PathBuf,
+    pub socket: PathBuf,
+    pub lock: PathBuf,
+    pub table: PathBuf,
+    pub logs: PathBuf,
+    pub daemon_log: PathBuf,
+}
+
+impl Paths {
+    pub fn new(home: &Path) -> Paths {
+        Paths {
+            home: home.to_path_buf(),
+            socket: home.join("spindle.sock"),
+            lock: home.join("daemon.lock"),
+            table: home.join("table.json"),
+            logs: home.join("logs"),
+            daemon_log: home.join("daemon.log"),
+        }
+    }
+}
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "another daemon already runs for {0} (it holds daemon.lock): use it, or `spindle daemon stop` first"
+    )]
+    AlreadyRunning(PathBuf),
+    #[error("cannot use home directory {path}: {source}")]
+    Home {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Table(#[from] table::TableError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,497 @@
+//! Boot and the control loop. See the crate docs.
+
+use crate::server::{self, Call, Follow, Reply};
+use crate::{DaemonError, Paths, table};
+use spindle_driver_native::{DriverEvent, NativeDriver, child_signal, kill_leftovers};
+use spindle_kernel::{Effect, Kernel, State};
+use spindle_logs::{LogChunk, LogHub, tail_lines};
+use spindle_types::control::{
+    DaemonStatus, ErrorKind, LogStream, PROTOCOL_VERSION, ProcessInfo, Request, Response,
+    StateLabel,
+};
+use spindle_types::{ProcessNum, ProcessSpec, Selector};
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// How often CPU and memory are sampled (for `ls` and memory caps).
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Chunks of log lines a follower may fall behind before it is told it missed some.
+const TAP_CAPACITY: usize = 1024;
+/// Control requests queued for the loop; connections wait when it is full.
+const CALL_QUEUE: usize = 256;
+/// Bytes read from the end of a log file to serve `logs --lines N`.
+const TAIL_BYTES: u64 = 4 << 20;
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_node_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// Boots the node in `home` and serves until SIGTERM/SIGINT or a `shutdown`
+/// request. Blocks; builds its own single-threaded runtime.
+pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
+    let paths = Paths::new(home);
+    let home_err = |source| DaemonError::Home {
+        path: paths.home.clone(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.home)
+        .map_err(home_err)?;
+    fs::create_dir_all(&paths.logs).map_err(home_err)?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock)
+        .map_err(home_err)?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| DaemonError::AlreadyRunning(paths.home.clone()))?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(paths))
+}
+
+async fn serve(paths: Paths) -> Result<(), DaemonError> {
+    let saved = table::load(&paths.table)?;
+    let node_tag = saved
+        .as_ref()
+        .map(|t| t.node_tag.clone())
+        .unwrap_or_else(new_node_tag);
+    let leftovers = kill_leftovers(&node_tag);
+    if leftovers > 0 {
+        tracing::warn!(
+            "killed {leftovers} processes left running by an earlier daemon of this node"
+        );
+    }
+
+    let _ = fs::remove_file(&paths.socket);
+    let listener = UnixListener::bind(&paths.socket).map_err(|source| DaemonError::Socket {
+        path: paths.socket.clone(),
+        source,
+    })?;
+    fs::set_permissions(&paths.socket, fs::Permissions::from_mode(0o600))?;
+
+    // SIGCHLD must be watched before the first spawn.
+    let mut sigchld = child_signal()?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let hub = Arc::new(LogHub::new());
+    let driver = NativeDriver::new(&node_tag, &paths.logs, hub)?;
+    let now = Instant::now();
+    let kernel = match saved {
+        Some(t) => Kernel::restore(t, now),
+        None => {
+            let mut k = Kernel::new(node_tag);
+            k.take_effects();
+            k
+        }
+    };
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(CALL_QUEUE);
+    tokio::spawn(server::accept_loop(listener, calls_tx));
+
+    let mut node = Node {
+        paths,
+        kernel,
+        driver,
+        taps: HashMap::new(),
+        started: now,
+        shutdown_waiters: vec![],
+    };
+    node.apply();
+    tracing::info!(
+        "spindle {} node up: pid {}, home {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        node.paths.home.display()
+    );
+
+    let mut sampler = tokio::time::interval(SAMPLE_EVERY);
+    sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    loop {
+        let deadline = node
+            .kernel
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(far);
+        tokio::select! {
+            Some((req, reply)) = calls.recv() => node.handle(req, reply),
+            _ = sigchld.recv() => {
+                let now = Instant::now();
+                for DriverEvent::Exited { num, run, status } in node.driver.reap() {
+                    node.kernel.exited(num, run, status, now, wall_ms());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => node.kernel.tick(Instant::now()),
+            _ = sampler.tick() => node.sample(),
+            _ = sigterm.recv() => node.begin_shutdown(None),
+            _ = sigint.recv() => node.begin_shutdown(None),
+        }
+        node.apply();
+        if node.kernel.is_shutting_down() && node.kernel.is_quiescent() {
+            break;
+        }
+    }
+    let _ = fs::remove_file(&node.paths.socket);
+    for w in node.shutdown_waiters.drain(..) {
+        let _ = w.send(Reply::One(Response::Done { ids: vec![] }));
+    }
+    // Let the connection tasks write those answers before the runtime goes.
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+struct Node {
+    paths: Paths,
+    kernel: Kernel,
+    driver: NativeDriver,
+    /// Per-process broadcast of written log lines, for followers. Outlives runs.
+    taps: HashMap<ProcessNum, broadcast::Sender<LogChunk>>,
+    started: Instant,
+    shutdown_waiters: Vec<oneshot::Sender<Reply>>,
+}
+
+fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {
+    Reply::One(Response::Error {
+        kind,
+        message: message.into(),
+    })
+}
+
+impl Node {
+    /// Carries out the kernel's effects until it has none left, then persists.
+    fn apply(&mut self) {
+        let mut dirty = false;
+        loop {
+            let effects = self.kernel.take_effects();
+            if effects.is_empty() {
+                break;
+            }
+            let mut asks = vec![];
+            let mut kills = vec![];
+            for effect in effects {
+                match effect {
+                    Effect::Spawn { num, run, spec } => {
+                        let tap = self
+                            .taps
+                            .entry(num)
+                            .or_insert_with(|| broadcast::channel(TAP_CAPACITY).0)
+                            .clone();
+                        let result = self
+                            .driver
+                            .spawn(num, run, &spec, Some(tap))
+                            .map(Some)
+                            .map_err(|e| {
+                                tracing::error!("process {num}: {e}");
+                                e.to_string()
+                            });
+                        self.kernel
+                            .spawned(num, run, result, Instant::now(), wall_ms());
+                    }
+                    Effect::AskStop { num, run, signal } => asks.push((num, run, signal)),
+                    Effect::Kill { num, run } => kills.push((num, run)),
+                    Effect::Exited {
+                        num,
+                        info,
+                        restart_in,
+                    } => match restart_in {
+                        Some(d) => tracing::info!(
+                            "process {num}: {info}; restarting in {}",
+                            spindle_types::units::format_duration(d)
+                        ),
+                        None => tracing::info!("process {num}: {info}"),
+                    },
+                    Effect::Removed { num } => {
+                        self.taps.remove(&num);
+                    }
+                    Effect::Persist => dirty = true,
+                }
+            }
+            self.driver.ask_stop(&asks);
+            self.driver.kill(&kills);
+        }
+        if dirty && let Err(e) = table::save(&self.paths.table, &self.kernel.snapshot()) {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn sample(&mut self) {
+        if self.driver.live_runs() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for (num, run, rss) in self.driver.sample(now) {
+            let Some(cap) = self.kernel.get(num).and_then(|e| e.spec.max_memory) else {
+                continue;
+            };
+            if rss > cap {
+                let detail = format!(
+                    "memory limit {} exceeded ({} resident)",
+                    spindle_types::units::format_size(cap),
+                    spindle_types::units::format_size(rss)
+                );
+                tracing::warn!("process {num}: {detail}");
+                self.kernel.fault(num, run, detail, now);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, waiter: Option<oneshot::Sender<Reply>>) {
+        if !self.kernel.is_shutting_down() {
+            tracing::info!("shutting down: stopping every process");
+        }
+        self.kernel.shutdown(Instant::now());
+        self.shutdown_waiters.extend(waiter);
+    }
+
+    fn handle(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
+        let now = Instant::now();
+        let answer = match req {
+            Request::Hello { .. } => Reply::One(Response::Hello {
+                protocol: PROTOCOL_VERSION,
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+            }),
+            Request::Start { specs } => self.start(specs, now),
+            Request::List => Reply::One(Response::List {
+                processes: self.list(now),
+            }),
+            Request::Stop { target } => self.act(&target, |k, s| k.stop(s, now)),
+            Request::Restart { target } => self.act(&target, |k, s| k.restart(s, now)),
+            Request::Delete { target } => self.act(&target, |k, s| k.delete(s, now)),
+            Request::Logs {
+                target,
+                lines,
+                follow,
+                stream,
+            } => self.logs(&target, lines, follow, stream),
+            Request::Status => Reply::One(Response::Status(self.status(now))),
+            Request::Shutdown => {
+                self.begin_shutdown(Some(reply));
+                return;
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    fn start(&mut self, specs: Vec<ProcessSpec>, now: Instant) -> Reply {
+        if self.kernel.is_shutting_down() {
+            return err(
+                ErrorKind::ShuttingDown,
+                "the daemon is stopping and starts nothing new",
+            );
+        }
+        if specs.is_empty() {
+            return err(ErrorKind::InvalidSpec, "nothing to start");
+        }
+        // All or nothing: every spec must be startable before any starts.
+        for (i, spec) in specs.iter().enumerate() {
+            let who = match &spec.name {
+                Some(n) => format!("process {} ({n:?})", i + 1),
+                None => format!("process {}", i + 1),
+            };
+            if let Err(e) = NativeDriver::preflight(spec) {
+                return err(
+                    ErrorKind::InvalidSpec,
+                    format!("{who}: {e}; nothing was started"),
+                );
+            }
+            for path in [&spec.log.out, &spec.log.err].into_iter().flatten() {
+                let open = path
+                    .parent()
+                    .map_or(Ok(()), fs::create_dir_all)
+                    .and_then(|_| fs::OpenOptions::new().create(true).append(true).open(path));
+                if let Err(e) = open {
+                    return err(
+                        ErrorKind::InvalidSpec,
+                        format!(
+                            "{who}: log file {} cannot be opened: {e}; nothing was started",
+                            path.display()
+                        ),
+                    );
+                }
+            }
+        }
+        let mut ids = vec![];
+        for spec in specs {
+            match self.kernel.start(spec, now) {
+                Ok(n) => ids.push(n),
+                Err(e) => return err(ErrorKind::ShuttingDown, e.to_string()),
+            }
+        }
+        Reply::One(Response::Started { ids })
+    }
+
+    fn act(
+        &mut self,
+        target: &Selector,
+        f: impl FnOnce(&mut Kernel, &Selector) -> Result<Vec<ProcessNum>, spindle_kernel::KernelError>,
+    ) -> Reply {
+        match f(&mut self.kernel, target) {
+            Ok(ids) => Reply::One(Response::Done { ids }),
+            Err(e @ spindle_kernel::KernelError::NotFound(_)) => {
+                err(ErrorKind::NotFound, e.to_string())
+            }
+            Err(e) => err(ErrorKind::ShuttingDown, e.to_string()),
+        }
+    }
+
+    fn list(&self, now: Instant) -> Vec<ProcessInfo> {
+        self.kernel
+            .entries()
+            .map(|e| {
+                let (state, uptime, restart_in) = match &e.state {
+                    State::Starting { .. } => (StateLabel::Starting, None, None),
+                    State::Running { since, .. } => (
+                        StateLabel::Running,
+                        Some(now.saturating_duration_since(*since).as_millis() as u64),
+                        None,
+                    ),
+                    State::Stopping { since, .. } => (
+                        StateLabel::Stopping,
+                        Some(now.saturating_duration_since(*since).as_millis() as u64),
+                        None,
+                    ),
+                    State::Backoff { until } => (
+                        StateLabel::Backoff,
+                        None,
+                        Some(until.saturating_duration_since(now).as_millis() as u64),
+                    ),
+                    State::Stopped => (StateLabel::Stopped, None, None),
+                };
+                let usage = e
+                    .state
+                    .is_live()
+                    .then(|| self.driver.usage(e.num))
+                    .flatten();
+                let (log_out, log_err) = self.driver.log_paths(e.num, &e.spec);
+                ProcessInfo {
+                    id: e.num,
+                    name: e.spec.name.clone(),
+                    command: e.spec.program.display(),
+                    state,
+                    pid: e.state.pid(),
+                    uptime_ms: uptime,
+                    restarts: e.restarts,
+                    cpu_percent: usage.and_then(|u| u.cpu_percent),
+                    memory_bytes: usage.and_then(|u| u.rss_bytes),
+                    on_exit: e.spec.on_exit.label().into(),
+                    last_exit: e.last_exit.clone(),
+                    restart_in_ms: restart_in,
+                    log_out,
+                    log_err,
+                }
+            })
+            .collect()
+    }
+
+    fn logs(&mut self, target: &Selector, lines: usize, follow: bool, stream: LogStream) -> Reply {
+        let nums = match self.kernel.select(target) {
+            Ok(n) if !n.is_empty() => n,
+            Ok(_) => {
+                return err(
+                    ErrorKind::NotFound,
+                    "no processes: start one with `spindle start`",
+                );
+            }
+            Err(e) => return err(ErrorKind::NotFound, e.to_string()),
+        };
+        let mut backlog = vec![];
+        let mut followers = vec![];
+        for num in nums {
+            let entry = self.kernel.get(num).expect("selected");
+            let name = entry.spec.name.clone();
+            let (out, errp) = self.driver.log_paths(num, &entry.spec);
+            let mut files = vec![];
+            match stream {
+                LogStream::Out => files.push((out.clone(), LogStream::Out)),
+                LogStream::Err => files.push((errp.clone(), LogStream::Err)),
+                LogStream::Both => {
+                    files.push((out.clone(), LogStream::Out));
+                    if errp != out {
+                        files.push((errp.clone(), LogStream::Err));
+                    }
+                }
+            }
+            for (path, s) in files {
+                match tail_lines(&path, lines, TAIL_BYTES) {
+                    Ok(ls) => backlog.extend(ls.into_iter().map(|line| Response::LogLine {
+                        id: num,
+                        name: name.clone(),
+                        stream: s,
+                        line,
+                    })),
+                    Err(e) => {
+                        return err(
+                            ErrorKind::Internal,
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                    }
+                }
+            }
+            if follow {
+                let tx = self
+                    .taps
+                    .entry(num)
+                    .or_insert_with(|| broadcast::channel(TAP_CAPACITY).0);
+                followers.push(Follow {
+                    num,
+                    name,
+                    stream,
+                    rx: tx.subscribe(),
+                });
+            }
+        }
+        Reply::Logs {
+            backlog,
+            follow: followers,
+        }
+    }
+
+    fn status(&self, now: Instant) -> DaemonStatus {
+        let rss = fs::read_to_string("/proc/self/statm").ok().and_then(|s| {
+            let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+            // SAFETY: sysconf has no preconditions.
+            Some(pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64)
+        });
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            home: self.paths.home.clone(),
+            uptime_ms: now.saturating_duration_since(self.started).as_millis() as u64,
+            processes: self.kernel.entries().count(),
+            running: self.kernel.entries().filter(|e| e.state.is_live()).count(),
+            rss_bytes: rss,
+        }
+    }
+}
