@@ -21,7 +21,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Start processes from a manifest (app.toml) or a command after `--`
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// List processes
     #[command(alias = "list")]
     Ls {

@@ -66,7 +66,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             let mut client = connect(&home)?;
             match cmd {
                 Cmd::Start(args) => {
-                    let specs = specs_from(args)?;
+                    let specs = specs_from(*args)?;
                     let ids = client.start(specs)?;
                     println!("started {}", ids_text(&ids));
                     print_table(&mut client)
