@@ -202,7 +202,19 @@ fn logs(
         (_, true) => LogStream::Out,
         _ => LogStream::Both,
     };
-    let many = matches!(sel, Selector::All | Selector::Name(_));
+    // Prefix lines with their process only when several match.
+    let many = match &sel {
+        Selector::Id(_) => false,
+        Selector::All => client.list()?.len() > 1,
+        Selector::Name(name) => {
+            client
+                .list()?
+                .iter()
+                .filter(|p| p.name.as_deref() == Some(name))
+                .count()
+                > 1
+        }
+    };
     use std::io::Write;
     let stdout = std::io::stdout();
     let mut w = stdout.lock();

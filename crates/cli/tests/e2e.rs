@@ -1,0 +1,568 @@
+//! End to end: the real `spindle` binary, a real daemon in a temporary home,
+//! real helper programs. Conditions are waited on with deadlines.
+
+use spindle_client::Client;
+use spindle_types::control::{ProcessInfo, StateLabel};
+use spindle_types::{ExitReason, ProcessNum};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+fn spindle_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spindle")
+}
+
+fn testbin() -> String {
+    let p = Path::new(spindle_bin()).with_file_name("spindle-testbin");
+    assert!(
+        p.exists(),
+        "{} is missing: run the whole workspace's tests (cargo test --workspace)",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().as_bytes()[0]);
+            state != Some(b'Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Processes on the machine whose environment carries `prefix` in SPINDLE_TAG.
+fn tagged(prefix: &str) -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let hit = env
+            .split(|&b| b == 0)
+            .any(|kv| kv.starts_with(format!("SPINDLE_TAG={prefix}").as_bytes()));
+        if hit && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(spindle_bin())
+            .arg("--home")
+            .arg(self.home())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "spindle {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+    /// Runs a command that must fail; returns its stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "spindle {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+    fn client(&self) -> Client {
+        Client::connect(&self.home()).unwrap()
+    }
+    fn list(&self) -> Vec<ProcessInfo> {
+        self.client().list().unwrap()
+    }
+    fn get(&self, id: u64) -> ProcessInfo {
+        self.list()
+            .into_iter()
+            .find(|p| p.id == ProcessNum(id))
+            .expect("process listed")
+    }
+    fn node_tag(&self) -> String {
+        let t: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.home().join("table.json")).unwrap())
+                .unwrap();
+        t["node_tag"].as_str().unwrap().to_string()
+    }
+    fn daemon_pid(&self) -> i32 {
+        self.client().daemon_pid as i32
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(c) = Client::connect(&self.home()) {
+            let pid = c.daemon_pid as i32;
+            let _ = c.shutdown();
+            // SAFETY: signalling a pid we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn start_ls_stop_by_name() {
+    let n = Node::new();
+    let tb = testbin();
+    let out = n.ok(&["start", "--name", "api", "--", &tb, "ignore-term"]);
+    assert!(out.contains("started process 1"), "{out}");
+    let p = until("running", || {
+        let p = n.get(1);
+        (p.state == StateLabel::Running).then_some(p)
+    });
+    let pid = p.pid.unwrap() as i32;
+    assert!(alive(pid));
+    let table = n.ok(&["ls"]);
+    assert!(
+        table.contains("api") && table.contains("running"),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&n.ok(&["ls", "--json"])).unwrap();
+    assert_eq!(json[0]["name"], "api");
+
+    // Ignores SIGTERM: stop returns once SIGKILL after the grace has done it.
+    let t = Instant::now();
+    n.ok(&["stop", "api"]);
+    assert!(t.elapsed() >= Duration::from_millis(200), "grace honoured");
+    assert!(!alive(pid));
+    let p = n.get(1);
+    assert_eq!(p.state, StateLabel::Stopped);
+    assert_eq!(p.last_exit.unwrap().reason, ExitReason::Killed);
+    // Socket is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(n.home().join("spindle.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn manifest_names_repeat_and_bad_input_starts_nothing() {
+    let n = Node::new();
+    let tb = testbin();
+    std::fs::create_dir(n.dir.path().join("svc")).unwrap();
+    let good = n.write(
+        "app.toml",
+        &format!(
+            r#"
+[[process]]
+name = "web"
+command = "{tb}"
+args = ["print", "one"]
+cwd = "svc"
+log = "logs/web.log"
+
+[[process]]
+name = "web"
+command = "{tb}"
+args = ["print", "two"]
+cwd = "svc"
+log = "logs/web.log"
+"#
+        ),
+    );
+    let bad_key = n.write(
+        "bad.toml",
+        &format!("[[process]]\ncommand = \"{tb}\"\ngrace = \"soonish\"\n"),
+    );
+    let e = n.fails(&["start", bad_key.to_str().unwrap()]);
+    assert!(e.contains("bad.toml") && e.contains("`grace`"), "{e}");
+    let missing = n.write(
+        "missing.toml",
+        &format!(
+            "[[process]]\ncommand = \"{tb}\"\nargs = [\"print\", \"x\"]\n[[process]]\nname = \"ghost\"\ncommand = \"no-such-binary-here\"\n"
+        ),
+    );
+    let e = n.fails(&["start", missing.to_str().unwrap()]);
+    assert!(
+        e.contains("ghost")
+            && e.contains("no-such-binary-here")
+            && e.contains("nothing was started"),
+        "{e}"
+    );
+    assert!(n.list().is_empty(), "nothing started half-way");
+
+    n.ok(&["start", good.to_str().unwrap()]);
+    let merged = n.dir.path().join("logs/web.log");
+    until("both lines in the shared log", || {
+        let t = std::fs::read_to_string(&merged).unwrap_or_default();
+        (t.lines().filter(|l| *l == "one" || *l == "two").count() == 2).then_some(())
+    });
+    let out = n.ok(&["stop", "web"]);
+    assert!(out.contains("stopped processes 1, 2"), "{out}");
+    assert!(n.list().iter().all(|p| p.state == StateLabel::Stopped));
+    let e = n.fails(&["stop", "nosuch"]);
+    assert!(
+        e.contains("no process matches") && e.contains("spindle ls"),
+        "{e}"
+    );
+    n.ok(&["delete", "--all"]);
+    assert!(n.list().is_empty());
+}
+
+#[test]
+fn crash_loop_backs_off_by_the_schedule() {
+    let n = Node::new();
+    let tb = testbin();
+    n.ok(&[
+        "start",
+        "--name",
+        "crasher",
+        "--restart-at",
+        "50ms,100ms,200ms,5s",
+        "--",
+        &tb,
+        "crash",
+        "3",
+    ]);
+    let p = until("three restarts then a long backoff", || {
+        let p = n.get(1);
+        (p.restarts == 3 && p.state == StateLabel::Backoff).then_some(p)
+    });
+    let e = p.last_exit.unwrap();
+    assert_eq!(e.reason, ExitReason::Crashed);
+    assert_eq!(e.status, Some(spindle_types::ExitStatus::Code(3)));
+    assert!(p.restart_in_ms.unwrap() > 4000, "now waiting the 5s step");
+    // The log holds one start line per run, and the runs are spaced by the schedule.
+    let log = std::fs::read_to_string(&p.log_out).unwrap();
+    let starts: Vec<u128> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("start ")?.parse().ok())
+        .collect();
+    assert_eq!(starts.len(), 4);
+    for (w, want) in starts.windows(2).zip([50u128, 100, 200]) {
+        let gap_ms = (w[1] - w[0]) / 1_000_000;
+        assert!(gap_ms >= want, "gap {gap_ms}ms < schedule {want}ms");
+    }
+    // Killing it during backoff cancels the pending restart.
+    n.ok(&["stop", "crasher"]);
+    assert_eq!(n.get(1).state, StateLabel::Stopped);
+}
+
+#[test]
+fn stop_kills_the_whole_tree() {
+    let n = Node::new();
+    let tb = testbin();
+    let pidfile = n.dir.path().join("pids");
+    n.ok(&[
+        "start",
+        "--name",
+        "forker",
+        "--",
+        &tb,
+        "fork-tree",
+        pidfile.to_str().unwrap(),
+    ]);
+    let pids: Vec<i32> = until("four processes", || {
+        let t = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let pids: Vec<i32> = t
+            .lines()
+            .filter_map(|l| l.split_once(' ')?.1.parse().ok())
+            .collect();
+        (pids.len() == 4).then_some(pids)
+    });
+    n.ok(&["stop", "forker"]);
+    until("no survivors (plain, setsid, double-fork)", || {
+        pids.iter().all(|p| !alive(*p)).then_some(())
+    });
+}
+
+#[test]
+fn daemon_kill_leaves_no_orphans_and_no_duplicates() {
+    let n = Node::new();
+    let tb = testbin();
+    let pidfile = n.dir.path().join("pids");
+    n.ok(&[
+        "start",
+        "--name",
+        "forker",
+        "--",
+        &tb,
+        "fork-tree",
+        pidfile.to_str().unwrap(),
+    ]);
+    n.ok(&["start", "--name", "plain", "--", &tb, "ignore-term"]);
+    let first: Vec<i32> = until("tree up", || {
+        let t = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let pids: Vec<i32> = t
+            .lines()
+            .filter_map(|l| l.split_once(' ')?.1.parse().ok())
+            .collect();
+        (pids.len() == 4).then_some(pids)
+    });
+    let plain = n.get(2).pid.unwrap() as i32;
+    let tag = n.node_tag();
+    let daemon = n.daemon_pid();
+    // SAFETY: killing the daemon we started.
+    unsafe { libc::kill(daemon, libc::SIGKILL) };
+    until("daemon gone", || (!alive(daemon)).then_some(()));
+    // Its direct children die with it.
+    until("direct children gone", || {
+        (!alive(plain) && !alive(first[0])).then_some(())
+    });
+    // The next daemon kills the detached leftovers and starts one fresh copy.
+    std::fs::remove_file(&pidfile).unwrap();
+    n.ok(&["ls"]);
+    until("old tree gone", || {
+        first.iter().all(|p| !alive(*p)).then_some(())
+    });
+    until("restarted", || {
+        let l = n.list();
+        l.iter()
+            .all(|p| p.state == StateLabel::Running)
+            .then_some(())
+    });
+    until("exactly one copy of each", || {
+        let t = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let fresh = t.lines().count() == 4;
+        // 4 from the forker tree, 1 plain.
+        (fresh && tagged(&format!("{tag}.")).len() == 5).then_some(())
+    });
+}
+
+#[test]
+fn reboot_restarts_what_was_running() {
+    let n = Node::new();
+    let tb = testbin();
+    n.ok(&["start", "--name", "keep", "--", &tb, "ignore-term"]);
+    n.ok(&["start", "--name", "parked", "--", &tb, "ignore-term"]);
+    n.ok(&[
+        "start",
+        "--name",
+        "once",
+        "--on-exit",
+        "none",
+        "--",
+        &tb,
+        "ignore-term",
+    ]);
+    n.ok(&["stop", "parked"]);
+    let out = n.ok(&["daemon", "stop"]);
+    assert!(out.contains("stopped"), "{out}");
+    assert!(n.ok(&["daemon", "status"]).contains("not running"));
+    assert!(tagged(&format!("{}.", n.node_tag())).is_empty(), "all down");
+    n.ok(&["ls"]); // starts a new daemon
+    let list = n.list();
+    let by_name = |name: &str| {
+        list.iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap()
+            .clone()
+    };
+    assert_ne!(by_name("keep").state, StateLabel::Stopped);
+    assert_eq!(by_name("parked").state, StateLabel::Stopped);
+    assert_eq!(by_name("once").state, StateLabel::Stopped);
+    assert!(n.ok(&["daemon", "status"]).contains("daemon running"));
+}
+
+#[test]
+fn logs_show_history_and_follow_live_lines() {
+    let n = Node::new();
+    let tb = testbin();
+    n.ok(&[
+        "start", "--name", "talker", "--", &tb, "print", "first", "second",
+    ]);
+    let p = until("lines written", || {
+        let p = n.get(1);
+        (std::fs::read_to_string(&p.log_err)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 2)
+            .then_some(p)
+    });
+    assert_ne!(p.log_out, p.log_err, "separate files by default");
+    let out = n.ok(&["logs", "talker", "--lines", "1", "--out"]);
+    assert_eq!(out, "second\n");
+    let err = n.ok(&["logs", "talker", "--err"]);
+    assert_eq!(err, "err:first\nerr:second\n");
+
+    let mut follower = Command::new(spindle_bin())
+        .arg("--home")
+        .arg(n.home())
+        .args(["logs", "talker", "--follow", "--lines", "0", "--out"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    // Restart until the follower has seen a fresh run's first line (it may
+    // subscribe after the first restart's output).
+    let seen = until("a live line", || {
+        n.ok(&["restart", "talker"]);
+        rx.recv_timeout(Duration::from_millis(500)).ok()
+    });
+    assert_eq!(seen, "first");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}
+
+#[test]
+fn bad_clients_get_clear_errors_and_the_daemon_survives() {
+    use std::io::{BufRead, BufReader, Write};
+    let n = Node::new();
+    n.ok(&["ls"]);
+    let sock = n.home().join("spindle.sock");
+    let talk = |lines: &[&str]| -> Vec<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        for l in lines {
+            s.write_all(l.as_bytes()).unwrap();
+            s.write_all(b"\n").unwrap();
+        }
+        let mut r = BufReader::new(s);
+        let mut out = vec![];
+        for _ in lines {
+            let mut buf = String::new();
+            if r.read_line(&mut buf).unwrap() == 0 {
+                break;
+            }
+            out.push(buf);
+        }
+        out
+    };
+    let r = talk(&[r#"{"op":"hello","protocol":999,"version":"9.9.9"}"#]);
+    assert!(
+        r[0].contains("version_mismatch") && r[0].contains("protocol 999"),
+        "{r:?}"
+    );
+    let r = talk(&[r#"{"op":"list"}"#]);
+    assert!(r[0].contains("hello first"), "{r:?}");
+    let r = talk(&[
+        r#"{"op":"hello","protocol":1,"version":"x"}"#,
+        "this is not json",
+    ]);
+    assert!(
+        r[1].contains("bad_request") && r[1].contains("unreadable"),
+        "{r:?}"
+    );
+    assert!(n.ok(&["daemon", "status"]).contains("daemon running"));
+    let e = n.fails(&["stop", "12abc!"]);
+    assert!(e.contains("12abc!"), "{e}");
+    let e = n.fails(&["start", "--grace", "later", "--", "true"]);
+    assert!(e.contains("--grace"), "{e}");
+    let e = n.fails(&["start"]);
+    assert!(e.contains("nothing to start"), "{e}");
+}
+
+#[test]
+fn memory_cap_restarts_the_process_as_crashed() {
+    let n = Node::new();
+    let tb = testbin();
+    n.ok(&[
+        "start",
+        "--name",
+        "hog",
+        "--max-memory",
+        "16MiB",
+        "--",
+        &tb,
+        "memory",
+        "64",
+    ]);
+    let p = until("the cap to trip", || {
+        let p = n.get(1);
+        p.last_exit
+            .clone()
+            .filter(|_| p.restarts >= 1)
+            .map(|e| (p, e))
+    });
+    assert_eq!(p.1.reason, ExitReason::Crashed);
+    assert!(
+        p.1.detail
+            .unwrap()
+            .contains("memory limit 16.0MiB exceeded")
+    );
+}
+
+#[test]
+fn two_writers_into_one_file_never_tear() {
+    let n = Node::new();
+    let tb = testbin();
+    let log = n.dir.path().join("merged.log");
+    const LINES: usize = 50_000;
+    for tag in ["a", "b"] {
+        n.ok(&[
+            "start",
+            "--name",
+            tag,
+            "--log",
+            log.to_str().unwrap(),
+            "--on-exit",
+            "none",
+            "--",
+            &tb,
+            "flood",
+            tag,
+            &LINES.to_string(),
+            "100",
+            "4096",
+        ]);
+    }
+    until("all lines", || {
+        (std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == (2 * LINES * 100) as u64)
+            .then_some(())
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut next = [0usize; 2];
+    for line in text.lines() {
+        assert_eq!(line.len(), 99, "torn line: {line:?}");
+        let w = if line.starts_with("a ") { 0 } else { 1 };
+        let seq: usize = line[2..10].parse().unwrap();
+        assert_eq!(seq, next[w], "lost or reordered line");
+        next[w] += 1;
+    }
+    assert_eq!(next, [LINES, LINES]);
+}
