@@ -566,3 +566,35 @@ fn two_writers_into_one_file_never_tear() {
     }
     assert_eq!(next, [LINES, LINES]);
 }
+
+#[test]
+fn a_full_disk_is_reported_and_harms_nothing_else() {
+    let n = Node::new();
+    let tb = testbin();
+    n.ok(&[
+        "start",
+        "--name",
+        "full",
+        "--log",
+        "/dev/full",
+        "--",
+        &tb,
+        "print",
+        "x",
+    ]);
+    n.ok(&["start", "--name", "fine", "--", &tb, "print", "ok"]);
+    until("the write error in the daemon log", || {
+        let t = std::fs::read_to_string(n.home().join("daemon.log")).unwrap_or_default();
+        (t.contains("/dev/full") && t.contains("No space left on device")).then_some(())
+    });
+    let fine = n.get(2);
+    until("the healthy process logs", || {
+        (std::fs::read_to_string(&fine.log_out).unwrap_or_default() == "ok\n").then_some(())
+    });
+    assert_eq!(
+        n.get(1).state,
+        StateLabel::Running,
+        "the process is unharmed"
+    );
+    assert!(n.ok(&["daemon", "status"]).contains("daemon running"));
+}

@@ -27,6 +27,18 @@ use std::time::{Duration, Instant};
 pub const START_DEADLINE: Duration = Duration::from_secs(10);
 /// How long an ordinary request may take before the daemon is called hung.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a daemon that answered `shutdown` may take to exit.
+pub const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Whether `pid` names a live (not zombie) process.
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -232,16 +244,28 @@ impl Client {
         }
     }
 
-    /// Asks the daemon to stop every process and exit; returns once it has.
+    /// Asks the daemon to stop every process and exit; returns once the
+    /// daemon process is gone (so a new one can start at once).
     pub fn shutdown(mut self) -> Result<(), ClientError> {
         self.writer.set_read_timeout(None)?;
         self.send(&Request::Shutdown)?;
         // The answer comes when every process is down; the connection then
-        // closes as the daemon exits. Either ends the wait.
+        // closes as the daemon exits. Either ends this part of the wait.
         match self.recv() {
-            Ok(_) | Err(ClientError::Io(_)) => Ok(()),
-            Err(e) => Err(e),
+            Ok(_) | Err(ClientError::Io(_)) => {}
+            Err(e) => return Err(e),
         }
+        let end = Instant::now() + EXIT_DEADLINE;
+        while pid_alive(self.daemon_pid) {
+            if Instant::now() > end {
+                return Err(ClientError::Protocol(format!(
+                    "the daemon (pid {}) said it stopped but is still running",
+                    self.daemon_pid
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Streams log lines to `each` (past lines first; with `follow`, live

@@ -2,7 +2,7 @@
 
 use crate::server::{self, Call, Follow, Reply};
 use crate::{DaemonError, Paths, table};
-use spindle_driver_native::{DriverEvent, NativeDriver, child_signal, kill_leftovers};
+use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogChunk, LogHub, tail_lines};
 use spindle_types::control::{
@@ -48,6 +48,24 @@ fn new_node_tag() -> String {
     format!("{:016x}", h.finish())
 }
 
+/// How long a starting daemon waits for the lock of one that is exiting.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Takes the home's lock, waiting a little for a daemon that is on its way out.
+fn take_lock(mut file: fs::File) -> Result<nix::fcntl::Flock<fs::File>, ()> {
+    let end = Instant::now() + LOCK_WAIT;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, _)) if Instant::now() < end => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return Err(()),
+        }
+    }
+}
+
 /// Boots the node in `home` and serves until SIGTERM/SIGINT or a `shutdown`
 /// request. Blocks; builds its own single-threaded runtime.
 pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
@@ -68,8 +86,7 @@ pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
         .write(true)
         .open(&paths.lock)
         .map_err(home_err)?;
-    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| DaemonError::AlreadyRunning(paths.home.clone()))?;
+    let _lock = take_lock(lock).map_err(|_| DaemonError::AlreadyRunning(paths.home.clone()))?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -83,13 +100,6 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
         .as_ref()
         .map(|t| t.node_tag.clone())
         .unwrap_or_else(new_node_tag);
-    let leftovers = kill_leftovers(&node_tag);
-    if leftovers > 0 {
-        tracing::warn!(
-            "killed {leftovers} processes left running by an earlier daemon of this node"
-        );
-    }
-
     let _ = fs::remove_file(&paths.socket);
     let listener = UnixListener::bind(&paths.socket).map_err(|source| DaemonError::Socket {
         path: paths.socket.clone(),
@@ -102,7 +112,13 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let hub = Arc::new(LogHub::new());
-    let driver = NativeDriver::new(&node_tag, &paths.logs, hub)?;
+    let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub)?;
+    let leftovers = driver.kill_leftovers();
+    if leftovers > 0 {
+        tracing::warn!(
+            "killed {leftovers} processes left running by an earlier daemon of this node"
+        );
+    }
     let now = Instant::now();
     let kernel = match saved {
         Some(t) => Kernel::restore(t, now),

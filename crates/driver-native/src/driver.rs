@@ -1,3 +1,4 @@
+use crate::cgroup::{self, Cgroups};
 use crate::spawn::{self, SpawnError};
 use crate::stats::CpuMeter;
 use crate::tree::ProcTable;
@@ -37,22 +38,13 @@ struct LiveRun {
     run: RunId,
     pid: i32,
     meter: CpuMeter,
+    cgroup: Option<PathBuf>,
 }
 
 /// The SIGCHLD stream the daemon waits on before calling [`NativeDriver::reap`].
 /// Create it before the first spawn.
 pub fn child_signal() -> io::Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
-}
-
-/// Kills (SIGKILL) every process an earlier daemon of this node left behind,
-/// found by the node tag in its environment. Returns how many there were.
-pub fn kill_leftovers(node_tag: &str) -> usize {
-    let pids = ProcTable::scan().tagged(node_tag);
-    for &pid in &pids {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    pids.len()
 }
 
 fn to_signal(s: StopSignal) -> Signal {
@@ -76,6 +68,9 @@ pub struct NativeDriver {
     hub: Arc<LogHub>,
     runs: HashMap<ProcessNum, LiveRun>,
     by_pid: HashMap<i32, ProcessNum>,
+    cgroups: Option<Cgroups>,
+    /// Cgroups of ended runs whose members are still dying.
+    draining: Vec<PathBuf>,
 }
 
 impl NativeDriver {
@@ -86,6 +81,19 @@ impl NativeDriver {
         if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
             return Err(io::Error::last_os_error());
         }
+        let cgroups = match Cgroups::detect(node_tag) {
+            Ok(c) => {
+                tracing::info!(
+                    "tracking process trees with cgroups under {}",
+                    c.root().display()
+                );
+                Some(c)
+            }
+            Err(why) => {
+                tracing::info!("tracking process trees through /proc only: {why}");
+                None
+            }
+        };
         Ok(NativeDriver {
             node_tag: node_tag.into(),
             self_pid: std::process::id() as i32,
@@ -93,7 +101,39 @@ impl NativeDriver {
             hub,
             runs: HashMap::new(),
             by_pid: HashMap::new(),
+            cgroups,
+            draining: Vec::new(),
         })
+    }
+
+    /// Whether runs are tracked by cgroup as well as through `/proc`.
+    pub fn has_cgroups(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
+    /// Kills (SIGKILL) every process an earlier daemon of this node left
+    /// behind: everything in the node's cgroups, and everything carrying the
+    /// node tag. Call before starting anything. Returns how many there were.
+    pub fn kill_leftovers(&mut self) -> usize {
+        let mut pids = ProcTable::scan().tagged(&self.node_tag);
+        if let Some(c) = &self.cgroups {
+            for dir in c.all() {
+                pids.extend(cgroup::members(&dir));
+                cgroup::kill(&dir);
+                self.draining.push(dir);
+            }
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        for &pid in &pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        pids.len()
+    }
+
+    /// Removes cgroups of ended runs once they are empty.
+    fn tidy(&mut self) {
+        self.draining.retain(|d| !cgroup::remove(d));
     }
 
     fn tag(&self, num: ProcessNum) -> String {
@@ -136,7 +176,23 @@ impl NativeDriver {
             (crate::TAG_VAR.to_string(), self.tag(num)),
             (crate::ID_VAR.to_string(), num.to_string()),
         ]);
-        let child = spawn::start(&exe, &spec.program, env)?;
+        let cg = self.cgroups.as_ref().and_then(|c| {
+            c.create(num.0, run)
+                .inspect_err(|e| tracing::warn!("process {num}: no cgroup for this run: {e}"))
+                .ok()
+        });
+        let (cg_dir, cg_procs) = match cg {
+            Some((dir, procs)) => (Some(dir), Some(procs)),
+            None => (None, None),
+        };
+        let child = match spawn::start(&exe, &spec.program, env, cg_procs) {
+            Ok(c) => c,
+            Err(e) => {
+                self.draining.extend(cg_dir);
+                self.tidy();
+                return Err(e);
+            }
+        };
         let shaping = Shaping {
             strip_ansi: spec.log.strip_ansi,
             timestamps: spec.log.timestamps,
@@ -158,6 +214,7 @@ impl NativeDriver {
                 run,
                 pid: child.pid,
                 meter: CpuMeter::default(),
+                cgroup: cg_dir,
             },
         );
         self.by_pid.insert(child.pid, num);
@@ -183,6 +240,9 @@ impl NativeDriver {
         let table = ProcTable::scan();
         for &(num, run) in targets {
             self.signal_tree(&table, num, run, Signal::SIGKILL);
+            if let Some(dir) = self.runs.get(&num).and_then(|l| l.cgroup.as_ref()) {
+                cgroup::kill(dir);
+            }
         }
     }
 
@@ -190,7 +250,13 @@ impl NativeDriver {
         let Some(live) = self.runs.get(&num).filter(|l| l.run == run) else {
             return;
         };
-        for pid in table.members(live.pid, &self.tag(num), self.self_pid) {
+        let mut pids = table.members(live.pid, &self.tag(num), self.self_pid);
+        if let Some(dir) = &live.cgroup {
+            pids.extend(cgroup::members(dir));
+            pids.sort_unstable();
+            pids.dedup();
+        }
+        for pid in pids {
             let _ = kill(Pid::from_raw(pid), sig);
         }
     }
@@ -212,7 +278,7 @@ impl NativeDriver {
             if let Some(num) = self.by_pid.remove(&pid)
                 && let Some(live) = self.runs.remove(&num)
             {
-                ended.push((num, live.pid));
+                ended.push((num, live.pid, live.cgroup));
                 events.push(DriverEvent::Exited {
                     num,
                     run: live.run,
@@ -222,8 +288,16 @@ impl NativeDriver {
         }
         if !ended.is_empty() {
             let table = ProcTable::scan();
-            for (num, pid) in ended {
-                for member in table.members(pid, &self.tag(num), self.self_pid) {
+            for (num, pid, cg) in ended {
+                let mut left = table.members(pid, &self.tag(num), self.self_pid);
+                if let Some(dir) = cg {
+                    left.extend(cgroup::members(&dir));
+                    cgroup::kill(&dir);
+                    self.draining.push(dir);
+                }
+                left.sort_unstable();
+                left.dedup();
+                for member in left {
                     tracing::info!(
                         "process {num}: killing {member}, left behind by its main process {pid}"
                     );
@@ -231,12 +305,16 @@ impl NativeDriver {
                 }
             }
         }
+        if !self.draining.is_empty() {
+            self.tidy();
+        }
         events
     }
 
     /// Samples CPU and memory of every live run; returns (num, run, rss) of
     /// each, for the caller to hold against memory caps.
     pub fn sample(&mut self, now: Instant) -> Vec<(ProcessNum, RunId, u64)> {
+        self.tidy();
         let mut sampled = vec![];
         for (&num, live) in self.runs.iter_mut() {
             if let Some(u) = live.meter.sample(live.pid, now) {
@@ -256,5 +334,16 @@ impl NativeDriver {
 
     pub fn live_runs(&self) -> usize {
         self.runs.len()
+    }
+}
+
+impl Drop for NativeDriver {
+    /// Leaves no empty cgroups behind (a non-empty one stays for the next
+    /// daemon to clean up).
+    fn drop(&mut self) {
+        self.tidy();
+        if let Some(c) = &self.cgroups {
+            let _ = std::fs::remove_dir(c.root());
+        }
     }
 }

@@ -9,6 +9,9 @@
 //!   the daemon, a clean signal mask and default signal dispositions (an
 //!   ignored SIGPIPE is not inherited), stdin from `/dev/null`, stdout and
 //!   stderr into pipes, and `SPINDLE_TAG=<node>.<id>` in its environment.
+//! - **Cgroups** ([`cgroup`]): where a writable cgroup v2 hierarchy exists,
+//!   each run also gets a cgroup of its own, joined before exec; its members
+//!   are exactly the run's processes, whatever they do.
 //! - **Trees** ([`tree`]): the daemon is a child subreaper, so orphans of a
 //!   managed process (double-forked daemons included) are re-parented to it
 //!   rather than to init. A run's tree is found in one `/proc` scan: the main
@@ -30,13 +33,14 @@
 //! tied to the thread that forked, so spawning must stay on that thread).
 
 pub mod capture;
+pub mod cgroup;
 pub mod spawn;
 pub mod stats;
 pub mod tree;
 
 mod driver;
 
-pub use driver::{DriverEvent, NativeDriver, Usage, child_signal, kill_leftovers};
+pub use driver::{DriverEvent, NativeDriver, Usage, child_signal};
 pub use spawn::SpawnError;
 
 /// Environment variable carrying a run's tag (`<node tag>.<process id>`).

@@ -94,6 +94,7 @@ pub fn start(
     exe: &Path,
     program: &Program,
     env: impl IntoIterator<Item = (String, String)>,
+    cgroup_procs: Option<std::ffi::CString>,
 ) -> Result<Child, SpawnError> {
     let Program::Native { command, args, cwd } = program;
     let mut cmd = Command::new(exe);
@@ -106,7 +107,8 @@ pub fn start(
         .stderr(Stdio::piped());
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe calls (setsid, prctl, getppid, sigaction, sigprocmask).
+    // async-signal-safe calls (setsid, prctl, getppid, rt_sigaction,
+    // sigprocmask, open/write/close).
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -118,6 +120,10 @@ pub fn start(
             // The daemon died between fork and prctl: do not outlive it.
             if libc::getppid() != parent {
                 return Err(std::io::Error::other("daemon exited during spawn"));
+            }
+            if let Some(procs) = &cgroup_procs {
+                // Best effort: without the cgroup the /proc heuristics still apply.
+                let _ = crate::cgroup::join_in_child(procs);
             }
             // Raw rt_sigaction: glibc's wrappers refuse the signals it reserves
             // (32, 33), which a parent may still have ignored. Layout of the

@@ -5,7 +5,7 @@
 #![allow(clippy::await_holding_lock)]
 
 use spindle_driver_native::tree::{ProcTable, read_stat};
-use spindle_driver_native::{DriverEvent, NativeDriver, SpawnError, child_signal, kill_leftovers};
+use spindle_driver_native::{DriverEvent, NativeDriver, SpawnError, child_signal};
 use spindle_logs::LogHub;
 use spindle_types::manifest::RawProcess;
 use spindle_types::spec::StopSignal;
@@ -271,10 +271,42 @@ async fn a_later_daemon_kills_what_an_earlier_one_left() {
     let pids = rig.pids("pids");
     // Another node's tag matches nothing.
     assert_eq!(ProcTable::scan().tagged("t9").len(), 0);
-    assert_eq!(kill_leftovers("t9node"), 4);
+    assert_eq!(rig.driver.kill_leftovers(), 4);
     until("all gone", || {
         rig.driver.reap();
         pids.iter().all(|(_, p)| !alive(*p))
     })
     .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn cgroups_catch_what_leaves_session_and_environment() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rig = Rig::new("t10");
+    let s = spec(rig.dir.path(), &["escape", "pids"]);
+    let num = ProcessNum(1);
+    rig.driver.spawn(num, 1, &s, None).unwrap();
+    until("hidden grandchild", || rig.pids("pids").len() == 1).await;
+    let hidden = rig.pids("pids")[0].1;
+    assert_eq!(
+        spindle_driver_native::tree::env_var(hidden, spindle_driver_native::TAG_VAR),
+        None,
+        "no tag to find it by"
+    );
+    rig.driver.kill(&[(num, 1)]);
+    assert_eq!(rig.next_exit().await.1, ExitStatus::Signal(9));
+    if rig.driver.has_cgroups() {
+        until("hidden grandchild gone", || {
+            rig.driver.reap();
+            !alive(hidden)
+        })
+        .await;
+    } else {
+        // Without cgroups nothing can attribute it; clean up by hand.
+        eprintln!("no writable cgroup v2 here: the escapee is out of reach, as documented");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(hidden),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }

@@ -7,6 +7,8 @@
 //! spindle-testbin fork-tree PIDFILE [exit] child + setsid grandchild + double-forked
 //!                                         daemon, all ignoring SIGTERM; pids -> PIDFILE;
 //!                                         with `exit`, the main process then exits 3
+//! spindle-testbin escape PIDFILE          a grandchild in its own session, re-exec'd with
+//!                                         an empty environment ("hidden" -> PIDFILE)
 //! spindle-testbin flood TAG LINES LEN CHUNK
 //!                                         LINES lines of LEN bytes ("TAG 00000042 xxx…\n")
 //!                                         written in CHUNK-byte writes that split lines
@@ -108,6 +110,30 @@ fn main() {
                 }
                 std::process::exit(3);
             }
+            sleep_forever();
+        }
+        "escape" => {
+            let file = arg(1).to_string();
+            if fork() == 0 {
+                // SAFETY: a fresh child leaves the session, forks again and
+                // the intermediate exits; the grandchild drops its environment.
+                unsafe { libc::setsid() };
+                if fork() == 0 {
+                    use std::os::unix::process::CommandExt;
+                    let err = std::process::Command::new(std::env::current_exe().expect("self"))
+                        .args(["hide", &file])
+                        .env_clear()
+                        .exec();
+                    panic!("exec failed: {err}");
+                }
+                std::process::exit(0);
+            }
+            println!("ready");
+            std::io::stdout().flush().ok();
+            sleep_forever();
+        }
+        "hide" => {
+            append_pid(arg(1), "hidden");
             sleep_forever();
         }
         "flood" => {
