@@ -488,6 +488,14 @@ fn bad_clients_get_clear_errors_and_the_daemon_survives() {
         r[1].contains("bad_request") && r[1].contains("unreadable"),
         "{r:?}"
     );
+    // An oversized frame ends that connection with a clear error, nothing more.
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let big = vec![b'x'; spindle_types::control::MAX_FRAME + 10];
+    let _ = s.write_all(&big);
+    let mut answer = String::new();
+    let _ = BufReader::new(&s).read_line(&mut answer);
+    assert!(answer.contains("control frame over"), "{answer:?}");
     assert!(n.ok(&["daemon", "status"]).contains("daemon running"));
     let e = n.fails(&["stop", "12abc!"]);
     assert!(e.contains("12abc!"), "{e}");

@@ -83,7 +83,8 @@ pub enum Response {
         stream: LogStream,
         line: String,
     },
-    /// Lines were dropped for a follower that read too slowly.
+    /// Output was dropped for a follower that read too slowly: `missed`
+    /// counts batches of lines (one batch per read of the process's output).
     LogGap {
         id: ProcessNum,
         missed: u64,
