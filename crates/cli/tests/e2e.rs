@@ -283,28 +283,33 @@ fn crash_loop_backs_off_by_the_schedule() {
     assert_eq!(n.get(1).state, StateLabel::Stopped);
 }
 
-#[test]
-fn stop_kills_the_whole_tree() {
-    let n = Node::new();
-    let tb = testbin();
+/// Starts `fork-tree` as "forker" (process 1) and returns its four pids
+/// (main, child, setsid grandchild, double-forked daemon).
+fn start_forker(n: &Node) -> Vec<i32> {
     let pidfile = n.dir.path().join("pids");
     n.ok(&[
         "start",
         "--name",
         "forker",
         "--",
-        &tb,
+        &testbin(),
         "fork-tree",
         pidfile.to_str().unwrap(),
     ]);
-    let pids: Vec<i32> = until("four processes", || {
+    until("four processes", || {
         let t = std::fs::read_to_string(&pidfile).unwrap_or_default();
         let pids: Vec<i32> = t
             .lines()
             .filter_map(|l| l.split_once(' ')?.1.parse().ok())
             .collect();
         (pids.len() == 4).then_some(pids)
-    });
+    })
+}
+
+#[test]
+fn stop_kills_the_whole_tree() {
+    let n = Node::new();
+    let pids = start_forker(&n);
     n.ok(&["stop", "forker"]);
     until("no survivors (plain, setsid, double-fork)", || {
         pids.iter().all(|p| !alive(*p)).then_some(())
@@ -316,24 +321,8 @@ fn daemon_kill_leaves_no_orphans_and_no_duplicates() {
     let n = Node::new();
     let tb = testbin();
     let pidfile = n.dir.path().join("pids");
-    n.ok(&[
-        "start",
-        "--name",
-        "forker",
-        "--",
-        &tb,
-        "fork-tree",
-        pidfile.to_str().unwrap(),
-    ]);
+    let first = start_forker(&n);
     n.ok(&["start", "--name", "plain", "--", &tb, "ignore-term"]);
-    let first: Vec<i32> = until("tree up", || {
-        let t = std::fs::read_to_string(&pidfile).unwrap_or_default();
-        let pids: Vec<i32> = t
-            .lines()
-            .filter_map(|l| l.split_once(' ')?.1.parse().ok())
-            .collect();
-        (pids.len() == 4).then_some(pids)
-    });
     let plain = n.get(2).pid.unwrap() as i32;
     let tag = n.node_tag();
     let daemon = n.daemon_pid();

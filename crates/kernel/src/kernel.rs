@@ -478,21 +478,8 @@ impl Kernel {
         let grace = e.spec.grace;
         let signal = e.spec.stop_signal;
         match &mut e.state {
-            State::Starting { run, since } => {
-                let (run, since) = (*run, *since);
-                e.state = State::Stopping {
-                    run,
-                    pid: None,
-                    since,
-                    deadline: now + grace,
-                    killed: false,
-                    cause,
-                    then,
-                };
-                self.effects.push(Effect::AskStop { num, run, signal });
-            }
-            State::Running { run, pid, since } => {
-                let (run, pid, since) = (*run, *pid, *since);
+            State::Starting { run, since } | State::Running { run, since, .. } => {
+                let (run, since, pid) = (*run, *since, e.state.pid());
                 e.state = State::Stopping {
                     run,
                     pid,
