@@ -161,7 +161,7 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
             _ = sigchld.recv() => {
                 let now = Instant::now();
                 for DriverEvent::Exited { num, run, status } in node.driver.reap() {
-                    node.kernel.exited(num, run, status, now, wall_ms());
+                    node.kernel.exited(num, run, status, None, now, wall_ms());
                 }
             }
             _ = tokio::time::sleep_until(deadline) => node.kernel.tick(Instant::now()),

@@ -26,6 +26,8 @@ pub enum SpawnError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("`{0}` is a wasm component, not an executable")]
+    NotNative(PathBuf),
     #[error("`{path}` could not be started: {source}")]
     Exec {
         path: PathBuf,
@@ -77,6 +79,7 @@ pub fn preflight(program: &Program, env_path: Option<&str>) -> Result<PathBuf, S
             }
             resolve(command, cwd, env_path)
         }
+        Program::Wasm { path, .. } => Err(SpawnError::NotNative(path.clone())),
     }
 }
 
@@ -96,7 +99,9 @@ pub fn start(
     env: impl IntoIterator<Item = (String, String)>,
     cgroup_procs: Option<std::ffi::CString>,
 ) -> Result<Child, SpawnError> {
-    let Program::Native { command, args, cwd } = program;
+    let Program::Native { command, args, cwd } = program else {
+        return Err(SpawnError::NotNative(exe.to_path_buf()));
+    };
     let mut cmd = Command::new(exe);
     cmd.arg0(command)
         .args(args)

@@ -388,17 +388,30 @@ impl Kernel {
         }
     }
 
-    /// The driver saw the run's main process end.
+    /// The driver saw the run end (its main process exited, or its wasm
+    /// instance returned or trapped); `detail` says why when the status
+    /// alone does not (a panic message).
     pub fn exited(
         &mut self,
         num: ProcessNum,
         run: RunId,
         status: ExitStatus,
+        detail: Option<String>,
         now: Instant,
         wall_ms: u64,
     ) {
         if self.procs.get(&num).and_then(|e| e.state.run()) == Some(run) {
-            self.finish_run(num, Some(status), None, now, wall_ms);
+            self.finish_run(num, Some(status), detail, now, wall_ms);
+        }
+    }
+
+    /// A process changed its own on-exit policy while running.
+    pub fn set_on_exit(&mut self, num: ProcessNum, on_exit: spindle_types::OnExit) {
+        if let Some(e) = self.procs.get_mut(&num)
+            && e.spec.on_exit != on_exit
+        {
+            Arc::make_mut(&mut e.spec).on_exit = on_exit;
+            self.effects.push(Effect::Persist);
         }
     }
 
@@ -521,14 +534,14 @@ impl Kernel {
         &mut self,
         num: ProcessNum,
         status: Option<ExitStatus>,
-        spawn_error: Option<String>,
+        detail: Option<String>,
         now: Instant,
         wall_ms: u64,
     ) {
         let e = self.procs.get_mut(&num).expect("known process");
         let since = e.state.since().unwrap_or(now);
         let uptime = now.saturating_duration_since(since);
-        let (reason, detail, then) = match &e.state {
+        let (reason, reason_detail, then) = match &e.state {
             State::Stopping { cause, then, .. } => match cause {
                 StopCause::User => (ExitReason::Killed, None, *then),
                 StopCause::Shutdown => (ExitReason::Shutdown, None, *then),
@@ -539,10 +552,11 @@ impl Kernel {
                     Some(ExitStatus::Code(0)) => ExitReason::Completed,
                     _ => ExitReason::Crashed,
                 };
-                (reason, spawn_error.clone(), AfterStop::Stay)
+                (reason, None, AfterStop::Stay)
             }
         };
-        let detail = detail.or(spawn_error);
+        // The stop's own explanation (a fault) wins over the driver's.
+        let detail = reason_detail.or(detail);
         let info = ExitInfo {
             reason,
             status,

@@ -9,6 +9,8 @@ use std::fmt;
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
+    /// A wasm process trapped (panic, out-of-bounds, memory cap, killed).
+    Trap,
 }
 
 impl fmt::Display for ExitStatus {
@@ -16,6 +18,7 @@ impl fmt::Display for ExitStatus {
         match self {
             ExitStatus::Code(c) => write!(f, "exit code {c}"),
             ExitStatus::Signal(s) => write!(f, "signal {s}"),
+            ExitStatus::Trap => f.write_str("trap"),
         }
     }
 }

@@ -8,9 +8,9 @@
 //! this module does no I/O — whether an executable exists is the daemon's check.
 
 use crate::exit::OnExit;
-use crate::id::validate_name;
+use crate::id::{PackageId, validate_name};
 use crate::restart::RestartSchedule;
-use crate::spec::{DEFAULT_GRACE, LogSpec, ProcessSpec, Program, StopSignal};
+use crate::spec::{DEFAULT_GRACE, DEFAULT_PACKAGE, LogSpec, ProcessSpec, Program, StopSignal};
 use crate::units::{parse_duration, parse_size};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -23,6 +23,12 @@ use std::path::{Path, PathBuf};
 pub struct RawProcess {
     pub name: Option<String>,
     pub command: Option<String>,
+    /// A wasm component to run instead of a command.
+    pub wasm: Option<String>,
+    /// The wasm process's package (`package:publisher`).
+    pub package: Option<String>,
+    /// Whether any local process may message this wasm process.
+    pub public: Option<bool>,
     #[serde(default)]
     pub args: Vec<String>,
     pub cwd: Option<String>,
@@ -123,25 +129,68 @@ impl RawProcess {
         if let Some(name) = &self.name {
             validate_name(name).map_err(|e| err("name", e.to_string()))?;
         }
-        let command = match self.command {
-            Some(c) if !c.trim().is_empty() => c,
-            _ => {
-                return Err(err(
-                    "command",
-                    "missing: say what to run, e.g. command = \"node\"".into(),
-                ));
-            }
-        };
         let cwd = match &self.cwd {
             Some(c) => resolve(base, c),
             None => base.to_path_buf(),
         };
-        // A command with a slash is a path: resolve it now, against the process's
-        // working directory, so the daemon runs exactly what was meant.
-        let command = if command.contains('/') {
-            resolve(&cwd, &command).to_string_lossy().into_owned()
-        } else {
-            command
+        let program = match (self.command, self.wasm) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "wasm",
+                    "give either `command` (an executable) or `wasm` (a component), not both"
+                        .into(),
+                ));
+            }
+            (Some(c), None) if !c.trim().is_empty() => {
+                if self.package.is_some() || self.public.is_some() {
+                    return Err(err(
+                        if self.package.is_some() {
+                            "package"
+                        } else {
+                            "public"
+                        },
+                        "applies to wasm processes only (set `wasm = \"app.wasm\"`)".into(),
+                    ));
+                }
+                // A command with a slash is a path: resolve it now, against the
+                // process's working directory, so the daemon runs exactly what was meant.
+                let command = if c.contains('/') {
+                    resolve(&cwd, &c).to_string_lossy().into_owned()
+                } else {
+                    c
+                };
+                Program::Native {
+                    command,
+                    args: self.args,
+                    cwd: cwd.clone(),
+                }
+            }
+            (None, Some(w)) if !w.trim().is_empty() => {
+                if !self.args.is_empty() {
+                    return Err(err(
+                        "args",
+                        "a wasm process takes no arguments: send it a request instead".into(),
+                    ));
+                }
+                let package = match &self.package {
+                    Some(p) => p
+                        .parse::<PackageId>()
+                        .map_err(|e| err("package", e.to_string()))?,
+                    None => DEFAULT_PACKAGE.parse().expect("valid default package"),
+                };
+                Program::Wasm {
+                    path: resolve(base, &w),
+                    package,
+                    public: self.public.unwrap_or(false),
+                }
+            }
+            _ => {
+                return Err(err(
+                    "command",
+                    "missing: say what to run, e.g. command = \"node\" (or wasm = \"app.wasm\")"
+                        .into(),
+                ));
+            }
         };
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -215,11 +264,7 @@ impl RawProcess {
         }
         Ok(ProcessSpec {
             name: self.name,
-            program: Program::Native {
-                command,
-                args: self.args,
-                cwd,
-            },
+            program,
             env: self.env,
             log,
             restart,
@@ -287,6 +332,7 @@ on_exit = "none"
         assert_eq!(worker.on_exit, OnExit::None);
         match &worker.program {
             Program::Native { command, .. } => assert_eq!(command, "/srv/app/bin/worker"),
+            other => panic!("native expected, got {other:?}"),
         }
     }
 
@@ -294,6 +340,32 @@ on_exit = "none"
         parse_manifest(text, Path::new("/m"))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn wasm_processes() {
+        let specs = parse_manifest(
+            "[[process]]\nname = \"counter\"\nwasm = \"build/counter.wasm\"\npackage = \"demo:spindle\"\npublic = true\nmax_memory = \"16MiB\"\n",
+            Path::new("/srv"),
+        )
+        .unwrap();
+        assert_eq!(
+            specs[0].program,
+            Program::Wasm {
+                path: "/srv/build/counter.wasm".into(),
+                package: "demo:spindle".parse().unwrap(),
+                public: true
+            }
+        );
+        let e = error_of("[[process]]\nwasm = \"a.wasm\"\ncommand = \"x\"\n");
+        assert!(e.contains("not both"), "{e}");
+        let e = error_of("[[process]]\nwasm = \"a.wasm\"\npackage = \"nocolon\"\n");
+        assert!(
+            e.contains("`package`") && e.contains("package:publisher"),
+            "{e}"
+        );
+        let e = error_of("[[process]]\ncommand = \"x\"\npublic = true\n");
+        assert!(e.contains("wasm processes only"), "{e}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the spec was made.
 
 use crate::exit::OnExit;
+use crate::id::PackageId;
 use crate::restart::RestartSchedule;
 use crate::units::serde_millis;
 use serde::{Deserialize, Serialize};
@@ -34,7 +35,7 @@ pub struct ProcessSpec {
     pub max_memory: Option<u64>,
 }
 
-/// What runs. Native executables today; wasm components plug in as a second variant.
+/// What runs: an executable as an OS child, or a wasm component in-process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Program {
@@ -45,7 +46,20 @@ pub enum Program {
         args: Vec<String>,
         cwd: PathBuf,
     },
+    Wasm {
+        /// The component file (absolute).
+        path: PathBuf,
+        /// The package the process belongs to: its address is
+        /// `node@<name or id>:<package>`.
+        package: PackageId,
+        /// Any local process may message a public one; others need its
+        /// messaging capability.
+        public: bool,
+    },
 }
+
+/// Package of wasm processes started without one.
+pub const DEFAULT_PACKAGE: &str = "app:local";
 
 impl Program {
     /// A short label for tables: the command's file name.
@@ -55,6 +69,10 @@ impl Program {
                 .file_name()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| command.clone()),
+            Program::Wasm { path, .. } => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "wasm".into()),
         }
     }
 
@@ -65,6 +83,7 @@ impl Program {
                 .chain(args.iter().map(String::as_str))
                 .collect::<Vec<_>>()
                 .join(" "),
+            Program::Wasm { path, .. } => path.display().to_string(),
         }
     }
 }

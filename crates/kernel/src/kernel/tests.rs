@@ -98,7 +98,7 @@ impl Fake {
     fn exit(&mut self, num: ProcessNum, status: ExitStatus) {
         let run = self.live.remove(&num).expect("exit of a live run");
         let (now, wall) = (self.now, self.wall());
-        self.k.exited(num, run, status, now, wall);
+        self.k.exited(num, run, status, None, now, wall);
         self.pump();
     }
     fn state(&self, num: ProcessNum) -> &State {
@@ -286,7 +286,7 @@ fn stale_events_are_ignored() {
     f.exit(n, ExitStatus::Code(1));
     f.advance(ms(100));
     let (now, wall) = (f.now, f.wall());
-    f.k.exited(n, old, ExitStatus::Code(1), now, wall);
+    f.k.exited(n, old, ExitStatus::Code(1), None, now, wall);
     f.pump();
     assert!(matches!(f.state(n), State::Running { .. }));
 }

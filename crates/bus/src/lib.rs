@@ -1,0 +1,232 @@
+//! # spindle-bus: how messages travel between processes
+//!
+//! Every running process that takes part in messaging has an [`Endpoint`] in
+//! the [`Bus`]: its address, whether it is public, and the sending half of its
+//! bounded mailbox. Delivery does not go through the kernel task or any other
+//! central loop: the sender's own task looks the target up in a read-mostly
+//! table (one `RwLock` read), checks the capability, and pushes into the
+//! target's mailbox. A full mailbox makes the sender wait up to
+//! [`MAILBOX_WAIT`], then fail with `MailboxFull` — backpressure that slows the
+//! sender without blocking anyone else, and never an unbounded queue.
+//!
+//! Capabilities (`{issuer, params}`) are held per process id and outlive a
+//! process's runs, so a restart keeps what it held and what it granted. The
+//! kernel revokes everything a process issued when it is killed. A process may
+//! message another if the target is public or it holds the target's messaging
+//! capability; it may attach a capability to a message only if it holds it or
+//! is its issuer — the bus decides, not the sender.
+//!
+//! Requests are numbered by the bus; a response carries the number of the
+//! request it answers and goes to that request's `rsvp`. Tracking of
+//! outstanding requests (contexts, timeouts, late responses) belongs to the
+//! requester's own host, next to its mailbox.
+
+mod message;
+
+pub use message::{
+    Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
+};
+
+use spindle_types::{Address, ProcessId};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Messages a mailbox holds before senders have to wait.
+pub const MAILBOX_CAPACITY: usize = 1024;
+/// How long a sender waits for room in a full mailbox before `MailboxFull`.
+pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
+/// The `params` of a messaging capability.
+pub const MESSAGING: &str = "\"messaging\"";
+
+/// A registered process's public face.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: Address,
+    pub public: bool,
+    tx: mpsc::Sender<Envelope>,
+}
+
+/// The receiving side handed to the process's host.
+pub type Mailbox = mpsc::Receiver<Envelope>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    #[error("address {0} is already in use by a running process: choose another name")]
+    AddressTaken(Address),
+}
+
+/// The node's message bus. See the crate docs.
+#[derive(Debug)]
+pub struct Bus {
+    node: String,
+    endpoints: RwLock<HashMap<ProcessId, Arc<Endpoint>>>,
+    caps: RwLock<HashMap<ProcessId, HashSet<Capability>>>,
+    next_id: AtomicU64,
+    /// Responses that arrived after their request had timed out or been answered.
+    pub late_responses: AtomicU64,
+}
+
+impl Bus {
+    pub fn new(node: impl Into<String>) -> Bus {
+        Bus {
+            node: node.into(),
+            endpoints: RwLock::new(HashMap::new()),
+            caps: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            late_responses: AtomicU64::new(0),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    pub fn address(&self, process: ProcessId) -> Address {
+        Address {
+            node: self.node.clone(),
+            process,
+        }
+    }
+
+    /// A fresh request number.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Puts a process on the bus; returns its mailbox.
+    pub fn register(&self, address: Address, public: bool) -> Result<Mailbox, BusError> {
+        let mut eps = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
+        if eps.contains_key(&address.process) {
+            return Err(BusError::AddressTaken(address));
+        }
+        let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
+        eps.insert(
+            address.process.clone(),
+            Arc::new(Endpoint {
+                address,
+                public,
+                tx,
+            }),
+        );
+        Ok(rx)
+    }
+
+    /// Takes a process off the bus (its run ended). Messages to it now fail `Offline`.
+    pub fn unregister(&self, process: &ProcessId) {
+        self.endpoints
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(process);
+    }
+
+    pub fn is_registered(&self, process: &ProcessId) -> bool {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(process)
+    }
+
+    fn lookup(&self, process: &ProcessId) -> Option<Arc<Endpoint>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(process)
+            .cloned()
+    }
+
+    /// Capabilities `process` holds.
+    pub fn capabilities(&self, process: &ProcessId) -> Vec<Capability> {
+        let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
+        caps.get(process)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn holds(&self, process: &ProcessId, cap: &Capability) -> bool {
+        let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
+        caps.get(process).is_some_and(|s| s.contains(cap))
+    }
+
+    /// Gives `process` capabilities (the kernel's decision: callers check
+    /// that the giver may give them).
+    pub fn grant(&self, process: &ProcessId, new: impl IntoIterator<Item = Capability>) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        caps.entry(process.clone()).or_default().extend(new);
+    }
+
+    pub fn revoke(&self, process: &ProcessId, gone: &[Capability]) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = caps.get_mut(process) {
+            for c in gone {
+                s.remove(c);
+            }
+        }
+    }
+
+    /// Revokes, from every holder, every capability `issuer` issued (it was killed).
+    pub fn revoke_issued_by(&self, issuer: &Address) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        for s in caps.values_mut() {
+            s.retain(|c| &c.issuer != issuer);
+        }
+    }
+
+    /// Forgets everything `process` holds (it was deleted).
+    pub fn forget(&self, process: &ProcessId) {
+        self.caps
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(process);
+    }
+
+    /// May `sender` attach `cap` to a message? Only if it holds it or issued it.
+    pub fn may_attach(&self, sender: &Address, cap: &Capability) -> bool {
+        &cap.issuer == sender || self.holds(&sender.process, cap)
+    }
+
+    /// Delivers `env` to its target's mailbox. Requests need the target to be
+    /// public or the sender (unless `privileged`) to hold its messaging
+    /// capability; attached capabilities must be the sender's to give.
+    pub async fn send(
+        &self,
+        env: Envelope,
+        privileged: bool,
+    ) -> Result<(), (SendErrorKind, Envelope)> {
+        let Some(target) = self.lookup(&env.target.process) else {
+            return Err((SendErrorKind::Offline, env));
+        };
+        if !privileged {
+            let caps = env.message.capabilities();
+            if caps.iter().any(|c| !self.may_attach(&env.source, c)) {
+                return Err((SendErrorKind::Invalid, env));
+            }
+            if matches!(env.message, Message::Request(_))
+                && !target.public
+                && !self.holds(&env.source.process, &Capability::messaging(&target.address))
+            {
+                return Err((SendErrorKind::NoCapability, env));
+            }
+        }
+        match target.tx.try_send(env) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(env)) => Err((SendErrorKind::Offline, env)),
+            Err(mpsc::error::TrySendError::Full(env)) => {
+                match target.tx.send_timeout(env, MAILBOX_WAIT).await {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::SendTimeoutError::Timeout(env)) => {
+                        Err((SendErrorKind::MailboxFull, env))
+                    }
+                    Err(mpsc::error::SendTimeoutError::Closed(env)) => {
+                        Err((SendErrorKind::Offline, env))
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

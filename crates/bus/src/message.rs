@@ -1,0 +1,109 @@
+//! Messages as the host sees them.
+
+use spindle_types::Address;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A right issued by `issuer`; `params` is JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Capability {
+    pub issuer: Address,
+    pub params: String,
+}
+
+impl Capability {
+    /// The right to send requests to `target`.
+    pub fn messaging(target: &Address) -> Capability {
+        Capability {
+            issuer: target.clone(),
+            params: crate::MESSAGING.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub mime: Option<String>,
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub inherit: bool,
+    pub expects_response: Option<Duration>,
+    pub body: Vec<u8>,
+    pub metadata: Option<String>,
+    pub capabilities: Vec<Capability>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub inherit: bool,
+    pub body: Vec<u8>,
+    pub metadata: Option<String>,
+    pub capabilities: Vec<Capability>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Request(Request),
+    /// With the requester's context, filled in on delivery.
+    Response(Response, Option<Vec<u8>>),
+}
+
+impl Message {
+    pub fn capabilities(&self) -> &[Capability] {
+        match self {
+            Message::Request(r) => &r.capabilities,
+            Message::Response(r, _) => &r.capabilities,
+        }
+    }
+}
+
+/// A message in flight.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// For a request: its number. For a response: the number of the request answered.
+    pub id: u64,
+    pub source: Address,
+    pub target: Address,
+    /// Requests: where responses go (the requester, or its requester when inherited).
+    pub rsvp: Option<Address>,
+    pub message: Message,
+    /// Shared, so inheriting it down a chain of processes never copies it.
+    pub blob: Option<Arc<Blob>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendErrorKind {
+    Offline,
+    Timeout,
+    NoCapability,
+    MailboxFull,
+    Invalid,
+}
+
+impl std::fmt::Display for SendErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendErrorKind::Offline => "offline: no process at that address",
+            SendErrorKind::Timeout => "timeout: no response in time",
+            SendErrorKind::NoCapability => {
+                "no capability: the target is not public and the sender may not message it"
+            }
+            SendErrorKind::MailboxFull => "mailbox full: the target is not keeping up",
+            SendErrorKind::Invalid => {
+                "invalid: nothing to respond to, or a capability the sender does not hold"
+            }
+        })
+    }
+}
+
+/// A message that could not be delivered, with its context.
+#[derive(Debug, Clone)]
+pub struct SendError {
+    pub kind: SendErrorKind,
+    pub target: Address,
+    pub message: Message,
+    pub context: Option<Vec<u8>>,
+}

@@ -1,0 +1,407 @@
+//! Runs wasm processes: one task and one `Store` each.
+
+use crate::bindings::ProcessPre;
+use crate::bindings::spindle::process::types as wit;
+use crate::host::{self, ProcessHost, Shared};
+use crate::runtime::{Runtime, TickGuard, WasmError};
+use spindle_bus::{Bus, Capability, Envelope, Message};
+use spindle_kernel::RunId;
+use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
+use spindle_types::{Address, ExitStatus, OnExit, ProcessId, ProcessNum, ProcessSpec, Program};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
+
+/// Memory cap of a wasm process whose spec sets none: room for ordinary
+/// services, small enough that a runaway one is stopped long before the node
+/// feels it.
+pub const DEFAULT_MEMORY_CAP: usize = 64 << 20;
+/// Spawn calls from guests queued for the control loop.
+const SPAWN_QUEUE: usize = 256;
+
+/// What the driver reports to the control loop.
+#[derive(Debug)]
+pub enum WasmEvent {
+    Exited {
+        num: ProcessNum,
+        run: RunId,
+        status: ExitStatus,
+        detail: Option<String>,
+        /// The policy in force at exit (the process may have changed it).
+        on_exit: OnExit,
+    },
+}
+
+/// A guest asked to spawn a child; the control loop starts it and answers.
+pub struct SpawnCall {
+    pub parent: Address,
+    pub name: Option<String>,
+    pub path: PathBuf,
+    pub on_exit: OnExit,
+    pub public: bool,
+    /// Capabilities of the parent the child receives (checked to be the parent's).
+    pub capabilities: Vec<Capability>,
+    /// Processes that may message the child (the parent may anyway).
+    pub grant_to: Vec<Address>,
+    pub reply: oneshot::Sender<Result<Address, String>>,
+}
+
+/// One on-exit request, as stored in a spec (`OnExit::Requests`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ExitRequest {
+    target: Address,
+    inherit: bool,
+    body: Vec<u8>,
+    metadata: Option<String>,
+    capabilities: Vec<Capability>,
+    blob: Option<(Option<String>, Vec<u8>)>,
+}
+
+pub(crate) fn on_exit_from_wit(o: &wit::OnExit) -> OnExit {
+    match o {
+        wit::OnExit::None => OnExit::None,
+        wit::OnExit::Restart => OnExit::Restart,
+        wit::OnExit::Requests(list) => OnExit::Requests(
+            list.iter()
+                .map(|(target, req, blob)| {
+                    serde_json::to_value(ExitRequest {
+                        target: host::from_wit_addr(target.clone()),
+                        inherit: req.inherit,
+                        body: req.body.clone(),
+                        metadata: req.metadata.clone(),
+                        capabilities: host::from_wit_request(req.clone()).capabilities,
+                        blob: blob.as_ref().map(|b| (b.mime.clone(), b.bytes.clone())),
+                    })
+                    .expect("exit requests serialise")
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn on_exit_to_wit(o: &OnExit) -> wit::OnExit {
+    match o {
+        OnExit::None => wit::OnExit::None,
+        OnExit::Restart => wit::OnExit::Restart,
+        OnExit::Requests(list) => wit::OnExit::Requests(
+            list.iter()
+                .filter_map(|v| serde_json::from_value::<ExitRequest>(v.clone()).ok())
+                .map(|r| {
+                    (
+                        host::to_wit_addr(&r.target),
+                        wit::Request {
+                            inherit: r.inherit,
+                            expects_response: None,
+                            body: r.body,
+                            metadata: r.metadata,
+                            capabilities: r
+                                .capabilities
+                                .iter()
+                                .map(|c| wit::Capability {
+                                    issuer: host::to_wit_addr(&c.issuer),
+                                    params: c.params.clone(),
+                                })
+                                .collect(),
+                        },
+                        r.blob.map(|(mime, bytes)| wit::Blob { mime, bytes }),
+                    )
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// WASI stdout/stderr of a process, into its log.
+#[derive(Clone)]
+struct LogOut(Arc<Mutex<LineSink>>);
+
+impl wasmtime_wasi::cli::IsTerminal for LogOut {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for LogOut {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl tokio::io::AsyncWrite for LogOut {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut sink = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A failed write (full disk) must not kill the process: it is dropped
+        // and counted by the sink.
+        let _ = sink.feed(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+struct LiveWasm {
+    run: RunId,
+    kill: watch::Sender<bool>,
+}
+
+/// Starts and stops wasm processes for one node.
+pub struct WasmDriver {
+    runtime: Arc<Runtime>,
+    shared: Arc<Shared>,
+    hub: Arc<LogHub>,
+    logs_dir: PathBuf,
+    runs: HashMap<ProcessNum, LiveWasm>,
+    events: mpsc::UnboundedSender<WasmEvent>,
+}
+
+/// The address a wasm process of `spec` numbered `num` runs at.
+pub fn address_of(node: &str, num: ProcessNum, spec: &ProcessSpec) -> Option<Address> {
+    let Program::Wasm { package, .. } = &spec.program else {
+        return None;
+    };
+    Some(Address {
+        node: node.into(),
+        process: ProcessId {
+            process: spec.name.clone().unwrap_or_else(|| num.to_string()),
+            package: package.clone(),
+        },
+    })
+}
+
+impl WasmDriver {
+    /// The driver, the stream of its events, and the stream of guests' spawn calls.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        bus: Arc<Bus>,
+        hub: Arc<LogHub>,
+        logs_dir: &Path,
+        state_dir: &Path,
+    ) -> std::io::Result<(
+        WasmDriver,
+        mpsc::UnboundedReceiver<WasmEvent>,
+        mpsc::Receiver<SpawnCall>,
+    )> {
+        std::fs::create_dir_all(state_dir)?;
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let (spawns, spawns_rx) = mpsc::channel(SPAWN_QUEUE);
+        Ok((
+            WasmDriver {
+                runtime,
+                shared: Arc::new(Shared {
+                    bus,
+                    state_dir: state_dir.into(),
+                    spawns,
+                }),
+                hub,
+                logs_dir: logs_dir.into(),
+                runs: HashMap::new(),
+                events,
+            },
+            events_rx,
+            spawns_rx,
+        ))
+    }
+
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.shared.bus
+    }
+
+    pub fn address(&self, num: ProcessNum, spec: &ProcessSpec) -> Option<Address> {
+        address_of(self.shared.bus.node(), num, spec)
+    }
+
+    /// Loads (compiles or fetches from cache) the component, so a bad file is
+    /// an error before anything starts.
+    pub fn preflight(&self, spec: &ProcessSpec) -> Result<(), WasmError> {
+        match &spec.program {
+            Program::Wasm { path, .. } => self.runtime.load(path).map(|_| ()),
+            Program::Native { .. } => Ok(()),
+        }
+    }
+
+    pub fn log_paths(&self, num: ProcessNum, spec: &ProcessSpec) -> (PathBuf, PathBuf) {
+        let label = spec.name.clone().unwrap_or_else(|| spec.program.label());
+        spec.log.paths(&self.logs_dir, &label, num.0)
+    }
+
+    /// Starts a run; returns the process's address.
+    pub fn spawn(
+        &mut self,
+        num: ProcessNum,
+        run: RunId,
+        spec: &ProcessSpec,
+        tap: Option<broadcast::Sender<LogChunk>>,
+    ) -> Result<Address, String> {
+        let Program::Wasm { path, public, .. } = &spec.program else {
+            return Err("not a wasm process".into());
+        };
+        let pre: ProcessPre<ProcessHost> = self.runtime.load(path).map_err(|e| e.to_string())?;
+        let our = self.address(num, spec).expect("wasm spec");
+        let (out_path, err_path) = self.log_paths(num, spec);
+        let open = |p: &Path| {
+            self.hub
+                .open(p, spec.log.max_size, spec.log.keep)
+                .map_err(|e| format!("log file {} cannot be opened: {e}", p.display()))
+        };
+        let shaping = Shaping {
+            strip_ansi: spec.log.strip_ansi,
+            timestamps: spec.log.timestamps,
+        };
+        let out = Arc::new(Mutex::new(LineSink::new(
+            open(&out_path)?,
+            Stream::Out,
+            shaping,
+            tap.clone(),
+        )));
+        let err = Arc::new(Mutex::new(LineSink::new(
+            open(&err_path)?,
+            Stream::Err,
+            shaping,
+            tap,
+        )));
+        let mailbox = self
+            .shared
+            .bus
+            .register(our.clone(), *public)
+            .map_err(|e| e.to_string())?;
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .stdout(LogOut(out.clone()))
+            .stderr(LogOut(err))
+            .build();
+        let cap = spec
+            .max_memory
+            .map(|m| m as usize)
+            .unwrap_or(DEFAULT_MEMORY_CAP);
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(cap)
+            .trap_on_grow_failure(true)
+            .build();
+        let (kill, kill_rx) = watch::channel(false);
+        let host = ProcessHost::new(
+            wasi,
+            limits,
+            self.shared.clone(),
+            num,
+            our.clone(),
+            mailbox,
+            on_exit_to_wit(&spec.on_exit),
+            out,
+            kill_rx,
+            path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        );
+        let mut store = Store::new(self.runtime.engine(), host);
+        store.limiter(|h| &mut h.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|ctx| {
+            if *ctx.data().kill.borrow() {
+                return Err(host::killed());
+            }
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        });
+        let guard = self.runtime.tick_guard();
+        tokio::spawn(run_process(
+            pre,
+            store,
+            num,
+            run,
+            self.events.clone(),
+            guard,
+        ));
+        self.runs.insert(num, LiveWasm { run, kill });
+        Ok(our)
+    }
+
+    /// Ends a run: it traps at its next host call or epoch tick.
+    pub fn kill(&mut self, num: ProcessNum, run: RunId) {
+        if let Some(l) = self.runs.get(&num).filter(|l| l.run == run) {
+            let _ = l.kill.send(true);
+        }
+    }
+
+    /// The run ended (its exit event was handled).
+    pub fn ended(&mut self, num: ProcessNum, run: RunId) {
+        if self.runs.get(&num).is_some_and(|l| l.run == run) {
+            self.runs.remove(&num);
+        }
+    }
+
+    pub fn live_runs(&self) -> usize {
+        self.runs.len()
+    }
+}
+
+/// Why a run trapped, for exit details: the trap's own words, or the root
+/// cause of the error (not the wasm backtrace wrapped around it).
+fn describe(e: &wasmtime::Error) -> String {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return trap.to_string();
+    }
+    e.root_cause().to_string()
+}
+
+async fn run_process(
+    pre: ProcessPre<ProcessHost>,
+    mut store: Store<ProcessHost>,
+    num: ProcessNum,
+    run: RunId,
+    events: mpsc::UnboundedSender<WasmEvent>,
+    _ticking: TickGuard,
+) {
+    let our = host::to_wit_addr(&store.data().our);
+    let result = match pre.instantiate_async(&mut store).await {
+        Ok(p) => p.call_init(&mut store, &our).await,
+        Err(e) => Err(e),
+    };
+    let h = store.data_mut();
+    let (status, detail) = match result {
+        Ok(()) => (ExitStatus::Code(0), None),
+        Err(e) => {
+            let why = h.panic.take().unwrap_or_else(|| describe(&e));
+            if !*h.kill.borrow() {
+                h.log_line(&format!("[spindle] process trapped: {why}"));
+            }
+            (ExitStatus::Trap, Some(why))
+        }
+    };
+    let on_exit = on_exit_from_wit(&h.on_exit);
+    if let wit::OnExit::Requests(list) = h.on_exit.clone() {
+        for (target, req, blob) in list {
+            let mut request = host::from_wit_request(req);
+            request.expects_response = None;
+            let env = Envelope {
+                id: h.shared.bus.next_id(),
+                source: h.our.clone(),
+                target: host::from_wit_addr(target),
+                rsvp: None,
+                message: Message::Request(request),
+                blob: blob.map(|b| Arc::new(host::from_wit_blob(b))),
+            };
+            // A target that is gone simply does not get it.
+            let _ = h.shared.bus.send(env, false).await;
+        }
+    }
+    h.shared.bus.unregister(&h.our.process);
+    let _ = h.out.lock().unwrap_or_else(|p| p.into_inner()).finish();
+    let _ = events.send(WasmEvent::Exited {
+        num,
+        run,
+        status,
+        detail,
+        on_exit,
+    });
+}

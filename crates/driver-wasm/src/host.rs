@@ -1,0 +1,659 @@
+//! The `spindle:process/host` imports for one process: its mailbox, the
+//! requests it awaits, the message it is handling, its blob, state and log.
+//!
+//! Two kinds of failure are kept apart (as in wasmtime's WASI): an error the
+//! guest can handle comes back as a WIT `result` (`send-error`, a state
+//! write that failed); only a kill, or a guest misusing the world, traps.
+
+use crate::bindings::spindle::process::{host, types as wit};
+use spindle_bus::{
+    Blob, Bus, Capability, Envelope, Mailbox, Message, Request, Response, SendErrorKind,
+};
+use spindle_logs::LineSink;
+use spindle_types::{Address, PackageId, ProcessId, ProcessNum};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Error as TrapError, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// What the host of every process shares.
+pub struct Shared {
+    pub bus: Arc<Bus>,
+    pub state_dir: PathBuf,
+    pub spawns: mpsc::Sender<crate::SpawnCall>,
+}
+
+/// A request this process sent and awaits a response to.
+struct Pending {
+    target: Address,
+    request: Request,
+    context: Option<Vec<u8>>,
+    deadline: Instant,
+}
+
+/// The message being handled: what `send-response`, `get-blob`, inheritance
+/// and `save-capabilities` refer to.
+struct Current {
+    id: u64,
+    rsvp: Option<Address>,
+    blob: Option<Arc<Blob>>,
+    caps: Vec<Capability>,
+    request: bool,
+}
+
+/// The store data of one wasm process.
+pub struct ProcessHost {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) num: ProcessNum,
+    pub(crate) our: Address,
+    pub(crate) mailbox: Mailbox,
+    pending: HashMap<u64, Pending>,
+    deferred: VecDeque<Envelope>,
+    current: Option<Current>,
+    pub(crate) on_exit: wit::OnExit,
+    pub(crate) out: Arc<Mutex<LineSink>>,
+    pub(crate) panic: Option<String>,
+    pub(crate) kill: watch::Receiver<bool>,
+    pub(crate) component_dir: PathBuf,
+}
+
+impl WasiView for ProcessHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The trap that ends a killed process.
+pub(crate) fn killed() -> TrapError {
+    TrapError::msg("killed")
+}
+
+pub(crate) fn to_wit_addr(a: &Address) -> wit::Address {
+    wit::Address {
+        node: a.node.clone(),
+        process: a.process.process.clone(),
+        package: a.process.package.package.clone(),
+        publisher: a.process.package.publisher.clone(),
+    }
+}
+
+pub(crate) fn from_wit_addr(a: wit::Address) -> Address {
+    Address {
+        node: a.node,
+        process: ProcessId {
+            process: a.process,
+            package: PackageId {
+                package: a.package,
+                publisher: a.publisher,
+            },
+        },
+    }
+}
+
+fn to_wit_cap(c: &Capability) -> wit::Capability {
+    wit::Capability {
+        issuer: to_wit_addr(&c.issuer),
+        params: c.params.clone(),
+    }
+}
+
+fn from_wit_cap(c: wit::Capability) -> Capability {
+    Capability {
+        issuer: from_wit_addr(c.issuer),
+        params: c.params,
+    }
+}
+
+pub(crate) fn from_wit_request(r: wit::Request) -> Request {
+    Request {
+        inherit: r.inherit,
+        expects_response: r.expects_response.map(Duration::from_millis),
+        body: r.body,
+        metadata: r.metadata,
+        capabilities: r.capabilities.into_iter().map(from_wit_cap).collect(),
+    }
+}
+
+fn to_wit_request(r: Request) -> wit::Request {
+    wit::Request {
+        inherit: r.inherit,
+        expects_response: r.expects_response.map(|d| d.as_millis() as u64),
+        body: r.body,
+        metadata: r.metadata,
+        capabilities: r.capabilities.iter().map(to_wit_cap).collect(),
+    }
+}
+
+fn to_wit_message(m: Message) -> wit::Message {
+    match m {
+        Message::Request(r) => wit::Message::Request(to_wit_request(r)),
+        Message::Response(r, context) => wit::Message::Response((
+            wit::Response {
+                inherit: r.inherit,
+                body: r.body,
+                metadata: r.metadata,
+                capabilities: r.capabilities.iter().map(to_wit_cap).collect(),
+            },
+            context,
+        )),
+    }
+}
+
+pub(crate) fn from_wit_blob(b: wit::Blob) -> Blob {
+    Blob {
+        mime: b.mime,
+        bytes: b.bytes,
+    }
+}
+
+fn to_wit_kind(k: SendErrorKind) -> wit::SendErrorKind {
+    match k {
+        SendErrorKind::Offline => wit::SendErrorKind::Offline,
+        SendErrorKind::Timeout => wit::SendErrorKind::Timeout,
+        SendErrorKind::NoCapability => wit::SendErrorKind::NoCapability,
+        SendErrorKind::MailboxFull => wit::SendErrorKind::MailboxFull,
+        SendErrorKind::Invalid => wit::SendErrorKind::Invalid,
+    }
+}
+
+fn send_error(
+    kind: SendErrorKind,
+    target: &Address,
+    message: Message,
+    context: Option<Vec<u8>>,
+) -> wit::SendError {
+    wit::SendError {
+        kind: to_wit_kind(kind),
+        target: to_wit_addr(target),
+        message: to_wit_message(message),
+        context,
+    }
+}
+
+/// What ended a wait. Lives on the stack for one wait only: boxing the
+/// envelope would cost an allocation per message on the hot path.
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    Killed,
+    Mail(Option<Envelope>),
+    Deadline,
+}
+
+impl ProcessHost {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        limits: StoreLimits,
+        shared: Arc<Shared>,
+        num: ProcessNum,
+        our: Address,
+        mailbox: Mailbox,
+        on_exit: wit::OnExit,
+        out: Arc<Mutex<LineSink>>,
+        kill: watch::Receiver<bool>,
+        component_dir: PathBuf,
+    ) -> ProcessHost {
+        ProcessHost {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            shared,
+            num,
+            our,
+            mailbox,
+            pending: HashMap::new(),
+            deferred: VecDeque::new(),
+            current: None,
+            on_exit,
+            out,
+            panic: None,
+            kill,
+            component_dir,
+        }
+    }
+
+    fn check_alive(&self) -> Result<(), TrapError> {
+        if *self.kill.borrow() {
+            Err(killed())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn log_line(&self, text: &str) {
+        let mut sink = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line = String::with_capacity(text.len() + 1);
+        line.push_str(text);
+        if !line.ends_with('\n') {
+            line.push('\n');
+        }
+        if let Err(e) = sink.feed(line.as_bytes()) {
+            tracing::warn!("process {}: log write failed: {e}", self.num);
+        }
+    }
+
+    /// Takes a delivered envelope: a response is matched to its pending
+    /// request (or dropped and counted as late); the message becomes current.
+    fn accept(&mut self, env: Envelope) -> Option<(wit::Address, wit::Message)> {
+        let mut message = env.message;
+        if let Message::Response(_, context) = &mut message {
+            match self.pending.remove(&env.id) {
+                Some(p) => *context = p.context,
+                None => {
+                    self.shared
+                        .bus
+                        .late_responses
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        let request = matches!(message, Message::Request(_));
+        self.current = Some(Current {
+            id: env.id,
+            rsvp: if request { env.rsvp } else { None },
+            blob: env.blob,
+            caps: message.capabilities().to_vec(),
+            request,
+        });
+        Some((to_wit_addr(&env.source), to_wit_message(message)))
+    }
+
+    /// A pending request whose time is up, returned as a timeout error.
+    fn expire(&mut self, now: Instant) -> Option<wit::SendError> {
+        let id = *self
+            .pending
+            .iter()
+            .find(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| id)?;
+        let p = self.pending.remove(&id)?;
+        Some(send_error(
+            SendErrorKind::Timeout,
+            &p.target,
+            Message::Request(p.request),
+            p.context,
+        ))
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
+    async fn wake(&mut self, deadline: Option<Instant>) -> Wake {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.kill.changed() => Wake::Killed,
+            env = self.mailbox.recv() => Wake::Mail(env),
+            _ = sleep => Wake::Deadline,
+        }
+    }
+
+    /// Sends a request; returns its number when a response is expected.
+    async fn send(
+        &mut self,
+        target: Address,
+        request: Request,
+        context: Option<Vec<u8>>,
+        blob: Option<wit::Blob>,
+    ) -> Result<Option<u64>, wit::SendError> {
+        let inherited = self
+            .current
+            .as_ref()
+            .filter(|c| request.inherit && c.request);
+        let blob = blob
+            .map(|b| Arc::new(from_wit_blob(b)))
+            .or_else(|| inherited.and_then(|c| c.blob.clone()));
+        let (id, rsvp) = match (request.expects_response, inherited) {
+            (Some(_), _) => (self.shared.bus.next_id(), Some(self.our.clone())),
+            (None, Some(c)) => (c.id, c.rsvp.clone()),
+            (None, None) => (self.shared.bus.next_id(), None),
+        };
+        let awaits = request.expects_response;
+        if let Some(timeout) = awaits {
+            self.pending.insert(
+                id,
+                Pending {
+                    target: target.clone(),
+                    request: request.clone(),
+                    context: context.clone(),
+                    deadline: Instant::now() + timeout,
+                },
+            );
+        }
+        let env = Envelope {
+            id,
+            source: self.our.clone(),
+            target: target.clone(),
+            rsvp,
+            message: Message::Request(request),
+            blob,
+        };
+        match self.shared.bus.send(env, false).await {
+            Ok(()) => Ok(awaits.map(|_| id)),
+            Err((kind, env)) => {
+                if awaits.is_some() {
+                    self.pending.remove(&id);
+                }
+                Err(send_error(kind, &target, env.message, context))
+            }
+        }
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.shared
+            .state_dir
+            .join(format!("{}.state", self.our.process))
+    }
+}
+
+/// Writes `bytes` to `path` durably: temp file, fsync, rename, fsync directory.
+pub(crate) fn write_durable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("state.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl wit::Host for ProcessHost {}
+
+impl host::Host for ProcessHost {
+    async fn our(&mut self) -> Result<wit::Address, TrapError> {
+        Ok(to_wit_addr(&self.our))
+    }
+
+    async fn receive(
+        &mut self,
+    ) -> Result<Result<(wit::Address, wit::Message), wit::SendError>, TrapError> {
+        loop {
+            self.check_alive()?;
+            if let Some(env) = self.deferred.pop_front() {
+                if let Some(m) = self.accept(env) {
+                    return Ok(Ok(m));
+                }
+                continue;
+            }
+            if let Some(e) = self.expire(Instant::now()) {
+                return Ok(Err(e));
+            }
+            let deadline = self.next_deadline();
+            match self.wake(deadline).await {
+                Wake::Killed => return Err(killed()),
+                Wake::Mail(Some(env)) => {
+                    if let Some(m) = self.accept(env) {
+                        return Ok(Ok(m));
+                    }
+                }
+                Wake::Mail(None) => return Err(TrapError::msg("mailbox closed")),
+                Wake::Deadline => {}
+            }
+        }
+    }
+
+    async fn send_request(
+        &mut self,
+        target: wit::Address,
+        request: wit::Request,
+        context: Option<Vec<u8>>,
+        blob: Option<wit::Blob>,
+    ) -> Result<Result<(), wit::SendError>, TrapError> {
+        self.check_alive()?;
+        let r = self
+            .send(
+                from_wit_addr(target),
+                from_wit_request(request),
+                context,
+                blob,
+            )
+            .await;
+        Ok(r.map(|_| ()))
+    }
+
+    async fn send_and_await_response(
+        &mut self,
+        target: wit::Address,
+        mut request: wit::Request,
+        blob: Option<wit::Blob>,
+    ) -> Result<Result<(wit::Address, wit::Message), wit::SendError>, TrapError> {
+        self.check_alive()?;
+        if request.expects_response.is_none() {
+            request.expects_response = Some(DEFAULT_AWAIT.as_millis() as u64);
+        }
+        let id = match self
+            .send(from_wit_addr(target), from_wit_request(request), None, blob)
+            .await
+        {
+            Ok(Some(id)) => id,
+            Ok(None) => unreachable!("a response is expected"),
+            Err(e) => return Ok(Err(e)),
+        };
+        loop {
+            let deadline = self.pending.get(&id).map(|p| p.deadline);
+            match self.wake(deadline).await {
+                Wake::Killed => return Err(killed()),
+                Wake::Mail(Some(env)) => {
+                    if env.id == id && matches!(env.message, Message::Response(..)) {
+                        if let Some(m) = self.accept(env) {
+                            return Ok(Ok(m));
+                        }
+                    } else {
+                        self.deferred.push_back(env);
+                    }
+                }
+                Wake::Mail(None) => return Err(TrapError::msg("mailbox closed")),
+                Wake::Deadline => {
+                    if let Some(p) = self.pending.remove(&id) {
+                        return Ok(Err(send_error(
+                            SendErrorKind::Timeout,
+                            &p.target,
+                            Message::Request(p.request),
+                            p.context,
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_response(
+        &mut self,
+        response: wit::Response,
+        blob: Option<wit::Blob>,
+    ) -> Result<Result<(), wit::SendError>, TrapError> {
+        self.check_alive()?;
+        let resp = Response {
+            inherit: response.inherit,
+            body: response.body,
+            metadata: response.metadata,
+            capabilities: response
+                .capabilities
+                .into_iter()
+                .map(from_wit_cap)
+                .collect(),
+        };
+        let Some(cur) = self.current.as_mut().filter(|c| c.request) else {
+            let me = self.our.clone();
+            return Ok(Err(send_error(
+                SendErrorKind::Invalid,
+                &me,
+                Message::Response(resp, None),
+                None,
+            )));
+        };
+        // Nobody awaits a response (or it was already sent): nothing to do.
+        let Some(rsvp) = cur.rsvp.take() else {
+            return Ok(Ok(()));
+        };
+        let blob = blob
+            .map(|b| Arc::new(from_wit_blob(b)))
+            .or_else(|| resp.inherit.then(|| cur.blob.clone()).flatten());
+        let env = Envelope {
+            id: cur.id,
+            source: self.our.clone(),
+            target: rsvp.clone(),
+            rsvp: None,
+            message: Message::Response(resp, None),
+            blob,
+        };
+        match self.shared.bus.send(env, false).await {
+            Ok(()) => Ok(Ok(())),
+            Err((kind, env)) => Ok(Err(send_error(kind, &rsvp, env.message, None))),
+        }
+    }
+
+    async fn has_blob(&mut self) -> Result<bool, TrapError> {
+        Ok(self.current.as_ref().is_some_and(|c| c.blob.is_some()))
+    }
+
+    async fn get_blob(&mut self) -> Result<Option<wit::Blob>, TrapError> {
+        Ok(self
+            .current
+            .as_ref()
+            .and_then(|c| c.blob.as_ref())
+            .map(|b| wit::Blob {
+                mime: b.mime.clone(),
+                bytes: b.bytes.clone(),
+            }))
+    }
+
+    async fn set_state(&mut self, bytes: Vec<u8>) -> Result<Result<(), String>, TrapError> {
+        self.check_alive()?;
+        let path = self.state_path();
+        let shown = path.display().to_string();
+        let r = tokio::task::spawn_blocking(move || write_durable(&path, &bytes))
+            .await
+            .map_err(|e| TrapError::msg(e.to_string()))?;
+        Ok(r.map_err(|e| format!("cannot save state to {shown}: {e}")))
+    }
+
+    async fn get_state(&mut self) -> Result<Option<Vec<u8>>, TrapError> {
+        Ok(std::fs::read(self.state_path()).ok())
+    }
+
+    async fn clear_state(&mut self) -> Result<Result<(), String>, TrapError> {
+        let path = self.state_path();
+        Ok(match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot clear state {}: {e}", path.display())),
+        })
+    }
+
+    async fn get_on_exit(&mut self) -> Result<wit::OnExit, TrapError> {
+        Ok(self.on_exit.clone())
+    }
+
+    async fn set_on_exit(&mut self, on_exit: wit::OnExit) -> Result<(), TrapError> {
+        self.on_exit = on_exit;
+        Ok(())
+    }
+
+    async fn spawn(
+        &mut self,
+        name: Option<String>,
+        wasm_path: String,
+        on_exit: wit::OnExit,
+        request_capabilities: Vec<wit::Capability>,
+        grant_to: Vec<wit::Address>,
+        public: bool,
+    ) -> Result<Result<wit::Address, String>, TrapError> {
+        self.check_alive()?;
+        let caps: Vec<Capability> = request_capabilities.into_iter().map(from_wit_cap).collect();
+        if let Some(c) = caps
+            .iter()
+            .find(|c| !self.shared.bus.may_attach(&self.our, c))
+        {
+            return Ok(Err(format!(
+                "cannot give the child a capability this process does not hold: issuer {}, params {}",
+                c.issuer, c.params
+            )));
+        }
+        let path = self.component_dir.join(&wasm_path);
+        let (reply, answer) = oneshot::channel();
+        let call = crate::SpawnCall {
+            parent: self.our.clone(),
+            name,
+            path,
+            on_exit: crate::driver::on_exit_from_wit(&on_exit),
+            public,
+            capabilities: caps,
+            grant_to: grant_to.into_iter().map(from_wit_addr).collect(),
+            reply,
+        };
+        if self.shared.spawns.send(call).await.is_err() {
+            return Ok(Err("the node is shutting down".into()));
+        }
+        Ok(match answer.await {
+            Ok(r) => r.map(|a| to_wit_addr(&a)),
+            Err(_) => Err("the node is shutting down".into()),
+        })
+    }
+
+    async fn our_capabilities(&mut self) -> Result<Vec<wit::Capability>, TrapError> {
+        Ok(self
+            .shared
+            .bus
+            .capabilities(&self.our.process)
+            .iter()
+            .map(to_wit_cap)
+            .collect())
+    }
+
+    async fn save_capabilities(&mut self, caps: Vec<wit::Capability>) -> Result<(), TrapError> {
+        // Only what actually arrived with the last message can be kept.
+        let arrived = self
+            .current
+            .as_ref()
+            .map(|c| c.caps.as_slice())
+            .unwrap_or(&[]);
+        let keep: Vec<Capability> = caps
+            .into_iter()
+            .map(from_wit_cap)
+            .filter(|c| arrived.contains(c))
+            .collect();
+        self.shared.bus.grant(&self.our.process, keep);
+        Ok(())
+    }
+
+    async fn drop_capabilities(&mut self, caps: Vec<wit::Capability>) -> Result<(), TrapError> {
+        let caps: Vec<Capability> = caps.into_iter().map(from_wit_cap).collect();
+        self.shared.bus.revoke(&self.our.process, &caps);
+        Ok(())
+    }
+
+    async fn print(&mut self, text: String) -> Result<(), TrapError> {
+        self.log_line(&text);
+        Ok(())
+    }
+
+    async fn report_panic(&mut self, message: String) -> Result<(), TrapError> {
+        self.log_line(&format!("panic: {message}"));
+        self.panic = Some(message);
+        Ok(())
+    }
+}
+
+/// Timeout of `send-and-await-response` when the request sets none.
+pub const DEFAULT_AWAIT: Duration = Duration::from_secs(5);

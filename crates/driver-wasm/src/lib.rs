@@ -1,0 +1,42 @@
+//! # spindle-driver-wasm: WebAssembly components as Spindle processes
+//!
+//! One wasmtime [`Engine`](wasmtime::Engine) per node; one `Store` per
+//! process, run as a task on the daemon's runtime.
+//!
+//! - **Loading** ([`runtime`]): a component is compiled once and the compiled
+//!   artifact is cached on disk, keyed by the file's contents and the engine's
+//!   compatibility hash (so an engine or wasmtime change is a miss, never a
+//!   wrong load). Linking happens once per component too: processes start
+//!   from a cached `ProcessPre`. A file that is not a valid component, or
+//!   imports what Spindle does not provide, is a clear error naming the file.
+//! - **Isolation**: a per-process memory cap (`StoreLimits`, trapping on a
+//!   failed grow), and epoch interruption: a ticker thread bumps the epoch
+//!   every [`EPOCH_TICK`](runtime::EPOCH_TICK) while wasm processes run; a
+//!   process past its deadline yields to the runtime (so a busy loop cannot
+//!   starve other processes or timers), and a killed one traps at its next
+//!   tick or host call.
+//! - **The host** ([`host`]): the `spindle:process/host` imports — receive
+//!   with request tracking (contexts, timeouts, late responses dropped and
+//!   counted), send, await, respond, lazy blobs, durable state, on-exit,
+//!   spawn, capabilities, print, panic reports — over the [`spindle_bus`].
+//! - **Exit** ([`driver`]): `init` returning is exit code 0; a trap is
+//!   `ExitStatus::Trap` with the guest's panic message (or the trap) as
+//!   detail. On-exit requests are sent by the exiting process's host, with
+//!   its address as source.
+
+pub mod driver;
+pub mod host;
+pub mod runtime;
+
+pub use driver::{SpawnCall, WasmDriver, WasmEvent};
+pub use runtime::{Runtime, WasmError};
+
+/// Bindings for the `spindle:process` world.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../../wit",
+        world: "process",
+        imports: { default: async | trappable },
+        exports: { default: async },
+    });
+}

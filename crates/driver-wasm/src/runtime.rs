@@ -1,0 +1,211 @@
+//! The engine, the compiled-component cache, and the epoch ticker.
+
+use crate::bindings::ProcessPre;
+use crate::host::ProcessHost;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+/// How often the epoch advances while wasm processes run: the preemption
+/// quantum. Short enough that a busy loop delays others by about this much.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WasmError {
+    #[error("cannot read component {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid WebAssembly component: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "{path} does not fit Spindle's process world (spindle:process@0.1.0): {message}; build it against crates/process-lib"
+    )]
+    Link { path: PathBuf, message: String },
+    #[error("the wasm engine could not be set up: {0}")]
+    Engine(String),
+}
+
+/// Identifies a file's contents cheaply: a changed file is reloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+/// Engine + linker + caches, shared by every wasm process of the node.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<ProcessHost>,
+    cache_dir: PathBuf,
+    loaded: Mutex<HashMap<PathBuf, (Stamp, ProcessPre<ProcessHost>)>>,
+    ticker: Arc<Ticker>,
+}
+
+/// Bumps the engine's epoch while any wasm process runs; parks otherwise,
+/// so an idle node costs nothing.
+struct Ticker {
+    live: AtomicUsize,
+    thread: Mutex<Option<std::thread::Thread>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Arc<Ticker> {
+        let t = Arc::new(Ticker {
+            live: AtomicUsize::new(0),
+            thread: Mutex::new(None),
+        });
+        let me = t.clone();
+        let handle = std::thread::Builder::new()
+            .name("spindle-epoch".into())
+            .spawn(move || {
+                loop {
+                    if me.live.load(Ordering::Acquire) == 0 {
+                        std::thread::park();
+                        continue;
+                    }
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawn the epoch thread");
+        *t.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.thread().clone());
+        t
+    }
+}
+
+/// Counts one running wasm process for the ticker while alive.
+pub struct TickGuard(Arc<Ticker>);
+
+impl Drop for TickGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Runtime {
+    pub fn new(cache_dir: &Path) -> Result<Runtime, WasmError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| WasmError::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| WasmError::Engine(e.to_string()))?;
+        crate::bindings::Process::add_to_linker::<_, HasSelf<_>>(&mut linker, |h| h)
+            .map_err(|e| WasmError::Engine(e.to_string()))?;
+        std::fs::create_dir_all(cache_dir).map_err(|source| WasmError::Read {
+            path: cache_dir.into(),
+            source,
+        })?;
+        let ticker = Ticker::start(engine.clone());
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir: cache_dir.into(),
+            loaded: Mutex::new(HashMap::new()),
+            ticker,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Marks a process as running for the epoch ticker until the guard drops.
+    pub fn tick_guard(&self) -> TickGuard {
+        if self.ticker.live.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(t) = &*self.ticker.thread.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            t.unpark();
+        }
+        TickGuard(self.ticker.clone())
+    }
+
+    /// The linked, ready-to-instantiate form of the component at `path`:
+    /// from memory if the file is unchanged, else from the disk cache, else
+    /// compiled (and cached).
+    pub fn load(&self, path: &Path) -> Result<ProcessPre<ProcessHost>, WasmError> {
+        let read_err = |source| WasmError::Read {
+            path: path.into(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        let stamp = Stamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        };
+        if let Some((s, pre)) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+            && *s == stamp
+        {
+            return Ok(pre.clone());
+        }
+        let bytes = std::fs::read(path).map_err(read_err)?;
+        let component = self.compile_cached(path, &bytes)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(ProcessPre::new)
+            .map_err(|e| WasmError::Link {
+                path: path.into(),
+                message: format!("{e:#}"),
+            })?;
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(path.into(), (stamp, pre.clone()));
+        Ok(pre)
+    }
+
+    fn cache_file(&self, bytes: &[u8]) -> PathBuf {
+        let mut h = std::hash::DefaultHasher::new();
+        bytes.hash(&mut h);
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        self.cache_dir
+            .join(format!("{:016x}-{}.cwasm", h.finish(), bytes.len()))
+    }
+
+    fn compile_cached(&self, path: &Path, bytes: &[u8]) -> Result<Component, WasmError> {
+        let cached = self.cache_file(bytes);
+        if cached.exists() {
+            // SAFETY: the artifact was written by this engine configuration
+            // (the key includes its compatibility hash) into the node's
+            // private cache directory; wasmtime still checks its header and
+            // an unusable file is recompiled below.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(c) => return Ok(c),
+                Err(e) => tracing::warn!(
+                    "cached artifact {} unusable ({e}); recompiling",
+                    cached.display()
+                ),
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| WasmError::Invalid {
+            path: path.into(),
+            message: format!("{e:#}"),
+        })?;
+        match component.serialize() {
+            Ok(art) => {
+                let tmp = cached.with_extension("tmp");
+                if let Err(e) =
+                    std::fs::write(&tmp, &art).and_then(|_| std::fs::rename(&tmp, &cached))
+                {
+                    tracing::warn!("cannot cache {}: {e}", cached.display());
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+            Err(e) => tracing::warn!("cannot serialise {}: {e}", path.display()),
+        }
+        Ok(component)
+    }
+}

@@ -1,0 +1,230 @@
+//! The wasm driver with real guest components (built from `examples/`).
+
+use spindle_bus::{Bus, Envelope, Message, Request};
+use spindle_driver_wasm::{Runtime, WasmDriver, WasmError, WasmEvent};
+use spindle_logs::LogHub;
+use spindle_types::manifest::RawProcess;
+use spindle_types::{Address, ExitStatus, ProcessNum, ProcessSpec};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    driver: WasmDriver,
+    events: mpsc::UnboundedReceiver<WasmEvent>,
+    bus: Arc<Bus>,
+    tester: Address,
+    inbox: spindle_bus::Mailbox,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(Runtime::new(&dir.path().join("cache")).unwrap());
+        let bus = Arc::new(Bus::new("local"));
+        let (driver, events, _spawns) = WasmDriver::new(
+            runtime,
+            bus.clone(),
+            Arc::new(LogHub::new()),
+            &dir.path().join("logs"),
+            &dir.path().join("state"),
+        )
+        .unwrap();
+        let tester: Address = "local@tester:sys:spindle".parse().unwrap();
+        let inbox = bus.register(tester.clone(), false).unwrap();
+        Rig {
+            _dir: dir,
+            driver,
+            events,
+            bus,
+            tester,
+            inbox,
+        }
+    }
+
+    fn spec(&self, name: &str, guest: &str, max_memory: Option<&str>) -> ProcessSpec {
+        RawProcess {
+            name: Some(name.into()),
+            wasm: Some(spindle_test_guests::path(guest).to_string_lossy().into()),
+            package: Some("demo:spindle".into()),
+            max_memory: max_memory.map(str::to_string),
+            ..Default::default()
+        }
+        .into_spec(1, Path::new("/"))
+        .unwrap()
+    }
+
+    /// Sends `body` to `target` and waits for the response body.
+    async fn ask(&mut self, target: &Address, body: &[u8]) -> Vec<u8> {
+        let id = self.bus.next_id();
+        let env = Envelope {
+            id,
+            source: self.tester.clone(),
+            target: target.clone(),
+            rsvp: Some(self.tester.clone()),
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response: Some(DEADLINE),
+                body: body.to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: None,
+        };
+        self.bus.send(env, true).await.map_err(|(k, _)| k).unwrap();
+        let reply = tokio::time::timeout(DEADLINE, self.inbox.recv())
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert_eq!(reply.id, id);
+        match reply.message {
+            Message::Response(r, _) => r.body,
+            other => panic!("response expected, got {other:?}"),
+        }
+    }
+
+    async fn tell(&self, target: &Address, body: &[u8]) {
+        let env = Envelope {
+            id: self.bus.next_id(),
+            source: self.tester.clone(),
+            target: target.clone(),
+            rsvp: None,
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response: None,
+                body: body.to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: None,
+        };
+        self.bus.send(env, true).await.map_err(|(k, _)| k).unwrap();
+    }
+
+    async fn exit(&mut self) -> (ProcessNum, ExitStatus, Option<String>) {
+        match tokio::time::timeout(DEADLINE, self.events.recv())
+            .await
+            .expect("an exit")
+            .unwrap()
+        {
+            WasmEvent::Exited {
+                num,
+                run,
+                status,
+                detail,
+                ..
+            } => {
+                self.driver.ended(num, run);
+                (num, status, detail)
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn counter_keeps_its_count_across_a_crash() {
+    let mut rig = Rig::new();
+    let spec = rig.spec("counter", "counter", None);
+    let addr = rig.driver.spawn(ProcessNum(1), 1, &spec, None).unwrap();
+    assert_eq!(addr.to_string(), "local@counter:demo:spindle");
+    assert_eq!(rig.ask(&addr, br#"{"add":5}"#).await, br#"{"count":5}"#);
+    assert_eq!(rig.ask(&addr, br#"{"add":2}"#).await, br#"{"count":7}"#);
+    rig.tell(&addr, br#""crash""#).await;
+    let (num, status, detail) = rig.exit().await;
+    assert_eq!((num, status), (ProcessNum(1), ExitStatus::Trap));
+    assert!(detail.unwrap().contains("asked to crash at count 7"));
+    // A new run picks up the saved count.
+    let addr = rig.driver.spawn(ProcessNum(1), 2, &spec, None).unwrap();
+    assert_eq!(rig.ask(&addr, br#""get""#).await, br#"{"count":7}"#);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_busy_loop_neither_starves_others_nor_resists_a_kill() {
+    let mut rig = Rig::new();
+    let looper = rig
+        .driver
+        .spawn(ProcessNum(1), 1, &rig.spec("looper", "echo", None), None)
+        .unwrap();
+    let echo = rig
+        .driver
+        .spawn(ProcessNum(2), 1, &rig.spec("echo", "echo", None), None)
+        .unwrap();
+    rig.tell(&looper, b"loop").await;
+    // The echo answers while the looper spins on the same thread.
+    for i in 0..20u8 {
+        assert_eq!(rig.ask(&echo, &[i]).await, [i]);
+    }
+    let t = Instant::now();
+    rig.driver.kill(ProcessNum(1), 1);
+    let (num, status, detail) = rig.exit().await;
+    assert_eq!((num, status), (ProcessNum(1), ExitStatus::Trap));
+    assert!(detail.unwrap().contains("killed"));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "killed promptly: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_memory_cap_traps_the_process_only() {
+    let mut rig = Rig::new();
+    let hog = rig
+        .driver
+        .spawn(
+            ProcessNum(1),
+            1,
+            &rig.spec("hog", "echo", Some("8MiB")),
+            None,
+        )
+        .unwrap();
+    rig.tell(&hog, b"grow").await;
+    let (_, status, detail) = rig.exit().await;
+    assert_eq!(status, ExitStatus::Trap);
+    let detail = detail.unwrap();
+    assert!(
+        detail.contains("memory") || detail.contains("alloc"),
+        "{detail}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn init_returning_is_completion() {
+    let mut rig = Rig::new();
+    let e = rig
+        .driver
+        .spawn(ProcessNum(3), 1, &rig.spec("e", "echo", None), None)
+        .unwrap();
+    rig.tell(&e, b"exit").await;
+    assert_eq!(rig.exit().await.1, ExitStatus::Code(0));
+    assert!(!rig.bus.is_registered(&e.process), "off the bus once gone");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_components_are_clear_errors() {
+    let rig = Rig::new();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm\x01\0\0\0garbage").unwrap();
+    let mut spec = rig.spec("junk", "echo", None);
+    spec.program = spindle_types::Program::Wasm {
+        path: junk.clone(),
+        package: "demo:spindle".parse().unwrap(),
+        public: false,
+    };
+    match rig.driver.preflight(&spec) {
+        Err(WasmError::Invalid { path, .. }) => assert_eq!(path, junk),
+        other => panic!("invalid expected, got {other:?}"),
+    }
+    spec.program = spindle_types::Program::Wasm {
+        path: dir.path().join("missing.wasm"),
+        package: "demo:spindle".parse().unwrap(),
+        public: false,
+    };
+    let e = rig.driver.preflight(&spec).unwrap_err().to_string();
+    assert!(e.contains("missing.wasm"), "{e}");
+}
