@@ -20,8 +20,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
-    /// Start processes from a manifest (app.toml) or a command after `--`
+    /// Start processes: a manifest (app.toml), a component (app.wasm), or a command after `--`
     Start(Box<StartArgs>),
+    /// Send a request to a process and print its response
+    Send {
+        /// node@process:package:publisher (see `spindle ls`)
+        address: String,
+        /// The request body (JSON, or any text)
+        body: String,
+        /// How long to wait for the response
+        #[arg(long, default_value = "5s")]
+        timeout: String,
+    },
     /// List processes
     #[command(alias = "list")]
     Ls {
@@ -83,9 +93,15 @@ pub struct Targets {
 
 #[derive(Debug, Args, Default)]
 pub struct StartArgs {
-    /// A manifest file (TOML) with [[process]] tables
-    #[arg(value_name = "MANIFEST")]
+    /// A manifest file (TOML) with [[process]] tables, or a wasm component
+    #[arg(value_name = "MANIFEST|COMPONENT")]
     pub manifest: Option<PathBuf>,
+    /// Package of a wasm process, package:publisher (default app:local)
+    #[arg(long)]
+    pub package: Option<String>,
+    /// Let any local process message this wasm process
+    #[arg(long)]
+    pub public: bool,
     /// Name (optional, may repeat)
     #[arg(long)]
     pub name: Option<String>,

@@ -104,6 +104,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     err,
                     out,
                 } => logs(&mut client, &target, follow, lines, err, out),
+                Cmd::Send {
+                    address,
+                    body,
+                    timeout,
+                } => {
+                    let timeout = spindle_types::units::parse_duration(&timeout)
+                        .map_err(|e| format!("--timeout: {e}"))?;
+                    let target: spindle_types::Address = address.parse()?;
+                    let reply = client.send(&target.to_string(), &body, timeout)?;
+                    println!("{reply}");
+                    Ok(())
+                }
                 Cmd::Daemon { .. } | Cmd::Demo => unreachable!("handled above"),
             }
         }
@@ -238,12 +250,18 @@ fn logs(
 /// Turns `start`'s arguments into specs: a manifest, or one command with flags.
 pub fn specs_from(args: StartArgs) -> Result<Vec<ProcessSpec>, Failure> {
     let cwd = std::env::current_dir()?;
+    let wasm = args
+        .manifest
+        .as_ref()
+        .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+        .map(|p| p.to_string_lossy().into_owned());
     match (&args.manifest, args.command.is_empty()) {
         (Some(_), false) => Err("give either a manifest or a command after `--`, not both".into()),
         (None, true) => Err(
-            "nothing to start: give a manifest (spindle start app.toml) or a command (spindle start -- node server.js)"
+            "nothing to start: give a manifest (spindle start app.toml), a component (spindle start app.wasm) or a command (spindle start -- node server.js)"
                 .into(),
         ),
+        (Some(_), true) if wasm.is_some() => from_flags(args, wasm, &cwd),
         (Some(path), true) => {
             if has_process_flags(&args) {
                 return Err(format!(
@@ -259,7 +277,18 @@ pub fn specs_from(args: StartArgs) -> Result<Vec<ProcessSpec>, Failure> {
             parse_manifest(&text, base)
                 .map_err(|e| format!("manifest {}: {e}", path.display()).into())
         }
-        (None, false) => {
+        (None, false) => from_flags(args, None, &cwd),
+    }
+}
+
+/// One process from `start`'s flags: a command, or a component.
+fn from_flags(
+    args: StartArgs,
+    wasm: Option<String>,
+    cwd: &Path,
+) -> Result<Vec<ProcessSpec>, Failure> {
+    {
+        {
             let mut env = std::collections::BTreeMap::new();
             for kv in &args.env {
                 let (k, v) = kv
@@ -270,7 +299,10 @@ pub fn specs_from(args: StartArgs) -> Result<Vec<ProcessSpec>, Failure> {
             let raw = RawProcess {
                 name: args.name,
                 command: args.command.first().cloned(),
-                args: args.command[1..].to_vec(),
+                args: args.command.get(1..).unwrap_or_default().to_vec(),
+                wasm,
+                package: args.package,
+                public: args.public.then_some(true),
                 cwd: args.cwd,
                 env,
                 log: args.log,
@@ -294,7 +326,7 @@ pub fn specs_from(args: StartArgs) -> Result<Vec<ProcessSpec>, Failure> {
                 log_max_size: args.log_max_size,
                 log_keep: args.log_keep,
             };
-            let spec = raw.into_spec(1, &cwd).map_err(|e| {
+            let spec = raw.into_spec(1, cwd).map_err(|e| {
                 // Flags, not manifest keys: `--restart-at` for `restart_at`.
                 let flag = format!("--{}", e.key.replace('_', "-"));
                 format!("{flag}: {}", e.message)
@@ -305,7 +337,9 @@ pub fn specs_from(args: StartArgs) -> Result<Vec<ProcessSpec>, Failure> {
 }
 
 fn has_process_flags(a: &StartArgs) -> bool {
-    a.name.is_some()
+    a.package.is_some()
+        || a.public
+        || a.name.is_some()
         || a.cwd.is_some()
         || !a.env.is_empty()
         || a.log.is_some()

@@ -34,9 +34,10 @@ pub fn render(list: &[ProcessInfo]) -> String {
         "restarts",
         "cpu",
         "mem",
+        "address",
         "last exit",
     ];
-    let rows: Vec<[String; 9]> = list
+    let rows: Vec<[String; 10]> = list
         .iter()
         .map(|p| {
             [
@@ -54,6 +55,7 @@ pub fn render(list: &[ProcessInfo]) -> String {
                 p.memory_bytes
                     .map(format_size)
                     .unwrap_or_else(|| "-".into()),
+                p.address.clone().unwrap_or_else(|| "-".into()),
                 p.last_exit
                     .as_ref()
                     .map(|e| e.to_string())

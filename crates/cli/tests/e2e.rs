@@ -595,3 +595,65 @@ fn a_full_disk_is_reported_and_harms_nothing_else() {
     );
     assert!(n.ok(&["daemon", "status"]).contains("daemon running"));
 }
+
+#[test]
+fn wasm_counter_over_send_survives_crashes_and_daemon_restarts() {
+    let n = Node::new();
+    let counter = spindle_test_guests::path("counter");
+    let out = n.ok(&[
+        "start",
+        counter.to_str().unwrap(),
+        "--name",
+        "counter",
+        "--package",
+        "demo:spindle",
+    ]);
+    assert!(
+        out.contains("local@counter:demo:spindle"),
+        "ls shows the address: {out}"
+    );
+    let addr = "local@counter:demo:spindle";
+    assert_eq!(
+        n.ok(&["send", addr, r#"{"add":5}"#]).trim(),
+        r#"{"count":5}"#
+    );
+    assert_eq!(
+        n.ok(&["send", addr, r#"{"add":2}"#]).trim(),
+        r#"{"count":7}"#
+    );
+    // A crash: no answer, the reason in ls, a restart by the schedule.
+    let e = n.fails(&["send", addr, r#""crash""#, "--timeout", "300ms"]);
+    assert!(e.contains("no response") && e.contains("300ms"), "{e}");
+    let p = until("restarted after the crash", || {
+        let p = n.get(1);
+        (p.restarts == 1 && p.state == StateLabel::Running).then_some(p)
+    });
+    let exit = p.last_exit.unwrap();
+    assert_eq!(exit.reason, ExitReason::Crashed);
+    assert!(exit.detail.unwrap().contains("asked to crash at count 7"));
+    assert_eq!(n.ok(&["send", addr, r#""get""#]).trim(), r#"{"count":7}"#);
+    // A daemon restart: the count is still there.
+    n.ok(&["daemon", "stop"]);
+    assert_eq!(n.ok(&["send", addr, r#""get""#]).trim(), r#"{"count":7}"#);
+    // Errors say what happened: no such process is not a timeout.
+    let e = n.fails(&["send", "local@nobody:demo:spindle", "{}"]);
+    assert!(e.contains("offline"), "{e}");
+    let e = n.fails(&["send", "not-an-address", "{}"]);
+    assert!(e.contains("node@process:package:publisher"), "{e}");
+}
+
+#[test]
+fn bad_components_start_nothing() {
+    let n = Node::new();
+    let junk = n.write("junk.wasm", "not wasm at all");
+    let e = n.fails(&["start", junk.to_str().unwrap()]);
+    assert!(
+        e.contains("junk.wasm") && e.contains("not a valid WebAssembly component"),
+        "{e}"
+    );
+    let counter = spindle_test_guests::path("counter");
+    n.ok(&["start", counter.to_str().unwrap(), "--name", "c"]);
+    let e = n.fails(&["start", counter.to_str().unwrap(), "--name", "c"]);
+    assert!(e.contains("already used"), "{e}");
+    assert_eq!(n.list().len(), 1);
+}

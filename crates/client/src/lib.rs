@@ -173,7 +173,7 @@ impl Client {
         }
     }
 
-    fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+    fn write_request(&mut self, req: &Request) -> Result<(), ClientError> {
         let mut line = serde_json::to_vec(req).expect("requests serialise");
         line.push(b'\n');
         self.writer.write_all(&line)?;
@@ -198,7 +198,7 @@ impl Client {
 
     /// One request, one response.
     pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
-        self.send(req)?;
+        self.write_request(req)?;
         self.recv()?.ok_or_else(|| {
             ClientError::Protocol("the daemon closed the connection without answering".into())
         })
@@ -244,11 +244,32 @@ impl Client {
         }
     }
 
+    /// Sends `body` to the process at `target` and returns its response body.
+    pub fn send(
+        &mut self,
+        target: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> Result<String, ClientError> {
+        self.writer
+            .set_read_timeout(Some(timeout + REQUEST_TIMEOUT))?;
+        let r = self.call(&Request::Send {
+            target: target.into(),
+            body: body.into(),
+            timeout_ms: timeout.as_millis() as u64,
+        });
+        self.writer.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        match r? {
+            Response::Reply { body, .. } => Ok(body),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Asks the daemon to stop every process and exit; returns once the
     /// daemon process is gone (so a new one can start at once).
     pub fn shutdown(mut self) -> Result<(), ClientError> {
         self.writer.set_read_timeout(None)?;
-        self.send(&Request::Shutdown)?;
+        self.write_request(&Request::Shutdown)?;
         // The answer comes when every process is down; the connection then
         // closes as the daemon exits. Either ends this part of the wait.
         match self.recv() {
@@ -281,7 +302,7 @@ impl Client {
         if follow {
             self.writer.set_read_timeout(None)?;
         }
-        self.send(&Request::Logs {
+        self.write_request(&Request::Logs {
             target,
             lines,
             follow,

@@ -2,14 +2,16 @@
 
 use crate::server::{self, Call, Follow, Reply};
 use crate::{DaemonError, Paths, table};
+use spindle_bus::Bus;
 use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
+use spindle_driver_wasm::{Runtime, SpawnCall, WasmDriver, WasmEvent};
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogChunk, LogHub, tail_lines};
 use spindle_types::control::{
     DaemonStatus, ErrorKind, LogStream, PROTOCOL_VERSION, ProcessInfo, Request, Response,
     StateLabel,
 };
-use spindle_types::{ProcessNum, ProcessSpec, Selector};
+use spindle_types::{Address, ProcessNum, ProcessSpec, Program, Selector};
 use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -112,7 +114,14 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let hub = Arc::new(LogHub::new());
-    let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub)?;
+    let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
+    let runtime = Arc::new(
+        Runtime::new(&paths.home.join("cache"))
+            .map_err(|e| std::io::Error::other(e.to_string()))?,
+    );
+    let bus = Arc::new(Bus::new(NODE_NAME));
+    let (wasm, mut wasm_events, mut spawn_calls) =
+        WasmDriver::new(runtime, bus, hub, &paths.logs, &paths.home.join("state"))?;
     let leftovers = driver.kill_leftovers();
     if leftovers > 0 {
         tracing::warn!(
@@ -135,6 +144,8 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
         paths,
         kernel,
         driver,
+        wasm,
+        addresses: HashMap::new(),
         taps: HashMap::new(),
         started: now,
         shutdown_waiters: vec![],
@@ -164,6 +175,12 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
                     node.kernel.exited(num, run, status, None, now, wall_ms());
                 }
             }
+            Some(WasmEvent::Exited { num, run, status, detail, on_exit }) = wasm_events.recv() => {
+                node.wasm.ended(num, run);
+                node.kernel.set_on_exit(num, on_exit);
+                node.kernel.exited(num, run, status, detail, Instant::now(), wall_ms());
+            }
+            Some(call) = spawn_calls.recv() => node.spawn_for(call),
             _ = tokio::time::sleep_until(deadline) => node.kernel.tick(Instant::now()),
             _ = sampler.tick() => node.sample(),
             _ = sigterm.recv() => node.begin_shutdown(None),
@@ -190,6 +207,9 @@ struct Node {
     paths: Paths,
     kernel: Kernel,
     driver: NativeDriver,
+    wasm: WasmDriver,
+    /// Addresses of wasm processes, by id (also after they stop, for revocation).
+    addresses: HashMap<ProcessNum, Address>,
     /// Per-process broadcast of written log lines, for followers. Outlives runs.
     taps: HashMap<ProcessNum, broadcast::Sender<LogChunk>>,
     started: Instant,
@@ -222,16 +242,30 @@ impl Node {
                             .entry(num)
                             .or_insert_with(|| broadcast::channel(TAP_CAPACITY).0)
                             .clone();
-                        let result = self
-                            .driver
-                            .spawn(num, run, &spec, Some(tap))
-                            .map(Some)
-                            .map_err(|e| {
-                                tracing::error!("process {num}: {e}");
-                                e.to_string()
-                            });
+                        let result = match &spec.program {
+                            Program::Native { .. } => self
+                                .driver
+                                .spawn(num, run, &spec, Some(tap))
+                                .map(Some)
+                                .map_err(|e| e.to_string()),
+                            Program::Wasm { .. } => {
+                                self.wasm.spawn(num, run, &spec, Some(tap)).map(|addr| {
+                                    self.addresses.insert(num, addr);
+                                    None
+                                })
+                            }
+                        };
+                        if let Err(e) = &result {
+                            tracing::error!("process {num}: {e}");
+                        }
                         self.kernel
                             .spawned(num, run, result, Instant::now(), wall_ms());
+                    }
+                    // A wasm process has no signals: asking it to stop ends it.
+                    Effect::AskStop { num, run, .. } | Effect::Kill { num, run }
+                        if self.addresses.contains_key(&num) =>
+                    {
+                        self.wasm.kill(num, run)
                     }
                     Effect::AskStop { num, run, signal } => asks.push((num, run, signal)),
                     Effect::Kill { num, run } => kills.push((num, run)),
@@ -239,15 +273,26 @@ impl Node {
                         num,
                         info,
                         restart_in,
-                    } => match restart_in {
-                        Some(d) => tracing::info!(
-                            "process {num}: {info}; restarting in {}",
-                            spindle_types::units::format_duration(d)
-                        ),
-                        None => tracing::info!("process {num}: {info}"),
-                    },
+                    } => {
+                        if info.reason == spindle_types::ExitReason::Killed
+                            && let Some(addr) = self.addresses.get(&num)
+                        {
+                            // What a killed process issued dies with it.
+                            self.wasm.bus().revoke_issued_by(addr);
+                        }
+                        match restart_in {
+                            Some(d) => tracing::info!(
+                                "process {num}: {info}; restarting in {}",
+                                spindle_types::units::format_duration(d)
+                            ),
+                            None => tracing::info!("process {num}: {info}"),
+                        }
+                    }
                     Effect::Removed { num } => {
                         self.taps.remove(&num);
+                        if let Some(addr) = self.addresses.remove(&num) {
+                            self.wasm.bus().forget(&addr.process);
+                        }
                     }
                     Effect::Persist => dirty = true,
                 }
@@ -315,6 +360,21 @@ impl Node {
                 self.begin_shutdown(Some(reply));
                 return;
             }
+            Request::Send {
+                target,
+                body,
+                timeout_ms,
+            } => {
+                // Off the control loop: the answer may take a while.
+                let bus = self.wasm.bus().clone();
+                tokio::spawn(async move {
+                    let answer =
+                        send_as_operator(bus, &target, body, Duration::from_millis(timeout_ms))
+                            .await;
+                    let _ = reply.send(answer);
+                });
+                return;
+            }
         };
         let _ = reply.send(answer);
     }
@@ -335,7 +395,13 @@ impl Node {
                 Some(n) => format!("process {} ({n:?})", i + 1),
                 None => format!("process {}", i + 1),
             };
-            if let Err(e) = NativeDriver::preflight(spec) {
+            let checked = match &spec.program {
+                Program::Native { .. } => NativeDriver::preflight(spec)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Program::Wasm { .. } => self.check_wasm(spec, &specs[..i]),
+            };
+            if let Err(e) = checked {
                 return err(
                     ErrorKind::InvalidSpec,
                     format!("{who}: {e}; nothing was started"),
@@ -410,10 +476,12 @@ impl Node {
                     .then(|| self.driver.usage(e.num))
                     .flatten();
                 let (log_out, log_err) = self.driver.log_paths(e.num, &e.spec);
+
                 ProcessInfo {
                     id: e.num,
                     name: e.spec.name.clone(),
                     command: e.spec.program.display(),
+                    address: self.wasm.address(e.num, &e.spec).map(|a| a.to_string()),
                     state,
                     pid: e.state.pid(),
                     uptime_ms: uptime,
@@ -493,6 +561,74 @@ impl Node {
         }
     }
 
+    /// A wasm spec can start: its component loads, and its address is free
+    /// (among running processes and the other specs of the same request).
+    fn check_wasm(&self, spec: &ProcessSpec, earlier: &[ProcessSpec]) -> Result<(), String> {
+        self.wasm.preflight(spec).map_err(|e| e.to_string())?;
+        let Some(name) = &spec.name else {
+            return Ok(());
+        };
+        let probe = ProcessNum(0);
+        let addr = self.wasm.address(probe, spec).expect("wasm spec");
+        format!("{}", addr.process)
+            .parse::<spindle_types::ProcessId>()
+            .map_err(|e| format!("name {name:?} cannot be part of an address: {e}"))?;
+        let taken = self
+            .kernel
+            .entries()
+            .filter(|e| e.state.is_live() || e.desired == spindle_kernel::Desired::Running)
+            .filter_map(|e| self.wasm.address(e.num, &e.spec))
+            .chain(earlier.iter().filter_map(|s| self.wasm.address(probe, s)))
+            .any(|a| a == addr);
+        if taken {
+            return Err(format!(
+                "address {addr} is already used by another process: choose another name"
+            ));
+        }
+        Ok(())
+    }
+
+    /// A wasm process asked to spawn a child: start it through the kernel,
+    /// then hand out the capabilities that go with it.
+    fn spawn_for(&mut self, call: SpawnCall) {
+        let spec = ProcessSpec {
+            name: call.name.clone(),
+            program: Program::Wasm {
+                path: call.path.clone(),
+                package: call.parent.process.package.clone(),
+                public: call.public,
+            },
+            env: Default::default(),
+            log: Default::default(),
+            restart: Default::default(),
+            on_exit: call.on_exit.clone(),
+            grace: spindle_types::spec::DEFAULT_GRACE,
+            stop_signal: Default::default(),
+            max_memory: None,
+        };
+        let answer = (|| {
+            self.check_wasm(&spec, &[])?;
+            let num = self
+                .kernel
+                .start(spec, Instant::now())
+                .map_err(|e| e.to_string())?;
+            self.apply();
+            let child =
+                self.addresses.get(&num).cloned().ok_or_else(|| {
+                    format!("the child did not start: see `spindle ls` (id {num})")
+                })?;
+            let bus = self.wasm.bus();
+            let talk = spindle_bus::Capability::messaging(&child);
+            bus.grant(&call.parent.process, [talk.clone()]);
+            for g in &call.grant_to {
+                bus.grant(&g.process, [talk.clone()]);
+            }
+            bus.grant(&child.process, call.capabilities.iter().cloned());
+            Ok(child)
+        })();
+        let _ = call.reply.send(answer);
+    }
+
     fn status(&self, now: Instant) -> DaemonStatus {
         let rss = fs::read_to_string("/proc/self/statm").ok().and_then(|s| {
             let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
@@ -510,4 +646,80 @@ impl Node {
             rss_bytes: rss,
         }
     }
+}
+
+/// The node's name in addresses.
+pub const NODE_NAME: &str = "local";
+
+/// `spindle send`: a request from the node operator (who needs no capability),
+/// answered by the target's response or a clear error kind.
+async fn send_as_operator(bus: Arc<Bus>, target: &str, body: String, timeout: Duration) -> Reply {
+    use spindle_bus::{Envelope, Message, Request as BusRequest, SendErrorKind};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SENDERS: AtomicU64 = AtomicU64::new(1);
+    let target: Address = match target.parse() {
+        Ok(a) => a,
+        Err(e) => return err(ErrorKind::BadRequest, e.to_string()),
+    };
+    let me = bus.address(spindle_types::ProcessId {
+        process: format!("cli-{}", SENDERS.fetch_add(1, Ordering::Relaxed)),
+        package: "sys:spindle".parse().expect("valid package"),
+    });
+    let mut inbox = match bus.register(me.clone(), false) {
+        Ok(m) => m,
+        Err(e) => return err(ErrorKind::Internal, e.to_string()),
+    };
+    let id = bus.next_id();
+    let env = Envelope {
+        id,
+        source: me.clone(),
+        target: target.clone(),
+        rsvp: Some(me.clone()),
+        message: Message::Request(BusRequest {
+            inherit: false,
+            expects_response: Some(timeout),
+            body: body.into_bytes(),
+            metadata: None,
+            capabilities: vec![],
+        }),
+        blob: None,
+    };
+    let answer = match bus.send(env, true).await {
+        Err((kind, _)) => {
+            let k = match kind {
+                SendErrorKind::Offline => ErrorKind::Offline,
+                SendErrorKind::MailboxFull => ErrorKind::MailboxFull,
+                _ => ErrorKind::BadRequest,
+            };
+            err(k, format!("cannot send to {target}: {kind}"))
+        }
+        Ok(()) => {
+            let wait = async {
+                while let Some(env) = inbox.recv().await {
+                    if env.id == id
+                        && let Message::Response(r, _) = env.message
+                    {
+                        return Some((env.source, r));
+                    }
+                }
+                None
+            };
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(Some((source, r))) => Reply::One(Response::Reply {
+                    source: source.to_string(),
+                    body: String::from_utf8_lossy(&r.body).into_owned(),
+                    metadata: r.metadata,
+                }),
+                _ => err(
+                    ErrorKind::Timeout,
+                    format!(
+                        "no response from {target} within {}",
+                        spindle_types::units::format_duration(timeout)
+                    ),
+                ),
+            }
+        }
+    };
+    bus.unregister(&me.process);
+    answer
 }

@@ -49,6 +49,13 @@ pub enum Request {
     },
     Status,
     Shutdown,
+    /// Sends a request to a process on the node's behalf and waits for its
+    /// response (`spindle send`).
+    Send {
+        target: String,
+        body: String,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +98,12 @@ pub enum Response {
     },
     LogEnd,
     Status(DaemonStatus),
+    /// The response to a `send`: its body (UTF-8, lossily) and metadata.
+    Reply {
+        source: String,
+        body: String,
+        metadata: Option<String>,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -106,6 +119,12 @@ pub enum ErrorKind {
     InvalidSpec,
     ShuttingDown,
     Internal,
+    /// `send`: no process at that address.
+    Offline,
+    /// `send`: no response in time.
+    Timeout,
+    /// `send`: the target's mailbox stayed full.
+    MailboxFull,
 }
 
 /// One row of `ls`.
@@ -114,6 +133,8 @@ pub struct ProcessInfo {
     pub id: ProcessNum,
     pub name: Option<String>,
     pub command: String,
+    /// `node@process:package:publisher`, for wasm processes.
+    pub address: Option<String>,
     pub state: StateLabel,
     pub pid: Option<u32>,
     pub uptime_ms: Option<u64>,
