@@ -114,7 +114,11 @@ impl Address {
         let (node, rest) = text.split_once('@')?;
         let mut it = rest.split(':');
         let (process, package, publisher) = (it.next()?, it.next()?, it.next()?);
-        if it.next().is_some() || [node, process, package, publisher].iter().any(|s| s.is_empty()) {
+        if it.next().is_some()
+            || [node, process, package, publisher]
+                .iter()
+                .any(|s| s.is_empty())
+        {
             return None;
         }
         Some(Address {
@@ -349,12 +353,19 @@ impl Request {
     }
 
     fn target_or_panic(&self) -> &Address {
-        self.target.as_ref().expect("Request::to(address) before sending")
+        self.target
+            .as_ref()
+            .expect("Request::to(address) before sending")
     }
 
     pub fn send(self) -> Result<(), SendError> {
-        host::send_request(self.target_or_panic(), &self.inner, self.context.as_deref(), self.blob.as_ref())
-            .map_err(SendError::from_wit)
+        host::send_request(
+            self.target_or_panic(),
+            &self.inner,
+            self.context.as_deref(),
+            self.blob.as_ref(),
+        )
+        .map_err(SendError::from_wit)
     }
 
     /// Sends and waits for the response (other messages wait their turn).
@@ -363,7 +374,13 @@ impl Request {
         if req.expects_response.is_none() {
             req.expects_response = Some(DEFAULT_TIMEOUT.as_millis() as u64);
         }
-        match host::send_and_await_response(self.target.as_ref().expect("Request::to(address) before sending"), &req, self.blob.as_ref()) {
+        match host::send_and_await_response(
+            self.target
+                .as_ref()
+                .expect("Request::to(address) before sending"),
+            &req,
+            self.blob.as_ref(),
+        ) {
             Ok((source, m)) => Ok(Message::from_wit(source, m)),
             Err(e) => Err(SendError::from_wit(e)),
         }
@@ -472,7 +489,10 @@ pub fn set_on_exit(on_exit: &OnExit) {
 }
 
 /// A request to fire when this process exits (for `OnExit::Requests`).
-pub fn exit_request(target: Address, body: impl Into<Vec<u8>>) -> (Address, wit::Request, Option<Blob>) {
+pub fn exit_request(
+    target: Address,
+    body: impl Into<Vec<u8>>,
+) -> (Address, wit::Request, Option<Blob>) {
     (
         target,
         wit::Request {
