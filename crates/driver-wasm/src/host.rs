@@ -36,14 +36,20 @@ struct Pending {
     deadline: Instant,
 }
 
-/// The message being handled: what `send-response`, `get-blob`, inheritance
-/// and `save-capabilities` refer to.
-struct Current {
+/// The request being handled: where `send-response` goes, and what an
+/// inheriting request passes on. A response received (awaited or not) does
+/// not replace it.
+struct Handling {
     id: u64,
     rsvp: Option<Address>,
     blob: Option<Arc<Blob>>,
+}
+
+/// The last message received, of either kind: what `get-blob` and
+/// `save-capabilities` refer to.
+struct Last {
+    blob: Option<Arc<Blob>>,
     caps: Vec<Capability>,
-    request: bool,
 }
 
 /// The store data of one wasm process.
@@ -57,7 +63,8 @@ pub struct ProcessHost {
     pub(crate) mailbox: Mailbox,
     pending: HashMap<u64, Pending>,
     deferred: VecDeque<Envelope>,
-    current: Option<Current>,
+    handling: Option<Handling>,
+    last: Option<Last>,
     pub(crate) on_exit: wit::OnExit,
     pub(crate) out: Arc<Mutex<LineSink>>,
     pub(crate) panic: Option<String>,
@@ -214,7 +221,8 @@ impl ProcessHost {
             mailbox,
             pending: HashMap::new(),
             deferred: VecDeque::new(),
-            current: None,
+            handling: None,
+            last: None,
             on_exit,
             out,
             panic: None,
@@ -244,7 +252,8 @@ impl ProcessHost {
     }
 
     /// Takes a delivered envelope: a response is matched to its pending
-    /// request (or dropped and counted as late); the message becomes current.
+    /// request (or dropped and counted as late); a request becomes the one
+    /// being handled, and any message the last one received.
     fn accept(&mut self, env: Envelope) -> Option<(wit::Address, wit::Message)> {
         let mut message = env.message;
         if let Message::Response(_, context) = &mut message {
@@ -259,13 +268,16 @@ impl ProcessHost {
                 }
             }
         }
-        let request = matches!(message, Message::Request(_));
-        self.current = Some(Current {
-            id: env.id,
-            rsvp: if request { env.rsvp } else { None },
+        if matches!(message, Message::Request(_)) {
+            self.handling = Some(Handling {
+                id: env.id,
+                rsvp: env.rsvp,
+                blob: env.blob.clone(),
+            });
+        }
+        self.last = Some(Last {
             blob: env.blob,
             caps: message.capabilities().to_vec(),
-            request,
         });
         Some((to_wit_addr(&env.source), to_wit_message(message)))
     }
@@ -313,10 +325,7 @@ impl ProcessHost {
         context: Option<Vec<u8>>,
         blob: Option<wit::Blob>,
     ) -> Result<Option<u64>, wit::SendError> {
-        let inherited = self
-            .current
-            .as_ref()
-            .filter(|c| request.inherit && c.request);
+        let inherited = self.handling.as_ref().filter(|_| request.inherit);
         let blob = blob
             .map(|b| Arc::new(from_wit_blob(b)))
             .or_else(|| inherited.and_then(|c| c.blob.clone()));
@@ -493,7 +502,7 @@ impl host::Host for ProcessHost {
                 .map(from_wit_cap)
                 .collect(),
         };
-        let Some(cur) = self.current.as_mut().filter(|c| c.request) else {
+        let Some(cur) = self.handling.as_mut() else {
             let me = self.our.clone();
             return Ok(Err(send_error(
                 SendErrorKind::Invalid,
@@ -524,14 +533,14 @@ impl host::Host for ProcessHost {
     }
 
     async fn has_blob(&mut self) -> Result<bool, TrapError> {
-        Ok(self.current.as_ref().is_some_and(|c| c.blob.is_some()))
+        Ok(self.last.as_ref().is_some_and(|l| l.blob.is_some()))
     }
 
     async fn get_blob(&mut self) -> Result<Option<wit::Blob>, TrapError> {
         Ok(self
-            .current
+            .last
             .as_ref()
-            .and_then(|c| c.blob.as_ref())
+            .and_then(|l| l.blob.as_ref())
             .map(|b| wit::Blob {
                 mime: b.mime.clone(),
                 bytes: b.bytes.clone(),
@@ -623,11 +632,7 @@ impl host::Host for ProcessHost {
 
     async fn save_capabilities(&mut self, caps: Vec<wit::Capability>) -> Result<(), TrapError> {
         // Only what actually arrived with the last message can be kept.
-        let arrived = self
-            .current
-            .as_ref()
-            .map(|c| c.caps.as_slice())
-            .unwrap_or(&[]);
+        let arrived = self.last.as_ref().map(|l| l.caps.as_slice()).unwrap_or(&[]);
         let keep: Vec<Capability> = caps
             .into_iter()
             .map(from_wit_cap)

@@ -228,3 +228,108 @@ async fn bad_components_are_clear_errors() {
     let e = rig.driver.preflight(&spec).unwrap_err().to_string();
     assert!(e.contains("missing.wasm"), "{e}");
 }
+
+impl Rig {
+    fn public_spec(&self, name: &str, guest: &str) -> ProcessSpec {
+        let mut s = self.spec(name, guest, None);
+        if let spindle_types::Program::Wasm { public, .. } = &mut s.program {
+            *public = true;
+        }
+        s
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn wasm_to_wasm_requests_obey_capabilities_and_fail_clearly() {
+    let mut rig = Rig::new();
+    let a = rig
+        .driver
+        .spawn(ProcessNum(1), 1, &rig.spec("a", "echo", None), None)
+        .unwrap();
+    let b = rig
+        .driver
+        .spawn(ProcessNum(2), 1, &rig.spec("b", "echo", None), None)
+        .unwrap();
+    let silent = rig
+        .driver
+        .spawn(
+            ProcessNum(3),
+            1,
+            &rig.public_spec("silent", "counter"),
+            None,
+        )
+        .unwrap();
+    let call = |to: &Address, ms: u64, body: &str| format!("call {to} {ms} {body}").into_bytes();
+    // b is private and a holds no capability for it.
+    assert_eq!(
+        rig.ask(&a, &call(&b, 1000, "hi")).await,
+        b"err no-capability"
+    );
+    rig.bus
+        .grant(&a.process, [spindle_bus::Capability::messaging(&b)]);
+    assert_eq!(rig.ask(&a, &call(&b, 1000, "hi")).await, b"ok hi");
+    // Nobody there: offline, at once, not a timeout.
+    let ghost: Address = "local@ghost:demo:spindle".parse().unwrap();
+    let t = Instant::now();
+    assert_eq!(rig.ask(&a, &call(&ghost, 5000, "hi")).await, b"err offline");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    // The counter ignores what it does not understand: a timeout, on time.
+    let t = Instant::now();
+    assert_eq!(
+        rig.ask(&a, &call(&silent, 150, "nonsense")).await,
+        b"err timeout"
+    );
+    assert!(t.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn middleware_inherits_the_route_and_never_touches_the_blob() {
+    let mut rig = Rig::new();
+    let mw = rig
+        .driver
+        .spawn(
+            ProcessNum(1),
+            1,
+            &rig.public_spec("middleware", "middleware"),
+            None,
+        )
+        .unwrap();
+    let backend = rig
+        .driver
+        .spawn(ProcessNum(2), 1, &rig.public_spec("backend", "echo"), None)
+        .unwrap();
+    let blob: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let sum: u64 = blob.iter().map(|&x| x as u64).sum();
+    let id = rig.bus.next_id();
+    let env = Envelope {
+        id,
+        source: rig.tester.clone(),
+        target: mw.clone(),
+        rsvp: Some(rig.tester.clone()),
+        message: Message::Request(Request {
+            inherit: false,
+            expects_response: Some(DEADLINE),
+            body: b"blob".to_vec(),
+            metadata: None,
+            capabilities: vec![],
+        }),
+        blob: Some(Arc::new(spindle_bus::Blob {
+            mime: None,
+            bytes: blob,
+        })),
+    };
+    rig.bus.send(env, true).await.map_err(|(k, _)| k).unwrap();
+    let reply = tokio::time::timeout(DEADLINE, rig.inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.id, id, "answers the original request");
+    assert_eq!(reply.source, backend, "straight from the backend");
+    let Message::Response(r, _) = reply.message else {
+        panic!("a response")
+    };
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("{} {sum} {{\"via\":\"middleware\"}}", 1 << 20)
+    );
+}

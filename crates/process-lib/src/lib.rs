@@ -248,9 +248,21 @@ impl SendError {
     }
 }
 
+impl fmt::Display for SendErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SendErrorKind::Offline => "offline",
+            SendErrorKind::Timeout => "timeout",
+            SendErrorKind::NoCapability => "no-capability",
+            SendErrorKind::MailboxFull => "mailbox-full",
+            SendErrorKind::Invalid => "invalid",
+        })
+    }
+}
+
 impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sending to {} failed: {:?}", self.target, self.kind)
+        write!(f, "sending to {} failed: {}", self.target, self.kind)
     }
 }
 
