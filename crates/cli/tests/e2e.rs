@@ -657,3 +657,40 @@ fn bad_components_start_nothing() {
     assert!(e.contains("already used"), "{e}");
     assert_eq!(n.list().len(), 1);
 }
+
+#[test]
+fn parent_runs_jobs_in_workers_and_retries_crashed_ones() {
+    let n = Node::new();
+    let parent = spindle_test_guests::path("parent");
+    n.ok(&[
+        "start",
+        parent.to_str().unwrap(),
+        "--name",
+        "parent",
+        "--package",
+        "demo:spindle",
+        "--public",
+    ]);
+    let addr = "local@parent:demo:spindle";
+    assert_eq!(
+        n.ok(&["send", addr, r#"{"job":{"id":1,"input":7}}"#])
+            .trim(),
+        r#"{"accepted":1}"#
+    );
+    // A negative input crashes the first worker; the parent retries from its state.
+    n.ok(&["send", addr, r#"{"job":{"id":2,"input":-3}}"#]);
+    for (id, want) in [(1, r#"{"result":49}"#), (2, r#"{"result":9}"#)] {
+        until("the job's result", || {
+            let got = n.ok(&["send", addr, &format!(r#"{{"result":{id}}}"#)]);
+            (got.trim() == want).then_some(())
+        });
+    }
+    // The crash was reported with its reason in the parent's log.
+    let log = std::fs::read_to_string(&n.get(1).log_out).unwrap();
+    assert!(
+        log.contains("job 2: worker crashed, retrying (attempt 2)"),
+        "{log}"
+    );
+    // Workers are transactions: gone from the table once done.
+    until("workers gone", || (n.list().len() == 1).then_some(()));
+}

@@ -605,6 +605,7 @@ impl Node {
             grace: spindle_types::spec::DEFAULT_GRACE,
             stop_signal: Default::default(),
             max_memory: None,
+            transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
         };
         let answer = (|| {
             self.check_wasm(&spec, &[])?;

@@ -599,11 +599,17 @@ impl Kernel {
                 }
             }
         }
+        let gone = restart_in.is_none()
+            && !self.shutting_down
+            && self.procs.get(&num).is_some_and(|e| e.spec.transient);
         self.effects.push(Effect::Exited {
             num,
             info,
             restart_in,
         });
+        if gone {
+            self.remove(num);
+        }
     }
 }
 

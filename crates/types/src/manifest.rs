@@ -272,6 +272,7 @@ impl RawProcess {
             grace,
             stop_signal,
             max_memory,
+            transient: false,
         })
     }
 }

@@ -33,6 +33,10 @@ pub struct ProcessSpec {
     pub stop_signal: StopSignal,
     /// Resident-memory cap in bytes; a process above it is restarted as crashed.
     pub max_memory: Option<u64>,
+    /// Removed from the table once it ends for good (a transaction spawned by
+    /// another process), so short-lived children do not pile up.
+    #[serde(default)]
+    pub transient: bool,
 }
 
 /// What runs: an executable as an OS child, or a wasm component in-process.

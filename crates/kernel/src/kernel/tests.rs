@@ -230,6 +230,22 @@ fn on_exit_policies() {
 }
 
 #[test]
+fn transient_processes_leave_the_table_when_done() {
+    let mut f = Fake::new();
+    let mut s = spec("job");
+    s.on_exit = OnExit::None;
+    s.transient = true;
+    let n = f.start(s);
+    f.exit(n, ExitStatus::Code(0));
+    assert!(f.k.get(n).is_none());
+    assert_eq!(
+        f.last_exit().1.reason,
+        ExitReason::Completed,
+        "its exit is still reported"
+    );
+}
+
+#[test]
 fn restart_replaces_the_run_and_resets_the_schedule() {
     let mut f = Fake::new();
     let n = f.start(spec("api"));
