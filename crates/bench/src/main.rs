@@ -14,12 +14,14 @@ use spindle_types::{ProcessSpec, Selector};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod wasm;
+
 const DEADLINE: Duration = Duration::from_secs(120);
 
-struct Row {
-    metric: String,
-    target: String,
-    measured: String,
+pub(crate) struct Row {
+    pub(crate) metric: String,
+    pub(crate) target: String,
+    pub(crate) measured: String,
 }
 
 fn sibling(name: &str) -> PathBuf {
@@ -471,6 +473,13 @@ fn bench_trees(rows: &mut Vec<Row>) {
 
 fn main() {
     let mut rows = vec![];
+    let only_wasm = std::env::args().any(|a| a == "--wasm");
+    if only_wasm {
+        eprintln!("wasm processes …");
+        wasm::run(&mut rows);
+        print_table(rows);
+        return;
+    }
     eprintln!("processes: start, ls, stop …");
     bench_processes(&mut rows);
     eprintln!("log capture, 1 writer …");
@@ -481,7 +490,12 @@ fn main() {
     bench_crash_loop(&mut rows);
     eprintln!("process trees …");
     bench_trees(&mut rows);
+    eprintln!("wasm processes …");
+    wasm::run(&mut rows);
+    print_table(rows);
+}
 
+fn print_table(rows: Vec<Row>) {
     let w0 = rows
         .iter()
         .map(|r| r.metric.chars().count())

@@ -68,6 +68,22 @@ fn take_lock(mut file: fs::File) -> Result<nix::fcntl::Flock<fs::File>, ()> {
     }
 }
 
+/// Raises the soft open-files limit to the hard one: every native process
+/// holds two pipes, and a node may run thousands of processes.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Boots the node in `home` and serves until SIGTERM/SIGINT or a `shutdown`
 /// request. Blocks; builds its own single-threaded runtime.
 pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
@@ -90,6 +106,7 @@ pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
         .map_err(home_err)?;
     let _lock = take_lock(lock).map_err(|_| DaemonError::AlreadyRunning(paths.home.clone()))?;
 
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -163,12 +163,22 @@ impl NativeDriver {
         let exe = Self::preflight(spec)?;
         let (out_path, err_path) = self.log_paths(num, spec);
         let open = |p: &Path| {
-            self.hub
-                .open(p, spec.log.max_size, spec.log.keep)
+            // Fail before spawning if the file cannot be written at all.
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| SpawnError::Log {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
                 .map_err(|source| SpawnError::Log {
                     path: p.to_path_buf(),
                     source,
-                })
+                })?;
+            Ok::<_, SpawnError>(self.hub.open(p, spec.log.max_size, spec.log.keep))
         };
         let out_file = open(&out_path)?;
         let err_file = open(&err_path)?;

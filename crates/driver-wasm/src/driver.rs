@@ -203,6 +203,7 @@ impl WasmDriver {
                     bus,
                     state_dir: state_dir.into(),
                     spawns,
+                    ready: Default::default(),
                 }),
                 hub,
                 logs_dir: logs_dir.into(),
@@ -250,11 +251,7 @@ impl WasmDriver {
         let pre: ProcessPre<ProcessHost> = self.runtime.load(path).map_err(|e| e.to_string())?;
         let our = self.address(num, spec).expect("wasm spec");
         let (out_path, err_path) = self.log_paths(num, spec);
-        let open = |p: &Path| {
-            self.hub
-                .open(p, spec.log.max_size, spec.log.keep)
-                .map_err(|e| format!("log file {} cannot be opened: {e}", p.display()))
-        };
+        let open = |p: &Path| Ok::<_, String>(self.hub.open(p, spec.log.max_size, spec.log.keep));
         let shaping = Shaping {
             strip_ansi: spec.log.strip_ansi,
             timestamps: spec.log.timestamps,
@@ -342,6 +339,11 @@ impl WasmDriver {
 
     pub fn live_runs(&self) -> usize {
         self.runs.len()
+    }
+
+    /// Runs started so far that reached their first `receive`.
+    pub fn ready_count(&self) -> u64 {
+        self.shared.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -26,6 +26,8 @@ pub struct Shared {
     pub bus: Arc<Bus>,
     pub state_dir: PathBuf,
     pub spawns: mpsc::Sender<crate::SpawnCall>,
+    /// Runs that have reached their first `receive` (are up and waiting).
+    pub ready: std::sync::atomic::AtomicU64,
 }
 
 /// A request this process sent and awaits a response to.
@@ -70,6 +72,7 @@ pub struct ProcessHost {
     pub(crate) panic: Option<String>,
     pub(crate) kill: watch::Receiver<bool>,
     pub(crate) component_dir: PathBuf,
+    waited: bool,
 }
 
 impl WasiView for ProcessHost {
@@ -228,6 +231,7 @@ impl ProcessHost {
             panic: None,
             kill,
             component_dir,
+            waited: false,
         }
     }
 
@@ -396,6 +400,10 @@ impl host::Host for ProcessHost {
     async fn receive(
         &mut self,
     ) -> Result<Result<(wit::Address, wit::Message), wit::SendError>, TrapError> {
+        if !self.waited {
+            self.waited = true;
+            self.shared.ready.fetch_add(1, Ordering::Relaxed);
+        }
         loop {
             self.check_alive()?;
             if let Some(env) = self.deferred.pop_front() {

@@ -14,6 +14,20 @@ use wasmtime::{Config, Engine};
 /// How often the epoch advances while wasm processes run: the preemption
 /// quantum. Short enough that a busy loop delays others by about this much.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+/// Wasm processes a node can run at once: the size of the instance pool.
+/// Slots are reserved up front (address space, not memory). Beyond about
+/// 11,000 the kernel's default `vm.max_map_count` (65530) is the limit; raise
+/// it with `sysctl vm.max_map_count=262144` before raising this.
+pub const MAX_WASM_PROCESSES: u32 = 10_240;
+/// Largest linear memory any wasm process may have (its `max_memory` must be
+/// at most this): the size of each pooled memory slot.
+pub const MAX_WASM_MEMORY: usize = 256 << 20;
+/// Core instances a component may need (the program plus the small shims a
+/// component is made of).
+const CORE_INSTANCES_PER_PROCESS: u32 = 4;
+/// Memory kept resident in a freed slot, so the next process does not fault
+/// in its first pages again.
+const KEEP_RESIDENT: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WasmError {
@@ -94,6 +108,17 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_component_instances(MAX_WASM_PROCESSES)
+            .total_core_instances(MAX_WASM_PROCESSES * CORE_INSTANCES_PER_PROCESS)
+            .total_memories(MAX_WASM_PROCESSES * 2)
+            .total_tables(MAX_WASM_PROCESSES * CORE_INSTANCES_PER_PROCESS)
+            .total_stacks(MAX_WASM_PROCESSES)
+            .max_memory_size(MAX_WASM_MEMORY)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .async_stack_keep_resident(KEEP_RESIDENT);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        config.memory_reservation(MAX_WASM_MEMORY as u64);
         let engine = Engine::new(&config).map_err(|e| WasmError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)

@@ -4,13 +4,15 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
-/// One log file on disk, shared by every sink that writes to it.
+/// One log file on disk, shared by every sink that writes to it. It is
+/// opened on the first write, so a process that never writes (most idle wasm
+/// processes) holds no file descriptor.
 #[derive(Debug)]
 pub struct LogFile {
     path: PathBuf,
     max_size: u64,
     keep: u32,
-    state: Mutex<FileState>,
+    state: Mutex<Option<FileState>>,
 }
 
 #[derive(Debug)]
@@ -27,15 +29,14 @@ fn open_append(path: &Path) -> io::Result<File> {
 }
 
 impl LogFile {
-    pub fn open(path: &Path, max_size: u64, keep: u32) -> io::Result<LogFile> {
-        let file = open_append(path)?;
-        let size = file.metadata()?.len();
-        Ok(LogFile {
+    /// A log file at `path`, opened (and created) on first write.
+    pub fn new(path: &Path, max_size: u64, keep: u32) -> LogFile {
+        LogFile {
             path: path.to_path_buf(),
             max_size,
             keep,
-            state: Mutex::new(FileState { file, size }),
-        })
+            state: Mutex::new(None),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -48,9 +49,15 @@ impl LogFile {
         if lines.is_empty() {
             return Ok(());
         }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let file = open_append(&self.path)?;
+            let size = file.metadata()?.len();
+            *guard = Some(FileState { file, size });
+        }
+        let st = guard.as_mut().expect("opened above");
         if st.size > 0 && st.size + lines.len() as u64 > self.max_size {
-            self.rotate(&mut st)?;
+            self.rotate(st)?;
         }
         st.file.write_all(lines)?;
         st.size += lines.len() as u64;
@@ -89,6 +96,9 @@ impl LogFile {
 #[derive(Debug, Default)]
 pub struct LogHub {
     files: Mutex<HashMap<PathBuf, Weak<LogFile>>>,
+    /// Map size after the last pruning of dropped files; pruning again only
+    /// once it has doubled keeps opening O(1) amortised.
+    pruned_at: std::sync::atomic::AtomicUsize,
 }
 
 impl LogHub {
@@ -96,17 +106,21 @@ impl LogHub {
         Self::default()
     }
 
-    /// The shared handle for `path`, opening (and creating) it if nobody holds it.
-    /// The first opener's rotation settings apply while the file is shared.
-    pub fn open(&self, path: &Path, max_size: u64, keep: u32) -> io::Result<Arc<LogFile>> {
+    /// The shared handle for `path` (opened on its first write). The first
+    /// holder's rotation settings apply while the file is shared.
+    pub fn open(&self, path: &Path, max_size: u64, keep: u32) -> Arc<LogFile> {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = files.get(path).and_then(Weak::upgrade) {
-            return Ok(f);
+            return f;
         }
-        files.retain(|_, w| w.strong_count() > 0);
-        let f = Arc::new(LogFile::open(path, max_size, keep)?);
+        use std::sync::atomic::Ordering;
+        if files.len() >= 2 * self.pruned_at.load(Ordering::Relaxed).max(64) {
+            files.retain(|_, w| w.strong_count() > 0);
+            self.pruned_at.store(files.len(), Ordering::Relaxed);
+        }
+        let f = Arc::new(LogFile::new(path, max_size, keep));
         files.insert(path.to_path_buf(), Arc::downgrade(&f));
-        Ok(f)
+        f
     }
 }
 

@@ -4,6 +4,9 @@
 //! and byte sum of the request's blob and its metadata, and
 //! `call <address> <timeout-ms> <body>` sends `body` to that address, awaits
 //! the response and answers with `ok <body>` or `err <kind>`.
+//! For benchmarks: `bench <address> <n>` makes n request/response round trips
+//! to that address; `s` is counted silently; `count` answers with the count;
+//! `flood <address> <n>` sends n `s` one-way, then awaits that address's count.
 
 use spindle_process::{Address, Request, Response, await_message, get_blob};
 use std::time::Duration;
@@ -12,6 +15,7 @@ spindle_process::init!(run);
 
 fn run(_our: Address) {
     let mut hoard: Vec<Vec<u8>> = Vec::new();
+    let mut sunk: u64 = 0;
     loop {
         let Ok(msg) = await_message() else { continue };
         if !msg.is_request() {
@@ -29,6 +33,50 @@ fn run(_our: Address) {
             },
             b"panic" => panic!("echo was asked to panic"),
             b"exit" => return,
+            b"s" => sunk += 1,
+            b"count" => {
+                let _ = Response::new().body(sunk.to_string()).send();
+            }
+            body if body.starts_with(b"bench ") || body.starts_with(b"flood ") => {
+                let text = String::from_utf8_lossy(body).into_owned();
+                let mut parts = text.split(' ');
+                let op = parts.next().unwrap_or_default();
+                let target = parts.next().and_then(Address::parse);
+                let n: u64 = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let Some(target) = target else {
+                    let _ = Response::new().body("err bad target").send();
+                    continue;
+                };
+                let answer = if op == "bench" {
+                    let mut ok = 0;
+                    for _ in 0..n {
+                        if Request::to(target.clone())
+                            .body(b"x".to_vec())
+                            .expects_response(Duration::from_secs(5))
+                            .send_and_await_response()
+                            .is_ok()
+                        {
+                            ok += 1;
+                        }
+                    }
+                    format!("ok {ok}")
+                } else {
+                    let mut sent = 0;
+                    for _ in 0..n {
+                        if Request::to(target.clone()).body(b"s".to_vec()).send().is_ok() {
+                            sent += 1;
+                        }
+                    }
+                    let counted = Request::to(target)
+                        .body(b"count".to_vec())
+                        .expects_response(Duration::from_secs(60))
+                        .send_and_await_response()
+                        .map(|m| String::from_utf8_lossy(m.body()).into_owned())
+                        .unwrap_or_default();
+                    format!("sent {sent} counted {counted}")
+                };
+                let _ = Response::new().body(answer).send();
+            }
             b"blob" => {
                 let (len, sum) = get_blob()
                     .map(|b| (b.bytes.len(), b.bytes.iter().map(|&x| x as u64).sum::<u64>()))

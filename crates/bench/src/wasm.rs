@@ -1,0 +1,284 @@
+//! Wasm-process figures, measured in-process on the driver and bus the
+//! daemon uses (a current-thread runtime, like the daemon's), with the guest
+//! components built from `examples/`.
+
+use crate::Row;
+use spindle_bus::{Bus, Envelope, Mailbox, Message, Request};
+use spindle_driver_wasm::{Runtime, WasmDriver, WasmEvent};
+use spindle_logs::LogHub;
+use spindle_types::manifest::RawProcess;
+use spindle_types::{Address, ProcessNum, ProcessSpec};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+const DEADLINE: Duration = Duration::from_secs(300);
+/// Processes for the spawn, memory and scale figures.
+const MANY: u64 = 10_000;
+
+struct Bench {
+    _dir: tempfile::TempDir,
+    driver: WasmDriver,
+    events: mpsc::UnboundedReceiver<WasmEvent>,
+    bus: Arc<Bus>,
+    tester: Address,
+    inbox: Mailbox,
+}
+
+fn spec(name: Option<&str>, guest: &str, public: bool) -> ProcessSpec {
+    RawProcess {
+        name: name.map(str::to_string),
+        wasm: Some(spindle_test_guests::path(guest).to_string_lossy().into()),
+        package: Some("bench:spindle".into()),
+        public: Some(public),
+        ..Default::default()
+    }
+    .into_spec(1, Path::new("/"))
+    .expect("valid spec")
+}
+
+fn rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let runtime = Arc::new(Runtime::new(&dir.path().join("cache")).expect("engine"));
+        let bus = Arc::new(Bus::new("local"));
+        let (driver, events, _spawns) = WasmDriver::new(
+            runtime,
+            bus.clone(),
+            Arc::new(LogHub::new()),
+            &dir.path().join("logs"),
+            &dir.path().join("state"),
+        )
+        .expect("driver");
+        let tester: Address = "local@bench:sys:spindle".parse().expect("address");
+        let inbox = bus.register(tester.clone(), false).expect("register");
+        Bench {
+            _dir: dir,
+            driver,
+            events,
+            bus,
+            tester,
+            inbox,
+        }
+    }
+
+    async fn until_ready(&self, count: u64) {
+        let end = Instant::now() + DEADLINE;
+        while self.driver.ready_count() < count {
+            assert!(Instant::now() < end, "processes never became ready");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn ask(&mut self, target: &Address, body: &[u8]) -> String {
+        let id = self.bus.next_id();
+        let env = Envelope {
+            id,
+            source: self.tester.clone(),
+            target: target.clone(),
+            rsvp: Some(self.tester.clone()),
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response: Some(DEADLINE),
+                body: body.to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: None,
+        };
+        self.bus
+            .send(env, true)
+            .await
+            .map_err(|(k, _)| k)
+            .expect("send");
+        loop {
+            let env = tokio::time::timeout(DEADLINE, self.inbox.recv())
+                .await
+                .expect("an answer")
+                .expect("open inbox");
+            if env.id == id
+                && let Message::Response(r, _) = env.message
+            {
+                return String::from_utf8_lossy(&r.body).into_owned();
+            }
+        }
+    }
+
+    async fn tell(&self, target: &Address, body: &[u8]) {
+        let env = Envelope {
+            id: self.bus.next_id(),
+            source: self.tester.clone(),
+            target: target.clone(),
+            rsvp: None,
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response: None,
+                body: body.to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: None,
+        };
+        self.bus
+            .send(env, true)
+            .await
+            .map_err(|(k, _)| k)
+            .expect("send");
+    }
+
+    async fn exit(&mut self) {
+        match tokio::time::timeout(DEADLINE, self.events.recv()).await {
+            Ok(Some(WasmEvent::Exited { num, run, .. })) => self.driver.ended(num, run),
+            _ => panic!("no exit"),
+        }
+    }
+}
+
+pub fn run(rows: &mut Vec<Row>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(measure(rows));
+}
+
+async fn measure(rows: &mut Vec<Row>) {
+    let mut b = Bench::new();
+    // Warm the compiled-component cache and the linker.
+    let echo = spec(None, "echo", true);
+    b.driver
+        .spawn(ProcessNum(1_000_000), 1, &echo, None)
+        .expect("spawn");
+    b.until_ready(1).await;
+
+    // Spawn MANY until each one's init runs (reaches receive).
+    let base = b.driver.ready_count();
+    let rss0 = rss();
+    let t = Instant::now();
+    for i in 0..MANY {
+        b.driver
+            .spawn(ProcessNum(i + 1), 1, &echo, None)
+            .expect("spawn");
+    }
+    let calls = t.elapsed();
+    b.until_ready(base + MANY).await;
+    let spawn_each = t.elapsed() / MANY as u32;
+    eprintln!(
+        "spawn: {:.1} µs in the call, {:.1} µs in the task (instantiate + init), each",
+        calls.as_secs_f64() * 1e6 / MANY as f64,
+        (t.elapsed() - calls).as_secs_f64() * 1e6 / MANY as f64
+    );
+    let per_process = (rss().saturating_sub(rss0)) / MANY;
+
+    // All of them answer, then all stop cleanly.
+    let t = Instant::now();
+    for i in (0..MANY).step_by((MANY / 100) as usize) {
+        let addr = b.driver.address(ProcessNum(i + 1), &echo).expect("address");
+        assert_eq!(b.ask(&addr, b"hi").await, "hi");
+    }
+    for i in 0..MANY {
+        b.driver.kill(ProcessNum(i + 1), 1);
+    }
+    for _ in 0..MANY {
+        b.exit().await;
+    }
+    let scale = t.elapsed();
+
+    // Restart of a crashed process: exit seen → new run's init reached.
+    let crasher = spec(Some("crasher"), "echo", true);
+    let addr = b
+        .driver
+        .spawn(ProcessNum(2_000_000), 1, &crasher, None)
+        .expect("spawn");
+    b.until_ready(b.driver.ready_count()).await;
+    const RESTARTS: u32 = 200;
+    let mut restart_total = Duration::ZERO;
+    for run in 2..2 + RESTARTS as u64 {
+        b.tell(&addr, b"panic").await;
+        b.exit().await;
+        let ready = b.driver.ready_count();
+        let t = Instant::now();
+        b.driver
+            .spawn(ProcessNum(2_000_000), run, &crasher, None)
+            .expect("respawn");
+        b.until_ready(ready + 1).await;
+        restart_total += t.elapsed();
+    }
+
+    // Round trips and one-way messages between two processes.
+    let a = b
+        .driver
+        .spawn(
+            ProcessNum(3_000_000),
+            1,
+            &spec(Some("a"), "echo", true),
+            None,
+        )
+        .expect("a");
+    let peer = b
+        .driver
+        .spawn(
+            ProcessNum(3_000_001),
+            1,
+            &spec(Some("b"), "echo", true),
+            None,
+        )
+        .expect("b");
+    const TRIPS: u64 = 100_000;
+    let t = Instant::now();
+    let r = b.ask(&a, format!("bench {peer} {TRIPS}").as_bytes()).await;
+    let trip = t.elapsed() / TRIPS as u32;
+    assert_eq!(r, format!("ok {TRIPS}"));
+    const ONE_WAY: u64 = 500_000;
+    let t = Instant::now();
+    let r = b
+        .ask(&a, format!("flood {peer} {ONE_WAY}").as_bytes())
+        .await;
+    let rate = ONE_WAY as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(r, format!("sent {ONE_WAY} counted {ONE_WAY}"));
+
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    rows.push(Row {
+        metric: "wasm: spawn (cached component) → init running, each of 10,000".into(),
+        target: "≤ 15 µs".into(),
+        measured: us(spawn_each),
+    });
+    rows.push(Row {
+        metric: "wasm: restart of a crashed process (exit → init running)".into(),
+        target: "≤ 50 µs".into(),
+        measured: us(restart_total / RESTARTS),
+    });
+    rows.push(Row {
+        metric: "wasm: request→response round trip, two processes".into(),
+        target: "≤ 4 µs".into(),
+        measured: us(trip),
+    });
+    rows.push(Row {
+        metric: "wasm: one-way messages/s, one sender → one receiver".into(),
+        target: "≥ 500k/s".into(),
+        measured: format!("{:.0}k/s", rate / 1e3),
+    });
+    rows.push(Row {
+        metric: "wasm: memory per idle process (parked in receive)".into(),
+        target: "≤ 48 KiB".into(),
+        measured: format!("{:.1} KiB", per_process as f64 / 1024.0),
+    });
+    rows.push(Row {
+        metric: "wasm: 10,000 concurrent processes: start, answer, stop".into(),
+        target: "clean".into(),
+        measured: format!(
+            "clean; 100 answered + all stopped in {:.2} s",
+            scale.as_secs_f64()
+        ),
+    });
+}
