@@ -155,6 +155,11 @@ fn start_ls_stop_by_name() {
     });
     let pid = p.pid.unwrap() as i32;
     assert!(alive(pid));
+    // Nothing leaks into the child: stdin, stdout, stderr and no more.
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert_eq!(fds, 3, "a child holds only its three standard descriptors");
     let table = n.ok(&["ls"]);
     assert!(
         table.contains("api") && table.contains("running"),

@@ -101,13 +101,27 @@ impl Client {
             protocol: PROTOCOL_VERSION,
             version: env!("CARGO_PKG_VERSION").into(),
         };
-        match client.call(&hello)? {
-            Response::Hello { pid, version, .. } => {
+        let dying = |kind: io::ErrorKind| {
+            matches!(
+                kind,
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            )
+        };
+        match client.write_request(&hello).and_then(|_| client.recv()) {
+            Ok(Some(Response::Hello { pid, version, .. })) => {
                 client.daemon_pid = pid;
                 client.daemon_version = version;
                 Ok(client)
             }
-            other => Err(ClientError::Protocol(format!("{other:?}"))),
+            // A daemon on its way out (killed, its last threads still closing
+            // the socket) drops the greeting: it is not running.
+            Ok(None) => Err(ClientError::NotRunning(sock)),
+            Err(ClientError::Io(e)) if dying(e.kind()) => Err(ClientError::NotRunning(sock)),
+            Ok(Some(other)) => Err(ClientError::Protocol(format!("{other:?}"))),
+            Err(e) => Err(e),
         }
     }
 

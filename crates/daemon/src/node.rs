@@ -68,6 +68,26 @@ fn take_lock(mut file: fs::File) -> Result<nix::fcntl::Flock<fs::File>, ()> {
     }
 }
 
+/// Marks every descriptor the daemon inherited above stderr close-on-exec,
+/// so none leaks into the processes it starts.
+fn close_inherited_fds() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(
+            "cannot mark inherited descriptors close-on-exec: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Raises the soft open-files limit to the hard one: every native process
 /// holds two pipes, and a node may run thousands of processes.
 fn raise_fd_limit() {
@@ -107,6 +127,7 @@ pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
     let _lock = take_lock(lock).map_err(|_| DaemonError::AlreadyRunning(paths.home.clone()))?;
 
     raise_fd_limit();
+    close_inherited_fds();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
