@@ -50,7 +50,13 @@ fn rss() -> u64 {
 impl Bench {
     fn new() -> Bench {
         let dir = tempfile::tempdir().expect("temp dir");
-        let runtime = Arc::new(Runtime::new(&dir.path().join("cache")).expect("engine"));
+        let runtime = Arc::new(
+            Runtime::new(
+                &dir.path().join("cache"),
+                spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
+            )
+            .expect("engine"),
+        );
         let bus = Arc::new(Bus::new("local"));
         let (driver, events, _spawns) = WasmDriver::new(
             runtime,

@@ -154,8 +154,11 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let hub = Arc::new(LogHub::new());
     let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
     let runtime = Arc::new(
-        Runtime::new(&paths.home.join("cache"))
-            .map_err(|e| std::io::Error::other(e.to_string()))?,
+        Runtime::new(
+            &paths.home.join("cache"),
+            spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?,
     );
     let bus = Arc::new(Bus::new(NODE_NAME));
     let (wasm, mut wasm_events, mut spawn_calls) =

@@ -14,10 +14,11 @@ use wasmtime::{Config, Engine};
 /// How often the epoch advances while wasm processes run: the preemption
 /// quantum. Short enough that a busy loop delays others by about this much.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
-/// Wasm processes a node can run at once: the size of the instance pool.
-/// Slots are reserved up front (address space, not memory). Beyond about
-/// 11,000 the kernel's default `vm.max_map_count` (65530) is the limit; raise
-/// it with `sysctl vm.max_map_count=262144` before raising this.
+/// Wasm processes a node can run at once by default: the size of the
+/// instance pool. Slots are reserved up front (address space, not memory),
+/// and each slot's stack guard is a memory mapping: beyond about 11,000 per
+/// process the kernel's default `vm.max_map_count` (65530) is the limit;
+/// raise it with `sysctl vm.max_map_count=262144` before raising this.
 pub const MAX_WASM_PROCESSES: u32 = 10_240;
 /// Largest linear memory any wasm process may have (its `max_memory` must be
 /// at most this): the size of each pooled memory slot.
@@ -104,16 +105,17 @@ impl Drop for TickGuard {
 }
 
 impl Runtime {
-    pub fn new(cache_dir: &Path) -> Result<Runtime, WasmError> {
+    /// An engine whose pool holds `max_processes` wasm processes at once.
+    pub fn new(cache_dir: &Path, max_processes: u32) -> Result<Runtime, WasmError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         let mut pool = wasmtime::PoolingAllocationConfig::new();
-        pool.total_component_instances(MAX_WASM_PROCESSES)
-            .total_core_instances(MAX_WASM_PROCESSES * CORE_INSTANCES_PER_PROCESS)
-            .total_memories(MAX_WASM_PROCESSES * 2)
-            .total_tables(MAX_WASM_PROCESSES * CORE_INSTANCES_PER_PROCESS)
-            .total_stacks(MAX_WASM_PROCESSES)
+        pool.total_component_instances(max_processes)
+            .total_core_instances(max_processes * CORE_INSTANCES_PER_PROCESS)
+            .total_memories(max_processes * 2)
+            .total_tables(max_processes * CORE_INSTANCES_PER_PROCESS)
+            .total_stacks(max_processes)
             .max_memory_size(MAX_WASM_MEMORY)
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .async_stack_keep_resident(KEEP_RESIDENT);

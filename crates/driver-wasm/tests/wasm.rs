@@ -24,7 +24,7 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Arc::new(Runtime::new(&dir.path().join("cache")).unwrap());
+        let runtime = Arc::new(Runtime::new(&dir.path().join("cache"), 64).unwrap());
         let bus = Arc::new(Bus::new("local"));
         let (driver, events, _spawns) = WasmDriver::new(
             runtime,
