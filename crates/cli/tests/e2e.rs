@@ -699,3 +699,30 @@ fn parent_runs_jobs_in_workers_and_retries_crashed_ones() {
     // Workers are transactions: gone from the table once done.
     until("workers gone", || (n.list().len() == 1).then_some(()));
 }
+
+#[test]
+fn stopping_a_wasm_process_runs_its_on_stopping_hook() {
+    let n = Node::new();
+    let echo = spindle_test_guests::path("echo");
+    n.ok(&[
+        "start",
+        echo.to_str().unwrap(),
+        "--name",
+        "echo",
+        "--grace",
+        "5s",
+    ]);
+    until("running", || {
+        (n.get(1).state == StateLabel::Running).then_some(())
+    });
+    let t = Instant::now();
+    n.ok(&["stop", "echo"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "it left on the message, not at the kill"
+    );
+    let p = n.get(1);
+    assert_eq!(p.last_exit.unwrap().reason, ExitReason::Killed);
+    let log = std::fs::read_to_string(&p.log_out).unwrap();
+    assert!(log.contains("echo: stopping cleanly"), "{log}");
+}

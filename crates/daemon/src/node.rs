@@ -302,10 +302,12 @@ impl Node {
                         self.kernel
                             .spawned(num, run, result, Instant::now(), wall_ms());
                     }
-                    // A wasm process has no signals: asking it to stop ends it.
-                    Effect::AskStop { num, run, .. } | Effect::Kill { num, run }
-                        if self.addresses.contains_key(&num) =>
-                    {
+                    // A wasm process has no signals: it is asked by message,
+                    // and killed when the grace is over.
+                    Effect::AskStop { num, run, .. } if self.addresses.contains_key(&num) => {
+                        self.wasm.ask_stop(num, run, &self.addresses[&num])
+                    }
+                    Effect::Kill { num, run } if self.addresses.contains_key(&num) => {
                         self.wasm.kill(num, run)
                     }
                     Effect::AskStop { num, run, signal } => asks.push((num, run, signal)),

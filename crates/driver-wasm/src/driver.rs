@@ -20,6 +20,8 @@ use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 /// services, small enough that a runaway one is stopped long before the node
 /// feels it.
 pub const DEFAULT_MEMORY_CAP: usize = 64 << 20;
+/// Metadata marking the node's request to stop (see `spindle_process::STOPPING`).
+pub const STOPPING_METADATA: &str = r#"{"spindle":"stopping"}"#;
 /// Spawn calls from guests queued for the control loop.
 const SPAWN_QUEUE: usize = 256;
 
@@ -323,6 +325,37 @@ impl WasmDriver {
         Ok(our)
     }
 
+    /// Asks a run to stop: a request from the node (`local@kernel:sys:spindle`,
+    /// metadata `{"spindle":"stopping"}`) that the guest library turns into its
+    /// `on_stopping` hook and an exit. The kernel's grace timer still ends it
+    /// with [`WasmDriver::kill`] if it does not go.
+    pub fn ask_stop(&mut self, num: ProcessNum, run: RunId, address: &Address) {
+        if self.runs.get(&num).is_none_or(|l| l.run != run) {
+            return;
+        }
+        let bus = self.shared.bus.clone();
+        let env = Envelope {
+            id: bus.next_id(),
+            source: bus.address(ProcessId {
+                process: "kernel".into(),
+                package: "sys:spindle".parse().expect("valid package"),
+            }),
+            target: address.clone(),
+            rsvp: None,
+            message: Message::Request(spindle_bus::Request {
+                inherit: false,
+                expects_response: None,
+                body: b"stopping".to_vec(),
+                metadata: Some(STOPPING_METADATA.into()),
+                capabilities: vec![],
+            }),
+            blob: None,
+        };
+        tokio::spawn(async move {
+            let _ = bus.send(env, true).await;
+        });
+    }
+
     /// Ends a run: it traps at its next host call or epoch tick.
     pub fn kill(&mut self, num: ProcessNum, run: RunId) {
         if let Some(l) = self.runs.get(&num).filter(|l| l.run == run) {
@@ -370,8 +403,15 @@ async fn run_process(
         Err(e) => Err(e),
     };
     let h = store.data_mut();
+    let exit_code = result
+        .as_ref()
+        .err()
+        .and_then(|e| e.downcast_ref::<wasmtime_wasi::I32Exit>())
+        .map(|x| x.0);
     let (status, detail) = match result {
         Ok(()) => (ExitStatus::Code(0), None),
+        // The guest called `exit`: an ordinary exit with that code.
+        Err(_) if exit_code.is_some() => (ExitStatus::Code(exit_code.unwrap_or(0)), None),
         Err(e) => {
             let why = h.panic.take().unwrap_or_else(|| describe(&e));
             if !*h.kill.borrow() {

@@ -268,9 +268,35 @@ impl fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
+/// Metadata of the message the node sends to ask a process to stop.
+pub const STOPPING: &str = r#"{"spindle":"stopping"}"#;
+
+static ON_STOPPING: std::sync::Mutex<Option<fn()>> = std::sync::Mutex::new(None);
+
+/// Runs `hook` when the node asks this process to stop (a graceful `stop`),
+/// before it exits. The node kills it anyway once the grace period is over.
+pub fn on_stopping(hook: fn()) {
+    *ON_STOPPING.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+}
+
+fn is_stop_request(source: &Address, m: &wit::Message) -> bool {
+    source.process == "kernel"
+        && source.package == "sys"
+        && source.publisher == "spindle"
+        && matches!(m, wit::Message::Request(r) if r.metadata.as_deref() == Some(STOPPING))
+}
+
 /// Waits for the next message; a send error about an earlier request comes as `Err`.
+/// A stop request from the node runs the `on_stopping` hook and ends the process.
 pub fn await_message() -> Result<Message, SendError> {
     match host::receive() {
+        Ok((source, m)) if is_stop_request(&source, &m) => {
+            let hook = *ON_STOPPING.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hook) = hook {
+                hook();
+            }
+            std::process::exit(0)
+        }
         Ok((source, m)) => Ok(Message::from_wit(source, m)),
         Err(e) => Err(SendError::from_wit(e)),
     }

@@ -78,13 +78,18 @@ fn run(our: Address) {
                 save(&state);
             }
             In::Crashed(id) => {
-                let Some(mut job) = state.pending.remove(&id) else { continue };
+                let Some(mut job) = state.pending.remove(&id) else {
+                    continue;
+                };
                 if job.attempt >= MAX_ATTEMPTS {
                     println!("job {id} failed {MAX_ATTEMPTS} times; giving up");
                     state.failed.push(id);
                 } else {
                     job.attempt += 1;
-                    println!("job {id}: worker crashed, retrying (attempt {})", job.attempt);
+                    println!(
+                        "job {id}: worker crashed, retrying (attempt {})",
+                        job.attempt
+                    );
                     state.pending.insert(id, job.clone());
                     start_worker(&our, job);
                 }

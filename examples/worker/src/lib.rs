@@ -26,7 +26,10 @@ fn run(_our: spindle_process::Address) {
         }
     };
     if job.input < 0 && job.attempt == 1 {
-        panic!("job {} cannot take a negative input on a first attempt", job.id);
+        panic!(
+            "job {} cannot take a negative input on a first attempt",
+            job.id
+        );
     }
     let result = job.input * job.input;
     let done = serde_json::json!({"done": {"id": job.id, "result": result}});

@@ -13,7 +13,12 @@ use std::time::Duration;
 
 spindle_process::init!(run);
 
+fn stopping() {
+    spindle_process::println!("echo: stopping cleanly");
+}
+
 fn run(_our: Address) {
+    spindle_process::on_stopping(stopping);
     let mut hoard: Vec<Vec<u8>> = Vec::new();
     let mut sunk: u64 = 0;
     loop {
@@ -63,7 +68,11 @@ fn run(_our: Address) {
                 } else {
                     let mut sent = 0;
                     for _ in 0..n {
-                        if Request::to(target.clone()).body(b"s".to_vec()).send().is_ok() {
+                        if Request::to(target.clone())
+                            .body(b"s".to_vec())
+                            .send()
+                            .is_ok()
+                        {
                             sent += 1;
                         }
                     }
@@ -79,7 +88,12 @@ fn run(_our: Address) {
             }
             b"blob" => {
                 let (len, sum) = get_blob()
-                    .map(|b| (b.bytes.len(), b.bytes.iter().map(|&x| x as u64).sum::<u64>()))
+                    .map(|b| {
+                        (
+                            b.bytes.len(),
+                            b.bytes.iter().map(|&x| x as u64).sum::<u64>(),
+                        )
+                    })
                     .unwrap_or((0, 0));
                 let meta = msg.metadata().unwrap_or("-").to_string();
                 let _ = Response::new().body(format!("{len} {sum} {meta}")).send();
