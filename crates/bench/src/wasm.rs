@@ -3,8 +3,8 @@
 //! components built from `examples/`.
 
 use crate::Row;
-use spindle_bus::{Bus, Envelope, Mailbox, Message, Request};
-use spindle_driver_wasm::{Runtime, WasmDriver, WasmEvent};
+use spindle_bus::{Bus, Envelope, Mailbox, Message};
+use spindle_driver_wasm::{WasmDriver, WasmEvent};
 use spindle_logs::LogHub;
 use spindle_types::manifest::RawProcess;
 use spindle_types::{Address, ProcessNum, ProcessSpec};
@@ -50,16 +50,10 @@ fn rss() -> u64 {
 impl Bench {
     fn new() -> Bench {
         let dir = tempfile::tempdir().expect("temp dir");
-        let runtime = Arc::new(
-            Runtime::new(
-                &dir.path().join("cache"),
-                spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
-            )
-            .expect("engine"),
-        );
         let bus = Arc::new(Bus::new("local"));
         let (driver, events, _spawns) = WasmDriver::new(
-            runtime,
+            &dir.path().join("cache"),
+            spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
             bus.clone(),
             Arc::new(LogHub::new()),
             &dir.path().join("logs"),
@@ -88,20 +82,14 @@ impl Bench {
 
     async fn ask(&mut self, target: &Address, body: &[u8]) -> String {
         let id = self.bus.next_id();
-        let env = Envelope {
+        let env = Envelope::request(
             id,
-            source: self.tester.clone(),
-            target: target.clone(),
-            rsvp: Some(self.tester.clone()),
-            message: Message::Request(Request {
-                inherit: false,
-                expects_response: Some(DEADLINE),
-                body: body.to_vec(),
-                metadata: None,
-                capabilities: vec![],
-            }),
-            blob: None,
-        };
+            self.tester.clone(),
+            target.clone(),
+            Some(self.tester.clone()),
+            body.to_vec(),
+            Some(DEADLINE),
+        );
         self.bus
             .send(env, true)
             .await
@@ -121,20 +109,14 @@ impl Bench {
     }
 
     async fn tell(&self, target: &Address, body: &[u8]) {
-        let env = Envelope {
-            id: self.bus.next_id(),
-            source: self.tester.clone(),
-            target: target.clone(),
-            rsvp: None,
-            message: Message::Request(Request {
-                inherit: false,
-                expects_response: None,
-                body: body.to_vec(),
-                metadata: None,
-                capabilities: vec![],
-            }),
-            blob: None,
-        };
+        let env = Envelope::request(
+            self.bus.next_id(),
+            self.tester.clone(),
+            target.clone(),
+            None,
+            body.to_vec(),
+            None,
+        );
         self.bus
             .send(env, true)
             .await

@@ -74,6 +74,34 @@ pub struct Envelope {
     pub blob: Option<Arc<Blob>>,
 }
 
+impl Envelope {
+    /// A plain request: `body`, no metadata, capabilities or blob; responses
+    /// (if `expects_response`) go to `rsvp`.
+    pub fn request(
+        id: u64,
+        source: Address,
+        target: Address,
+        rsvp: Option<Address>,
+        body: Vec<u8>,
+        expects_response: Option<Duration>,
+    ) -> Envelope {
+        Envelope {
+            id,
+            source,
+            target,
+            rsvp,
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response,
+                body,
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendErrorKind {
     Offline,

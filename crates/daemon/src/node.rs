@@ -4,7 +4,7 @@ use crate::server::{self, Call, Follow, Reply};
 use crate::{DaemonError, Paths, table};
 use spindle_bus::Bus;
 use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
-use spindle_driver_wasm::{Runtime, SpawnCall, WasmDriver, WasmEvent};
+use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogChunk, LogHub, tail_lines};
 use spindle_types::control::{
@@ -153,16 +153,15 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let hub = Arc::new(LogHub::new());
     let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
-    let runtime = Arc::new(
-        Runtime::new(
-            &paths.home.join("cache"),
-            spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
-        )
-        .map_err(|e| std::io::Error::other(e.to_string()))?,
-    );
     let bus = Arc::new(Bus::new(NODE_NAME));
-    let (wasm, mut wasm_events, mut spawn_calls) =
-        WasmDriver::new(runtime, bus, hub, &paths.logs, &paths.home.join("state"))?;
+    let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
+        &paths.home.join("cache"),
+        spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
+        bus,
+        hub,
+        &paths.logs,
+        &paths.home.join("state"),
+    )?;
     let leftovers = driver.kill_leftovers();
     if leftovers > 0 {
         tracing::warn!(
@@ -606,7 +605,7 @@ impl Node {
 
     /// A wasm spec can start: its component loads, and its address is free
     /// (among running processes and the other specs of the same request).
-    fn check_wasm(&self, spec: &ProcessSpec, earlier: &[ProcessSpec]) -> Result<(), String> {
+    fn check_wasm(&mut self, spec: &ProcessSpec, earlier: &[ProcessSpec]) -> Result<(), String> {
         self.wasm.preflight(spec).map_err(|e| e.to_string())?;
         let Some(name) = &spec.name else {
             return Ok(());

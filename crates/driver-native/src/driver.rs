@@ -142,8 +142,7 @@ impl NativeDriver {
 
     /// The files a process's stdout and stderr go to.
     pub fn log_paths(&self, num: ProcessNum, spec: &ProcessSpec) -> (PathBuf, PathBuf) {
-        let label = spec.name.clone().unwrap_or_else(|| spec.program.label());
-        spec.log.paths(&self.logs_dir, &label, num.0)
+        spec.log_paths(&self.logs_dir, num.0)
     }
 
     /// Checks everything that can be checked before starting: executable,

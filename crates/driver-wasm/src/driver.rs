@@ -3,6 +3,7 @@
 use crate::bindings::ProcessPre;
 use crate::bindings::spindle::process::types as wit;
 use crate::host::{self, ProcessHost, Shared};
+pub use crate::runtime::MAX_WASM_PROCESSES;
 use crate::runtime::{Runtime, TickGuard, WasmError};
 use spindle_bus::{Bus, Capability, Envelope, Message};
 use spindle_kernel::RunId;
@@ -158,9 +159,13 @@ struct LiveWasm {
     kill: watch::Sender<bool>,
 }
 
-/// Starts and stops wasm processes for one node.
+/// Starts and stops wasm processes for one node. The engine is created with
+/// the first wasm process: a node that runs none pays nothing for it (no
+/// pool reservations in the daemon, so forking native children stays cheap).
 pub struct WasmDriver {
-    runtime: Arc<Runtime>,
+    runtime: Option<Arc<Runtime>>,
+    cache_dir: PathBuf,
+    max_processes: u32,
     shared: Arc<Shared>,
     hub: Arc<LogHub>,
     logs_dir: PathBuf,
@@ -183,9 +188,12 @@ pub fn address_of(node: &str, num: ProcessNum, spec: &ProcessSpec) -> Option<Add
 }
 
 impl WasmDriver {
-    /// The driver, the stream of its events, and the stream of guests' spawn calls.
+    /// The driver, the stream of its events, and the stream of guests' spawn
+    /// calls. The engine (pooling `max_processes`, caching compiled components
+    /// in `cache_dir`) is made when first needed.
     pub fn new(
-        runtime: Arc<Runtime>,
+        cache_dir: &Path,
+        max_processes: u32,
         bus: Arc<Bus>,
         hub: Arc<LogHub>,
         logs_dir: &Path,
@@ -200,7 +208,9 @@ impl WasmDriver {
         let (spawns, spawns_rx) = mpsc::channel(SPAWN_QUEUE);
         Ok((
             WasmDriver {
-                runtime,
+                runtime: None,
+                cache_dir: cache_dir.into(),
+                max_processes,
                 shared: Arc::new(Shared {
                     bus,
                     state_dir: state_dir.into(),
@@ -225,18 +235,26 @@ impl WasmDriver {
         address_of(self.shared.bus.node(), num, spec)
     }
 
+    fn runtime(&mut self) -> Result<Arc<Runtime>, WasmError> {
+        if let Some(r) = &self.runtime {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Runtime::new(&self.cache_dir, self.max_processes)?);
+        self.runtime = Some(r.clone());
+        Ok(r)
+    }
+
     /// Loads (compiles or fetches from cache) the component, so a bad file is
     /// an error before anything starts.
-    pub fn preflight(&self, spec: &ProcessSpec) -> Result<(), WasmError> {
+    pub fn preflight(&mut self, spec: &ProcessSpec) -> Result<(), WasmError> {
         match &spec.program {
-            Program::Wasm { path, .. } => self.runtime.load(path).map(|_| ()),
+            Program::Wasm { path, .. } => self.runtime()?.load(path).map(|_| ()),
             Program::Native { .. } => Ok(()),
         }
     }
 
     pub fn log_paths(&self, num: ProcessNum, spec: &ProcessSpec) -> (PathBuf, PathBuf) {
-        let label = spec.name.clone().unwrap_or_else(|| spec.program.label());
-        spec.log.paths(&self.logs_dir, &label, num.0)
+        spec.log_paths(&self.logs_dir, num.0)
     }
 
     /// Starts a run; returns the process's address.
@@ -250,7 +268,8 @@ impl WasmDriver {
         let Program::Wasm { path, public, .. } = &spec.program else {
             return Err("not a wasm process".into());
         };
-        let pre: ProcessPre<ProcessHost> = self.runtime.load(path).map_err(|e| e.to_string())?;
+        let runtime = self.runtime().map_err(|e| e.to_string())?;
+        let pre: ProcessPre<ProcessHost> = runtime.load(path).map_err(|e| e.to_string())?;
         let our = self.address(num, spec).expect("wasm spec");
         let (out_path, err_path) = self.log_paths(num, spec);
         let open = |p: &Path| Ok::<_, String>(self.hub.open(p, spec.log.max_size, spec.log.keep));
@@ -300,7 +319,7 @@ impl WasmDriver {
             kill_rx,
             path.parent().map(Path::to_path_buf).unwrap_or_default(),
         );
-        let mut store = Store::new(self.runtime.engine(), host);
+        let mut store = Store::new(runtime.engine(), host);
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
@@ -312,7 +331,7 @@ impl WasmDriver {
                 Box::pin(tokio::task::yield_now()),
             ))
         });
-        let guard = self.runtime.tick_guard();
+        let guard = runtime.tick_guard();
         tokio::spawn(run_process(
             pre,
             store,

@@ -1,7 +1,7 @@
 //! The wasm driver with real guest components (built from `examples/`).
 
 use spindle_bus::{Bus, Envelope, Message, Request};
-use spindle_driver_wasm::{Runtime, WasmDriver, WasmError, WasmEvent};
+use spindle_driver_wasm::{WasmDriver, WasmError, WasmEvent};
 use spindle_logs::LogHub;
 use spindle_types::manifest::RawProcess;
 use spindle_types::{Address, ExitStatus, ProcessNum, ProcessSpec};
@@ -24,10 +24,10 @@ struct Rig {
 impl Rig {
     fn new() -> Rig {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Arc::new(Runtime::new(&dir.path().join("cache"), 64).unwrap());
         let bus = Arc::new(Bus::new("local"));
         let (driver, events, _spawns) = WasmDriver::new(
-            runtime,
+            &dir.path().join("cache"),
+            64,
             bus.clone(),
             Arc::new(LogHub::new()),
             &dir.path().join("logs"),
@@ -61,20 +61,14 @@ impl Rig {
     /// Sends `body` to `target` and waits for the response body.
     async fn ask(&mut self, target: &Address, body: &[u8]) -> Vec<u8> {
         let id = self.bus.next_id();
-        let env = Envelope {
+        let env = Envelope::request(
             id,
-            source: self.tester.clone(),
-            target: target.clone(),
-            rsvp: Some(self.tester.clone()),
-            message: Message::Request(Request {
-                inherit: false,
-                expects_response: Some(DEADLINE),
-                body: body.to_vec(),
-                metadata: None,
-                capabilities: vec![],
-            }),
-            blob: None,
-        };
+            self.tester.clone(),
+            target.clone(),
+            Some(self.tester.clone()),
+            body.to_vec(),
+            Some(DEADLINE),
+        );
         self.bus.send(env, true).await.map_err(|(k, _)| k).unwrap();
         let reply = tokio::time::timeout(DEADLINE, self.inbox.recv())
             .await
@@ -88,20 +82,14 @@ impl Rig {
     }
 
     async fn tell(&self, target: &Address, body: &[u8]) {
-        let env = Envelope {
-            id: self.bus.next_id(),
-            source: self.tester.clone(),
-            target: target.clone(),
-            rsvp: None,
-            message: Message::Request(Request {
-                inherit: false,
-                expects_response: None,
-                body: body.to_vec(),
-                metadata: None,
-                capabilities: vec![],
-            }),
-            blob: None,
-        };
+        let env = Envelope::request(
+            self.bus.next_id(),
+            self.tester.clone(),
+            target.clone(),
+            None,
+            body.to_vec(),
+            None,
+        );
         self.bus.send(env, true).await.map_err(|(k, _)| k).unwrap();
     }
 
@@ -206,7 +194,7 @@ async fn init_returning_is_completion() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn bad_components_are_clear_errors() {
-    let rig = Rig::new();
+    let mut rig = Rig::new();
     let dir = tempfile::tempdir().unwrap();
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm\x01\0\0\0garbage").unwrap();

@@ -39,6 +39,15 @@ pub struct ProcessSpec {
     pub transient: bool,
 }
 
+impl ProcessSpec {
+    /// The files stdout and stderr go to, for the process numbered `num`,
+    /// in the node's `logs_dir`.
+    pub fn log_paths(&self, logs_dir: &Path, num: u64) -> (PathBuf, PathBuf) {
+        let label = self.name.clone().unwrap_or_else(|| self.program.label());
+        self.log.paths(logs_dir, &label, num)
+    }
+}
+
 /// What runs: an executable as an OS child, or a wasm component in-process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
