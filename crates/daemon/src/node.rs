@@ -450,11 +450,7 @@ impl Node {
                 );
             }
             for path in [&spec.log.out, &spec.log.err].into_iter().flatten() {
-                let open = path
-                    .parent()
-                    .map_or(Ok(()), fs::create_dir_all)
-                    .and_then(|_| fs::OpenOptions::new().create(true).append(true).open(path));
-                if let Err(e) = open {
+                if let Err(e) = spindle_logs::probe(path) {
                     return err(
                         ErrorKind::InvalidSpec,
                         format!(
@@ -517,8 +513,7 @@ impl Node {
                     .is_live()
                     .then(|| self.driver.usage(e.num))
                     .flatten();
-                let (log_out, log_err) = self.driver.log_paths(e.num, &e.spec);
-
+                let (log_out, log_err) = e.spec.log_paths(&self.paths.logs, e.num.0);
                 ProcessInfo {
                     id: e.num,
                     name: e.spec.name.clone(),
@@ -556,7 +551,7 @@ impl Node {
         for num in nums {
             let entry = self.kernel.get(num).expect("selected");
             let name = entry.spec.name.clone();
-            let (out, errp) = self.driver.log_paths(num, &entry.spec);
+            let (out, errp) = entry.spec.log_paths(&self.paths.logs, num.0);
             let mut files = vec![];
             match stream {
                 LogStream::Out => files.push((out.clone(), LogStream::Out)),

@@ -163,20 +163,10 @@ impl NativeDriver {
         let (out_path, err_path) = self.log_paths(num, spec);
         let open = |p: &Path| {
             // Fail before spawning if the file cannot be written at all.
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).map_err(|source| SpawnError::Log {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-            }
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| SpawnError::Log {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
+            spindle_logs::probe(p).map_err(|source| SpawnError::Log {
+                path: p.to_path_buf(),
+                source,
+            })?;
             Ok::<_, SpawnError>(self.hub.open(p, spec.log.max_size, spec.log.keep))
         };
         let out_file = open(&out_path)?;

@@ -253,10 +253,6 @@ impl WasmDriver {
         }
     }
 
-    pub fn log_paths(&self, num: ProcessNum, spec: &ProcessSpec) -> (PathBuf, PathBuf) {
-        spec.log_paths(&self.logs_dir, num.0)
-    }
-
     /// Starts a run; returns the process's address.
     pub fn spawn(
         &mut self,
@@ -271,20 +267,20 @@ impl WasmDriver {
         let runtime = self.runtime().map_err(|e| e.to_string())?;
         let pre: ProcessPre<ProcessHost> = runtime.load(path).map_err(|e| e.to_string())?;
         let our = self.address(num, spec).expect("wasm spec");
-        let (out_path, err_path) = self.log_paths(num, spec);
-        let open = |p: &Path| Ok::<_, String>(self.hub.open(p, spec.log.max_size, spec.log.keep));
+        let (out_path, err_path) = spec.log_paths(&self.logs_dir, num.0);
+        let open = |p: &Path| self.hub.open(p, spec.log.max_size, spec.log.keep);
         let shaping = Shaping {
             strip_ansi: spec.log.strip_ansi,
             timestamps: spec.log.timestamps,
         };
         let out = Arc::new(Mutex::new(LineSink::new(
-            open(&out_path)?,
+            open(&out_path),
             Stream::Out,
             shaping,
             tap.clone(),
         )));
         let err = Arc::new(Mutex::new(LineSink::new(
-            open(&err_path)?,
+            open(&err_path),
             Stream::Err,
             shaping,
             tap,

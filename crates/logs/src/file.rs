@@ -92,6 +92,12 @@ impl LogFile {
     }
 }
 
+/// Checks that `path` can be appended to (creating it and its directory),
+/// without keeping it open: the early, clear error before anything starts.
+pub fn probe(path: &Path) -> io::Result<()> {
+    open_append(path).map(drop)
+}
+
 /// Shares one [`LogFile`] per path among all writers of this node.
 #[derive(Debug, Default)]
 pub struct LogHub {

@@ -20,7 +20,7 @@
 mod file;
 mod sink;
 
-pub use file::{LogFile, LogHub, tail_lines};
+pub use file::{LogFile, LogHub, probe, tail_lines};
 pub use sink::{LineSink, LogChunk, Shaping, Stream};
 
 /// Longest line kept whole. A longer run of bytes without a newline is cut
