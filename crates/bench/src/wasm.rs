@@ -140,7 +140,29 @@ pub fn run(rows: &mut Vec<Row>) {
     rt.block_on(measure(rows));
 }
 
+/// Native spawns timed on their own: the `start` call of the native driver
+/// (resolve done beforehand), each child reaped before the next.
+const NATIVE_SPAWNS: u32 = 200;
+
+/// Mean time for the native driver to start `/bin/true`.
+fn native_spawn_each() -> Duration {
+    let program = spindle_types::Program::Native {
+        command: "/bin/true".into(),
+        args: vec![],
+        cwd: "/".into(),
+    };
+    let exe = Path::new("/bin/true");
+    let t = Instant::now();
+    for _ in 0..NATIVE_SPAWNS {
+        let child = spindle_driver_native::spawn::start(exe, &program, [], None).expect("spawn");
+        // SAFETY: waitpid on our own child's pid.
+        unsafe { libc::waitpid(child.pid, std::ptr::null_mut(), 0) };
+    }
+    t.elapsed() / NATIVE_SPAWNS
+}
+
 async fn measure(rows: &mut Vec<Row>) {
+    let native_alone = native_spawn_each();
     let mut b = Bench::new();
     // Warm the compiled-component cache and the linker.
     let echo = spec(None, "echo", true);
@@ -167,6 +189,7 @@ async fn measure(rows: &mut Vec<Row>) {
         (t.elapsed() - calls).as_secs_f64() * 1e6 / MANY as f64
     );
     let per_process = (rss().saturating_sub(rss0)) / MANY;
+    let native_mixed = native_spawn_each();
 
     // All of them answer, then all stop cleanly.
     let t = Instant::now();
@@ -260,6 +283,11 @@ async fn measure(rows: &mut Vec<Row>) {
         metric: "wasm: memory per idle process (parked in receive)".into(),
         target: "≤ 48 KiB".into(),
         measured: format!("{:.1} KiB", per_process as f64 / 1024.0),
+    });
+    rows.push(Row {
+        metric: "native spawn (start call), no wasm engine → 10,000 wasm processes live".into(),
+        target: "unaffected".into(),
+        measured: format!("{} → {}", us(native_alone), us(native_mixed)),
     });
     rows.push(Row {
         metric: "wasm: 10,000 concurrent processes: start, answer, stop".into(),

@@ -4,7 +4,10 @@
 //! real processes, and tells the kernel when a run's main process has exited.
 //!
 //! - **Spawn** ([`spawn`]): the executable is resolved first (a clear error
-//!   names a missing one and the `PATH` searched). The child gets its own
+//!   names a missing one and the `PATH` searched). The child is cloned
+//!   sharing the daemon's memory until it execs (`CLONE_VM | CLONE_VFORK`,
+//!   like `posix_spawn`), so a daemon with a large address space (the wasm
+//!   instance pool) starts children as fast as a small one. It gets its own
 //!   session and process group, `PR_SET_PDEATHSIG(SIGKILL)` so it dies with
 //!   the daemon, a clean signal mask and default signal dispositions (an
 //!   ignored SIGPIPE is not inherited), stdin from `/dev/null`, stdout and
@@ -30,7 +33,7 @@
 //!   read from `/proc`, for `ls` and memory caps.
 //!
 //! Everything here runs on the daemon's single control thread (`PDEATHSIG` is
-//! tied to the thread that forked, so spawning must stay on that thread).
+//! tied to the thread that created the child, so spawning must stay on that thread).
 
 pub mod capture;
 pub mod cgroup;

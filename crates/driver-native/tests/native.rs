@@ -138,6 +138,38 @@ async fn missing_executables_are_clear_errors() {
     };
     let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
     assert!(e.to_string().contains("chmod +x"), "{e}");
+
+    // Executable bit but no valid format: the exec itself fails, in the child.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
+    assert!(matches!(e, SpawnError::Exec { .. }), "{e:?}");
+    assert!(e.to_string().contains("plain.txt"), "{e}");
+    assert!(e.to_string().contains("format"), "{e}");
+    // An argument that cannot reach exec is refused before any child exists.
+    s.program = spindle_types::Program::Native {
+        command: testbin(),
+        args: vec!["nul\0byte".into()],
+        cwd: rig.dir.path().into(),
+    };
+    let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
+    assert!(e.to_string().contains("NUL byte"), "{e}");
+    // Nothing was left behind: no run, and no zombie of a child that failed
+    // before exec (it still bears the name of the thread that cloned it).
+    assert_eq!(rig.driver.live_runs(), 0);
+    let me = std::process::id() as i32;
+    let comm = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/comm")).ok();
+    let own = std::fs::read_to_string("/proc/thread-self/comm").ok();
+    let unreaped: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&pid| read_stat(pid).is_some_and(|s| s.ppid == me && s.state == b'Z'))
+        .filter(|&pid| comm(pid) == own)
+        .collect();
+    assert!(
+        unreaped.is_empty(),
+        "unreaped failed children: {unreaped:?}"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -161,7 +161,7 @@ struct LiveWasm {
 
 /// Starts and stops wasm processes for one node. The engine is created with
 /// the first wasm process: a node that runs none pays nothing for it (no
-/// pool reservations in the daemon, so forking native children stays cheap).
+/// pool reservations, no ticker thread).
 pub struct WasmDriver {
     runtime: Option<Arc<Runtime>>,
     cache_dir: PathBuf,
