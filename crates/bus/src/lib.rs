@@ -11,7 +11,9 @@
 //!
 //! Capabilities (`{issuer, params}`) are held per process id and outlive a
 //! process's runs, so a restart keeps what it held and what it granted. The
-//! kernel revokes everything a process issued when it is killed. A process may
+//! kernel revokes everything a process issued when it is killed. A bus made
+//! with [`Bus::open`] also keeps them on disk ([`persist`]), so they outlive
+//! the daemon too. A process may
 //! message another if the target is public or it holds the target's messaging
 //! capability; it may attach a capability to a message only if it holds it or
 //! is its issuer — the bus decides, not the sender.
@@ -22,13 +24,16 @@
 //! requester's own host, next to its mailbox.
 
 mod message;
+pub mod persist;
 
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
 };
 
+use persist::{CapsFileError, Persister};
 use spindle_types::{Address, ProcessId};
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -58,25 +63,77 @@ pub enum BusError {
     AddressTaken(Address),
 }
 
+/// Who holds which capabilities.
+pub(crate) type Caps = HashMap<ProcessId, HashSet<Capability>>;
+
 /// The node's message bus. See the crate docs.
 #[derive(Debug)]
 pub struct Bus {
     node: String,
     endpoints: RwLock<HashMap<ProcessId, Arc<Endpoint>>>,
-    caps: RwLock<HashMap<ProcessId, HashSet<Capability>>>,
+    caps: Arc<RwLock<Caps>>,
+    /// Keeps `caps` on disk, for a bus made with [`Bus::open`].
+    persist: Option<Persister>,
     next_id: AtomicU64,
     /// Responses that arrived after their request had timed out or been answered.
     pub late_responses: AtomicU64,
 }
 
 impl Bus {
+    /// A bus whose capabilities live in memory only.
     pub fn new(node: impl Into<String>) -> Bus {
         Bus {
             node: node.into(),
             endpoints: RwLock::new(HashMap::new()),
-            caps: RwLock::new(HashMap::new()),
+            caps: Arc::default(),
+            persist: None,
             next_id: AtomicU64::new(1),
             late_responses: AtomicU64::new(0),
+        }
+    }
+
+    /// A bus whose capabilities are loaded from and kept in `caps_file`.
+    pub fn open(node: impl Into<String>, caps_file: &Path) -> Result<Bus, CapsFileError> {
+        let caps = Arc::new(RwLock::new(persist::load(caps_file)?));
+        let persist = Persister::start(caps_file.to_path_buf(), caps.clone())?;
+        Ok(Bus {
+            caps,
+            persist: Some(persist),
+            ..Bus::new(node)
+        })
+    }
+
+    /// Notes a change to the capability table for the writer.
+    fn caps_changed(&self) {
+        if let Some(p) = &self.persist {
+            p.changed();
+        }
+    }
+
+    /// Waits until every capability change made so far is on disk (at once
+    /// for an in-memory bus). An error says why the last write failed; the
+    /// change is in effect in memory regardless.
+    pub async fn persisted(&self) -> Result<(), String> {
+        match &self.persist {
+            Some(p) => p.durable(p.latest()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Drops holders that are not `known`, and capabilities issued by
+    /// processes that are not `known` — say, at boot, those of processes that
+    /// no longer exist, so a later process with the same name inherits nothing.
+    pub fn retain(&self, known: impl Fn(&ProcessId) -> bool) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        let before: usize = caps.values().map(HashSet::len).sum();
+        caps.retain(|holder, _| known(holder));
+        for set in caps.values_mut() {
+            set.retain(|c| known(&c.issuer.process));
+        }
+        let after: usize = caps.values().map(HashSet::len).sum();
+        drop(caps);
+        if after != before {
+            self.caps_changed();
         }
     }
 
@@ -154,32 +211,56 @@ impl Bus {
     /// that the giver may give them).
     pub fn grant(&self, process: &ProcessId, new: impl IntoIterator<Item = Capability>) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        caps.entry(process.clone()).or_default().extend(new);
+        let set = caps.entry(process.clone()).or_default();
+        let mut added = false;
+        for c in new {
+            added |= set.insert(c);
+        }
+        drop(caps);
+        if added {
+            self.caps_changed();
+        }
     }
 
     pub fn revoke(&self, process: &ProcessId, gone: &[Capability]) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        let mut removed = false;
         if let Some(s) = caps.get_mut(process) {
             for c in gone {
-                s.remove(c);
+                removed |= s.remove(c);
             }
+        }
+        drop(caps);
+        if removed {
+            self.caps_changed();
         }
     }
 
     /// Revokes, from every holder, every capability `issuer` issued (it was killed).
     pub fn revoke_issued_by(&self, issuer: &Address) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        let mut removed = false;
         for s in caps.values_mut() {
+            let before = s.len();
             s.retain(|c| &c.issuer != issuer);
+            removed |= s.len() != before;
+        }
+        drop(caps);
+        if removed {
+            self.caps_changed();
         }
     }
 
     /// Forgets everything `process` holds (it was deleted).
     pub fn forget(&self, process: &ProcessId) {
-        self.caps
+        let removed = self
+            .caps
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(process);
+        if removed.is_some() {
+            self.caps_changed();
+        }
     }
 
     /// May `sender` attach `cap` to a message? Only if it holds it or issued it.

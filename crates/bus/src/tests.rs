@@ -123,3 +123,104 @@ async fn a_full_mailbox_slows_its_senders_only() {
         .unwrap_err();
     assert_eq!(kind, SendErrorKind::Offline);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn capabilities_outlive_the_bus_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capabilities.json");
+    let (a, b, c) = (addr("a"), addr("b"), addr("c"));
+    {
+        let bus = Bus::open("local", &file).unwrap();
+        bus.grant(
+            &a.process,
+            [Capability::messaging(&b), Capability::messaging(&c)],
+        );
+        bus.grant(&b.process, [Capability::messaging(&c)]);
+        bus.revoke(&a.process, &[Capability::messaging(&c)]);
+        bus.persisted().await.unwrap();
+    }
+    let bus = Bus::open("local", &file).unwrap();
+    assert_eq!(
+        bus.capabilities(&a.process),
+        vec![Capability::messaging(&b)]
+    );
+    assert!(bus.holds(&b.process, &Capability::messaging(&c)));
+
+    // What a killed issuer gave out is gone for good, and so are forgotten holders.
+    bus.revoke_issued_by(&c);
+    bus.forget(&a.process);
+    bus.persisted().await.unwrap();
+    drop(bus);
+    let bus = Bus::open("local", &file).unwrap();
+    assert!(bus.capabilities(&a.process).is_empty());
+    assert!(bus.capabilities(&b.process).is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn retain_drops_holders_and_issuers_that_no_longer_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capabilities.json");
+    let (a, b, gone) = (addr("a"), addr("b"), addr("gone"));
+    let bus = Bus::open("local", &file).unwrap();
+    bus.grant(
+        &a.process,
+        [Capability::messaging(&b), Capability::messaging(&gone)],
+    );
+    bus.grant(&gone.process, [Capability::messaging(&a)]);
+    bus.retain(|p| p != &gone.process);
+    bus.persisted().await.unwrap();
+    drop(bus);
+    let bus = Bus::open("local", &file).unwrap();
+    assert_eq!(
+        bus.capabilities(&a.process),
+        vec![Capability::messaging(&b)]
+    );
+    assert!(bus.capabilities(&gone.process).is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_capability_files_are_refused_or_moved_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capabilities.json");
+    std::fs::write(&file, r#"{"version": 99, "holders": []}"#).unwrap();
+    let e = Bus::open("local", &file).unwrap_err().to_string();
+    assert!(e.contains("newer Spindle") && e.contains("upgrade"), "{e}");
+
+    std::fs::write(&file, "{ not json").unwrap();
+    let bus = Bus::open("local", &file).unwrap();
+    assert!(bus.capabilities(&addr("a").process).is_empty());
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("corrupt"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        std::fs::read_to_string(aside[0].path()).unwrap(),
+        "{ not json"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_failing_write_is_reported_and_the_table_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("capabilities.json");
+    let (a, b) = (addr("a"), addr("b"));
+    let bus = Bus::open("local", &file).unwrap();
+    // A directory where the writer's temporary file must go makes every write fail.
+    std::fs::create_dir(dir.path().join("capabilities.json.tmp")).unwrap();
+    bus.grant(&a.process, [Capability::messaging(&b)]);
+    let e = bus.persisted().await.unwrap_err();
+    assert!(
+        e.contains("capabilities.json") && e.contains("retrying"),
+        "{e}"
+    );
+    assert!(bus.holds(&a.process, &Capability::messaging(&b)));
+    // Once the disk is usable again, the retry lands it.
+    std::fs::remove_dir(dir.path().join("capabilities.json.tmp")).unwrap();
+    let end = Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("a:demo:spindle")) {
+        assert!(Instant::now() < end, "the retry never wrote the file");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -26,7 +26,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Ok(mut c) => {
                 let s = c.status()?;
                 println!(
-                    "daemon running: pid {}, spindle {} (protocol {}), up {}, {} processes ({} running), rss {}, home {}",
+                    "daemon running: pid {}, spindle {} (protocol {}), up {}, {} processes ({} running), rss {}, {} late responses dropped, home {}",
                     s.pid,
                     s.version,
                     s.protocol,
@@ -36,6 +36,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     s.rss_bytes
                         .map(spindle_types::units::format_size)
                         .unwrap_or_else(|| "?".into()),
+                    s.late_responses,
                     s.home.display()
                 );
                 Ok(())

@@ -648,6 +648,61 @@ fn wasm_counter_over_send_survives_crashes_and_daemon_restarts() {
 }
 
 #[test]
+fn capabilities_survive_a_daemon_kill() {
+    let n = Node::new();
+    let echo = spindle_test_guests::path("echo");
+    let echo = echo.to_str().unwrap();
+    for name in ["hub", "other"] {
+        n.ok(&[
+            "start",
+            echo,
+            "--name",
+            name,
+            "--package",
+            "t:spindle",
+            "--public",
+        ]);
+    }
+    let hub = "local@hub:t:spindle";
+    // The hub spawns a private child and so holds the capability to message it.
+    let kid = n.ok(&["send", hub, "spawn kid"]).trim().to_string();
+    assert_eq!(kid, "local@kid:t:spindle");
+    let call = |from: &str, body: &str| {
+        n.ok(&["send", from, &format!("call {kid} 5000 {body}")])
+            .trim()
+            .to_string()
+    };
+    assert_eq!(call(hub, "one"), "ok one");
+    let denied = call("local@other:t:spindle", "x");
+    assert!(denied.starts_with("err no-capability"), "{denied}");
+
+    // kill -9 of the daemon: the capability comes back with the processes.
+    let pid = n.daemon_pid();
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    until("the old daemon gone", || (!alive(pid)).then_some(()));
+    n.ok(&["ls"]);
+    until("all three running again", || {
+        let l = n.list();
+        (l.len() == 3 && l.iter().all(|p| p.state == StateLabel::Running)).then_some(())
+    });
+    assert_eq!(call(hub, "two"), "ok two");
+    let denied = call("local@other:t:spindle", "x");
+    assert!(denied.starts_with("err no-capability"), "{denied}");
+    let file = std::fs::read_to_string(n.home().join("capabilities.json")).unwrap();
+    assert!(
+        file.contains("hub:t:spindle") && file.contains("local@kid:t:spindle"),
+        "{file}"
+    );
+
+    // Deleting the child revokes what it issued: a new `kid` is not reachable
+    // on the old grant.
+    n.ok(&["delete", "kid"]);
+    n.ok(&["start", echo, "--name", "kid", "--package", "t:spindle"]);
+    assert!(call(hub, "three").starts_with("err no-capability"));
+}
+
+#[test]
 fn bad_components_start_nothing() {
     let n = Node::new();
     let junk = n.write("junk.wasm", "not wasm at all");

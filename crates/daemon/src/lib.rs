@@ -39,6 +39,8 @@ pub struct Paths {
     pub socket: PathBuf,
     pub lock: PathBuf,
     pub table: PathBuf,
+    /// Who holds which capabilities (see `spindle_bus::persist`).
+    pub capabilities: PathBuf,
     pub logs: PathBuf,
     pub daemon_log: PathBuf,
 }
@@ -50,6 +52,7 @@ impl Paths {
             socket: home.join("spindle.sock"),
             lock: home.join("daemon.lock"),
             table: home.join("table.json"),
+            capabilities: home.join("capabilities.json"),
             logs: home.join("logs"),
             daemon_log: home.join("daemon.log"),
         }
@@ -75,6 +78,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Table(#[from] table::TableError),
+    #[error(transparent)]
+    Capabilities(#[from] spindle_bus::persist::CapsFileError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

@@ -11,8 +11,8 @@ use spindle_types::control::{
     DaemonStatus, ErrorKind, LogStream, PROTOCOL_VERSION, ProcessInfo, Request, Response,
     StateLabel,
 };
-use spindle_types::{Address, ProcessNum, ProcessSpec, Program, Selector};
-use std::collections::HashMap;
+use spindle_types::{Address, ProcessId, ProcessNum, ProcessSpec, Program, Selector};
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::sync::Arc;
@@ -153,7 +153,7 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let hub = Arc::new(LogHub::new());
     let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
-    let bus = Arc::new(Bus::new(NODE_NAME));
+    let bus = Arc::new(Bus::open(NODE_NAME, &paths.capabilities)?);
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
         &paths.home.join("cache"),
         spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
@@ -177,6 +177,15 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
             k
         }
     };
+    // Capabilities of processes that are gone (removed while the previous
+    // daemon's last write was in flight) must not pass to a namesake.
+    let known: HashSet<ProcessId> = kernel
+        .entries()
+        .filter_map(|e| wasm.address(e.num, &e.spec))
+        .map(|a| a.process)
+        .collect();
+    wasm.bus()
+        .retain(|p| p.package.is_system() || known.contains(p));
     let (calls_tx, mut calls) = mpsc::channel::<Call>(CALL_QUEUE);
     tokio::spawn(server::accept_loop(listener, calls_tx));
 
@@ -230,6 +239,9 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
         if node.kernel.is_shutting_down() && node.kernel.is_quiescent() {
             break;
         }
+    }
+    if let Err(why) = node.wasm.bus().persisted().await {
+        tracing::error!("capabilities may be out of date on disk: {why}");
     }
     let _ = fs::remove_file(&node.paths.socket);
     for w in node.shutdown_waiters.drain(..) {
@@ -333,7 +345,10 @@ impl Node {
                     Effect::Removed { num } => {
                         self.taps.remove(&num);
                         if let Some(addr) = self.addresses.remove(&num) {
+                            // Gone for good: nothing it held or issued may
+                            // pass to a later process of the same name.
                             self.wasm.bus().forget(&addr.process);
+                            self.wasm.bus().revoke_issued_by(&addr);
                         }
                     }
                     Effect::Persist => dirty = true,
@@ -682,6 +697,11 @@ impl Node {
             processes: self.kernel.entries().count(),
             running: self.kernel.entries().filter(|e| e.state.is_live()).count(),
             rss_bytes: rss,
+            late_responses: self
+                .wasm
+                .bus()
+                .late_responses
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -701,7 +721,7 @@ async fn send_as_operator(bus: Arc<Bus>, target: &str, body: String, timeout: Du
     };
     let me = bus.address(spindle_types::ProcessId {
         process: format!("cli-{}", SENDERS.fetch_add(1, Ordering::Relaxed)),
-        package: "sys:spindle".parse().expect("valid package"),
+        package: spindle_types::PackageId::system(),
     });
     let mut inbox = match bus.register(me.clone(), false) {
         Ok(m) => m,

@@ -1,8 +1,8 @@
 //! The persisted process table: `table.json`, written atomically and durably.
 
 use spindle_kernel::{TABLE_VERSION, TableSnapshot};
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,22 +47,15 @@ pub fn load(path: &Path) -> Result<Option<TableSnapshot>, TableError> {
     match serde_json::from_slice::<TableSnapshot>(&text) {
         Ok(t) => Ok(Some(t)),
         Err(e) => {
-            let aside = path.with_extension(format!(
-                "json.corrupt-{}",
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0)
-            ));
+            let aside = spindle_store::move_aside(path).map_err(|source| TableError::Read {
+                path: path.into(),
+                source,
+            })?;
             tracing::error!(
                 "{} is not a valid process table ({e}); moved it to {} and starting with an empty table",
                 path.display(),
                 aside.display()
             );
-            fs::rename(path, &aside).map_err(|source| TableError::Read {
-                path: path.into(),
-                source,
-            })?;
             Ok(None)
         }
     }
@@ -71,25 +64,10 @@ pub fn load(path: &Path) -> Result<Option<TableSnapshot>, TableError> {
 /// Writes the table durably: temp file, fsync, rename over, fsync the directory.
 /// On failure (a full disk) the previous table stays in place.
 pub fn save(path: &Path, table: &TableSnapshot) -> Result<(), TableError> {
-    let err = |source| TableError::Write {
+    let text = serde_json::to_vec_pretty(table).expect("the table serialises");
+    spindle_store::write_durable(path, &text).map_err(|source| TableError::Write {
         path: path.into(),
         source,
-    };
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(table).expect("the table serialises");
-    let write = || -> io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        err(e)
     })
 }
 

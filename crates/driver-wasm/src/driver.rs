@@ -8,7 +8,9 @@ use crate::runtime::{Runtime, TickGuard, WasmError};
 use spindle_bus::{Bus, Capability, Envelope, Message};
 use spindle_kernel::RunId;
 use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
-use spindle_types::{Address, ExitStatus, OnExit, ProcessId, ProcessNum, ProcessSpec, Program};
+use spindle_types::{
+    Address, ExitStatus, OnExit, PackageId, ProcessId, ProcessNum, ProcessSpec, Program,
+};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -353,7 +355,7 @@ impl WasmDriver {
             id: bus.next_id(),
             source: bus.address(ProcessId {
                 process: "kernel".into(),
-                package: "sys:spindle".parse().expect("valid package"),
+                package: PackageId::system(),
             }),
             target: address.clone(),
             rsvp: None,

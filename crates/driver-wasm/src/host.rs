@@ -369,25 +369,20 @@ impl ProcessHost {
         }
     }
 
+    /// Waits until capability changes are on disk. A failed write is logged
+    /// by the writer and noted in this process's log; the change holds in
+    /// memory either way, so the process carries on.
+    async fn caps_persisted(&mut self) {
+        if let Err(why) = self.shared.bus.persisted().await {
+            self.log_line(&format!("spindle: capabilities not saved: {why}"));
+        }
+    }
+
     fn state_path(&self) -> PathBuf {
         self.shared
             .state_dir
             .join(format!("{}.state", self.our.process))
     }
-}
-
-/// Writes `bytes` to `path` durably: temp file, fsync, rename, fsync directory.
-pub(crate) fn write_durable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("state.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 impl wit::Host for ProcessHost {}
@@ -559,7 +554,7 @@ impl host::Host for ProcessHost {
         self.check_alive()?;
         let path = self.state_path();
         let shown = path.display().to_string();
-        let r = tokio::task::spawn_blocking(move || write_durable(&path, &bytes))
+        let r = tokio::task::spawn_blocking(move || spindle_store::write_durable(&path, &bytes))
             .await
             .map_err(|e| TrapError::msg(e.to_string()))?;
         Ok(r.map_err(|e| format!("cannot save state to {shown}: {e}")))
@@ -622,10 +617,15 @@ impl host::Host for ProcessHost {
         if self.shared.spawns.send(call).await.is_err() {
             return Ok(Err("the node is shutting down".into()));
         }
-        Ok(match answer.await {
-            Ok(r) => r.map(|a| to_wit_addr(&a)),
-            Err(_) => Err("the node is shutting down".into()),
-        })
+        let child = match answer.await {
+            Ok(Ok(child)) => child,
+            Ok(Err(why)) => return Ok(Err(why)),
+            Err(_) => return Ok(Err("the node is shutting down".into())),
+        };
+        // The capabilities that came with the child are durable before the
+        // parent learns of it.
+        self.caps_persisted().await;
+        Ok(Ok(to_wit_addr(&child)))
     }
 
     async fn our_capabilities(&mut self) -> Result<Vec<wit::Capability>, TrapError> {
@@ -647,12 +647,14 @@ impl host::Host for ProcessHost {
             .filter(|c| arrived.contains(c))
             .collect();
         self.shared.bus.grant(&self.our.process, keep);
+        self.caps_persisted().await;
         Ok(())
     }
 
     async fn drop_capabilities(&mut self, caps: Vec<wit::Capability>) -> Result<(), TrapError> {
         let caps: Vec<Capability> = caps.into_iter().map(from_wit_cap).collect();
         self.shared.bus.revoke(&self.our.process, &caps);
+        self.caps_persisted().await;
         Ok(())
     }
 

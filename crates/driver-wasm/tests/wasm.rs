@@ -268,6 +268,25 @@ async fn wasm_to_wasm_requests_obey_capabilities_and_fail_clearly() {
         b"err timeout"
     );
     assert!(t.elapsed() >= Duration::from_millis(150));
+    // An answer after the timeout is dropped and counted, not delivered.
+    let bus = rig.bus.clone();
+    let late = move || {
+        bus.late_responses
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(late(), 0);
+    assert_eq!(
+        rig.ask(&a, &call(&b, 20, "sleep 200")).await,
+        b"err timeout"
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    while late() == 0 {
+        assert!(Instant::now() < end, "the late response was never counted");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // a is still serving, and saw only its own timeout.
+    assert_eq!(rig.ask(&a, &call(&b, 1000, "again")).await, b"ok again");
+    assert_eq!(late(), 1);
 }
 
 #[tokio::test(flavor = "current_thread")]

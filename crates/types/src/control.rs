@@ -181,6 +181,9 @@ pub struct DaemonStatus {
     pub processes: usize,
     pub running: usize,
     pub rss_bytes: Option<u64>,
+    /// Responses dropped because their request had already timed out.
+    #[serde(default)]
+    pub late_responses: u64,
 }
 
 #[cfg(test)]

@@ -166,6 +166,21 @@ pub struct Address {
     pub process: ProcessId,
 }
 
+impl PackageId {
+    /// `sys:spindle`: the node's own processes (the kernel, CLI senders,
+    /// runtime modules). No user process can be started in it.
+    pub fn system() -> PackageId {
+        PackageId {
+            package: "sys".into(),
+            publisher: "spindle".into(),
+        }
+    }
+
+    pub fn is_system(&self) -> bool {
+        self.package == "sys" && self.publisher == "spindle"
+    }
+}
+
 impl FromStr for PackageId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {

@@ -178,6 +178,14 @@ impl RawProcess {
                         .map_err(|e| err("package", e.to_string()))?,
                     None => DEFAULT_PACKAGE.parse().expect("valid default package"),
                 };
+                if package.is_system() {
+                    return Err(err(
+                        "package",
+                        format!(
+                            "`{package}` is reserved for the node itself: choose another package"
+                        ),
+                    ));
+                }
                 Program::Wasm {
                     path: resolve(base, &w),
                     package,
@@ -365,6 +373,8 @@ on_exit = "none"
             e.contains("`package`") && e.contains("package:publisher"),
             "{e}"
         );
+        let e = error_of("[[process]]\nwasm = \"a.wasm\"\npackage = \"sys:spindle\"\n");
+        assert!(e.contains("`package`") && e.contains("reserved"), "{e}");
         let e = error_of("[[process]]\ncommand = \"x\"\npublic = true\n");
         assert!(e.contains("wasm processes only"), "{e}");
     }

@@ -4,11 +4,14 @@
 //! and byte sum of the request's blob and its metadata, and
 //! `call <address> <timeout-ms> <body>` sends `body` to that address, awaits
 //! the response and answers with `ok <body>` or `err <kind>`.
+//! `spawn <name>` starts a private, always-restarted copy of echo under that
+//! name (so only this process may message it) and answers with its address.
+//! `sleep <ms>` answers `slept` after that long.
 //! For benchmarks: `bench <address> <n>` makes n request/response round trips
 //! to that address; `s` is counted silently; `count` answers with the count;
 //! `flood <address> <n>` sends n `s` one-way, then awaits that address's count.
 
-use spindle_process::{Address, Request, Response, await_message, get_blob};
+use spindle_process::{Address, OnExit, Request, Response, Spawn, await_message, get_blob, spawn};
 use std::time::Duration;
 
 spindle_process::init!(run);
@@ -97,6 +100,23 @@ fn run(_our: Address) {
                     .unwrap_or((0, 0));
                 let meta = msg.metadata().unwrap_or("-").to_string();
                 let _ = Response::new().body(format!("{len} {sum} {meta}")).send();
+            }
+            body if body.starts_with(b"sleep ") => {
+                let ms = String::from_utf8_lossy(&body[6..]).parse().unwrap_or(0);
+                std::thread::sleep(Duration::from_millis(ms));
+                let _ = Response::new().body("slept").send();
+            }
+            body if body.starts_with(b"spawn ") => {
+                let name = String::from_utf8_lossy(&body[6..]).into_owned();
+                let answer = match spawn(&Spawn {
+                    name: Some(name),
+                    on_exit: OnExit::Restart,
+                    ..Spawn::new("echo.wasm")
+                }) {
+                    Ok(child) => child.to_string(),
+                    Err(e) => format!("err {e}"),
+                };
+                let _ = Response::new().body(answer).send();
             }
             body if body.starts_with(b"call ") => {
                 let text = String::from_utf8_lossy(body).into_owned();
