@@ -22,7 +22,7 @@ struct Bench {
     driver: WasmDriver,
     events: mpsc::UnboundedReceiver<WasmEvent>,
     bus: Arc<Bus>,
-    tester: Address,
+    tester: Arc<Address>,
     inbox: Mailbox,
 }
 
@@ -62,6 +62,7 @@ impl Bench {
         .expect("driver");
         let tester: Address = "local@bench:sys:spindle".parse().expect("address");
         let inbox = bus.register(tester.clone(), false).expect("register");
+        let tester = Arc::new(tester);
         Bench {
             _dir: dir,
             driver,
@@ -85,7 +86,7 @@ impl Bench {
         let env = Envelope::request(
             id,
             self.tester.clone(),
-            target.clone(),
+            Arc::new(target.clone()),
             Some(self.tester.clone()),
             body.to_vec(),
             Some(DEADLINE),
@@ -112,7 +113,7 @@ impl Bench {
         let env = Envelope::request(
             self.bus.next_id(),
             self.tester.clone(),
-            target.clone(),
+            Arc::new(target.clone()),
             None,
             body.to_vec(),
             None,

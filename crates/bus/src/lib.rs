@@ -276,36 +276,58 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), (SendErrorKind, Envelope)> {
+        match self.try_send(env, privileged) {
+            Ok(()) => Ok(()),
+            Err(Refused::Now(kind, env)) => Err((kind, env)),
+            // The rare slow path is boxed: awaited inline, its timer would
+            // make every sender's future (moved on each host call) large.
+            Err(Refused::Full(tx, env)) => Box::pin(wait_for_room(tx, env)).await,
+        }
+    }
+
+    /// Everything of [`Bus::send`] that needs no waiting.
+    fn try_send(&self, env: Envelope, privileged: bool) -> Result<(), Refused> {
         let Some(target) = self.lookup(&env.target.process) else {
-            return Err((SendErrorKind::Offline, env));
+            return Err(Refused::Now(SendErrorKind::Offline, env));
         };
         if !privileged {
             let caps = env.message.capabilities();
             if caps.iter().any(|c| !self.may_attach(&env.source, c)) {
-                return Err((SendErrorKind::Invalid, env));
+                return Err(Refused::Now(SendErrorKind::Invalid, env));
             }
             if matches!(env.message, Message::Request(_))
                 && !target.public
                 && !self.holds(&env.source.process, &Capability::messaging(&target.address))
             {
-                return Err((SendErrorKind::NoCapability, env));
+                return Err(Refused::Now(SendErrorKind::NoCapability, env));
             }
         }
         match target.tx.try_send(env) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(env)) => Err((SendErrorKind::Offline, env)),
-            Err(mpsc::error::TrySendError::Full(env)) => {
-                match target.tx.send_timeout(env, MAILBOX_WAIT).await {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::SendTimeoutError::Timeout(env)) => {
-                        Err((SendErrorKind::MailboxFull, env))
-                    }
-                    Err(mpsc::error::SendTimeoutError::Closed(env)) => {
-                        Err((SendErrorKind::Offline, env))
-                    }
-                }
+            Err(mpsc::error::TrySendError::Closed(env)) => {
+                Err(Refused::Now(SendErrorKind::Offline, env))
             }
+            Err(mpsc::error::TrySendError::Full(env)) => Err(Refused::Full(target.tx.clone(), env)),
         }
+    }
+}
+
+/// Why [`Bus::try_send`] did not deliver.
+enum Refused {
+    Now(SendErrorKind, Envelope),
+    /// The mailbox is full: wait for room on this sender.
+    Full(mpsc::Sender<Envelope>, Envelope),
+}
+
+/// Waits up to [`MAILBOX_WAIT`] for room in a full mailbox.
+async fn wait_for_room(
+    tx: mpsc::Sender<Envelope>,
+    env: Envelope,
+) -> Result<(), (SendErrorKind, Envelope)> {
+    match tx.send_timeout(env, MAILBOX_WAIT).await {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Timeout(env)) => Err((SendErrorKind::MailboxFull, env)),
+        Err(mpsc::error::SendTimeoutError::Closed(env)) => Err((SendErrorKind::Offline, env)),
     }
 }
 

@@ -8,8 +8,8 @@ fn addr(p: &str) -> Address {
 fn request(source: &Address, target: &Address, caps: Vec<Capability>) -> Envelope {
     Envelope {
         id: 1,
-        source: source.clone(),
-        target: target.clone(),
+        source: source.clone().into(),
+        target: target.clone().into(),
         rsvp: None,
         message: Message::Request(Request {
             inherit: false,
@@ -110,7 +110,7 @@ async fn a_full_mailbox_slows_its_senders_only() {
         .await
         .unwrap_err();
     assert_eq!(kind, SendErrorKind::MailboxFull);
-    assert_eq!(back.target, slow, "the message comes back to its sender");
+    assert_eq!(*back.target, slow, "the message comes back to its sender");
     assert!(t.elapsed() >= MAILBOX_WAIT, "the sender was slowed first");
     // Another process is unaffected.
     bus.send(request(&a, &fast, vec![]), false).await.unwrap();

@@ -728,10 +728,11 @@ async fn send_as_operator(bus: Arc<Bus>, target: &str, body: String, timeout: Du
         Err(e) => return err(ErrorKind::Internal, e.to_string()),
     };
     let id = bus.next_id();
+    let me = Arc::new(me);
     let env = Envelope {
         id,
         source: me.clone(),
-        target: target.clone(),
+        target: Arc::new(target.clone()),
         rsvp: Some(me.clone()),
         message: Message::Request(BusRequest {
             inherit: false,

@@ -310,7 +310,7 @@ impl WasmDriver {
             limits,
             self.shared.clone(),
             num,
-            our.clone(),
+            Arc::new(our.clone()),
             mailbox,
             on_exit_to_wit(&spec.on_exit),
             out,
@@ -353,11 +353,11 @@ impl WasmDriver {
         let bus = self.shared.bus.clone();
         let env = Envelope {
             id: bus.next_id(),
-            source: bus.address(ProcessId {
+            source: Arc::new(bus.address(ProcessId {
                 process: "kernel".into(),
                 package: PackageId::system(),
-            }),
-            target: address.clone(),
+            })),
+            target: Arc::new(address.clone()),
             rsvp: None,
             message: Message::Request(spindle_bus::Request {
                 inherit: false,
@@ -445,7 +445,7 @@ async fn run_process(
             let env = Envelope {
                 id: h.shared.bus.next_id(),
                 source: h.our.clone(),
-                target: host::from_wit_addr(target),
+                target: Arc::new(host::from_wit_addr(target)),
                 rsvp: None,
                 message: Message::Request(request),
                 blob: blob.map(|b| Arc::new(host::from_wit_blob(b))),

@@ -32,7 +32,7 @@ pub struct Shared {
 
 /// A request this process sent and awaits a response to.
 struct Pending {
-    target: Address,
+    target: Arc<Address>,
     request: Request,
     context: Option<Vec<u8>>,
     deadline: Instant,
@@ -43,7 +43,7 @@ struct Pending {
 /// not replace it.
 struct Handling {
     id: u64,
-    rsvp: Option<Address>,
+    rsvp: Option<Arc<Address>>,
     blob: Option<Arc<Blob>>,
 }
 
@@ -61,7 +61,7 @@ pub struct ProcessHost {
     pub(crate) limits: StoreLimits,
     pub(crate) shared: Arc<Shared>,
     pub(crate) num: ProcessNum,
-    pub(crate) our: Address,
+    pub(crate) our: Arc<Address>,
     pub(crate) mailbox: Mailbox,
     pending: HashMap<u64, Pending>,
     deferred: VecDeque<Envelope>,
@@ -207,7 +207,7 @@ impl ProcessHost {
         limits: StoreLimits,
         shared: Arc<Shared>,
         num: ProcessNum,
-        our: Address,
+        our: Arc<Address>,
         mailbox: Mailbox,
         on_exit: wit::OnExit,
         out: Arc<Mutex<LineSink>>,
@@ -324,7 +324,7 @@ impl ProcessHost {
     /// Sends a request; returns its number when a response is expected.
     async fn send(
         &mut self,
-        target: Address,
+        target: Arc<Address>,
         request: Request,
         context: Option<Vec<u8>>,
         blob: Option<wit::Blob>,
@@ -434,7 +434,7 @@ impl host::Host for ProcessHost {
         self.check_alive()?;
         let r = self
             .send(
-                from_wit_addr(target),
+                Arc::new(from_wit_addr(target)),
                 from_wit_request(request),
                 context,
                 blob,
@@ -454,7 +454,12 @@ impl host::Host for ProcessHost {
             request.expects_response = Some(DEFAULT_AWAIT.as_millis() as u64);
         }
         let id = match self
-            .send(from_wit_addr(target), from_wit_request(request), None, blob)
+            .send(
+                Arc::new(from_wit_addr(target)),
+                from_wit_request(request),
+                None,
+                blob,
+            )
             .await
         {
             Ok(Some(id)) => id,
@@ -605,7 +610,7 @@ impl host::Host for ProcessHost {
         let path = self.component_dir.join(&wasm_path);
         let (reply, answer) = oneshot::channel();
         let call = crate::SpawnCall {
-            parent: self.our.clone(),
+            parent: (*self.our).clone(),
             name,
             path,
             on_exit: crate::driver::on_exit_from_wit(&on_exit),

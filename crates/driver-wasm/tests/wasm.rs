@@ -17,7 +17,7 @@ struct Rig {
     driver: WasmDriver,
     events: mpsc::UnboundedReceiver<WasmEvent>,
     bus: Arc<Bus>,
-    tester: Address,
+    tester: Arc<Address>,
     inbox: spindle_bus::Mailbox,
 }
 
@@ -36,6 +36,7 @@ impl Rig {
         .unwrap();
         let tester: Address = "local@tester:sys:spindle".parse().unwrap();
         let inbox = bus.register(tester.clone(), false).unwrap();
+        let tester = Arc::new(tester);
         Rig {
             _dir: dir,
             driver,
@@ -64,7 +65,7 @@ impl Rig {
         let env = Envelope::request(
             id,
             self.tester.clone(),
-            target.clone(),
+            Arc::new(target.clone()),
             Some(self.tester.clone()),
             body.to_vec(),
             Some(DEADLINE),
@@ -85,7 +86,7 @@ impl Rig {
         let env = Envelope::request(
             self.bus.next_id(),
             self.tester.clone(),
-            target.clone(),
+            Arc::new(target.clone()),
             None,
             body.to_vec(),
             None,
@@ -311,7 +312,7 @@ async fn middleware_inherits_the_route_and_never_touches_the_blob() {
     let env = Envelope {
         id,
         source: rig.tester.clone(),
-        target: mw.clone(),
+        target: Arc::new(mw.clone()),
         rsvp: Some(rig.tester.clone()),
         message: Message::Request(Request {
             inherit: false,
@@ -331,7 +332,7 @@ async fn middleware_inherits_the_route_and_never_touches_the_blob() {
         .unwrap()
         .unwrap();
     assert_eq!(reply.id, id, "answers the original request");
-    assert_eq!(reply.source, backend, "straight from the backend");
+    assert_eq!(*reply.source, backend, "straight from the backend");
     let Message::Response(r, _) = reply.message else {
         panic!("a response")
     };
