@@ -41,6 +41,9 @@ use tokio::sync::mpsc;
 
 /// Messages a mailbox holds before senders have to wait.
 pub const MAILBOX_CAPACITY: usize = 1024;
+// Mailboxes carry boxed envelopes: the channel allocates its slots in blocks
+// of 32, and 32 inline envelopes (144 bytes each) would cost every idle
+// process 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
 /// How long a sender waits for room in a full mailbox before `MailboxFull`.
 pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
 /// The `params` of a messaging capability.
@@ -51,11 +54,24 @@ pub const MESSAGING: &str = "\"messaging\"";
 pub struct Endpoint {
     pub address: Address,
     pub public: bool,
-    tx: mpsc::Sender<Envelope>,
+    tx: mpsc::Sender<Box<Envelope>>,
 }
 
 /// The receiving side handed to the process's host.
-pub type Mailbox = mpsc::Receiver<Envelope>;
+#[derive(Debug)]
+pub struct Mailbox(mpsc::Receiver<Box<Envelope>>);
+
+impl Mailbox {
+    /// The next message; `None` once the process is off the bus.
+    pub async fn recv(&mut self) -> Option<Envelope> {
+        self.0.recv().await.map(|b| *b)
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Envelope> {
+        self.0.try_recv().ok().map(|b| *b)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
@@ -168,7 +184,7 @@ impl Bus {
                 tx,
             }),
         );
-        Ok(rx)
+        Ok(Mailbox(rx))
     }
 
     /// Takes a process off the bus (its run ended). Messages to it now fail `Offline`.
@@ -276,9 +292,9 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), (SendErrorKind, Envelope)> {
-        match self.try_send(env, privileged) {
+        match self.try_send(Box::new(env), privileged) {
             Ok(()) => Ok(()),
-            Err(Refused::Now(kind, env)) => Err((kind, env)),
+            Err(Refused::Now(kind, env)) => Err((kind, *env)),
             // The rare slow path is boxed: awaited inline, its timer would
             // make every sender's future (moved on each host call) large.
             Err(Refused::Full(tx, env)) => Box::pin(wait_for_room(tx, env)).await,
@@ -286,7 +302,7 @@ impl Bus {
     }
 
     /// Everything of [`Bus::send`] that needs no waiting.
-    fn try_send(&self, env: Envelope, privileged: bool) -> Result<(), Refused> {
+    fn try_send(&self, env: Box<Envelope>, privileged: bool) -> Result<(), Refused> {
         let Some(target) = self.lookup(&env.target.process) else {
             return Err(Refused::Now(SendErrorKind::Offline, env));
         };
@@ -314,20 +330,20 @@ impl Bus {
 
 /// Why [`Bus::try_send`] did not deliver.
 enum Refused {
-    Now(SendErrorKind, Envelope),
+    Now(SendErrorKind, Box<Envelope>),
     /// The mailbox is full: wait for room on this sender.
-    Full(mpsc::Sender<Envelope>, Envelope),
+    Full(mpsc::Sender<Box<Envelope>>, Box<Envelope>),
 }
 
 /// Waits up to [`MAILBOX_WAIT`] for room in a full mailbox.
 async fn wait_for_room(
-    tx: mpsc::Sender<Envelope>,
-    env: Envelope,
+    tx: mpsc::Sender<Box<Envelope>>,
+    env: Box<Envelope>,
 ) -> Result<(), (SendErrorKind, Envelope)> {
     match tx.send_timeout(env, MAILBOX_WAIT).await {
         Ok(()) => Ok(()),
-        Err(mpsc::error::SendTimeoutError::Timeout(env)) => Err((SendErrorKind::MailboxFull, env)),
-        Err(mpsc::error::SendTimeoutError::Closed(env)) => Err((SendErrorKind::Offline, env)),
+        Err(mpsc::error::SendTimeoutError::Timeout(env)) => Err((SendErrorKind::MailboxFull, *env)),
+        Err(mpsc::error::SendTimeoutError::Closed(env)) => Err((SendErrorKind::Offline, *env)),
     }
 }
 
