@@ -71,17 +71,20 @@ pub(crate) fn on_exit_from_wit(o: &wit::OnExit) -> OnExit {
         wit::OnExit::None => OnExit::None,
         wit::OnExit::Restart => OnExit::Restart,
         wit::OnExit::Requests(list) => OnExit::Requests(
+            // One with a malformed target or capability could never be
+            // delivered: it is left out, like a request to a target that is gone.
             list.iter()
-                .map(|(target, req, blob)| {
-                    serde_json::to_value(ExitRequest {
-                        target: host::from_wit_addr(target.clone()),
-                        inherit: req.inherit,
-                        body: req.body.clone(),
-                        metadata: req.metadata.clone(),
-                        capabilities: host::from_wit_request(req.clone()).capabilities,
+                .filter_map(|(target, req, blob)| {
+                    let request = host::from_wit_request(req.clone()).ok()?;
+                    let value = serde_json::to_value(ExitRequest {
+                        target: host::from_wit_addr(target)?,
+                        inherit: request.inherit,
+                        body: request.body,
+                        metadata: request.metadata,
+                        capabilities: request.capabilities,
                         blob: blob.as_ref().map(|b| (b.mime.clone(), b.bytes.clone())),
-                    })
-                    .expect("exit requests serialise")
+                    });
+                    Some(value.expect("exit requests serialise"))
                 })
                 .collect(),
         ),
@@ -440,12 +443,17 @@ async fn run_process(
     let on_exit = on_exit_from_wit(&h.on_exit);
     if let wit::OnExit::Requests(list) = h.on_exit.clone() {
         for (target, req, blob) in list {
-            let mut request = host::from_wit_request(req);
+            // Malformed ones cannot be delivered, like those to a target that is gone.
+            let (Some(target), Ok(mut request)) =
+                (host::from_wit_addr(&target), host::from_wit_request(req))
+            else {
+                continue;
+            };
             request.expects_response = None;
             let env = Envelope {
                 id: h.shared.bus.next_id(),
                 source: h.our.clone(),
-                target: Arc::new(host::from_wit_addr(target)),
+                target: Arc::new(target),
                 rsvp: None,
                 message: Message::Request(request),
                 blob: blob.map(|b| Arc::new(host::from_wit_blob(b))),

@@ -10,7 +10,7 @@ use spindle_bus::{
     Blob, Bus, Capability, Envelope, Mailbox, Message, Request, Response, SendErrorKind,
 };
 use spindle_logs::LineSink;
-use spindle_types::{Address, PackageId, ProcessId, ProcessNum};
+use spindle_types::{Address, ProcessNum};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -73,6 +73,11 @@ pub struct ProcessHost {
     pub(crate) kill: watch::Receiver<bool>,
     pub(crate) component_dir: PathBuf,
     waited: bool,
+    /// The last target this process sent to, parsed: a process mostly talks
+    /// to a few peers, and comparing the text is cheaper than parsing it.
+    target_cache: Option<(String, Arc<Address>)>,
+    /// The text of the last source handed to the guest, for the same reason.
+    source_cache: Option<(Arc<Address>, String)>,
 }
 
 impl WasiView for ProcessHost {
@@ -90,25 +95,12 @@ pub(crate) fn killed() -> TrapError {
 }
 
 pub(crate) fn to_wit_addr(a: &Address) -> wit::Address {
-    wit::Address {
-        node: a.node.clone(),
-        process: a.process.process.clone(),
-        package: a.process.package.package.clone(),
-        publisher: a.process.package.publisher.clone(),
-    }
+    a.to_string()
 }
 
-pub(crate) fn from_wit_addr(a: wit::Address) -> Address {
-    Address {
-        node: a.node,
-        process: ProcessId {
-            process: a.process,
-            package: PackageId {
-                package: a.package,
-                publisher: a.publisher,
-            },
-        },
-    }
+/// An address a guest gave, if it is one.
+pub(crate) fn from_wit_addr(a: &str) -> Option<Address> {
+    a.parse().ok()
 }
 
 fn to_wit_cap(c: &Capability) -> wit::Capability {
@@ -118,21 +110,31 @@ fn to_wit_cap(c: &Capability) -> wit::Capability {
     }
 }
 
-fn from_wit_cap(c: wit::Capability) -> Capability {
-    Capability {
-        issuer: from_wit_addr(c.issuer),
-        params: c.params,
-    }
+/// A guest's capabilities, if every issuer is an address (a capability that
+/// names no process cannot be held, so it is never valid to attach).
+fn from_wit_caps(caps: &[wit::Capability]) -> Option<Vec<Capability>> {
+    caps.iter()
+        .map(|c| {
+            Some(Capability {
+                issuer: from_wit_addr(&c.issuer)?,
+                params: c.params.clone(),
+            })
+        })
+        .collect()
 }
 
-pub(crate) fn from_wit_request(r: wit::Request) -> Request {
-    Request {
+/// A guest's request, or the request back if a capability in it is malformed.
+pub(crate) fn from_wit_request(r: wit::Request) -> Result<Request, wit::Request> {
+    let Some(capabilities) = from_wit_caps(&r.capabilities) else {
+        return Err(r);
+    };
+    Ok(Request {
         inherit: r.inherit,
         expects_response: r.expects_response.map(Duration::from_millis),
         body: r.body,
         metadata: r.metadata,
-        capabilities: r.capabilities.into_iter().map(from_wit_cap).collect(),
-    }
+        capabilities,
+    })
 }
 
 fn to_wit_request(r: Request) -> wit::Request {
@@ -191,6 +193,21 @@ fn send_error(
     }
 }
 
+/// A request the kernel could not even read (a malformed target or
+/// capability), returned as `invalid` exactly as the guest gave it.
+fn invalid_request(
+    target: wit::Address,
+    request: wit::Request,
+    context: Option<Vec<u8>>,
+) -> wit::SendError {
+    wit::SendError {
+        kind: wit::SendErrorKind::Invalid,
+        target,
+        message: wit::Message::Request(request),
+        context,
+    }
+}
+
 /// What ended a wait. Lives on the stack for one wait only: boxing the
 /// envelope would cost an allocation per message on the hot path.
 #[allow(clippy::large_enum_variant)]
@@ -232,7 +249,33 @@ impl ProcessHost {
             kill,
             component_dir,
             waited: false,
+            target_cache: None,
+            source_cache: None,
         }
+    }
+
+    /// The address a guest named as a target, if it is one.
+    fn target(&mut self, text: &str) -> Option<Arc<Address>> {
+        if let Some((t, a)) = &self.target_cache
+            && t == text
+        {
+            return Some(a.clone());
+        }
+        let a = Arc::new(from_wit_addr(text)?);
+        self.target_cache = Some((text.to_owned(), a.clone()));
+        Some(a)
+    }
+
+    /// `a` as the guest sees it.
+    fn source_text(&mut self, a: &Arc<Address>) -> wit::Address {
+        if let Some((cached, text)) = &self.source_cache
+            && Arc::ptr_eq(cached, a)
+        {
+            return text.clone();
+        }
+        let text = to_wit_addr(a);
+        self.source_cache = Some((a.clone(), text.clone()));
+        text
     }
 
     fn check_alive(&self) -> Result<(), TrapError> {
@@ -283,7 +326,7 @@ impl ProcessHost {
             blob: env.blob,
             caps: message.capabilities().to_vec(),
         });
-        Some((to_wit_addr(&env.source), to_wit_message(message)))
+        Some((self.source_text(&env.source), to_wit_message(message)))
     }
 
     /// A pending request whose time is up, returned as a timeout error.
@@ -432,14 +475,14 @@ impl host::Host for ProcessHost {
         blob: Option<wit::Blob>,
     ) -> Result<Result<(), wit::SendError>, TrapError> {
         self.check_alive()?;
-        let r = self
-            .send(
-                Arc::new(from_wit_addr(target)),
-                from_wit_request(request),
-                context,
-                blob,
-            )
-            .await;
+        let Some(to) = self.target(&target) else {
+            return Ok(Err(invalid_request(target, request, context)));
+        };
+        let request = match from_wit_request(request) {
+            Ok(r) => r,
+            Err(r) => return Ok(Err(invalid_request(target, r, context))),
+        };
+        let r = self.send(to, request, context, blob).await;
         Ok(r.map(|_| ()))
     }
 
@@ -453,15 +496,14 @@ impl host::Host for ProcessHost {
         if request.expects_response.is_none() {
             request.expects_response = Some(DEFAULT_AWAIT.as_millis() as u64);
         }
-        let id = match self
-            .send(
-                Arc::new(from_wit_addr(target)),
-                from_wit_request(request),
-                None,
-                blob,
-            )
-            .await
-        {
+        let Some(to) = self.target(&target) else {
+            return Ok(Err(invalid_request(target, request, None)));
+        };
+        let request = match from_wit_request(request) {
+            Ok(r) => r,
+            Err(r) => return Ok(Err(invalid_request(target, r, None))),
+        };
+        let id = match self.send(to, request, None, blob).await {
             Ok(Some(id)) => id,
             Ok(None) => unreachable!("a response is expected"),
             Err(e) => return Ok(Err(e)),
@@ -500,15 +542,19 @@ impl host::Host for ProcessHost {
         blob: Option<wit::Blob>,
     ) -> Result<Result<(), wit::SendError>, TrapError> {
         self.check_alive()?;
+        let Some(capabilities) = from_wit_caps(&response.capabilities) else {
+            return Ok(Err(wit::SendError {
+                kind: wit::SendErrorKind::Invalid,
+                target: to_wit_addr(&self.our),
+                message: wit::Message::Response((response, None)),
+                context: None,
+            }));
+        };
         let resp = Response {
             inherit: response.inherit,
             body: response.body,
             metadata: response.metadata,
-            capabilities: response
-                .capabilities
-                .into_iter()
-                .map(from_wit_cap)
-                .collect(),
+            capabilities,
         };
         let Some(cur) = self.handling.as_mut() else {
             let me = self.our.clone();
@@ -597,7 +643,22 @@ impl host::Host for ProcessHost {
         public: bool,
     ) -> Result<Result<wit::Address, String>, TrapError> {
         self.check_alive()?;
-        let caps: Vec<Capability> = request_capabilities.into_iter().map(from_wit_cap).collect();
+        let Some(caps) = from_wit_caps(&request_capabilities) else {
+            return Ok(Err(
+                "a capability to give the child names an issuer that is not an address (node@process:package:publisher)".into(),
+            ));
+        };
+        let mut grantees = Vec::with_capacity(grant_to.len());
+        for g in &grant_to {
+            match from_wit_addr(g) {
+                Some(a) => grantees.push(a),
+                None => {
+                    return Ok(Err(format!(
+                        "grant-to `{g}` is not an address (node@process:package:publisher)"
+                    )));
+                }
+            }
+        }
         if let Some(c) = caps
             .iter()
             .find(|c| !self.shared.bus.may_attach(&self.our, c))
@@ -616,7 +677,7 @@ impl host::Host for ProcessHost {
             on_exit: crate::driver::on_exit_from_wit(&on_exit),
             public,
             capabilities: caps,
-            grant_to: grant_to.into_iter().map(from_wit_addr).collect(),
+            grant_to: grantees,
             reply,
         };
         if self.shared.spawns.send(call).await.is_err() {
@@ -646,9 +707,9 @@ impl host::Host for ProcessHost {
     async fn save_capabilities(&mut self, caps: Vec<wit::Capability>) -> Result<(), TrapError> {
         // Only what actually arrived with the last message can be kept.
         let arrived = self.last.as_ref().map(|l| l.caps.as_slice()).unwrap_or(&[]);
-        let keep: Vec<Capability> = caps
+        let keep: Vec<Capability> = from_wit_caps(&caps)
+            .unwrap_or_default()
             .into_iter()
-            .map(from_wit_cap)
             .filter(|c| arrived.contains(c))
             .collect();
         self.shared.bus.grant(&self.our.process, keep);
@@ -657,7 +718,12 @@ impl host::Host for ProcessHost {
     }
 
     async fn drop_capabilities(&mut self, caps: Vec<wit::Capability>) -> Result<(), TrapError> {
-        let caps: Vec<Capability> = caps.into_iter().map(from_wit_cap).collect();
+        // Malformed ones cannot be held, so there is nothing to drop for them.
+        let caps: Vec<Capability> = caps
+            .iter()
+            .filter_map(|c| from_wit_caps(std::slice::from_ref(c)))
+            .flatten()
+            .collect();
         self.shared.bus.revoke(&self.our.process, &caps);
         self.caps_persisted().await;
         Ok(())

@@ -40,7 +40,7 @@ pub enum WasmError {
     #[error("{path} is not a valid WebAssembly component: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error(
-        "{path} does not fit Spindle's process world (spindle:process@0.1.0): {message}; build it against crates/process-lib"
+        "{path} does not fit Spindle's process world (spindle:process@0.2.0): {message}; build it against crates/process-lib"
     )]
     Link { path: PathBuf, message: String },
     #[error("the wasm engine could not be set up: {0}")]

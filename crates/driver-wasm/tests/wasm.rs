@@ -257,6 +257,12 @@ async fn wasm_to_wasm_requests_obey_capabilities_and_fail_clearly() {
     rig.bus
         .grant(&a.process, [spindle_bus::Capability::messaging(&b)]);
     assert_eq!(rig.ask(&a, &call(&b, 1000, "hi")).await, b"ok hi");
+    // An address the kernel cannot read is refused as invalid, not sent.
+    assert_eq!(
+        rig.ask(&a, b"call local@Not-Lowercase:demo:spindle 1000 hi")
+            .await,
+        b"err invalid"
+    );
     // Nobody there: offline, at once, not a timeout.
     let ghost: Address = "local@ghost:demo:spindle".parse().unwrap();
     let t = Instant::now();

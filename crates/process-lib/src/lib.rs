@@ -43,9 +43,7 @@ pub mod bindings {
 }
 
 use bindings::spindle::process::host;
-pub use bindings::spindle::process::types::{
-    self as wit, Address, Blob, Capability, OnExit, SendErrorKind,
-};
+pub use bindings::spindle::process::types::{self as wit, Blob, Capability, OnExit, SendErrorKind};
 use serde::{Serialize, de::DeserializeOwned};
 use std::fmt;
 use std::time::Duration;
@@ -56,9 +54,9 @@ macro_rules! init {
     ($f:path) => {
         struct __SpindleProcess;
         impl $crate::bindings::Guest for __SpindleProcess {
-            fn init(our: $crate::Address) {
+            fn init(our: String) {
                 $crate::install_panic_hook();
-                $f(our)
+                $f($crate::Address::from_host(our))
             }
         }
         $crate::bindings::export_process!(__SpindleProcess with_types_in $crate::bindings);
@@ -95,55 +93,83 @@ pub fn print(text: &str) {
 }
 
 pub fn our() -> Address {
-    host::our()
+    Address::from_host(host::our())
+}
+
+/// A process's address, `node@process:package:publisher`. It crosses the
+/// host boundary as one string; the parts are read from it on demand.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Address {
+    text: String,
+    /// Byte offsets of the `@` and the two `:`.
+    at: usize,
+    colon1: usize,
+    colon2: usize,
 }
 
 impl fmt::Display for Address {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}@{}:{}:{}",
-            self.node, self.process, self.package, self.publisher
-        )
+        f.write_str(&self.text)
     }
 }
 
 impl Address {
     /// Parses `node@process:package:publisher`.
     pub fn parse(text: &str) -> Option<Address> {
-        let (node, rest) = text.split_once('@')?;
-        let mut it = rest.split(':');
-        let (process, package, publisher) = (it.next()?, it.next()?, it.next()?);
-        if it.next().is_some()
-            || [node, process, package, publisher]
-                .iter()
-                .any(|s| s.is_empty())
-        {
-            return None;
-        }
-        Some(Address {
-            node: node.into(),
-            process: process.into(),
-            package: package.into(),
-            publisher: publisher.into(),
+        Address::from_string(text.to_string())
+    }
+
+    fn from_string(text: String) -> Option<Address> {
+        let at = text.find('@')?;
+        let colon1 = at + 1 + text[at + 1..].find(':')?;
+        let colon2 = colon1 + 1 + text[colon1 + 1..].find(':')?;
+        let well_formed = at > 0
+            && colon1 > at + 1
+            && colon2 > colon1 + 1
+            && colon2 + 1 < text.len()
+            && !text[colon2 + 1..].contains(':');
+        well_formed.then_some(Address {
+            text,
+            at,
+            colon1,
+            colon2,
         })
+    }
+
+    /// An address the node gave us. The node only hands out well-formed
+    /// addresses; anything else is a broken host, and worth a loud stop.
+    #[doc(hidden)]
+    pub fn from_host(text: String) -> Address {
+        Address::from_string(text).expect("the node gives well-formed addresses")
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn node(&self) -> &str {
+        &self.text[..self.at]
+    }
+
+    pub fn process(&self) -> &str {
+        &self.text[self.at + 1..self.colon1]
+    }
+
+    pub fn package(&self) -> &str {
+        &self.text[self.colon1 + 1..self.colon2]
+    }
+
+    pub fn publisher(&self) -> &str {
+        &self.text[self.colon2 + 1..]
     }
 
     /// Another process of the same package on the same node.
     pub fn sibling(&self, process: &str) -> Address {
-        Address {
-            process: process.into(),
-            ..self.clone()
-        }
-    }
-}
-
-impl PartialEq for Address {
-    fn eq(&self, o: &Self) -> bool {
-        self.node == o.node
-            && self.process == o.process
-            && self.package == o.package
-            && self.publisher == o.publisher
+        Address::from_host(format!(
+            "{}@{process}:{}",
+            self.node(),
+            &self.text[self.colon1 + 1..]
+        ))
     }
 }
 
@@ -151,9 +177,14 @@ impl Capability {
     /// The right to message `target`.
     pub fn messaging(target: &Address) -> Capability {
         Capability {
-            issuer: target.clone(),
+            issuer: target.text.clone(),
             params: "\"messaging\"".into(),
         }
+    }
+
+    /// Who issued it.
+    pub fn issuer(&self) -> Option<Address> {
+        Address::parse(&self.issuer)
     }
 }
 
@@ -238,7 +269,14 @@ pub struct SendError {
 
 impl SendError {
     fn from_wit(e: wit::SendError) -> SendError {
-        let target = e.target.clone();
+        // An invalid request comes back with the target exactly as it was
+        // given, so it may not parse: keep what the process wrote.
+        let target = Address::from_string(e.target.clone()).unwrap_or(Address {
+            at: 0,
+            colon1: 0,
+            colon2: 0,
+            text: e.target,
+        });
         SendError {
             kind: e.kind,
             message: Some(Message::from_wit(target.clone(), e.message)),
@@ -279,11 +317,11 @@ pub fn on_stopping(hook: fn()) {
     *ON_STOPPING.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
 }
 
-fn is_stop_request(source: &Address, m: &wit::Message) -> bool {
-    source.process == "kernel"
-        && source.package == "sys"
-        && source.publisher == "spindle"
-        && matches!(m, wit::Message::Request(r) if r.metadata.as_deref() == Some(STOPPING))
+fn is_stop_request(source: &str, m: &wit::Message) -> bool {
+    matches!(m, wit::Message::Request(r) if r.metadata.as_deref() == Some(STOPPING))
+        && Address::parse(source).is_some_and(|a| {
+            a.process() == "kernel" && a.package() == "sys" && a.publisher() == "spindle"
+        })
 }
 
 /// Waits for the next message; a send error about an earlier request comes as `Err`.
@@ -297,7 +335,7 @@ pub fn await_message() -> Result<Message, SendError> {
             }
             std::process::exit(0)
         }
-        Ok((source, m)) => Ok(Message::from_wit(source, m)),
+        Ok((source, m)) => Ok(Message::from_wit(Address::from_host(source), m)),
         Err(e) => Err(SendError::from_wit(e)),
     }
 }
@@ -398,7 +436,7 @@ impl Request {
 
     pub fn send(self) -> Result<(), SendError> {
         host::send_request(
-            self.target_or_panic(),
+            self.target_or_panic().as_str(),
             &self.inner,
             self.context.as_deref(),
             self.blob.as_ref(),
@@ -415,11 +453,12 @@ impl Request {
         match host::send_and_await_response(
             self.target
                 .as_ref()
-                .expect("Request::to(address) before sending"),
+                .expect("Request::to(address) before sending")
+                .as_str(),
             &req,
             self.blob.as_ref(),
         ) {
-            Ok((source, m)) => Ok(Message::from_wit(source, m)),
+            Ok((source, m)) => Ok(Message::from_wit(Address::from_host(source), m)),
             Err(e) => Err(SendError::from_wit(e)),
         }
     }
@@ -530,9 +569,9 @@ pub fn set_on_exit(on_exit: &OnExit) {
 pub fn exit_request(
     target: Address,
     body: impl Into<Vec<u8>>,
-) -> (Address, wit::Request, Option<Blob>) {
+) -> (wit::Address, wit::Request, Option<Blob>) {
     (
-        target,
+        target.text,
         wit::Request {
             inherit: false,
             expects_response: None,
@@ -570,14 +609,16 @@ impl Spawn {
 
 /// Starts a child process; returns its address.
 pub fn spawn(s: &Spawn) -> Result<Address, String> {
+    let grant_to: Vec<String> = s.grant_to.iter().map(|a| a.text.clone()).collect();
     host::spawn(
         s.name.as_deref(),
         &s.wasm_path,
         &s.on_exit,
         &s.capabilities,
-        &s.grant_to,
+        &grant_to,
         s.public,
     )
+    .map(Address::from_host)
 }
 
 pub fn our_capabilities() -> Vec<Capability> {
@@ -590,4 +631,40 @@ pub fn save_capabilities(caps: &[Capability]) {
 
 pub fn drop_capabilities(caps: &[Capability]) {
     host::drop_capabilities(caps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_into_their_parts() {
+        let a = Address::parse("local@counter:demo:spindle").unwrap();
+        assert_eq!(
+            (a.node(), a.process(), a.package(), a.publisher()),
+            ("local", "counter", "demo", "spindle")
+        );
+        assert_eq!(a.to_string(), "local@counter:demo:spindle");
+        let b = a.sibling("worker");
+        assert_eq!(b.as_str(), "local@worker:demo:spindle");
+        assert_eq!(b.process(), "worker");
+        assert_eq!(Capability::messaging(&a).issuer(), Some(a));
+    }
+
+    #[test]
+    fn malformed_addresses_are_refused() {
+        for bad in [
+            "",
+            "local",
+            "@a:b:c",
+            "local@:b:c",
+            "local@a::c",
+            "local@a:b:",
+            "local@a:b",
+            "local@a:b:c:d",
+            "local:a:b:c",
+        ] {
+            assert!(Address::parse(bad).is_none(), "{bad:?} should not parse");
+        }
+    }
 }
