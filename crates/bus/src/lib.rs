@@ -49,12 +49,25 @@ pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
 /// The `params` of a messaging capability.
 pub const MESSAGING: &str = "\"messaging\"";
 
-/// A registered process's public face.
+/// A registered process's public face. A sender may keep one (from
+/// [`Bus::endpoint`]) to send to the same target again without a lookup; it
+/// stops working, with `Offline`, once the target is off the bus.
 #[derive(Debug)]
 pub struct Endpoint {
     pub address: Address,
     pub public: bool,
     tx: mpsc::Sender<Box<Envelope>>,
+    /// Cleared when the process leaves the bus (its mailbox may still be
+    /// draining, but nothing new may enter it).
+    on_bus: std::sync::atomic::AtomicBool,
+}
+
+impl Endpoint {
+    /// False once the process has left the bus: look it up again (a new run
+    /// has a new endpoint).
+    pub fn is_on_bus(&self) -> bool {
+        self.on_bus.load(Ordering::Acquire)
+    }
 }
 
 /// The receiving side handed to the process's host.
@@ -182,6 +195,7 @@ impl Bus {
                 address,
                 public,
                 tx,
+                on_bus: std::sync::atomic::AtomicBool::new(true),
             }),
         );
         Ok(Mailbox(rx))
@@ -189,10 +203,14 @@ impl Bus {
 
     /// Takes a process off the bus (its run ended). Messages to it now fail `Offline`.
     pub fn unregister(&self, process: &ProcessId) {
-        self.endpoints
+        let gone = self
+            .endpoints
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(process);
+        if let Some(ep) = gone {
+            ep.on_bus.store(false, Ordering::Release);
+        }
     }
 
     pub fn is_registered(&self, process: &ProcessId) -> bool {
@@ -200,6 +218,11 @@ impl Bus {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(process)
+    }
+
+    /// The endpoint of `process`, if it is on the bus.
+    pub fn endpoint(&self, process: &ProcessId) -> Option<Arc<Endpoint>> {
+        self.lookup(process)
     }
 
     fn lookup(&self, process: &ProcessId) -> Option<Arc<Endpoint>> {
@@ -301,11 +324,65 @@ impl Bus {
         }
     }
 
+    /// Like [`Bus::send`], but a full mailbox is `MailboxFull` at once: for
+    /// senders that do their own backing off (wasm processes, whose guest
+    /// library retries for [`MAILBOX_WAIT`]).
+    pub fn send_now(
+        &self,
+        env: Envelope,
+        privileged: bool,
+    ) -> Result<(), Undelivered> {
+        let Some(target) = self.lookup(&env.target.process) else {
+            return Err((SendErrorKind::Offline, Box::new(env)));
+        };
+        self.send_now_to(&target, env, privileged)
+    }
+
+    /// [`Bus::send_now`] to an endpoint the sender kept.
+    pub fn send_now_to(
+        &self,
+        target: &Endpoint,
+        env: Envelope,
+        privileged: bool,
+    ) -> Result<(), Undelivered> {
+        match self.deliver(target, Box::new(env), privileged) {
+            Ok(()) => Ok(()),
+            Err(Refused::Now(kind, env)) => Err((kind, env)),
+            Err(Refused::Full(_, env)) => Err((SendErrorKind::MailboxFull, env)),
+        }
+    }
+
+    /// Waits up to [`MAILBOX_WAIT`] for `target`'s mailbox to have room;
+    /// false if it stayed full or `target` is not on the bus.
+    pub async fn wait_for_room(&self, target: &ProcessId) -> bool {
+        let Some(ep) = self.lookup(target) else {
+            return false;
+        };
+        // A permit reserves a slot; dropping it gives the slot back, so this
+        // only learns that there is room.
+        matches!(
+            tokio::time::timeout(MAILBOX_WAIT, ep.tx.reserve()).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Everything of [`Bus::send`] that needs no waiting.
     fn try_send(&self, env: Box<Envelope>, privileged: bool) -> Result<(), Refused> {
         let Some(target) = self.lookup(&env.target.process) else {
             return Err(Refused::Now(SendErrorKind::Offline, env));
         };
+        self.deliver(&target, env, privileged)
+    }
+
+    fn deliver(
+        &self,
+        target: &Endpoint,
+        env: Box<Envelope>,
+        privileged: bool,
+    ) -> Result<(), Refused> {
+        if !target.is_on_bus() {
+            return Err(Refused::Now(SendErrorKind::Offline, env));
+        }
         if !privileged {
             let caps = env.message.capabilities();
             if caps.iter().any(|c| !self.may_attach(&env.source, c)) {
@@ -327,6 +404,10 @@ impl Bus {
         }
     }
 }
+
+/// A message [`Bus::send_now`] could not deliver, with why (boxed, as it
+/// travels in the mailbox).
+pub type Undelivered = (SendErrorKind, Box<Envelope>);
 
 /// Why [`Bus::try_send`] did not deliver.
 enum Refused {

@@ -99,7 +99,7 @@ async fn a_full_mailbox_slows_its_senders_only() {
     let bus = Bus::new("local");
     let (a, slow, fast) = (addr("a"), addr("slow"), addr("fast"));
     let _ra = bus.register(a.clone(), true).unwrap();
-    let _rs = bus.register(slow.clone(), true).unwrap();
+    let mut rs = bus.register(slow.clone(), true).unwrap();
     let mut rf = bus.register(fast.clone(), true).unwrap();
     for _ in 0..MAILBOX_CAPACITY {
         bus.send(request(&a, &slow, vec![]), false).await.unwrap();
@@ -115,8 +115,24 @@ async fn a_full_mailbox_slows_its_senders_only() {
     // Another process is unaffected.
     bus.send(request(&a, &fast, vec![]), false).await.unwrap();
     assert!(rf.try_recv().is_some());
+    // Senders that back off themselves are refused at once, and can wait for room.
+    let t = Instant::now();
+    let (kind, _) = bus.send_now(request(&a, &slow, vec![]), false).unwrap_err();
+    assert_eq!(kind, SendErrorKind::MailboxFull);
+    assert!(t.elapsed() < MAILBOX_WAIT);
+    assert!(!bus.wait_for_room(&slow.process).await, "nobody drains it");
+    assert!(rs.try_recv().is_some());
+    assert!(bus.wait_for_room(&slow.process).await);
+    bus.send_now(request(&a, &slow, vec![]), false).unwrap();
+    // A kept endpoint stops working once its process leaves the bus.
+    let kept = bus.endpoint(&slow.process).unwrap();
     // Once the receiver is gone, sends fail Offline.
     bus.unregister(&slow.process);
+    assert!(!kept.is_on_bus());
+    let (kind, _) = bus
+        .send_now_to(&kept, request(&a, &slow, vec![]), false)
+        .unwrap_err();
+    assert_eq!(kind, SendErrorKind::Offline);
     let (kind, _) = bus
         .send(request(&a, &slow, vec![]), false)
         .await

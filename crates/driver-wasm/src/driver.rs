@@ -14,9 +14,10 @@ use spindle_types::{
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 
 /// Memory cap of a wasm process whose spec sets none: room for ordinary
@@ -161,7 +162,8 @@ impl tokio::io::AsyncWrite for LogOut {
 
 struct LiveWasm {
     run: RunId,
-    kill: watch::Sender<bool>,
+    kill: Arc<AtomicBool>,
+    process: ProcessId,
 }
 
 /// Starts and stops wasm processes for one node. The engine is created with
@@ -307,7 +309,7 @@ impl WasmDriver {
             .memory_size(cap)
             .trap_on_grow_failure(true)
             .build();
-        let (kill, kill_rx) = watch::channel(false);
+        let kill = Arc::new(AtomicBool::new(false));
         let host = ProcessHost::new(
             wasi,
             limits,
@@ -317,14 +319,14 @@ impl WasmDriver {
             mailbox,
             on_exit_to_wit(&spec.on_exit),
             out,
-            kill_rx,
+            kill.clone(),
             path.parent().map(Path::to_path_buf).unwrap_or_default(),
         );
         let mut store = Store::new(runtime.engine(), host);
         store.limiter(|h| &mut h.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|ctx| {
-            if *ctx.data().kill.borrow() {
+            if ctx.data().is_killed() {
                 return Err(host::killed());
             }
             Ok(UpdateDeadline::YieldCustom(
@@ -341,7 +343,14 @@ impl WasmDriver {
             self.events.clone(),
             guard,
         ));
-        self.runs.insert(num, LiveWasm { run, kill });
+        self.runs.insert(
+            num,
+            LiveWasm {
+                run,
+                kill,
+                process: our.process.clone(),
+            },
+        );
         Ok(our)
     }
 
@@ -376,10 +385,12 @@ impl WasmDriver {
         });
     }
 
-    /// Ends a run: it traps at its next host call or epoch tick.
+    /// Ends a run: it traps at its next host call or epoch tick. Taking it
+    /// off the bus closes its mailbox, which wakes it if it is waiting.
     pub fn kill(&mut self, num: ProcessNum, run: RunId) {
         if let Some(l) = self.runs.get(&num).filter(|l| l.run == run) {
-            let _ = l.kill.send(true);
+            l.kill.store(true, std::sync::atomic::Ordering::Release);
+            self.shared.bus.unregister(&l.process);
         }
     }
 
@@ -434,7 +445,7 @@ async fn run_process(
         Err(_) if exit_code.is_some() => (ExitStatus::Code(exit_code.unwrap_or(0)), None),
         Err(e) => {
             let why = h.panic.take().unwrap_or_else(|| describe(&e));
-            if !*h.kill.borrow() {
+            if !h.is_killed() {
                 h.log_line(&format!("[spindle] process trapped: {why}"));
             }
             (ExitStatus::Trap, Some(why))

@@ -12,11 +12,13 @@ use spindle_bus::{
 use spindle_logs::LineSink;
 use spindle_types::{Address, ProcessNum};
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use wasmtime::component::ResourceTable;
 use wasmtime::{Error as TrapError, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -28,6 +30,28 @@ pub struct Shared {
     pub spawns: mpsc::Sender<crate::SpawnCall>,
     /// Runs that have reached their first `receive` (are up and waiting).
     pub ready: std::sync::atomic::AtomicU64,
+}
+
+/// Hashes request numbers. They are handed out by the bus, one after the
+/// other, never chosen by a guest, so a multiply spreads them well and the
+/// general-purpose (DoS-resistant) hasher would only cost time per message.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// A request this process sent and awaits a response to.
@@ -63,19 +87,28 @@ pub struct ProcessHost {
     pub(crate) num: ProcessNum,
     pub(crate) our: Arc<Address>,
     pub(crate) mailbox: Mailbox,
-    pending: HashMap<u64, Pending>,
+    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
     deferred: VecDeque<Envelope>,
     handling: Option<Handling>,
     last: Option<Last>,
     pub(crate) on_exit: wit::OnExit,
     pub(crate) out: Arc<Mutex<LineSink>>,
     pub(crate) panic: Option<String>,
-    pub(crate) kill: watch::Receiver<bool>,
+    /// Set when the run is killed. The driver also takes the process off the
+    /// bus, which closes its mailbox and so wakes a waiting `receive`.
+    pub(crate) kill: Arc<AtomicBool>,
+    /// Fires at the earliest deadline of an awaited response (created on
+    /// first use). It is moved only when an earlier deadline appears or it
+    /// fires, not on every request.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: Option<Instant>,
     pub(crate) component_dir: PathBuf,
     waited: bool,
-    /// The last target this process sent to, parsed: a process mostly talks
-    /// to a few peers, and comparing the text is cheaper than parsing it.
+    /// The last target this process sent to, parsed, and its endpoint: a
+    /// process mostly talks to a few peers, and comparing the text is cheaper
+    /// than parsing it and looking it up again.
     target_cache: Option<(String, Arc<Address>)>,
+    route: Option<(Arc<Address>, Arc<spindle_bus::Endpoint>)>,
     /// The text of the last source handed to the guest, for the same reason.
     source_cache: Option<(Arc<Address>, String)>,
 }
@@ -213,9 +246,12 @@ fn invalid_request(
 #[allow(clippy::large_enum_variant)]
 enum Wake {
     Killed,
-    Mail(Option<Envelope>),
+    Mail(Envelope),
     Deadline,
 }
+
+/// What `receive` hands the guest.
+type Received = Result<(wit::Address, wit::Message), wit::SendError>;
 
 impl ProcessHost {
     #[allow(clippy::too_many_arguments)]
@@ -228,7 +264,7 @@ impl ProcessHost {
         mailbox: Mailbox,
         on_exit: wit::OnExit,
         out: Arc<Mutex<LineSink>>,
-        kill: watch::Receiver<bool>,
+        kill: Arc<AtomicBool>,
         component_dir: PathBuf,
     ) -> ProcessHost {
         ProcessHost {
@@ -239,7 +275,7 @@ impl ProcessHost {
             num,
             our,
             mailbox,
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             deferred: VecDeque::new(),
             handling: None,
             last: None,
@@ -247,9 +283,12 @@ impl ProcessHost {
             out,
             panic: None,
             kill,
+            timer: None,
+            armed: None,
             component_dir,
             waited: false,
             target_cache: None,
+            route: None,
             source_cache: None,
         }
     }
@@ -278,8 +317,12 @@ impl ProcessHost {
         text
     }
 
+    pub(crate) fn is_killed(&self) -> bool {
+        self.kill.load(Ordering::Acquire)
+    }
+
     fn check_alive(&self) -> Result<(), TrapError> {
-        if *self.kill.borrow() {
+        if self.is_killed() {
             Err(killed())
         } else {
             Ok(())
@@ -349,23 +392,74 @@ impl ProcessHost {
         self.pending.values().map(|p| p.deadline).min()
     }
 
+    /// Waits for mail, or until `deadline`. A closed mailbox or a message
+    /// that arrives after a kill is `Killed`.
     async fn wake(&mut self, deadline: Option<Instant>) -> Wake {
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
+        let env = match deadline {
+            None => self.mailbox.recv().await,
+            Some(d) => {
+                if self.armed.is_none_or(|a| d < a) {
+                    let at = tokio::time::Instant::from_std(d);
+                    match &mut self.timer {
+                        Some(t) => t.as_mut().reset(at),
+                        None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                    self.armed = Some(d);
+                }
+                let timer = self.timer.as_mut().expect("armed above");
+                tokio::select! {
+                    biased;
+                    env = self.mailbox.recv() => env,
+                    _ = timer.as_mut() => {
+                        self.armed = None;
+                        return Wake::Deadline;
+                    }
+                }
             }
         };
-        tokio::select! {
-            biased;
-            _ = self.kill.changed() => Wake::Killed,
-            env = self.mailbox.recv() => Wake::Mail(env),
-            _ = sleep => Wake::Deadline,
+        match env {
+            Some(env) if !self.is_killed() => Wake::Mail(env),
+            _ => Wake::Killed,
         }
     }
 
+    fn mark_ready(&mut self) {
+        if !self.waited {
+            self.waited = true;
+            self.shared.ready.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What can be returned without waiting: a set-aside message, an expired
+    /// request, or (if `mailbox`) queued mail.
+    fn poll_now(&mut self, mailbox: bool) -> Option<Received> {
+        while let Some(env) = self.deferred.pop_front() {
+            if let Some(m) = self.accept(env) {
+                return Some(Ok(m));
+            }
+        }
+        if !self.pending.is_empty()
+            && let Some(e) = self.expire(Instant::now())
+        {
+            return Some(Err(e));
+        }
+        while mailbox && let Some(env) = self.mailbox.try_recv() {
+            if self.is_killed() {
+                return None;
+            }
+            if let Some(m) = self.accept(env) {
+                return Some(Ok(m));
+            }
+        }
+        None
+    }
+
     /// Sends a request; returns its number when a response is expected.
-    async fn send(
+    /// Never waits: a full mailbox is `MailboxFull` at once.
+    // The error is handed to the guest as it is; boxing it would only add an
+    // allocation to the error path.
+    #[allow(clippy::result_large_err)]
+    fn send(
         &mut self,
         target: Arc<Address>,
         request: Request,
@@ -401,7 +495,7 @@ impl ProcessHost {
             message: Message::Request(request),
             blob,
         };
-        match self.shared.bus.send(env, false).await {
+        match self.send_routed(env) {
             Ok(()) => Ok(awaits.map(|_| id)),
             Err((kind, env)) => {
                 if awaits.is_some() {
@@ -410,6 +504,24 @@ impl ProcessHost {
                 Err(send_error(kind, &target, env.message, context))
             }
         }
+    }
+
+    /// Sends through the kept endpoint of the last target when it is the
+    /// same one (a new one is looked up and kept).
+    fn send_routed(&mut self, env: Envelope) -> Result<(), spindle_bus::Undelivered> {
+        if let Some((to, ep)) = &self.route
+            && Arc::ptr_eq(to, &env.target)
+            && ep.is_on_bus()
+        {
+            return self.shared.bus.send_now_to(ep, env, false);
+        }
+        let Some(ep) = self.shared.bus.endpoint(&env.target.process) else {
+            return Err((SendErrorKind::Offline, Box::new(env)));
+        };
+        let to = env.target.clone();
+        let r = self.shared.bus.send_now_to(&ep, env, false);
+        self.route = Some((to, ep));
+        r
     }
 
     /// Waits until capability changes are on disk. A failed write is logged
@@ -431,43 +543,39 @@ impl ProcessHost {
 impl wit::Host for ProcessHost {}
 
 impl host::Host for ProcessHost {
-    async fn our(&mut self) -> Result<wit::Address, TrapError> {
+    fn our(&mut self) -> Result<wit::Address, TrapError> {
         Ok(to_wit_addr(&self.our))
     }
 
-    async fn receive(
-        &mut self,
-    ) -> Result<Result<(wit::Address, wit::Message), wit::SendError>, TrapError> {
-        if !self.waited {
-            self.waited = true;
-            self.shared.ready.fetch_add(1, Ordering::Relaxed);
-        }
+    async fn receive(&mut self) -> Result<Received, TrapError> {
+        self.mark_ready();
         loop {
             self.check_alive()?;
-            if let Some(env) = self.deferred.pop_front() {
-                if let Some(m) = self.accept(env) {
-                    return Ok(Ok(m));
-                }
-                continue;
-            }
-            if let Some(e) = self.expire(Instant::now()) {
-                return Ok(Err(e));
+            if let Some(r) = self.poll_now(false) {
+                return Ok(r);
             }
             let deadline = self.next_deadline();
             match self.wake(deadline).await {
                 Wake::Killed => return Err(killed()),
-                Wake::Mail(Some(env)) => {
+                Wake::Mail(env) => {
                     if let Some(m) = self.accept(env) {
                         return Ok(Ok(m));
                     }
                 }
-                Wake::Mail(None) => return Err(TrapError::msg("mailbox closed")),
                 Wake::Deadline => {}
             }
         }
     }
 
-    async fn send_request(
+    fn try_receive(&mut self) -> Result<Option<Received>, TrapError> {
+        self.mark_ready();
+        self.check_alive()?;
+        let r = self.poll_now(true);
+        self.check_alive()?;
+        Ok(r)
+    }
+
+    fn send_request(
         &mut self,
         target: wit::Address,
         request: wit::Request,
@@ -482,7 +590,7 @@ impl host::Host for ProcessHost {
             Ok(r) => r,
             Err(r) => return Ok(Err(invalid_request(target, r, context))),
         };
-        let r = self.send(to, request, context, blob).await;
+        let r = self.send(to, request, context, blob);
         Ok(r.map(|_| ()))
     }
 
@@ -503,7 +611,7 @@ impl host::Host for ProcessHost {
             Ok(r) => r,
             Err(r) => return Ok(Err(invalid_request(target, r, None))),
         };
-        let id = match self.send(to, request, None, blob).await {
+        let id = match self.send(to, request, None, blob) {
             Ok(Some(id)) => id,
             Ok(None) => unreachable!("a response is expected"),
             Err(e) => return Ok(Err(e)),
@@ -512,7 +620,7 @@ impl host::Host for ProcessHost {
             let deadline = self.pending.get(&id).map(|p| p.deadline);
             match self.wake(deadline).await {
                 Wake::Killed => return Err(killed()),
-                Wake::Mail(Some(env)) => {
+                Wake::Mail(env) => {
                     if env.id == id && matches!(env.message, Message::Response(..)) {
                         if let Some(m) = self.accept(env) {
                             return Ok(Ok(m));
@@ -521,9 +629,13 @@ impl host::Host for ProcessHost {
                         self.deferred.push_back(env);
                     }
                 }
-                Wake::Mail(None) => return Err(TrapError::msg("mailbox closed")),
+                // The timer may have been set for an earlier request.
                 Wake::Deadline => {
-                    if let Some(p) = self.pending.remove(&id) {
+                    let due = self
+                        .pending
+                        .get(&id)
+                        .is_some_and(|p| p.deadline <= Instant::now());
+                    if due && let Some(p) = self.pending.remove(&id) {
                         return Ok(Err(send_error(
                             SendErrorKind::Timeout,
                             &p.target,
@@ -536,7 +648,7 @@ impl host::Host for ProcessHost {
         }
     }
 
-    async fn send_response(
+    fn send_response(
         &mut self,
         response: wit::Response,
         blob: Option<wit::Blob>,
@@ -580,17 +692,29 @@ impl host::Host for ProcessHost {
             message: Message::Response(resp, None),
             blob,
         };
-        match self.shared.bus.send(env, false).await {
+        match self.send_routed(env) {
             Ok(()) => Ok(Ok(())),
             Err((kind, env)) => Ok(Err(send_error(kind, &rsvp, env.message, None))),
         }
     }
 
-    async fn has_blob(&mut self) -> Result<bool, TrapError> {
+    async fn wait_for_room(&mut self, target: Option<wit::Address>) -> Result<bool, TrapError> {
+        self.check_alive()?;
+        let target = match target {
+            Some(t) => self.target(&t),
+            None => self.handling.as_ref().and_then(|h| h.rsvp.clone()),
+        };
+        Ok(match target {
+            Some(t) => self.shared.bus.wait_for_room(&t.process).await,
+            None => false,
+        })
+    }
+
+    fn has_blob(&mut self) -> Result<bool, TrapError> {
         Ok(self.last.as_ref().is_some_and(|l| l.blob.is_some()))
     }
 
-    async fn get_blob(&mut self) -> Result<Option<wit::Blob>, TrapError> {
+    fn get_blob(&mut self) -> Result<Option<wit::Blob>, TrapError> {
         Ok(self
             .last
             .as_ref()
@@ -611,11 +735,11 @@ impl host::Host for ProcessHost {
         Ok(r.map_err(|e| format!("cannot save state to {shown}: {e}")))
     }
 
-    async fn get_state(&mut self) -> Result<Option<Vec<u8>>, TrapError> {
+    fn get_state(&mut self) -> Result<Option<Vec<u8>>, TrapError> {
         Ok(std::fs::read(self.state_path()).ok())
     }
 
-    async fn clear_state(&mut self) -> Result<Result<(), String>, TrapError> {
+    fn clear_state(&mut self) -> Result<Result<(), String>, TrapError> {
         let path = self.state_path();
         Ok(match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -624,11 +748,11 @@ impl host::Host for ProcessHost {
         })
     }
 
-    async fn get_on_exit(&mut self) -> Result<wit::OnExit, TrapError> {
+    fn get_on_exit(&mut self) -> Result<wit::OnExit, TrapError> {
         Ok(self.on_exit.clone())
     }
 
-    async fn set_on_exit(&mut self, on_exit: wit::OnExit) -> Result<(), TrapError> {
+    fn set_on_exit(&mut self, on_exit: wit::OnExit) -> Result<(), TrapError> {
         self.on_exit = on_exit;
         Ok(())
     }
@@ -694,7 +818,7 @@ impl host::Host for ProcessHost {
         Ok(Ok(to_wit_addr(&child)))
     }
 
-    async fn our_capabilities(&mut self) -> Result<Vec<wit::Capability>, TrapError> {
+    fn our_capabilities(&mut self) -> Result<Vec<wit::Capability>, TrapError> {
         Ok(self
             .shared
             .bus
@@ -729,12 +853,12 @@ impl host::Host for ProcessHost {
         Ok(())
     }
 
-    async fn print(&mut self, text: String) -> Result<(), TrapError> {
+    fn print(&mut self, text: String) -> Result<(), TrapError> {
         self.log_line(&text);
         Ok(())
     }
 
-    async fn report_panic(&mut self, message: String) -> Result<(), TrapError> {
+    fn report_panic(&mut self, message: String) -> Result<(), TrapError> {
         self.log_line(&format!("panic: {message}"));
         self.panic = Some(message);
         Ok(())

@@ -36,7 +36,18 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../../wit",
         world: "process",
-        imports: { default: async | trappable },
+        // Only what may wait is async: a synchronous import costs the guest
+        // less per call (no boxed future), and sends and polls never wait.
+        imports: {
+            "spindle:process/host.receive": async | trappable,
+            "spindle:process/host.send-and-await-response": async | trappable,
+            "spindle:process/host.wait-for-room": async | trappable,
+            "spindle:process/host.set-state": async | trappable,
+            "spindle:process/host.spawn": async | trappable,
+            "spindle:process/host.save-capabilities": async | trappable,
+            "spindle:process/host.drop-capabilities": async | trappable,
+            default: trappable,
+        },
         exports: { default: async },
     });
 }

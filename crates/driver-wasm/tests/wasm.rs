@@ -257,6 +257,20 @@ async fn wasm_to_wasm_requests_obey_capabilities_and_fail_clearly() {
     rig.bus
         .grant(&a.process, [spindle_bus::Capability::messaging(&b)]);
     assert_eq!(rig.ask(&a, &call(&b, 1000, "hi")).await, b"ok hi");
+    // Five mailboxes' worth, one-way: the sender is slowed while b's mailbox
+    // is full (it waits for room), and nothing is lost.
+    assert_eq!(
+        rig.ask(&a, format!("flood {b} 5000").as_bytes()).await,
+        b"sent 5000 counted 5000"
+    );
+    // A new run of b is reached too (a's kept route to the old one is stale).
+    rig.driver.kill(ProcessNum(2), 1);
+    assert_eq!(rig.exit().await.0, ProcessNum(2));
+    assert_eq!(rig.ask(&a, &call(&b, 1000, "gone")).await, b"err offline");
+    rig.driver
+        .spawn(ProcessNum(2), 2, &rig.spec("b", "echo", None), None)
+        .unwrap();
+    assert_eq!(rig.ask(&a, &call(&b, 1000, "back")).await, b"ok back");
     // An address the kernel cannot read is refused as invalid, not sent.
     assert_eq!(
         rig.ask(&a, b"call local@Not-Lowercase:demo:spindle 1000 hi")

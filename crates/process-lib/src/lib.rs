@@ -327,7 +327,9 @@ fn is_stop_request(source: &str, m: &wit::Message) -> bool {
 /// Waits for the next message; a send error about an earlier request comes as `Err`.
 /// A stop request from the node runs the `on_stopping` hook and ends the process.
 pub fn await_message() -> Result<Message, SendError> {
-    match host::receive() {
+    // Queued mail is taken without the cost of a call that may wait.
+    let next = host::try_receive().unwrap_or_else(host::receive);
+    match next {
         Ok((source, m)) if is_stop_request(&source, &m) => {
             let hook = *ON_STOPPING.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(hook) = hook {
@@ -435,12 +437,14 @@ impl Request {
     }
 
     pub fn send(self) -> Result<(), SendError> {
-        host::send_request(
-            self.target_or_panic().as_str(),
-            &self.inner,
-            self.context.as_deref(),
-            self.blob.as_ref(),
-        )
+        with_room(Some(self.target_or_panic().as_str()), || {
+            host::send_request(
+                self.target_or_panic().as_str(),
+                &self.inner,
+                self.context.as_deref(),
+                self.blob.as_ref(),
+            )
+        })
         .map_err(SendError::from_wit)
     }
 
@@ -450,14 +454,13 @@ impl Request {
         if req.expects_response.is_none() {
             req.expects_response = Some(DEFAULT_TIMEOUT.as_millis() as u64);
         }
-        match host::send_and_await_response(
-            self.target
-                .as_ref()
-                .expect("Request::to(address) before sending")
-                .as_str(),
-            &req,
-            self.blob.as_ref(),
-        ) {
+        let target = self
+            .target
+            .as_ref()
+            .expect("Request::to(address) before sending");
+        match with_room(Some(target.as_str()), || {
+            host::send_and_await_response(target.as_str(), &req, self.blob.as_ref())
+        }) {
             Ok((source, m)) => Ok(Message::from_wit(Address::from_host(source), m)),
             Err(e) => Err(SendError::from_wit(e)),
         }
@@ -466,6 +469,34 @@ impl Request {
 
 /// Timeout for `send_and_await_response` when none was set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the node lets a send wait for room in a full mailbox, per try.
+pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
+/// Tries at a full mailbox before a send gives up with `mailbox-full`.
+/// Each waits for room for up to [`MAILBOX_WAIT`]; more than one try is only
+/// needed when other senders take the room first.
+const MAILBOX_TRIES: u32 = 8;
+
+/// Runs `send` until it is not refused for a full mailbox (`target`: whose,
+/// `None` for a response): backpressure slows this process, nobody else.
+fn with_room<T>(
+    target: Option<&str>,
+    mut send: impl FnMut() -> Result<T, wit::SendError>,
+) -> Result<T, wit::SendError> {
+    let mut tries = 0;
+    loop {
+        match send() {
+            Err(e)
+                if e.kind == SendErrorKind::MailboxFull
+                    && tries < MAILBOX_TRIES
+                    && host::wait_for_room(target) =>
+            {
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
 
 /// Builds and sends the response to the request being handled.
 #[derive(Debug, Clone)]
@@ -522,7 +553,10 @@ impl Response {
     }
 
     pub fn send(self) -> Result<(), SendError> {
-        host::send_response(&self.inner, self.blob.as_ref()).map_err(SendError::from_wit)
+        with_room(None, || {
+            host::send_response(&self.inner, self.blob.as_ref())
+        })
+        .map_err(SendError::from_wit)
     }
 }
 
