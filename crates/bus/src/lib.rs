@@ -327,11 +327,7 @@ impl Bus {
     /// Like [`Bus::send`], but a full mailbox is `MailboxFull` at once: for
     /// senders that do their own backing off (wasm processes, whose guest
     /// library retries for [`MAILBOX_WAIT`]).
-    pub fn send_now(
-        &self,
-        env: Envelope,
-        privileged: bool,
-    ) -> Result<(), Undelivered> {
+    pub fn send_now(&self, env: Envelope, privileged: bool) -> Result<(), Undelivered> {
         let Some(target) = self.lookup(&env.target.process) else {
             return Err((SendErrorKind::Offline, Box::new(env)));
         };
