@@ -5,18 +5,20 @@
 //! bounded mailbox. Delivery does not go through the kernel task or any other
 //! central loop: the sender's own task looks the target up in a read-mostly
 //! table (one `RwLock` read), checks the capability, and pushes into the
-//! target's mailbox. A full mailbox makes the sender wait up to
-//! [`MAILBOX_WAIT`], then fail with `MailboxFull` — backpressure that slows the
-//! sender without blocking anyone else, and never an unbounded queue.
+//! target's mailbox. At a full mailbox, [`Bus::send`] makes the sender wait
+//! up to [`MAILBOX_WAIT`], then fail with `MailboxFull`; [`Bus::send_now`]
+//! fails at once, for senders that wait themselves ([`Bus::wait_for_room`]).
+//! Either way backpressure slows the sender without blocking anyone else,
+//! and no queue is unbounded.
 //!
 //! Capabilities (`{issuer, params}`) are held per process id and outlive a
 //! process's runs, so a restart keeps what it held and what it granted. The
 //! kernel revokes everything a process issued when it is killed. A bus made
 //! with [`Bus::open`] also keeps them on disk ([`persist`]), so they outlive
-//! the daemon too. A process may
-//! message another if the target is public or it holds the target's messaging
-//! capability; it may attach a capability to a message only if it holds it or
-//! is its issuer — the bus decides, not the sender.
+//! the daemon too. A process may message another if the target is public or
+//! it holds the target's messaging capability; it may attach a capability to
+//! a message only if it holds it or is its issuer — the bus decides, not the
+//! sender.
 //!
 //! Requests are numbered by the bus; a response carries the number of the
 //! request it answers and goes to that request's `rsvp`. Tracking of

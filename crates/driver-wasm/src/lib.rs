@@ -14,11 +14,13 @@
 //!   every [`EPOCH_TICK`](runtime::EPOCH_TICK) while wasm processes run; a
 //!   process past its deadline yields to the runtime (so a busy loop cannot
 //!   starve other processes or timers), and a killed one traps at its next
-//!   tick or host call.
+//!   tick or host call; a kill also closes its mailbox, waking a `receive`.
 //! - **The host** ([`host`]): the `spindle:process/host` imports — receive
 //!   with request tracking (contexts, timeouts, late responses dropped and
 //!   counted), send, await, respond, lazy blobs, durable state, on-exit,
 //!   spawn, capabilities, print, panic reports — over the [`spindle_bus`].
+//!   Only imports that may wait are async; sends never wait (a full mailbox
+//!   is `mailbox-full` at once, and the guest may `wait-for-room`).
 //! - **Exit** ([`driver`]): `init` returning is exit code 0; a trap is
 //!   `ExitStatus::Trap` with the guest's panic message (or the trap) as
 //!   detail. On-exit requests are sent by the exiting process's host, with
