@@ -7,7 +7,8 @@
 //! costs one write (group commit) and no change ever waits on the disk while
 //! holding the table's lock. Whoever must know that a change is durable —
 //! a process whose `save-capabilities` or `spawn` is about to return — awaits
-//! [`Persister::durable`] for the generation its change produced.
+//! [`Bus::persisted`](crate::Bus::persisted), which waits for the generation
+//! of the latest change.
 //!
 //! A failed write (a full disk) is retried every [`RETRY_EVERY`]; waiters are
 //! told it failed, and the in-memory table keeps working meanwhile.
