@@ -151,11 +151,13 @@ fn native_spawn_each() -> Duration {
         command: "/bin/true".into(),
         args: vec![],
         cwd: "/".into(),
+        ipc: None,
     };
     let exe = Path::new("/bin/true");
     let t = Instant::now();
     for _ in 0..NATIVE_SPAWNS {
-        let child = spindle_driver_native::spawn::start(exe, &program, [], None).expect("spawn");
+        let child =
+            spindle_driver_native::spawn::start(exe, &program, [], None, None).expect("spawn");
         // SAFETY: waitpid on our own child's pid.
         unsafe { libc::waitpid(child.pid, std::ptr::null_mut(), 0) };
     }

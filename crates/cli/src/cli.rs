@@ -96,12 +96,16 @@ pub struct StartArgs {
     /// A manifest file (TOML) with [[process]] tables, or a wasm component
     #[arg(value_name = "MANIFEST|COMPONENT")]
     pub manifest: Option<PathBuf>,
-    /// Package of a wasm process, package:publisher (default app:local)
+    /// Package of a process on the message bus, package:publisher (default app:local)
     #[arg(long)]
     pub package: Option<String>,
-    /// Let any local process message this wasm process
+    /// Let any local process message this process
     #[arg(long)]
     pub public: bool,
+    /// Give a native process an IPC channel to the message bus (fd 3, Node's
+    /// process.send works as is)
+    #[arg(long)]
+    pub ipc: bool,
     /// Name (optional, may repeat)
     #[arg(long)]
     pub name: Option<String>,

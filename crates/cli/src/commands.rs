@@ -304,6 +304,7 @@ fn from_flags(
                 wasm,
                 package: args.package,
                 public: args.public.then_some(true),
+                ipc: args.ipc.then_some(true),
                 cwd: args.cwd,
                 env,
                 log: args.log,
@@ -340,6 +341,7 @@ fn from_flags(
 fn has_process_flags(a: &StartArgs) -> bool {
     a.package.is_some()
         || a.public
+        || a.ipc
         || a.name.is_some()
         || a.cwd.is_some()
         || !a.env.is_empty()

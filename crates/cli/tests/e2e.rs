@@ -703,6 +703,76 @@ fn capabilities_survive_a_daemon_kill() {
 }
 
 #[test]
+fn a_node_service_is_on_the_bus_with_no_library() {
+    let n = Node::new();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ipc-echo.js");
+    let out = n.ok(&[
+        "start",
+        "--name",
+        "api",
+        "--package",
+        "t:spindle",
+        "--public",
+        "--ipc",
+        "--grace",
+        "5s",
+        "--",
+        "node",
+        script,
+    ]);
+    assert!(
+        out.contains("local@api:t:spindle"),
+        "ls shows the address: {out}"
+    );
+    let api = "local@api:t:spindle";
+    until("node up", || {
+        std::fs::read_to_string(&n.get(1).log_out)
+            .unwrap_or_default()
+            .contains("node: up as local@api:t:spindle")
+            .then_some(())
+    });
+    // The operator asks Node.
+    let got: serde_json::Value =
+        serde_json::from_str(n.ok(&["send", api, r#"{"x":1}"#]).trim()).unwrap();
+    assert_eq!(got["echo"], serde_json::json!({"x": 1}));
+    assert!(got["from"].as_str().unwrap().ends_with(":sys:spindle"));
+    // A wasm process asks Node, and Node asks the wasm process.
+    let echo = spindle_test_guests::path("echo");
+    n.ok(&[
+        "start",
+        echo.to_str().unwrap(),
+        "--name",
+        "w",
+        "--package",
+        "t:spindle",
+        "--public",
+    ]);
+    let w = "local@w:t:spindle";
+    let got = n.ok(&["send", w, &format!("call {api} 5000 [1,2]")]);
+    let (ok, json) = got.trim().split_once(' ').unwrap();
+    assert_eq!(ok, "ok");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(
+        (v["echo"].clone(), v["from"].as_str()),
+        (serde_json::json!([1, 2]), Some(w))
+    );
+    let got: serde_json::Value =
+        serde_json::from_str(n.ok(&["send", api, &format!(r#"{{"ask":"{w}"}}"#)]).trim()).unwrap();
+    assert_eq!(got, serde_json::json!({"got": "from node", "from": w}));
+    // A graceful stop is a message it handles, well inside the grace.
+    let t = Instant::now();
+    n.ok(&["stop", "api"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "stopped by message, not by the kill"
+    );
+    let log = std::fs::read_to_string(&n.get(1).log_out).unwrap();
+    assert!(log.contains("node: stopping cleanly"), "{log}");
+    let e = n.fails(&["send", api, "{}"]);
+    assert!(e.contains("offline"), "{e}");
+}
+
+#[test]
 fn bad_components_start_nothing() {
     let n = Node::new();
     let junk = n.write("junk.wasm", "not wasm at all");

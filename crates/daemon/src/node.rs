@@ -5,6 +5,7 @@ use crate::{DaemonError, Paths, table};
 use spindle_bus::Bus;
 use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
 use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
+use spindle_ipc::Bridge;
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogChunk, LogHub, tail_lines};
 use spindle_types::control::{
@@ -195,6 +196,7 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
         driver,
         wasm,
         addresses: HashMap::new(),
+        bridges: HashMap::new(),
         taps: HashMap::new(),
         started: now,
         shutdown_waiters: vec![],
@@ -262,6 +264,8 @@ struct Node {
     wasm: WasmDriver,
     /// Addresses of wasm processes, by id (also after they stop, for revocation).
     addresses: HashMap<ProcessNum, Address>,
+    /// Native processes on the bus: their address and IPC bridge, per live run.
+    bridges: HashMap<ProcessNum, (Address, Bridge)>,
     /// Per-process broadcast of written log lines, for followers. Outlives runs.
     taps: HashMap<ProcessNum, broadcast::Sender<LogChunk>>,
     started: Instant,
@@ -295,11 +299,7 @@ impl Node {
                             .or_insert_with(|| broadcast::channel(TAP_CAPACITY).0)
                             .clone();
                         let result = match &spec.program {
-                            Program::Native { .. } => self
-                                .driver
-                                .spawn(num, run, &spec, Some(tap))
-                                .map(Some)
-                                .map_err(|e| e.to_string()),
+                            Program::Native { .. } => self.spawn_native(num, run, &spec, tap),
                             Program::Wasm { .. } => {
                                 self.wasm.spawn(num, run, &spec, Some(tap)).map(|addr| {
                                     self.addresses.insert(num, addr);
@@ -321,13 +321,25 @@ impl Node {
                     Effect::Kill { num, run } if self.addresses.contains_key(&num) => {
                         self.wasm.kill(num, run)
                     }
-                    Effect::AskStop { num, run, signal } => asks.push((num, run, signal)),
+                    // A process with an IPC channel is asked by message first.
+                    Effect::AskStop { num, run, signal } => {
+                        if !self.bridges.get(&num).is_some_and(|(_, b)| b.ask_stop()) {
+                            asks.push((num, run, signal))
+                        }
+                    }
                     Effect::Kill { num, run } => kills.push((num, run)),
                     Effect::Exited {
                         num,
                         info,
                         restart_in,
                     } => {
+                        if let Some((addr, _)) = self.bridges.remove(&num) {
+                            // Its mailbox closes; its bridge ends.
+                            self.wasm.bus().unregister(&addr.process);
+                            if info.reason == spindle_types::ExitReason::Killed {
+                                self.wasm.bus().revoke_issued_by(&addr);
+                            }
+                        }
                         if info.reason == spindle_types::ExitReason::Killed
                             && let Some(addr) = self.addresses.get(&num)
                         {
@@ -455,7 +467,8 @@ impl Node {
             let checked = match &spec.program {
                 Program::Native { .. } => NativeDriver::preflight(spec)
                     .map(|_| ())
-                    .map_err(|e| e.to_string()),
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| self.check_address(spec, &specs[..i])),
                 Program::Wasm { .. } => self.check_wasm(spec, &specs[..i]),
             };
             if let Err(e) = checked {
@@ -613,15 +626,22 @@ impl Node {
         }
     }
 
-    /// A wasm spec can start: its component loads, and its address is free
-    /// (among running processes and the other specs of the same request).
+    /// A wasm spec can start: its component loads, and its address is free.
     fn check_wasm(&mut self, spec: &ProcessSpec, earlier: &[ProcessSpec]) -> Result<(), String> {
         self.wasm.preflight(spec).map_err(|e| e.to_string())?;
+        self.check_address(spec, earlier)
+    }
+
+    /// A process on the bus can start if its address is free (among running
+    /// processes and the other specs of the same request).
+    fn check_address(&self, spec: &ProcessSpec, earlier: &[ProcessSpec]) -> Result<(), String> {
         let Some(name) = &spec.name else {
             return Ok(());
         };
         let probe = ProcessNum(0);
-        let addr = self.wasm.address(probe, spec).expect("wasm spec");
+        let Some(addr) = self.wasm.address(probe, spec) else {
+            return Ok(());
+        };
         format!("{}", addr.process)
             .parse::<spindle_types::ProcessId>()
             .map_err(|e| format!("name {name:?} cannot be part of an address: {e}"))?;
@@ -638,6 +658,48 @@ impl Node {
             ));
         }
         Ok(())
+    }
+
+    /// Starts a native run; one with an IPC channel is put on the bus first
+    /// (so its address is taken and messages can wait for it) and bridged.
+    fn spawn_native(
+        &mut self,
+        num: ProcessNum,
+        run: spindle_kernel::RunId,
+        spec: &ProcessSpec,
+        tap: broadcast::Sender<LogChunk>,
+    ) -> Result<Option<u32>, String> {
+        let Some(addr) = self.wasm.address(num, spec) else {
+            return self
+                .driver
+                .spawn(num, run, spec, Some(tap), None)
+                .map(|s| Some(s.pid))
+                .map_err(|e| e.to_string());
+        };
+        let bus = self.wasm.bus();
+        let public = spec.program.bus().is_some_and(|(_, p)| p);
+        let mailbox = bus
+            .register(addr.clone(), public)
+            .map_err(|e| e.to_string())?;
+        let spawned = match self.driver.spawn(num, run, spec, Some(tap), Some(&addr)) {
+            Ok(s) => s,
+            Err(e) => {
+                bus.unregister(&addr.process);
+                return Err(e.to_string());
+            }
+        };
+        let channel = spawned.channel.expect("a channel for a process on the bus");
+        match Bridge::start(channel, addr.clone(), bus.clone(), mailbox) {
+            Ok(b) => {
+                self.bridges.insert(num, (addr, b));
+            }
+            // The process runs without the bus; it sees its channel closed.
+            Err(e) => {
+                bus.unregister(&addr.process);
+                tracing::error!("process {num}: its IPC channel could not be served: {e}");
+            }
+        }
+        Ok(Some(spawned.pid))
     }
 
     /// A wasm process asked to spawn a child: start it through the kernel,

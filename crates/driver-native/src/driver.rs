@@ -3,14 +3,16 @@ use crate::spawn::{self, SpawnError};
 use crate::stats::CpuMeter;
 use crate::tree::ProcTable;
 use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use spindle_kernel::RunId;
 use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
 use spindle_types::spec::StopSignal;
-use spindle_types::{ExitStatus, ProcessNum, ProcessSpec};
+use spindle_types::{Address, ExitStatus, ProcessNum, ProcessSpec};
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +26,14 @@ pub enum DriverEvent {
         run: RunId,
         status: ExitStatus,
     },
+}
+
+/// A started run.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: u32,
+    /// The daemon's end of the IPC channel, for a process on the bus.
+    pub channel: Option<OwnedFd>,
 }
 
 /// Latest CPU and memory figures of a run's main process.
@@ -151,14 +161,18 @@ impl NativeDriver {
         spawn::preflight(&spec.program, spec.env.get("PATH").map(String::as_str))
     }
 
-    /// Starts a run; returns the main process's pid.
+    /// Starts a run; returns the main process's pid, and with an `address`
+    /// (a process on the message bus) the daemon's end of its IPC channel:
+    /// the child's end is its fd 3, announced the way Node expects
+    /// (`NODE_CHANNEL_FD=3`, JSON serialization), with `SPINDLE_ADDRESS`.
     pub fn spawn(
         &mut self,
         num: ProcessNum,
         run: RunId,
         spec: &ProcessSpec,
         tap: Option<broadcast::Sender<LogChunk>>,
-    ) -> Result<u32, SpawnError> {
+        address: Option<&Address>,
+    ) -> Result<Spawned, SpawnError> {
         let exe = Self::preflight(spec)?;
         let (out_path, err_path) = self.log_paths(num, spec);
         let open = |p: &Path| {
@@ -171,10 +185,40 @@ impl NativeDriver {
         };
         let out_file = open(&out_path)?;
         let err_file = open(&err_path)?;
-        let env = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).chain([
-            (crate::TAG_VAR.to_string(), self.tag(num)),
-            (crate::ID_VAR.to_string(), num.to_string()),
-        ]);
+        let channel = match address {
+            Some(_) => Some(
+                socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )
+                .map_err(|e| SpawnError::Exec {
+                    path: exe.clone(),
+                    source: e.into(),
+                })?,
+            ),
+            None => None,
+        };
+        let channel_env = address.map(|a| {
+            [
+                ("NODE_CHANNEL_FD".to_string(), crate::CHANNEL_FD.to_string()),
+                (
+                    "NODE_CHANNEL_SERIALIZATION_MODE".to_string(),
+                    "json".to_string(),
+                ),
+                (crate::ADDRESS_VAR.to_string(), a.to_string()),
+            ]
+        });
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain([
+                (crate::TAG_VAR.to_string(), self.tag(num)),
+                (crate::ID_VAR.to_string(), num.to_string()),
+            ])
+            .chain(channel_env.into_iter().flatten());
         let cg = self.cgroups.as_ref().and_then(|c| {
             c.create(num.0, run)
                 .inspect_err(|e| tracing::warn!("process {num}: no cgroup for this run: {e}"))
@@ -184,7 +228,13 @@ impl NativeDriver {
             Some((dir, procs)) => (Some(dir), Some(procs)),
             None => (None, None),
         };
-        let child = match spawn::start(&exe, &spec.program, env, cg_procs) {
+        let child = match spawn::start(
+            &exe,
+            &spec.program,
+            env,
+            cg_procs,
+            channel.as_ref().map(|(_, theirs)| theirs),
+        ) {
             Ok(c) => c,
             Err(e) => {
                 self.draining.extend(cg_dir);
@@ -217,7 +267,10 @@ impl NativeDriver {
             },
         );
         self.by_pid.insert(child.pid, num);
-        Ok(child.pid as u32)
+        Ok(Spawned {
+            pid: child.pid as u32,
+            channel: channel.map(|(ours, _)| ours),
+        })
     }
 
     /// Sends the polite stop signal to the whole tree of each run.

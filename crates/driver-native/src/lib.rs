@@ -27,6 +27,9 @@
 //!   earlier one (found by the node tag) before starting anything.
 //! - **Reaping**: one `waitpid(-1, WNOHANG)` loop per SIGCHLD reaps main
 //!   processes (reported as exits) and adopted orphans (just reaped).
+//! - **IPC channel**: a process on the message bus gets one end of a Unix
+//!   socket pair as fd 3, with `NODE_CHANNEL_FD=3`, so a Node child's
+//!   `process.send` works with no library; the daemon bridges the other end.
 //! - **Logs** ([`capture`]): each stream is read by a task on the daemon's
 //!   runtime into one shared scratch buffer and fed to a `spindle_logs::LineSink`.
 //! - **Usage** ([`stats`]): CPU and resident memory of a run's main process,
@@ -43,10 +46,14 @@ pub mod tree;
 
 mod driver;
 
-pub use driver::{DriverEvent, NativeDriver, Usage, child_signal};
+pub use driver::{DriverEvent, NativeDriver, Spawned, Usage, child_signal};
 pub use spawn::SpawnError;
 
 /// Environment variable carrying a run's tag (`<node tag>.<process id>`).
 pub const TAG_VAR: &str = "SPINDLE_TAG";
 /// Environment variable carrying the process's numeric id.
 pub const ID_VAR: &str = "SPINDLE_ID";
+/// Environment variable carrying the address of a process on the bus.
+pub const ADDRESS_VAR: &str = "SPINDLE_ADDRESS";
+/// The child's descriptor for its IPC channel (where Node looks for it).
+pub const CHANNEL_FD: i32 = 3;

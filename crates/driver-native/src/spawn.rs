@@ -118,8 +118,9 @@ struct Plan {
     cwd: CString,
     cgroup_procs: Option<CString>,
     parent: libc::pid_t,
-    /// Child's stdin, stdout, stderr (parent-side descriptors, close-on-exec).
-    stdio: [RawFd; 3],
+    /// Child's stdin, stdout, stderr and (if not -1) fd 3, the IPC channel
+    /// (parent-side descriptors, close-on-exec).
+    stdio: [RawFd; 4],
     /// Written by the child when it fails: the step and the errno.
     failed: AtomicI32,
     errno: AtomicI32,
@@ -159,8 +160,12 @@ pub fn start(
     program: &Program,
     env: impl IntoIterator<Item = (String, String)>,
     cgroup_procs: Option<CString>,
+    channel: Option<&OwnedFd>,
 ) -> Result<Child, SpawnError> {
-    let Program::Native { command, args, cwd } = program else {
+    let Program::Native {
+        command, args, cwd, ..
+    } = program
+    else {
         return Err(SpawnError::NotNative(exe.to_path_buf()));
     };
     let exec_err = |source| SpawnError::Exec {
@@ -208,7 +213,12 @@ pub fn start(
         cwd: cwd_c,
         cgroup_procs,
         parent: std::process::id() as libc::pid_t,
-        stdio: [null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+        stdio: [
+            null.as_raw_fd(),
+            out_w.as_raw_fd(),
+            err_w.as_raw_fd(),
+            channel.map_or(-1, |c| c.as_raw_fd()),
+        ],
         failed: AtomicI32::new(Step::None as i32),
         errno: AtomicI32::new(0),
     };
@@ -307,7 +317,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         for (target, &fd) in plan.stdio.iter().enumerate() {
             let target = target as RawFd;
-            let ok = if fd == target {
+            let ok = if fd < 0 {
+                true
+            } else if fd == target {
                 // Already in place: just let it survive exec.
                 libc::fcntl(fd, libc::F_SETFD, 0) == 0
             } else {

@@ -95,7 +95,7 @@ async fn output_goes_to_per_stream_logs() {
     let mut rig = Rig::new("t1");
     let s = spec(rig.dir.path(), &["print", "alpha", "beta"]);
     let num = ProcessNum(1);
-    rig.driver.spawn(num, 1, &s, None).unwrap();
+    rig.driver.spawn(num, 1, &s, None, None).unwrap();
     let (out, err) = rig.driver.log_paths(num, &s);
     until("both logs", || {
         std::fs::read_to_string(&out).unwrap_or_default() == "alpha\nbeta\n"
@@ -111,7 +111,7 @@ async fn exit_codes_are_reported() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut rig = Rig::new("t2");
     let s = spec(rig.dir.path(), &["crash", "7"]);
-    rig.driver.spawn(ProcessNum(4), 1, &s, None).unwrap();
+    rig.driver.spawn(ProcessNum(4), 1, &s, None, None).unwrap();
     assert_eq!(rig.next_exit().await, (ProcessNum(4), ExitStatus::Code(7)));
     assert_eq!(rig.driver.live_runs(), 0);
 }
@@ -125,8 +125,12 @@ async fn missing_executables_are_clear_errors() {
         command: "no-such-program-xyz".into(),
         args: vec![],
         cwd: rig.dir.path().into(),
+        ipc: None,
     };
-    let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
+    let e = rig
+        .driver
+        .spawn(ProcessNum(1), 1, &s, None, None)
+        .unwrap_err();
     assert!(matches!(e, SpawnError::NotFound { .. }));
     assert!(e.to_string().contains("no-such-program-xyz") && e.to_string().contains("PATH"));
     let file = rig.dir.path().join("plain.txt");
@@ -135,14 +139,21 @@ async fn missing_executables_are_clear_errors() {
         command: file.to_string_lossy().into(),
         args: vec![],
         cwd: rig.dir.path().into(),
+        ipc: None,
     };
-    let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
+    let e = rig
+        .driver
+        .spawn(ProcessNum(1), 1, &s, None, None)
+        .unwrap_err();
     assert!(e.to_string().contains("chmod +x"), "{e}");
 
     // Executable bit but no valid format: the exec itself fails, in the child.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
+    let e = rig
+        .driver
+        .spawn(ProcessNum(1), 1, &s, None, None)
+        .unwrap_err();
     assert!(matches!(e, SpawnError::Exec { .. }), "{e:?}");
     assert!(e.to_string().contains("plain.txt"), "{e}");
     assert!(e.to_string().contains("format"), "{e}");
@@ -151,8 +162,12 @@ async fn missing_executables_are_clear_errors() {
         command: testbin(),
         args: vec!["nul\0byte".into()],
         cwd: rig.dir.path().into(),
+        ipc: None,
     };
-    let e = rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap_err();
+    let e = rig
+        .driver
+        .spawn(ProcessNum(1), 1, &s, None, None)
+        .unwrap_err();
     assert!(e.to_string().contains("NUL byte"), "{e}");
     // Nothing was left behind: no run, and no zombie of a child that failed
     // before exec (it still bears the name of the thread that cloned it).
@@ -178,7 +193,7 @@ async fn sigterm_ignorer_needs_the_kill() {
     let mut rig = Rig::new("t4");
     let s = spec(rig.dir.path(), &["ignore-term"]);
     let num = ProcessNum(2);
-    let pid = rig.driver.spawn(num, 1, &s, None).unwrap() as i32;
+    let pid = rig.driver.spawn(num, 1, &s, None, None).unwrap().pid as i32;
     let (out, _) = rig.driver.log_paths(num, &s);
     until("ready", || {
         std::fs::read_to_string(&out).unwrap_or_default() == "ready\n"
@@ -203,7 +218,7 @@ async fn kill_takes_the_whole_tree() {
     let mut rig = Rig::new("t5");
     let s = spec(rig.dir.path(), &["fork-tree", "pids"]);
     let num = ProcessNum(3);
-    rig.driver.spawn(num, 1, &s, None).unwrap();
+    rig.driver.spawn(num, 1, &s, None, None).unwrap();
     until("four processes", || rig.pids("pids").len() == 4).await;
     let pids = rig.pids("pids");
     let roles: Vec<&str> = pids.iter().map(|(r, _)| r.as_str()).collect();
@@ -224,7 +239,7 @@ async fn leftovers_die_with_their_main_process() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut rig = Rig::new("t6");
     let s = spec(rig.dir.path(), &["fork-tree", "pids", "exit"]);
-    rig.driver.spawn(ProcessNum(5), 1, &s, None).unwrap();
+    rig.driver.spawn(ProcessNum(5), 1, &s, None, None).unwrap();
     assert_eq!(rig.next_exit().await, (ProcessNum(5), ExitStatus::Code(3)));
     let pids = rig.pids("pids");
     assert_eq!(pids.len(), 4);
@@ -253,9 +268,10 @@ async fn children_start_with_default_signal_handling() {
         command: "cat".into(),
         args: vec!["/proc/self/status".into()],
         cwd: rig.dir.path().into(),
+        ipc: None,
     };
     let num = ProcessNum(6);
-    rig.driver.spawn(num, 1, &s, None).unwrap();
+    rig.driver.spawn(num, 1, &s, None, None).unwrap();
     assert_eq!(rig.next_exit().await, (num, ExitStatus::Code(0)));
     let (out, _) = rig.driver.log_paths(num, &s);
     until("report", || {
@@ -279,7 +295,7 @@ async fn flood_in_split_chunks_arrives_line_exact() {
         &["flood", "w", &LINES.to_string(), "100", "4096"],
     );
     let num = ProcessNum(7);
-    rig.driver.spawn(num, 1, &s, None).unwrap();
+    rig.driver.spawn(num, 1, &s, None, None).unwrap();
     assert_eq!(rig.next_exit().await, (num, ExitStatus::Code(0)));
     let (out, _) = rig.driver.log_paths(num, &s);
     until("all lines", || {
@@ -298,7 +314,7 @@ async fn a_later_daemon_kills_what_an_earlier_one_left() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut rig = Rig::new("t9node");
     let s = spec(rig.dir.path(), &["fork-tree", "pids"]);
-    rig.driver.spawn(ProcessNum(1), 1, &s, None).unwrap();
+    rig.driver.spawn(ProcessNum(1), 1, &s, None, None).unwrap();
     until("four processes", || rig.pids("pids").len() == 4).await;
     let pids = rig.pids("pids");
     // Another node's tag matches nothing.
@@ -317,7 +333,7 @@ async fn cgroups_catch_what_leaves_session_and_environment() {
     let mut rig = Rig::new("t10");
     let s = spec(rig.dir.path(), &["escape", "pids"]);
     let num = ProcessNum(1);
-    rig.driver.spawn(num, 1, &s, None).unwrap();
+    rig.driver.spawn(num, 1, &s, None, None).unwrap();
     until("hidden grandchild", || rig.pids("pids").len() == 1).await;
     let hidden = rig.pids("pids")[0].1;
     assert_eq!(

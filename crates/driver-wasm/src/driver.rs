@@ -180,11 +180,10 @@ pub struct WasmDriver {
     events: mpsc::UnboundedSender<WasmEvent>,
 }
 
-/// The address a wasm process of `spec` numbered `num` runs at.
+/// The address a process of `spec` numbered `num` has on the bus (a wasm
+/// process, or a native one with an IPC channel).
 pub fn address_of(node: &str, num: ProcessNum, spec: &ProcessSpec) -> Option<Address> {
-    let Program::Wasm { package, .. } = &spec.program else {
-        return None;
-    };
+    let (package, _) = spec.program.bus()?;
     Some(Address {
         node: node.into(),
         process: ProcessId {

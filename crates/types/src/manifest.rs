@@ -25,10 +25,13 @@ pub struct RawProcess {
     pub command: Option<String>,
     /// A wasm component to run instead of a command.
     pub wasm: Option<String>,
-    /// The wasm process's package (`package:publisher`).
+    /// The package (`package:publisher`) of a process on the message bus.
     pub package: Option<String>,
-    /// Whether any local process may message this wasm process.
+    /// Whether any local process may message this process.
     pub public: Option<bool>,
+    /// A native process gets an IPC channel to the message bus (Node's
+    /// `process.send` works with no library).
+    pub ipc: Option<bool>,
     #[serde(default)]
     pub args: Vec<String>,
     pub cwd: Option<String>,
@@ -46,6 +49,21 @@ pub struct RawProcess {
     pub max_memory: Option<String>,
     pub log_max_size: Option<String>,
     pub log_keep: Option<u32>,
+}
+
+/// The package of a process on the message bus: as given, or the default;
+/// never the node's own.
+fn bus_package(given: Option<&str>) -> Result<PackageId, String> {
+    let package = match given {
+        Some(p) => p.parse::<PackageId>().map_err(|e| e.to_string())?,
+        None => DEFAULT_PACKAGE.parse().expect("valid default package"),
+    };
+    if package.is_system() {
+        return Err(format!(
+            "`{package}` is reserved for the node itself: choose another package"
+        ));
+    }
+    Ok(package)
 }
 
 /// A schedule entry: `"100ms"` or the bare integer `0`.
@@ -142,16 +160,26 @@ impl RawProcess {
                 ));
             }
             (Some(c), None) if !c.trim().is_empty() => {
-                if self.package.is_some() || self.public.is_some() {
+                let ipc = self.ipc.unwrap_or(false);
+                if !ipc && (self.package.is_some() || self.public.is_some()) {
                     return Err(err(
                         if self.package.is_some() {
                             "package"
                         } else {
                             "public"
                         },
-                        "applies to wasm processes only (set `wasm = \"app.wasm\"`)".into(),
+                        "applies to processes on the message bus only (set `ipc = true`, or `wasm = \"app.wasm\"`)".into(),
                     ));
                 }
+                let ipc = if ipc {
+                    Some(crate::spec::Ipc {
+                        package: bus_package(self.package.as_deref())
+                            .map_err(|m| err("package", m))?,
+                        public: self.public.unwrap_or(false),
+                    })
+                } else {
+                    None
+                };
                 // A command with a slash is a path: resolve it now, against the
                 // process's working directory, so the daemon runs exactly what was meant.
                 let command = if c.contains('/') {
@@ -163,6 +191,7 @@ impl RawProcess {
                     command,
                     args: self.args,
                     cwd: cwd.clone(),
+                    ipc,
                 }
             }
             (None, Some(w)) if !w.trim().is_empty() => {
@@ -172,20 +201,15 @@ impl RawProcess {
                         "a wasm process takes no arguments: send it a request instead".into(),
                     ));
                 }
-                let package = match &self.package {
-                    Some(p) => p
-                        .parse::<PackageId>()
-                        .map_err(|e| err("package", e.to_string()))?,
-                    None => DEFAULT_PACKAGE.parse().expect("valid default package"),
-                };
-                if package.is_system() {
+                if self.ipc.is_some() {
                     return Err(err(
-                        "package",
-                        format!(
-                            "`{package}` is reserved for the node itself: choose another package"
-                        ),
+                        "ipc",
+                        "applies to native processes only: a wasm process is always on the bus"
+                            .into(),
                     ));
                 }
+                let package =
+                    bus_package(self.package.as_deref()).map_err(|m| err("package", m))?;
                 Program::Wasm {
                     path: resolve(base, &w),
                     package,
@@ -323,7 +347,8 @@ on_exit = "none"
             Program::Native {
                 command: "node".into(),
                 args: vec!["server.js".into()],
-                cwd: "/srv/app/services/first".into()
+                cwd: "/srv/app/services/first".into(),
+                ipc: None,
             }
         );
         assert_eq!(api.env["PORT"], "8080");
@@ -376,7 +401,44 @@ on_exit = "none"
         let e = error_of("[[process]]\nwasm = \"a.wasm\"\npackage = \"sys:spindle\"\n");
         assert!(e.contains("`package`") && e.contains("reserved"), "{e}");
         let e = error_of("[[process]]\ncommand = \"x\"\npublic = true\n");
-        assert!(e.contains("wasm processes only"), "{e}");
+        assert!(
+            e.contains("message bus only") && e.contains("ipc = true"),
+            "{e}"
+        );
+        let e = error_of("[[process]]\nwasm = \"a.wasm\"\nipc = true\n");
+        assert!(
+            e.contains("`ipc`") && e.contains("native processes only"),
+            "{e}"
+        );
+        let e = error_of("[[process]]\ncommand = \"x\"\nipc = true\npackage = \"sys:spindle\"\n");
+        assert!(e.contains("`package`") && e.contains("reserved"), "{e}");
+    }
+
+    #[test]
+    fn native_processes_join_the_bus_with_ipc() {
+        let specs = parse_manifest(
+            "[[process]]\nname = \"api\"\ncommand = \"node\"\nipc = true\npackage = \"shop:acme\"\npublic = true\n",
+            Path::new("/srv"),
+        )
+        .unwrap();
+        assert_eq!(
+            specs[0].program.bus(),
+            Some((&"shop:acme".parse::<PackageId>().unwrap(), true))
+        );
+        let specs = parse_manifest(
+            "[[process]]\ncommand = \"node\"\nipc = true\n",
+            Path::new("/srv"),
+        )
+        .unwrap();
+        assert_eq!(
+            specs[0]
+                .program
+                .bus()
+                .map(|(p, public)| (p.to_string(), public)),
+            Some((DEFAULT_PACKAGE.to_string(), false))
+        );
+        let specs = parse_manifest("[[process]]\ncommand = \"node\"\n", Path::new("/srv")).unwrap();
+        assert_eq!(specs[0].program.bus(), None);
     }
 
     #[test]

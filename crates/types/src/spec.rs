@@ -58,6 +58,10 @@ pub enum Program {
         command: String,
         args: Vec<String>,
         cwd: PathBuf,
+        /// On the message bus through an IPC channel (fd 3, spoken like
+        /// Node's), at `node@<name or id>:<package>`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ipc: Option<Ipc>,
     },
     Wasm {
         /// The component file (absolute).
@@ -71,7 +75,30 @@ pub enum Program {
     },
 }
 
-/// Package of wasm processes started without one.
+/// How a native process takes part in messaging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ipc {
+    /// Its address is `node@<name or id>:<package>`.
+    pub package: PackageId,
+    /// Any local process may message a public one.
+    pub public: bool,
+}
+
+impl Program {
+    /// The package a process on the bus belongs to, and whether it is
+    /// public; `None` for a native process without an IPC channel.
+    pub fn bus(&self) -> Option<(&PackageId, bool)> {
+        match self {
+            Program::Native { ipc: Some(i), .. } => Some((&i.package, i.public)),
+            Program::Native { ipc: None, .. } => None,
+            Program::Wasm {
+                package, public, ..
+            } => Some((package, *public)),
+        }
+    }
+}
+
+/// Package of processes on the bus started without one.
 pub const DEFAULT_PACKAGE: &str = "app:local";
 
 impl Program {

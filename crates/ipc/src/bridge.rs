@@ -1,0 +1,424 @@
+//! The bridge between one native process's IPC channel and the bus.
+//!
+//! Two tasks per run. The reader takes frames from the process, checks them
+//! and sends them on the bus as the process (its address is the source,
+//! whatever the frame says); a full mailbox makes it wait, so a process that
+//! floods the bus is slowed by the socket filling up, not by the daemon's
+//! memory growing. The writer takes the process's mailbox and the reader's
+//! replies and writes them out; a process that does not read fills its
+//! socket, then its mailbox, and its senders get `mailbox-full`. Requests the
+//! process awaits are tracked here (its own id, context, deadline), as the
+//! wasm host tracks them for a guest.
+//!
+//! Whatever a process writes — not JSON, an unknown type, a forged source,
+//! a frame over [`MAX_FRAME`](crate::frame::MAX_FRAME), a channel closed
+//! mid-frame — costs only it: an error frame back, or the channel closed,
+//! with the reason logged.
+
+use crate::frame::{self, FrameError, FromProcess, MAX_FRAME};
+use serde_json::Value;
+use spindle_bus::{Bus, Envelope, Mailbox, Message, Request, Response, SendErrorKind};
+use spindle_types::Address;
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+/// Frames queued for the writer (replies, errors, `stopping`): a process
+/// that sends faster than it reads waits here.
+const OUT_QUEUE: usize = 256;
+/// Requests a process may leave unanswered before the oldest is forgotten
+/// (a response to a forgotten one is refused as having nothing to answer).
+const MAX_UNANSWERED: usize = 4096;
+
+/// A request the process sent and awaits an answer to.
+struct Awaited {
+    /// The process's own number for it.
+    id: u64,
+    target: String,
+    context: Option<Value>,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    /// By bus number.
+    awaited: HashMap<u64, Awaited>,
+    /// Requests delivered to the process that expect a response: bus number → where it goes.
+    unanswered: HashMap<u64, Arc<Address>>,
+}
+
+/// A running bridge. Dropping it leaves the tasks running until the
+/// channel closes or the process leaves the bus.
+pub struct Bridge {
+    out: mpsc::Sender<Vec<u8>>,
+    connected: Arc<AtomicBool>,
+}
+
+impl Bridge {
+    /// Bridges `channel` (the daemon's end) for the process at `me`, whose
+    /// mailbox is `mailbox`. Must run inside the daemon's runtime.
+    pub fn start(
+        channel: OwnedFd,
+        me: Address,
+        bus: Arc<Bus>,
+        mailbox: Mailbox,
+    ) -> std::io::Result<Bridge> {
+        let std = std::os::unix::net::UnixStream::from(channel);
+        std.set_nonblocking(true)?;
+        let stream = UnixStream::from_std(std)?;
+        let (read, write) = stream.into_split();
+        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let connected = Arc::new(AtomicBool::new(true));
+        let state = Arc::new(Mutex::new(State::default()));
+        let deadlines = Arc::new(Notify::new());
+        let (closed_tx, closed) = watch::channel(false);
+        let me = Arc::new(me);
+        tokio::spawn(
+            Reader {
+                me: me.clone(),
+                bus: bus.clone(),
+                out: out.clone(),
+                state: state.clone(),
+                deadlines: deadlines.clone(),
+                connected: connected.clone(),
+            }
+            .run(BufReader::new(read), closed_tx),
+        );
+        tokio::spawn(
+            Writer {
+                me,
+                bus,
+                state,
+                deadlines,
+            }
+            .run(write, mailbox, out_rx, closed),
+        );
+        Ok(Bridge { out, connected })
+    }
+
+    /// Whether the process still holds its end of the channel.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Asks the process to stop (`{"type":"stopping"}`); false if the
+    /// channel is gone or clogged, and the caller should signal instead.
+    pub fn ask_stop(&self) -> bool {
+        self.is_connected() && self.out.try_send(frame::stopping()).is_ok()
+    }
+}
+
+struct Reader {
+    me: Arc<Address>,
+    bus: Arc<Bus>,
+    out: mpsc::Sender<Vec<u8>>,
+    state: Arc<Mutex<State>>,
+    deadlines: Arc<Notify>,
+    connected: Arc<AtomicBool>,
+}
+
+impl Reader {
+    async fn run(
+        self,
+        mut input: BufReader<tokio::net::unix::OwnedReadHalf>,
+        closed: watch::Sender<bool>,
+    ) {
+        let me_text = self.me.to_string();
+        let mut line = Vec::new();
+        let why = loop {
+            line.clear();
+            let limit = (MAX_FRAME + 1) as u64;
+            match (&mut input).take(limit).read_until(b'\n', &mut line).await {
+                Ok(0) => break None,
+                Ok(_) if line.last() != Some(&b'\n') => {
+                    break Some(if line.len() > MAX_FRAME {
+                        format!(
+                            "a frame over {} MiB: channel closed (send large data in pieces)",
+                            MAX_FRAME >> 20
+                        )
+                    } else {
+                        "the channel closed in the middle of a frame".to_string()
+                    });
+                }
+                Ok(_) => {
+                    line.pop();
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    match frame::parse(&line, &me_text) {
+                        Ok(f) => self.handle(f).await,
+                        Err(e) => self.refuse(&e).await,
+                    }
+                }
+                Err(e) => break Some(format!("reading the channel failed: {e}")),
+            }
+        };
+        if let Some(why) = why {
+            tracing::warn!("{}: {why}", self.me);
+        }
+        self.connected.store(false, Ordering::Release);
+        let _ = closed.send(true);
+    }
+
+    async fn refuse(&self, e: &FrameError) {
+        tracing::warn!("{}: refused a frame: {e}", self.me);
+        let _ = self
+            .out
+            .send(frame::error(None, "invalid", None, &e.to_string(), None))
+            .await;
+    }
+
+    async fn handle(&self, f: FromProcess) {
+        match f {
+            FromProcess::Request {
+                target,
+                id,
+                timeout_ms,
+                body,
+                metadata,
+                context,
+            } => {
+                let Ok(to) = target.parse::<Address>() else {
+                    let msg = format!(
+                        "`target` {target:?} is not an address (node@process:package:publisher)"
+                    );
+                    let _ = self
+                        .out
+                        .send(frame::error(
+                            id,
+                            "invalid",
+                            Some(&target),
+                            &msg,
+                            context.as_ref(),
+                        ))
+                        .await;
+                    return;
+                };
+                let number = self.bus.next_id();
+                let awaits = id.zip(timeout_ms);
+                if let Some((id, ms)) = awaits {
+                    self.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .awaited
+                        .insert(
+                            number,
+                            Awaited {
+                                id,
+                                target: target.clone(),
+                                context: context.clone(),
+                                deadline: Instant::now() + Duration::from_millis(ms),
+                            },
+                        );
+                    self.deadlines.notify_one();
+                }
+                let env = Envelope {
+                    id: number,
+                    source: self.me.clone(),
+                    target: Arc::new(to),
+                    rsvp: awaits.map(|_| self.me.clone()),
+                    message: Message::Request(Request {
+                        inherit: false,
+                        expects_response: timeout_ms.map(Duration::from_millis),
+                        body,
+                        metadata,
+                        capabilities: vec![],
+                    }),
+                    blob: None,
+                };
+                if let Err((kind, _)) = self.bus.send(env, false).await {
+                    self.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .awaited
+                        .remove(&number);
+                    let _ = self
+                        .out
+                        .send(frame::error(
+                            id,
+                            kind_name(kind),
+                            Some(&target),
+                            &kind.to_string(),
+                            context.as_ref(),
+                        ))
+                        .await;
+                }
+            }
+            FromProcess::Response { id, body, metadata } => {
+                let rsvp = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unanswered
+                    .remove(&id);
+                let Some(rsvp) = rsvp else {
+                    let msg = format!(
+                        "nothing to respond to: request {id} expected no response, was answered, or never came"
+                    );
+                    let _ = self
+                        .out
+                        .send(frame::error(None, "invalid", None, &msg, None))
+                        .await;
+                    return;
+                };
+                let env = Envelope {
+                    id,
+                    source: self.me.clone(),
+                    target: rsvp,
+                    rsvp: None,
+                    message: Message::Response(
+                        Response {
+                            inherit: false,
+                            body,
+                            metadata,
+                            capabilities: vec![],
+                        },
+                        None,
+                    ),
+                    blob: None,
+                };
+                // A requester that is gone or swamped just does not get it.
+                let _ = self.bus.send(env, false).await;
+            }
+            FromProcess::Heartbeat | FromProcess::Internal => {}
+        }
+    }
+}
+
+/// The error kind as the protocol spells it.
+fn kind_name(k: SendErrorKind) -> &'static str {
+    match k {
+        SendErrorKind::Offline => "offline",
+        SendErrorKind::Timeout => "timeout",
+        SendErrorKind::NoCapability => "no-capability",
+        SendErrorKind::MailboxFull => "mailbox-full",
+        SendErrorKind::Invalid => "invalid",
+    }
+}
+
+struct Writer {
+    me: Arc<Address>,
+    bus: Arc<Bus>,
+    state: Arc<Mutex<State>>,
+    deadlines: Arc<Notify>,
+}
+
+impl Writer {
+    async fn run(
+        self,
+        mut output: tokio::net::unix::OwnedWriteHalf,
+        mut mailbox: Mailbox,
+        mut queued: mpsc::Receiver<Vec<u8>>,
+        mut closed: watch::Receiver<bool>,
+    ) {
+        let far = || Instant::now() + Duration::from_secs(3600);
+        loop {
+            let next = self
+                .state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .awaited
+                .values()
+                .map(|a| a.deadline)
+                .min()
+                .unwrap_or_else(far);
+            let bytes = tokio::select! {
+                _ = closed.changed() => return,
+                f = queued.recv() => match f {
+                    Some(f) => f,
+                    None => return,
+                },
+                env = mailbox.recv() => match env {
+                    Some(env) => match self.deliver(env) {
+                        Some(b) => b,
+                        None => continue,
+                    },
+                    // Off the bus: the run is over.
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(next) => self.expire(),
+                _ = self.deadlines.notified() => continue,
+            };
+            if let Err(e) = output.write_all(&bytes).await {
+                tracing::debug!("{}: writing the channel failed: {e}", self.me);
+                return;
+            }
+        }
+    }
+
+    /// A message from the bus as a frame, if it is one the process gets.
+    fn deliver(&self, env: Envelope) -> Option<Vec<u8>> {
+        let source = env.source.to_string();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match env.message {
+            Message::Request(r) => {
+                if let Some(rsvp) = env.rsvp.filter(|_| r.expects_response.is_some()) {
+                    if st.unanswered.len() >= MAX_UNANSWERED
+                        && let Some(&oldest) = st.unanswered.keys().min()
+                    {
+                        st.unanswered.remove(&oldest);
+                    }
+                    st.unanswered.insert(env.id, rsvp);
+                    return Some(frame::request(
+                        env.id,
+                        &source,
+                        &r.body,
+                        r.metadata.as_deref(),
+                        true,
+                    ));
+                }
+                Some(frame::request(
+                    env.id,
+                    &source,
+                    &r.body,
+                    r.metadata.as_deref(),
+                    false,
+                ))
+            }
+            Message::Response(r, _) => match st.awaited.remove(&env.id) {
+                Some(a) => Some(frame::response(
+                    a.id,
+                    &source,
+                    &r.body,
+                    r.metadata.as_deref(),
+                    a.context.as_ref(),
+                )),
+                None => {
+                    self.bus.late_responses.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Error frames for every awaited request whose time is up.
+    fn expire(&self) -> Vec<u8> {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let due: Vec<u64> = st
+            .awaited
+            .iter()
+            .filter(|(_, a)| a.deadline <= now)
+            .map(|(n, _)| *n)
+            .collect();
+        let mut out = Vec::new();
+        for n in due {
+            if let Some(a) = st.awaited.remove(&n) {
+                out.extend(frame::error(
+                    Some(a.id),
+                    "timeout",
+                    Some(&a.target),
+                    &SendErrorKind::Timeout.to_string(),
+                    a.context.as_ref(),
+                ));
+            }
+        }
+        out
+    }
+}

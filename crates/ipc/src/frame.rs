@@ -1,0 +1,329 @@
+//! The frames of the IPC channel: one JSON value per line, as Node's own IPC
+//! channel speaks them, so `process.send(value)` and
+//! `process.on('message', …)` work in a Node child with no library.
+//!
+//! From the process (`type` says which):
+//!
+//! - `{"type":"request","target":"local@api:shop:acme","body":…}` — a
+//!   request. With `"id": n` and `"timeout_ms": t` a response is expected;
+//!   it comes back with the same `id`. Optional: `metadata` (JSON text),
+//!   `context` (any JSON value, returned with the response or error).
+//! - `{"type":"response","id":n,"body":…}` — answers the request that
+//!   arrived with `id` n.
+//! - `{"type":"heartbeat"}` — for the watchdog; any frame counts too.
+//!
+//! To the process:
+//!
+//! - `{"type":"request","id":n,"source":"…","body":…,"expects_response":true}`
+//! - `{"type":"response","id":n,"source":"…","body":…,"context":…}`
+//! - `{"type":"error","id":n,"kind":"timeout","target":"…","message":"…"}`
+//!   — a request of the process's own could not be answered (`id` is its
+//!   own); without `id`, a frame it sent was refused.
+//! - `{"type":"stopping"}` — the node asks it to stop (graceful stop).
+//!
+//! Bodies are bytes. One that is JSON travels as that JSON value (`body`);
+//! any other travels as `body_base64`. A process may send either.
+//! Objects whose `cmd` starts with `NODE_` are Node's own and are ignored.
+//! The source of a frame is never read from it: the node knows who sent it.
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+/// Longest frame accepted from a process; a longer one ends the channel
+/// (there is no telling where the next frame starts).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// What a process sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromProcess {
+    Request {
+        target: String,
+        /// The process's own number for it; with `timeout_ms`, a response is expected.
+        id: Option<u64>,
+        timeout_ms: Option<u64>,
+        body: Vec<u8>,
+        metadata: Option<String>,
+        context: Option<Value>,
+    },
+    Response {
+        id: u64,
+        body: Vec<u8>,
+        metadata: Option<String>,
+    },
+    Heartbeat,
+    /// Node's own housekeeping (`{"cmd":"NODE_…"}`).
+    Internal,
+}
+
+/// Why a frame was refused: said back to the process, and logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("not JSON ({0}): send one JSON value per line")]
+    NotJson(String),
+    #[error(
+        "unknown message type {0:?}: send {{\"type\":\"request\"|\"response\"|\"heartbeat\", …}}"
+    )]
+    UnknownType(String),
+    #[error("a {kind} needs `{field}`")]
+    Missing {
+        kind: &'static str,
+        field: &'static str,
+    },
+    #[error("`{field}` is not valid: {why}")]
+    Invalid { field: &'static str, why: String },
+    #[error("`source` is set by the node, not by the process (it said {0:?})")]
+    Forged(String),
+}
+
+#[derive(Deserialize)]
+struct Raw {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    cmd: Option<String>,
+    target: Option<String>,
+    source: Option<Value>,
+    id: Option<u64>,
+    timeout_ms: Option<u64>,
+    body: Option<Value>,
+    body_base64: Option<String>,
+    metadata: Option<Value>,
+    context: Option<Value>,
+}
+
+/// Reads one frame (a line without its newline). `me` is the sender's own
+/// address: a `source` naming anyone else is refused as forged.
+pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
+    let raw: Raw = serde_json::from_slice(line).map_err(|e| FrameError::NotJson(e.to_string()))?;
+    if raw.cmd.as_deref().is_some_and(|c| c.starts_with("NODE_")) {
+        return Ok(FromProcess::Internal);
+    }
+    if let Some(s) = &raw.source
+        && s.as_str() != Some(me)
+    {
+        return Err(FrameError::Forged(s.to_string()));
+    }
+    let kind = raw.kind.clone().unwrap_or_default();
+    let body = || body_of(raw.body.clone(), raw.body_base64.clone());
+    let metadata = || {
+        raw.metadata.clone().map(|m| match m {
+            Value::String(s) => s,
+            other => other.to_string(),
+        })
+    };
+    match kind.as_str() {
+        "request" => Ok(FromProcess::Request {
+            target: raw.target.clone().ok_or(FrameError::Missing {
+                kind: "request",
+                field: "target",
+            })?,
+            id: raw.id,
+            timeout_ms: raw.timeout_ms,
+            body: body()?,
+            metadata: metadata(),
+            context: raw.context.clone(),
+        }),
+        "response" => Ok(FromProcess::Response {
+            id: raw.id.ok_or(FrameError::Missing {
+                kind: "response",
+                field: "id",
+            })?,
+            body: body()?,
+            metadata: metadata(),
+        }),
+        "heartbeat" => Ok(FromProcess::Heartbeat),
+        other => Err(FrameError::UnknownType(other.to_string())),
+    }
+}
+
+fn body_of(body: Option<Value>, b64: Option<String>) -> Result<Vec<u8>, FrameError> {
+    match (body, b64) {
+        (Some(_), Some(_)) => Err(FrameError::Invalid {
+            field: "body",
+            why: "give `body` or `body_base64`, not both".into(),
+        }),
+        (None, Some(text)) => base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| FrameError::Invalid {
+                field: "body_base64",
+                why: e.to_string(),
+            }),
+        (Some(v), None) => Ok(serde_json::to_vec(&v).expect("a JSON value serialises")),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+/// Puts `body` into `frame`: as JSON when it is JSON, else as base64.
+fn put_body(frame: &mut Value, body: &[u8]) {
+    if body.is_empty() {
+        return;
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => frame["body"] = v,
+        Err(_) => {
+            frame["body_base64"] =
+                Value::String(base64::engine::general_purpose::STANDARD.encode(body))
+        }
+    }
+}
+
+/// A line to write to the process (with its newline).
+fn line(frame: Value) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&frame).expect("frames serialise");
+    out.push(b'\n');
+    out
+}
+
+pub fn request(
+    id: u64,
+    source: &str,
+    body: &[u8],
+    metadata: Option<&str>,
+    expects_response: bool,
+) -> Vec<u8> {
+    let mut f = json!({"type": "request", "id": id, "source": source});
+    put_body(&mut f, body);
+    if let Some(m) = metadata {
+        f["metadata"] = Value::String(m.into());
+    }
+    if expects_response {
+        f["expects_response"] = Value::Bool(true);
+    }
+    line(f)
+}
+
+pub fn response(
+    id: u64,
+    source: &str,
+    body: &[u8],
+    metadata: Option<&str>,
+    context: Option<&Value>,
+) -> Vec<u8> {
+    let mut f = json!({"type": "response", "id": id, "source": source});
+    put_body(&mut f, body);
+    if let Some(m) = metadata {
+        f["metadata"] = Value::String(m.into());
+    }
+    if let Some(c) = context {
+        f["context"] = c.clone();
+    }
+    line(f)
+}
+
+/// A request of the process's own (`id`) failed, or (no `id`) a frame of
+/// its was refused.
+pub fn error(
+    id: Option<u64>,
+    kind: &str,
+    target: Option<&str>,
+    message: &str,
+    context: Option<&Value>,
+) -> Vec<u8> {
+    let mut f = json!({"type": "error", "kind": kind, "message": message});
+    if let Some(id) = id {
+        f["id"] = id.into();
+    }
+    if let Some(t) = target {
+        f["target"] = Value::String(t.into());
+    }
+    if let Some(c) = context {
+        f["context"] = c.clone();
+    }
+    line(f)
+}
+
+pub fn stopping() -> Vec<u8> {
+    line(json!({"type": "stopping"}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: &str = "local@api:shop:acme";
+
+    #[test]
+    fn requests_and_responses_parse() {
+        let f = parse(
+            br#"{"type":"request","target":"local@db:shop:acme","id":4,"timeout_ms":500,"body":{"get":1},"context":[1]}"#,
+            ME,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            FromProcess::Request {
+                target: "local@db:shop:acme".into(),
+                id: Some(4),
+                timeout_ms: Some(500),
+                body: br#"{"get":1}"#.to_vec(),
+                metadata: None,
+                context: Some(json!([1])),
+            }
+        );
+        let f = parse(br#"{"type":"response","id":9,"body_base64":"AAEC"}"#, ME).unwrap();
+        assert_eq!(
+            f,
+            FromProcess::Response {
+                id: 9,
+                body: vec![0, 1, 2],
+                metadata: None
+            }
+        );
+        assert_eq!(
+            parse(br#"{"cmd":"NODE_HANDLE_ACK"}"#, ME).unwrap(),
+            FromProcess::Internal
+        );
+        // Its own address as source is harmless.
+        assert!(
+            parse(
+                br#"{"type":"heartbeat","source":"local@api:shop:acme"}"#,
+                ME
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn bad_frames_say_what_is_wrong() {
+        let e = parse(b"{not json", ME).unwrap_err();
+        assert!(matches!(e, FrameError::NotJson(_)), "{e}");
+        let e = parse(br#"{"type":"shout"}"#, ME).unwrap_err();
+        assert!(e.to_string().contains("\"shout\"") && e.to_string().contains("request"));
+        let e = parse(br#"{"type":"request","body":1}"#, ME).unwrap_err();
+        assert!(e.to_string().contains("`target`"), "{e}");
+        let e = parse(br#"{"type":"response"}"#, ME).unwrap_err();
+        assert!(e.to_string().contains("`id`"), "{e}");
+        let e = parse(
+            br#"{"type":"request","target":"local@db:a:b","source":"local@admin:sys:spindle"}"#,
+            ME,
+        )
+        .unwrap_err();
+        assert!(matches!(e, FrameError::Forged(_)), "{e}");
+        let e = parse(br#"{"type":"response","id":1,"body_base64":"!!"}"#, ME).unwrap_err();
+        assert!(e.to_string().contains("body_base64"), "{e}");
+    }
+
+    #[test]
+    fn bodies_travel_as_json_when_they_are_json() {
+        let l = request(3, ME, br#"{"a":1}"#, None, true);
+        let v: Value = serde_json::from_slice(&l).unwrap();
+        assert_eq!(v["body"], json!({"a":1}));
+        assert_eq!(v["expects_response"], json!(true));
+        assert_eq!(*l.last().unwrap(), b'\n');
+        let l = response(3, ME, &[0xff, 0x00], None, Some(&json!("ctx")));
+        let v: Value = serde_json::from_slice(&l).unwrap();
+        assert_eq!(v["body_base64"], json!("/wA="));
+        assert_eq!(v["context"], json!("ctx"));
+        // And back: what one side writes, the other reads as the same bytes.
+        let back = parse(
+            format!(
+                r#"{{"type":"response","id":3,"body_base64":{}}}"#,
+                v["body_base64"]
+            )
+            .as_bytes(),
+            ME,
+        )
+        .unwrap();
+        assert!(matches!(back, FromProcess::Response { body, .. } if body == [0xff, 0x00]));
+    }
+}

@@ -1,0 +1,230 @@
+//! The bridge against a real socket: what a process writes, and what it
+//! reads back. Bad input of every kind costs only the process that sent it.
+
+use spindle_bus::{Bus, Envelope, Message};
+use spindle_ipc::Bridge;
+use spindle_ipc::frame::MAX_FRAME;
+use spindle_types::Address;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn addr(p: &str) -> Address {
+    format!("local@{p}:t:spindle").parse().unwrap()
+}
+
+struct Rig {
+    bus: Arc<Bus>,
+    bridge: Bridge,
+    /// The process's end.
+    lines: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Rig {
+    fn new(public: bool) -> Rig {
+        let bus = Arc::new(Bus::new("local"));
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mailbox = bus.register(addr("native"), public).unwrap();
+        let bridge =
+            Bridge::start(OwnedFd::from(ours), addr("native"), bus.clone(), mailbox).unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let (read, write) = UnixStream::from_std(theirs).unwrap().into_split();
+        Rig {
+            bus,
+            bridge,
+            lines: BufReader::new(read),
+            write,
+        }
+    }
+
+    async fn send(&mut self, line: &str) {
+        self.write.write_all(line.as_bytes()).await.unwrap();
+        self.write.write_all(b"\n").await.unwrap();
+    }
+
+    async fn read(&mut self) -> serde_json::Value {
+        let mut l = String::new();
+        tokio::time::timeout(DEADLINE, self.lines.read_line(&mut l))
+            .await
+            .expect("a frame in time")
+            .unwrap();
+        serde_json::from_str(&l).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn requests_and_responses_cross_both_ways() {
+    let mut rig = Rig::new(true);
+    let other = addr("other");
+    let mut inbox = rig.bus.register(other.clone(), true).unwrap();
+
+    // The process asks, the other answers.
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{other}","id":7,"timeout_ms":5000,"body":{{"q":1}},"context":"c7"}}"#
+    ))
+    .await;
+    let env = tokio::time::timeout(DEADLINE, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*env.source, addr("native"), "the node sets the source");
+    let Message::Request(r) = &env.message else {
+        panic!("a request")
+    };
+    assert_eq!(r.body, br#"{"q":1}"#);
+    let answer = Envelope {
+        id: env.id,
+        source: Arc::new(other.clone()),
+        target: env.rsvp.clone().unwrap(),
+        rsvp: None,
+        message: Message::Response(
+            spindle_bus::Response {
+                inherit: false,
+                body: b"plain bytes \xff".to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            },
+            None,
+        ),
+        blob: None,
+    };
+    rig.bus.send(answer, false).await.unwrap();
+    let f = rig.read().await;
+    assert_eq!(f["type"], "response");
+    assert_eq!(f["id"], 7);
+    assert_eq!(f["context"], "c7");
+    assert_eq!(f["source"], other.to_string());
+    assert_eq!(f["body_base64"], "cGxhaW4gYnl0ZXMg/w==");
+
+    // The other asks, the process answers.
+    let id = rig.bus.next_id();
+    rig.bus
+        .send(
+            Envelope::request(
+                id,
+                Arc::new(other.clone()),
+                Arc::new(addr("native")),
+                Some(Arc::new(other.clone())),
+                br#""ping""#.to_vec(),
+                Some(DEADLINE),
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+    let f = rig.read().await;
+    assert_eq!(
+        (f["type"].as_str(), f["body"].as_str()),
+        (Some("request"), Some("ping"))
+    );
+    assert_eq!(f["expects_response"], true);
+    rig.send(&format!(
+        r#"{{"type":"response","id":{},"body":"pong"}}"#,
+        f["id"]
+    ))
+    .await;
+    let env = tokio::time::timeout(DEADLINE, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(env.id, id);
+    assert!(matches!(env.message, Message::Response(r, _) if r.body == br#""pong""#));
+    assert!(rig.bridge.is_connected());
+
+    // No answer in time: a timeout error with the process's own id and context.
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{other}","id":8,"timeout_ms":50,"context":{{"k":8}}}}"#
+    ))
+    .await;
+    let _ = inbox.recv().await;
+    let f = rig.read().await;
+    assert_eq!(
+        (f["type"].as_str(), f["kind"].as_str(), f["id"].as_u64()),
+        (Some("error"), Some("timeout"), Some(8))
+    );
+    assert_eq!(f["context"]["k"], 8);
+
+    // The node asks it to stop.
+    assert!(rig.bridge.ask_stop());
+    assert_eq!(rig.read().await["type"], "stopping");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_frames_get_errors_and_the_bridge_goes_on() {
+    let mut rig = Rig::new(false);
+    let private = addr("private");
+    let _p = rig.bus.register(private.clone(), false).unwrap();
+    let cases = [
+        ("{oops", "not JSON"),
+        (r#"{"type":"shout"}"#, "unknown message type"),
+        (r#"{"type":"request","body":1}"#, "`target`"),
+        (
+            r#"{"type":"request","target":"local@x:t:spindle","source":"local@kernel:sys:spindle"}"#,
+            "set by the node",
+        ),
+        (
+            r#"{"type":"response","id":99,"body":1}"#,
+            "nothing to respond to",
+        ),
+        (
+            r#"{"type":"request","target":"Not An Address","id":1}"#,
+            "not an address",
+        ),
+    ];
+    for (line, says) in cases {
+        rig.send(line).await;
+        let f = rig.read().await;
+        assert_eq!(f["type"], "error", "{line}");
+        let msg = f["message"].as_str().unwrap();
+        assert!(msg.contains(says), "{line}: {msg}");
+    }
+    // Requests that cannot be delivered say why, at once, not as a timeout.
+    for (target, kind) in [
+        ("local@ghost:t:spindle", "offline"),
+        (private.to_string().as_str(), "no-capability"),
+    ] {
+        rig.send(&format!(
+            r#"{{"type":"request","target":"{target}","id":3,"timeout_ms":60000}}"#
+        ))
+        .await;
+        let f = rig.read().await;
+        assert_eq!(
+            (f["kind"].as_str(), f["id"].as_u64()),
+            (Some(kind), Some(3))
+        );
+    }
+    // Node's own housekeeping is ignored; the bridge still answers after all that.
+    rig.send(r#"{"cmd":"NODE_HANDLE_ACK"}"#).await;
+    rig.send(r#"{"type":"response","id":5}"#).await;
+    assert_eq!(rig.read().await["type"], "error");
+    assert!(rig.bridge.is_connected());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn oversized_frames_and_half_frames_close_the_channel() {
+    let mut rig = Rig::new(true);
+    let big = vec![b'x'; MAX_FRAME + 10];
+    // The bridge reads and drops it; writing may fail once it has closed.
+    let _ = rig.write.write_all(&big).await;
+    let mut rest = String::new();
+    let n = tokio::time::timeout(DEADLINE, rig.lines.read_line(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0, "the channel is closed: {rest}");
+    assert!(!rig.bridge.is_connected());
+
+    let mut rig = Rig::new(true);
+    rig.write.write_all(br#"{"type":"heartb"#).await.unwrap();
+    rig.write.shutdown().await.unwrap();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while rig.bridge.is_connected() {
+        assert!(tokio::time::Instant::now() < end, "never noticed the close");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
