@@ -106,6 +106,10 @@ pub struct StartArgs {
     /// process.send works as is)
     #[arg(long)]
     pub ipc: bool,
+    /// Watchdog for an --ipc process: silent this long (e.g. 5s), it is
+    /// killed and restarted as crashed
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat: Option<String>,
     /// Name (optional, may repeat)
     #[arg(long)]
     pub name: Option<String>,

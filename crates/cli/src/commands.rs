@@ -305,6 +305,7 @@ fn from_flags(
                 package: args.package,
                 public: args.public.then_some(true),
                 ipc: args.ipc.then_some(true),
+                heartbeat: args.heartbeat,
                 cwd: args.cwd,
                 env,
                 log: args.log,
@@ -342,6 +343,7 @@ fn has_process_flags(a: &StartArgs) -> bool {
     a.package.is_some()
         || a.public
         || a.ipc
+        || a.heartbeat.is_some()
         || a.name.is_some()
         || a.cwd.is_some()
         || !a.env.is_empty()

@@ -772,6 +772,130 @@ fn a_node_service_is_on_the_bus_with_no_library() {
     assert!(e.contains("offline"), "{e}");
 }
 
+/// Starts `command` as a process on the bus named `name`, waits for its
+/// log to say `up`, and returns its address.
+fn start_on_bus(n: &Node, name: &str, extra: &[&str], command: &[&str], up: &str) -> String {
+    let mut args = vec![
+        "start",
+        "--name",
+        name,
+        "--package",
+        "t:spindle",
+        "--public",
+        "--ipc",
+    ];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(command);
+    n.ok(&args);
+    let id = n
+        .list()
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .unwrap()
+        .id;
+    until(up, || {
+        std::fs::read_to_string(&n.get(id.0).log_out)
+            .unwrap_or_default()
+            .contains(up)
+            .then_some(())
+    });
+    format!("local@{name}:t:spindle")
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn send_json(n: &Node, to: &str, body: &str) -> serde_json::Value {
+    serde_json::from_str(n.ok(&["send", to, body]).trim()).unwrap()
+}
+
+#[test]
+fn client_libraries_for_node_and_python() {
+    let n = Node::new();
+    let echo = spindle_test_guests::path("echo");
+    n.ok(&[
+        "start",
+        echo.to_str().unwrap(),
+        "--name",
+        "w",
+        "--package",
+        "t:spindle",
+        "--public",
+    ]);
+    let w = "local@w:t:spindle";
+    let js = fixture("ipc-client.js");
+    let py = fixture("ipc-client.py");
+    let aio = fixture("ipc-client-async.py");
+    let nc = start_on_bus(
+        &n,
+        "nc",
+        &["--heartbeat", "1s"],
+        &["node", &js],
+        "client: up",
+    );
+    let pc = start_on_bus(&n, "pc", &[], &["python3", &py], "python: up");
+    let ac = start_on_bus(&n, "ac", &[], &["python3", &aio], "asyncio: up");
+    for (svc, said) in [
+        (&nc, "via client"),
+        (&pc, "from python"),
+        (&ac, "from asyncio"),
+    ] {
+        // Each asks the wasm process and answers with what it got.
+        let got = send_json(&n, svc, &format!(r#"{{"ask":"{w}"}}"#));
+        assert_eq!(got, serde_json::json!({"got": said, "from": w}), "{svc}");
+    }
+    assert_eq!(
+        send_json(&n, &pc, r#"{"x":1}"#),
+        serde_json::json!({"py": {"x": 1}})
+    );
+    assert_eq!(send_json(&n, &ac, "[7]"), serde_json::json!({"aio": [7]}));
+    // Failures come back as their kind, not as a timeout.
+    let got = send_json(&n, &nc, r#"{"missing":"local@ghost:t:spindle"}"#);
+    assert_eq!(got, serde_json::json!({"kind": "offline"}));
+    let got = send_json(&n, &pc, r#"{"ask":"local@ghost:t:spindle"}"#);
+    assert_eq!(got, serde_json::json!({"kind": "offline"}));
+
+    // The Node client's heartbeats keep its watchdog (1s) quiet…
+    let nc_id = n
+        .list()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("nc"))
+        .unwrap()
+        .id;
+    until("3 heartbeat periods of uptime", || {
+        let p = n.get(nc_id.0);
+        (p.uptime_ms.unwrap_or(0) >= 3000).then_some(p)
+    });
+    assert_eq!(n.get(nc_id.0).restarts, 0);
+    // …until its event loop hangs: then it is killed and restarted as crashed.
+    assert_eq!(n.ok(&["send", &nc, r#""hang""#]).trim(), r#""hanging""#);
+    let p = until("restarted after the hang", || {
+        let p = n.get(nc_id.0);
+        (p.restarts == 1).then_some(p)
+    });
+    let exit = p.last_exit.unwrap();
+    assert_eq!(exit.reason, ExitReason::Crashed);
+    assert!(exit.detail.unwrap().contains("heartbeat lost"));
+
+    // Python stops by message too.
+    n.ok(&["stop", "pc", "ac"]);
+    for (name, said) in [
+        ("pc", "python: stopping cleanly"),
+        ("ac", "asyncio: stopping cleanly"),
+    ] {
+        let id = n
+            .list()
+            .iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap()
+            .id;
+        let log = std::fs::read_to_string(&n.get(id.0).log_out).unwrap();
+        assert!(log.contains(said), "{log}");
+    }
+}
+
 #[test]
 fn bad_components_start_nothing() {
     let n = Node::new();

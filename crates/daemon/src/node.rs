@@ -379,6 +379,30 @@ impl Node {
             return;
         }
         let now = Instant::now();
+        // Watchdogs: a process on the bus that has sent nothing for its
+        // heartbeat period is hung.
+        for (num, (_, bridge)) in &self.bridges {
+            let Some(e) = self.kernel.get(*num) else {
+                continue;
+            };
+            let (Program::Native { ipc: Some(ipc), .. }, Some(run)) =
+                (&e.spec.program, e.state.run())
+            else {
+                continue;
+            };
+            if let Some(period) = ipc.heartbeat()
+                && matches!(e.state, State::Starting { .. } | State::Running { .. })
+                && bridge.silent_for() > period
+            {
+                let detail = format!(
+                    "heartbeat lost: nothing on its IPC channel for {} (heartbeat {})",
+                    spindle_types::units::format_duration(bridge.silent_for()),
+                    spindle_types::units::format_duration(period)
+                );
+                tracing::warn!("process {num}: {detail}");
+                self.kernel.hung(*num, run, detail, now);
+            }
+        }
         for (num, run, rss) in self.driver.sample(now) {
             let Some(cap) = self.kernel.get(num).and_then(|e| e.spec.max_memory) else {
                 continue;

@@ -210,6 +210,11 @@ impl NativeDriver {
                 (crate::ADDRESS_VAR.to_string(), a.to_string()),
             ]
         });
+        let heartbeat_env = match &spec.program {
+            spindle_types::Program::Native { ipc: Some(i), .. } => i.heartbeat_ms,
+            _ => None,
+        }
+        .map(|ms| (crate::HEARTBEAT_VAR.to_string(), ms.to_string()));
         let env = spec
             .env
             .iter()
@@ -218,7 +223,8 @@ impl NativeDriver {
                 (crate::TAG_VAR.to_string(), self.tag(num)),
                 (crate::ID_VAR.to_string(), num.to_string()),
             ])
-            .chain(channel_env.into_iter().flatten());
+            .chain(channel_env.into_iter().flatten())
+            .chain(heartbeat_env);
         let cg = self.cgroups.as_ref().and_then(|c| {
             c.create(num.0, run)
                 .inspect_err(|e| tracing::warn!("process {num}: no cgroup for this run: {e}"))

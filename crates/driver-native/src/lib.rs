@@ -55,5 +55,8 @@ pub const TAG_VAR: &str = "SPINDLE_TAG";
 pub const ID_VAR: &str = "SPINDLE_ID";
 /// Environment variable carrying the address of a process on the bus.
 pub const ADDRESS_VAR: &str = "SPINDLE_ADDRESS";
+/// Environment variable carrying the watchdog period (ms) of a process with
+/// a heartbeat: client libraries send heartbeats well within it.
+pub const HEARTBEAT_VAR: &str = "SPINDLE_HEARTBEAT_MS";
 /// The child's descriptor for its IPC channel (where Node looks for it).
 pub const CHANNEL_FD: i32 = 3;

@@ -58,6 +58,21 @@ struct State {
 pub struct Bridge {
     out: mpsc::Sender<Vec<u8>>,
     connected: Arc<AtomicBool>,
+    heard: Arc<Heard>,
+}
+
+/// When the process last sent a frame, for the watchdog.
+struct Heard {
+    since: Instant,
+    /// Milliseconds after `since`.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Heard {
+    fn now(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
 }
 
 impl Bridge {
@@ -78,6 +93,10 @@ impl Bridge {
         let state = Arc::new(Mutex::new(State::default()));
         let deadlines = Arc::new(Notify::new());
         let (closed_tx, closed) = watch::channel(false);
+        let heard = Arc::new(Heard {
+            since: Instant::now(),
+            last: 0.into(),
+        });
         let me = Arc::new(me);
         tokio::spawn(
             Reader {
@@ -87,6 +106,7 @@ impl Bridge {
                 state: state.clone(),
                 deadlines: deadlines.clone(),
                 connected: connected.clone(),
+                heard: heard.clone(),
             }
             .run(BufReader::new(read), closed_tx),
         );
@@ -99,7 +119,18 @@ impl Bridge {
             }
             .run(write, mailbox, out_rx, closed),
         );
-        Ok(Bridge { out, connected })
+        Ok(Bridge {
+            out,
+            connected,
+            heard,
+        })
+    }
+
+    /// How long since the process last sent anything (or since the run
+    /// started, if it never has).
+    pub fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.heard.last.load(Ordering::Relaxed));
+        self.heard.since.elapsed().saturating_sub(last)
     }
 
     /// Whether the process still holds its end of the channel.
@@ -121,6 +152,7 @@ struct Reader {
     state: Arc<Mutex<State>>,
     deadlines: Arc<Notify>,
     connected: Arc<AtomicBool>,
+    heard: Arc<Heard>,
 }
 
 impl Reader {
@@ -147,6 +179,7 @@ impl Reader {
                     });
                 }
                 Ok(_) => {
+                    self.heard.now();
                     line.pop();
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;

@@ -342,6 +342,23 @@ impl Kernel {
         }
     }
 
+    /// Ends a run that stopped answering (its heartbeats stopped): killed at
+    /// once, as there is no point asking it politely, and ended `Crashed`
+    /// with `detail`; the on-exit policy applies as for any crash.
+    pub fn hung(&mut self, num: ProcessNum, run: RunId, detail: String, now: Instant) {
+        if self.procs.get(&num).and_then(|e| e.state.run()) != Some(run) {
+            return;
+        }
+        self.begin_stop(num, StopCause::Fault(detail), AfterStop::Stay, now);
+        if let Some(e) = self.procs.get_mut(&num)
+            && let State::Stopping { killed, .. } = &mut e.state
+            && !*killed
+        {
+            *killed = true;
+            self.effects.push(Effect::Kill { num, run });
+        }
+    }
+
     /// The node is stopping: every live run is stopped with reason `Shutdown`,
     /// pending restarts are dropped, and what should run stays marked so the
     /// next daemon starts it again.

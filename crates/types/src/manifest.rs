@@ -32,6 +32,8 @@ pub struct RawProcess {
     /// A native process gets an IPC channel to the message bus (Node's
     /// `process.send` works with no library).
     pub ipc: Option<bool>,
+    /// Watchdog period of a process with `ipc`: silent this long, it is hung.
+    pub heartbeat: Option<String>,
     #[serde(default)]
     pub args: Vec<String>,
     pub cwd: Option<String>,
@@ -171,11 +173,33 @@ impl RawProcess {
                         "applies to processes on the message bus only (set `ipc = true`, or `wasm = \"app.wasm\"`)".into(),
                     ));
                 }
+                if !ipc && self.heartbeat.is_some() {
+                    return Err(err(
+                        "heartbeat",
+                        "needs an IPC channel to arrive on: set `ipc = true`".into(),
+                    ));
+                }
+                let heartbeat = match &self.heartbeat {
+                    Some(h) => {
+                        let d = parse_duration(h).map_err(|e| err("heartbeat", e.to_string()))?;
+                        if d < crate::spec::MIN_HEARTBEAT {
+                            return Err(err(
+                                "heartbeat",
+                                format!(
+                                    "{h} is shorter than the watchdog's 1s look: use 1s or more"
+                                ),
+                            ));
+                        }
+                        Some(d.as_millis() as u64)
+                    }
+                    None => None,
+                };
                 let ipc = if ipc {
                     Some(crate::spec::Ipc {
                         package: bus_package(self.package.as_deref())
                             .map_err(|m| err("package", m))?,
                         public: self.public.unwrap_or(false),
+                        heartbeat_ms: heartbeat,
                     })
                 } else {
                     None
@@ -410,6 +434,10 @@ on_exit = "none"
             e.contains("`ipc`") && e.contains("native processes only"),
             "{e}"
         );
+        let e = error_of("[[process]]\ncommand = \"x\"\nheartbeat = \"5s\"\n");
+        assert!(e.contains("`heartbeat`") && e.contains("ipc = true"), "{e}");
+        let e = error_of("[[process]]\ncommand = \"x\"\nipc = true\nheartbeat = \"10ms\"\n");
+        assert!(e.contains("`heartbeat`") && e.contains("1s"), "{e}");
         let e = error_of("[[process]]\ncommand = \"x\"\nipc = true\npackage = \"sys:spindle\"\n");
         assert!(e.contains("`package`") && e.contains("reserved"), "{e}");
     }

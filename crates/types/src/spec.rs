@@ -82,6 +82,19 @@ pub struct Ipc {
     pub package: PackageId,
     /// Any local process may message a public one.
     pub public: bool,
+    /// Watchdog: a run that sends nothing on its channel for this many
+    /// milliseconds is taken as hung, killed and restarted as crashed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms: Option<u64>,
+}
+
+/// Shortest watchdog period: the daemon looks at its watchdogs once a second.
+pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+
+impl Ipc {
+    pub fn heartbeat(&self) -> Option<Duration> {
+        self.heartbeat_ms.map(Duration::from_millis)
+    }
 }
 
 impl Program {

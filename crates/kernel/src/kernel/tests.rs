@@ -340,6 +340,27 @@ fn fault_ends_as_crash_and_restarts() {
 }
 
 #[test]
+fn a_hung_run_is_killed_at_once_and_restarted_as_a_crash() {
+    let mut f = Fake::new();
+    let mut s = spec("stuck");
+    s.grace = Duration::from_secs(30);
+    let n = f.start(s);
+    let run = f.live[&n];
+    f.k.hung(n, run, "heartbeat lost".into(), f.now);
+    f.pump();
+    assert_eq!(f.killed, [n], "no waiting out the 30 s grace");
+    f.exit(n, ExitStatus::Signal(9));
+    let (_, info, restart_in) = f.last_exit();
+    assert_eq!(info.reason, ExitReason::Crashed);
+    assert_eq!(info.detail.as_deref(), Some("heartbeat lost"));
+    assert_eq!(*restart_in, Some(ms(100)));
+    // A stale run is ignored.
+    f.k.hung(n, run, "late".into(), f.now);
+    f.pump();
+    assert_eq!(f.killed, [n]);
+}
+
+#[test]
 fn shutdown_and_restore() {
     let mut f = Fake::new();
     let keep = f.start(spec("keep"));
