@@ -55,7 +55,11 @@ pub fn render(list: &[ProcessInfo]) -> String {
                 p.memory_bytes
                     .map(format_size)
                     .unwrap_or_else(|| "-".into()),
-                p.address.clone().unwrap_or_else(|| "-".into()),
+                match (&p.address, p.connected) {
+                    (Some(a), Some(false)) => format!("{a} (not connected)"),
+                    (Some(a), _) => a.clone(),
+                    (None, _) => "-".into(),
+                },
                 p.last_exit
                     .as_ref()
                     .map(|e| e.to_string())

@@ -731,6 +731,7 @@ fn a_node_service_is_on_the_bus_with_no_library() {
             .contains("node: up as local@api:t:spindle")
             .then_some(())
     });
+    assert_eq!(n.get(1).connected, Some(true), "ls shows it connected");
     // The operator asks Node.
     let got: serde_json::Value =
         serde_json::from_str(n.ok(&["send", api, r#"{"x":1}"#]).trim()).unwrap();
@@ -768,6 +769,8 @@ fn a_node_service_is_on_the_bus_with_no_library() {
     );
     let log = std::fs::read_to_string(&n.get(1).log_out).unwrap();
     assert!(log.contains("node: stopping cleanly"), "{log}");
+    assert_eq!(n.get(1).connected, Some(false));
+    assert_eq!(n.get(2).connected, None, "a wasm process has no channel");
     let e = n.fails(&["send", api, "{}"]);
     assert!(e.contains("offline"), "{e}");
 }

@@ -571,6 +571,14 @@ impl Node {
                     name: e.spec.name.clone(),
                     command: e.spec.program.display(),
                     address: self.wasm.address(e.num, &e.spec).map(|a| a.to_string()),
+                    connected: match &e.spec.program {
+                        Program::Native { ipc: Some(_), .. } => Some(
+                            self.bridges
+                                .get(&e.num)
+                                .is_some_and(|(_, b)| b.is_connected()),
+                        ),
+                        _ => None,
+                    },
                     state,
                     pid: e.state.pid(),
                     uptime_ms: uptime,

@@ -228,3 +228,60 @@ async fn oversized_frames_and_half_frames_close_the_channel() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_flood_is_held_back_by_the_channel_not_by_memory() {
+    let mut rig = Rig::new(true);
+    let sink = addr("sink");
+    let mut mailbox = rig.bus.register(sink.clone(), true).unwrap();
+    let frame = format!(
+        "{{\"type\":\"request\",\"target\":\"{sink}\",\"body\":\"{}\"}}\n",
+        "x".repeat(1000)
+    );
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = written.clone();
+    let mut write = rig.write;
+    let flood = tokio::spawn(async move {
+        loop {
+            write.write_all(frame.as_bytes()).await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // Nobody drains the sink: the process is held back once its mailbox
+    // (1,024) and the socket are full, instead of the daemon buffering more.
+    let stalled = |last: &mut usize| {
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        let same = now == *last;
+        *last = now;
+        same
+    };
+    let mut last = 0;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if stalled(&mut last) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the flood was never held back"
+        );
+    }
+    assert!(
+        last < spindle_bus::MAILBOX_CAPACITY + 2_000,
+        "{last} frames accepted while nothing was drained"
+    );
+    // Draining lets it go on, and what arrived is intact.
+    let mut drained = 0;
+    while drained < spindle_bus::MAILBOX_CAPACITY + 100 {
+        let env = tokio::time::timeout(DEADLINE, mailbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&env.message, Message::Request(r) if r.body.len() == 1002));
+        drained += 1;
+    }
+    assert!(written.load(std::sync::atomic::Ordering::Relaxed) > last);
+    flood.abort();
+    let _ = &mut rig.lines;
+}

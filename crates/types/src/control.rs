@@ -133,8 +133,11 @@ pub struct ProcessInfo {
     pub id: ProcessNum,
     pub name: Option<String>,
     pub command: String,
-    /// `node@process:package:publisher`, for wasm processes.
+    /// `node@process:package:publisher`, for processes on the message bus.
     pub address: Option<String>,
+    /// For a native process on the bus: whether its IPC channel is open.
+    #[serde(default)]
+    pub connected: Option<bool>,
     pub state: StateLabel,
     pub pid: Option<u32>,
     pub uptime_ms: Option<u64>,
