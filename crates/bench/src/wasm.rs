@@ -164,6 +164,88 @@ fn native_spawn_each() -> Duration {
     t.elapsed() / NATIVE_SPAWNS
 }
 
+/// A Node child on the bus with no library: asked `{"bench": target, "n": n}`,
+/// it makes n sequential requests to `target` and answers when done.
+const NODE_BENCH: &str = r#"
+const waiting = new Map();
+let next = 1;
+function ask(target) {
+  return new Promise((resolve) => {
+    const id = next++;
+    waiting.set(id, resolve);
+    process.send({ type: 'request', target, id, timeout_ms: 5000, body: 'x' });
+  });
+}
+process.on('message', async (m) => {
+  if (m.type === 'response' && waiting.has(m.id)) {
+    const r = waiting.get(m.id); waiting.delete(m.id); r(m);
+  } else if (m.type === 'request' && m.body && m.body.bench) {
+    for (let i = 0; i < m.body.n; i++) await ask(m.body.bench);
+    process.send({ type: 'response', id: m.id, body: 'done' });
+  }
+});
+"#;
+const NODE_TRIPS: u32 = 20_000;
+
+/// Mean request→response time between a Node child (plain `process.send`,
+/// through the IPC bridge) and the wasm process `peer`; `None` without node.
+async fn node_round_trip(b: &mut Bench, peer: &Address) -> Option<Duration> {
+    let node = which_node()?;
+    let script = b._dir.path().join("bench.js");
+    std::fs::write(&script, NODE_BENCH).ok()?;
+    let program = spindle_types::Program::Native {
+        command: node.to_string_lossy().into(),
+        args: vec![script.to_string_lossy().into()],
+        cwd: "/".into(),
+        ipc: None,
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
+    let theirs = std::os::fd::OwnedFd::from(theirs);
+    let me: Address = "local@nodebench:bench:spindle".parse().expect("address");
+    let mailbox = b.bus.register(me.clone(), true).expect("register");
+    let env = [
+        ("NODE_CHANNEL_FD".to_string(), "3".to_string()),
+        (
+            "NODE_CHANNEL_SERIALIZATION_MODE".to_string(),
+            "json".to_string(),
+        ),
+    ];
+    let child =
+        spindle_driver_native::spawn::start(&node, &program, env, None, Some(&theirs)).ok()?;
+    drop(theirs);
+    let _bridge =
+        spindle_ipc::Bridge::start(ours.into(), me.clone(), b.bus.clone(), mailbox).ok()?;
+    // Warm up (Node's start, the JIT), then measure.
+    assert_eq!(
+        b.ask(&me, format!(r#"{{"bench":"{peer}","n":2000}}"#).as_bytes())
+            .await,
+        r#""done""#
+    );
+    let t = Instant::now();
+    let r = b
+        .ask(
+            &me,
+            format!(r#"{{"bench":"{peer}","n":{NODE_TRIPS}}}"#).as_bytes(),
+        )
+        .await;
+    let each = t.elapsed() / NODE_TRIPS;
+    assert_eq!(r, r#""done""#);
+    // SAFETY: killing and reaping the child this function started.
+    unsafe {
+        libc::kill(child.pid, libc::SIGKILL);
+        libc::waitpid(child.pid, std::ptr::null_mut(), 0);
+    }
+    Some(each)
+}
+
+fn which_node() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("node"))
+        .find(|p| p.is_file())
+}
+
 async fn measure(rows: &mut Vec<Row>) {
     let native_alone = native_spawn_each();
     let mut b = Bench::new();
@@ -260,6 +342,7 @@ async fn measure(rows: &mut Vec<Row>) {
         .await;
     let rate = ONE_WAY as f64 / t.elapsed().as_secs_f64();
     assert_eq!(r, format!("sent {ONE_WAY} counted {ONE_WAY}"));
+    let node_trip = node_round_trip(&mut b, &peer).await;
 
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     rows.push(Row {
@@ -286,6 +369,11 @@ async fn measure(rows: &mut Vec<Row>) {
         metric: "wasm: memory per idle process (parked in receive)".into(),
         target: "≤ 48 KiB".into(),
         measured: format!("{:.1} KiB", per_process as f64 / 1024.0),
+    });
+    rows.push(Row {
+        metric: "Node (plain process.send) ↔ wasm process: request→response round trip".into(),
+        target: "≤ 150 µs".into(),
+        measured: node_trip.map_or_else(|| "node not found".into(), us),
     });
     rows.push(Row {
         metric: "native spawn (start call), no wasm engine → 10,000 wasm processes live".into(),
