@@ -13,6 +13,7 @@ fn main() {
         "examples/Cargo.lock",
         "examples/counter",
         "examples/testing",
+        "examples/native-echo",
         "crates/process-lib",
         "wit",
     ] {
@@ -43,8 +44,34 @@ fn main() {
             "building the guest components in examples/ failed; if the target is missing, run `rustup target add wasm32-wasip2`"
         );
     }
+    // The native example is built for this machine.
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "native-echo",
+            "--manifest-path",
+        ])
+        .arg(root.join("examples/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&out)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .status()
+        .expect("run cargo for the native example");
+    if !status.success() {
+        panic!("building the native example examples/native-echo failed");
+    }
     println!(
         "cargo:rustc-env=SPINDLE_GUEST_DIR={}",
         out.join("wasm32-wasip2/release").display()
+    );
+    println!(
+        "cargo:rustc-env=SPINDLE_NATIVE_GUEST_DIR={}",
+        out.join("release").display()
     );
 }

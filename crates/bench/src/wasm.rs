@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-const DEADLINE: Duration = Duration::from_secs(300);
+const DEADLINE: Duration = Duration::from_secs(60);
 /// Processes for the spawn, memory and scale figures.
 const MANY: u64 = 10_000;
 
@@ -187,40 +187,71 @@ process.on('message', async (m) => {
 "#;
 const NODE_TRIPS: u32 = 20_000;
 
-/// Mean request→response time between a Node child (plain `process.send`,
-/// through the IPC bridge) and the wasm process `peer`; `None` without node.
-async fn node_round_trip(b: &mut Bench, peer: &Address) -> Option<Duration> {
-    let node = which_node()?;
-    let script = b._dir.path().join("bench.js");
-    std::fs::write(&script, NODE_BENCH).ok()?;
+/// A native child on the bus at `name`, its channel bridged as the daemon
+/// does it. Killed and reaped when dropped.
+struct Bridged {
+    pid: i32,
+    address: Address,
+    _bridge: spindle_ipc::Bridge,
+    /// Its stdout and stderr pipes, kept open so its few lines do not fail.
+    _output: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+}
+
+impl Drop for Bridged {
+    fn drop(&mut self) {
+        // SAFETY: killing and reaping the child this bench started.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+fn start_bridged(b: &Bench, exe: &Path, args: &[String], name: &str) -> Option<Bridged> {
     let program = spindle_types::Program::Native {
-        command: node.to_string_lossy().into(),
-        args: vec![script.to_string_lossy().into()],
+        command: exe.to_string_lossy().into(),
+        args: args.to_vec(),
         cwd: "/".into(),
         ipc: None,
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().ok()?;
     let theirs = std::os::fd::OwnedFd::from(theirs);
-    let me: Address = "local@nodebench:bench:spindle".parse().expect("address");
-    let mailbox = b.bus.register(me.clone(), true).expect("register");
+    let address: Address = format!("local@{name}:bench:spindle").parse().ok()?;
+    let mailbox = b.bus.register(address.clone(), true).ok()?;
     let env = [
         ("NODE_CHANNEL_FD".to_string(), "3".to_string()),
         (
             "NODE_CHANNEL_SERIALIZATION_MODE".to_string(),
             "json".to_string(),
         ),
+        ("SPINDLE_ADDRESS".to_string(), address.to_string()),
     ];
     let child =
-        spindle_driver_native::spawn::start(&node, &program, env, None, Some(&theirs)).ok()?;
+        spindle_driver_native::spawn::start(exe, &program, env, None, Some(&theirs)).ok()?;
     drop(theirs);
-    let _bridge =
-        spindle_ipc::Bridge::start(ours.into(), me.clone(), b.bus.clone(), mailbox).ok()?;
+    let bridge =
+        spindle_ipc::Bridge::start(ours.into(), address.clone(), b.bus.clone(), mailbox).ok()?;
+    Some(Bridged {
+        pid: child.pid,
+        address,
+        _bridge: bridge,
+        _output: (child.stdout, child.stderr),
+    })
+}
+
+/// Mean request→response time between a Node child (plain `process.send`,
+/// through the IPC bridge) and the wasm process `peer`; `None` without node.
+async fn node_round_trip(b: &mut Bench, peer: &Address) -> Option<Duration> {
+    let node = which_node()?;
+    let script = b._dir.path().join("bench.js");
+    std::fs::write(&script, NODE_BENCH).ok()?;
+    let child = start_bridged(b, &node, &[script.to_string_lossy().into()], "nodebench")?;
+    let me = child.address.clone();
     // Warm up (Node's start, the JIT), then measure.
-    assert_eq!(
-        b.ask(&me, format!(r#"{{"bench":"{peer}","n":2000}}"#).as_bytes())
-            .await,
-        r#""done""#
-    );
+    let warm = b
+        .ask(&me, format!(r#"{{"bench":"{peer}","n":2000}}"#).as_bytes())
+        .await;
+    assert_eq!(warm, r#""done""#);
     let t = Instant::now();
     let r = b
         .ask(
@@ -230,12 +261,39 @@ async fn node_round_trip(b: &mut Bench, peer: &Address) -> Option<Duration> {
         .await;
     let each = t.elapsed() / NODE_TRIPS;
     assert_eq!(r, r#""done""#);
-    // SAFETY: killing and reaping the child this function started.
-    unsafe {
-        libc::kill(child.pid, libc::SIGKILL);
-        libc::waitpid(child.pid, std::ptr::null_mut(), 0);
-    }
     Some(each)
+}
+
+const NATIVE_TRIPS: u64 = 50_000;
+const NATIVE_ONE_WAY: u64 = 200_000;
+
+/// The native Rust example (same `spindle_process` API) against the wasm
+/// process `peer`: mean round trip, and one-way messages per second.
+async fn native_rust(b: &mut Bench, peer: &Address) -> Option<(Duration, f64)> {
+    let exe = spindle_test_guests::native("native-echo");
+    let child = start_bridged(b, &exe, &[], "rustbench")?;
+    let me = child.address.clone();
+    assert_eq!(
+        b.ask(&me, format!("bench {peer} 1000").as_bytes()).await,
+        "ok 1000"
+    );
+    let t = Instant::now();
+    let r = b
+        .ask(&me, format!("bench {peer} {NATIVE_TRIPS}").as_bytes())
+        .await;
+    let trip = t.elapsed() / NATIVE_TRIPS as u32;
+    assert_eq!(r, format!("ok {NATIVE_TRIPS}"));
+    let counted = b.ask(peer, b"count").await.parse::<u64>().unwrap_or(0);
+    let t = Instant::now();
+    let r = b
+        .ask(&me, format!("flood {peer} {NATIVE_ONE_WAY}").as_bytes())
+        .await;
+    let rate = NATIVE_ONE_WAY as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(
+        r,
+        format!("sent {NATIVE_ONE_WAY} counted {}", counted + NATIVE_ONE_WAY)
+    );
+    Some((trip, rate))
 }
 
 fn which_node() -> Option<std::path::PathBuf> {
@@ -343,6 +401,7 @@ async fn measure(rows: &mut Vec<Row>) {
     let rate = ONE_WAY as f64 / t.elapsed().as_secs_f64();
     assert_eq!(r, format!("sent {ONE_WAY} counted {ONE_WAY}"));
     let node_trip = node_round_trip(&mut b, &peer).await;
+    let native = native_rust(&mut b, &peer).await;
 
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     rows.push(Row {
@@ -369,6 +428,16 @@ async fn measure(rows: &mut Vec<Row>) {
         metric: "wasm: memory per idle process (parked in receive)".into(),
         target: "≤ 48 KiB".into(),
         measured: format!("{:.1} KiB", per_process as f64 / 1024.0),
+    });
+    rows.push(Row {
+        metric: "native Rust process (spindle_process) ↔ wasm: request→response round trip".into(),
+        target: "≤ 25 µs".into(),
+        measured: native.map_or_else(|| "-".into(), |(t, _)| us(t)),
+    });
+    rows.push(Row {
+        metric: "native Rust process → wasm: one-way messages/s".into(),
+        target: "≥ 200k/s".into(),
+        measured: native.map_or_else(|| "-".into(), |(_, r)| format!("{:.0}k/s", r / 1e3)),
     });
     rows.push(Row {
         metric: "Node (plain process.send) ↔ wasm process: request→response round trip".into(),

@@ -900,6 +900,65 @@ fn client_libraries_for_node_and_python() {
 }
 
 #[test]
+fn a_native_rust_process_uses_the_same_api_as_wasm() {
+    let n = Node::new();
+    let echo = spindle_test_guests::path("echo");
+    n.ok(&[
+        "start",
+        echo.to_str().unwrap(),
+        "--name",
+        "w",
+        "--package",
+        "t:spindle",
+        "--public",
+    ]);
+    let w = "local@w:t:spindle";
+    let exe = spindle_test_guests::native("native-echo");
+    let ne = start_on_bus(&n, "ne", &[], &[exe.to_str().unwrap()], "native-echo: up");
+    assert_eq!(n.ok(&["send", &ne, "hello"]).trim(), "hello");
+    // Native → wasm and wasm → native, with the same calls on both sides.
+    assert_eq!(
+        n.ok(&["send", &ne, &format!("call {w} 2000 hi")]).trim(),
+        "ok hi"
+    );
+    assert_eq!(
+        n.ok(&["send", w, &format!("call {ne} 2000 yo")]).trim(),
+        "ok yo"
+    );
+    assert_eq!(
+        n.ok(&["send", &ne, "call local@ghost:t:spindle 2000 x"])
+            .trim(),
+        "err offline"
+    );
+    // Durable state survives a restart.
+    assert_eq!(
+        n.ok(&["send", &ne, "save kept across runs"]).trim(),
+        "saved"
+    );
+    n.ok(&["restart", "ne"]);
+    until("up again", || {
+        let p = n
+            .list()
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some("ne"))?;
+        (p.state == StateLabel::Running && p.connected == Some(true)).then_some(())
+    });
+    until("answering again", || {
+        let out = n.run(&["send", &ne, "load", "--timeout", "500ms"]);
+        (String::from_utf8_lossy(&out.stdout).trim() == "kept across runs").then_some(())
+    });
+    n.ok(&["stop", "ne"]);
+    let id = n
+        .list()
+        .iter()
+        .find(|p| p.name.as_deref() == Some("ne"))
+        .unwrap()
+        .id;
+    let log = std::fs::read_to_string(&n.get(id.0).log_out).unwrap();
+    assert!(log.contains("native-echo: stopping cleanly"), "{log}");
+}
+
+#[test]
 fn bad_components_start_nothing() {
     let n = Node::new();
     let junk = n.write("junk.wasm", "not wasm at all");

@@ -81,6 +81,8 @@ pub struct NativeDriver {
     cgroups: Option<Cgroups>,
     /// Cgroups of ended runs whose members are still dying.
     draining: Vec<PathBuf>,
+    /// Where processes on the bus keep durable state (`SPINDLE_STATE_DIR`).
+    state_dir: PathBuf,
 }
 
 impl NativeDriver {
@@ -113,6 +115,8 @@ impl NativeDriver {
             by_pid: HashMap::new(),
             cgroups,
             draining: Vec::new(),
+            // The node keeps `state/` beside `logs/`.
+            state_dir: logs_dir.with_file_name("state"),
         })
     }
 
@@ -208,6 +212,10 @@ impl NativeDriver {
                     "json".to_string(),
                 ),
                 (crate::ADDRESS_VAR.to_string(), a.to_string()),
+                (
+                    crate::STATE_DIR_VAR.to_string(),
+                    self.state_dir.to_string_lossy().into_owned(),
+                ),
             ]
         });
         let heartbeat_env = match &spec.program {

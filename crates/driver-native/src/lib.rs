@@ -55,6 +55,9 @@ pub const TAG_VAR: &str = "SPINDLE_TAG";
 pub const ID_VAR: &str = "SPINDLE_ID";
 /// Environment variable carrying the address of a process on the bus.
 pub const ADDRESS_VAR: &str = "SPINDLE_ADDRESS";
+/// Environment variable naming the directory where a process on the bus
+/// keeps its durable state (the node's `state/`, shared with wasm processes).
+pub const STATE_DIR_VAR: &str = "SPINDLE_STATE_DIR";
 /// Environment variable carrying the watchdog period (ms) of a process with
 /// a heartbeat: client libraries send heartbeats well within it.
 pub const HEARTBEAT_VAR: &str = "SPINDLE_HEARTBEAT_MS";

@@ -42,8 +42,15 @@ pub mod bindings {
     });
 }
 
+// One API, two transports: the component's imports in a wasm process, the
+// IPC channel (fd 3) in a native one.
+#[cfg(target_family = "wasm")]
 use bindings::spindle::process::host;
+#[cfg(not(target_family = "wasm"))]
+mod native;
 pub use bindings::spindle::process::types::{self as wit, Blob, Capability, OnExit, SendErrorKind};
+#[cfg(not(target_family = "wasm"))]
+use native as host;
 use serde::{Serialize, de::DeserializeOwned};
 use std::fmt;
 use std::time::Duration;

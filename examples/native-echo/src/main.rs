@@ -1,0 +1,102 @@
+//! A native process on the bus, written against the same `spindle_process`
+//! API as the wasm examples; built for the host, it talks to the node over
+//! its IPC channel:
+//!
+//! ```sh
+//! cargo build --manifest-path examples/Cargo.toml -p native-echo --release
+//! spindle start --ipc --name necho --public -- examples/target/release/native-echo
+//! ```
+//!
+//! Any request is answered with its own body, except: `call <address>
+//! <timeout-ms> <body>` asks that address and answers `ok <body>` or
+//! `err <kind>`; `save <text>` / `load` keep text in durable state;
+//! `bench <address> <n>` makes n round trips; `flood <address> <n>` sends n
+//! one-way `s` and then asks for that address's `count`.
+
+use spindle_process::{
+    Address, Request, Response, await_message, get_state, on_stopping, set_state,
+};
+use std::time::Duration;
+
+fn main() {
+    spindle_process::install_panic_hook();
+    let our = spindle_process::our();
+    on_stopping(|| println!("native-echo: stopping cleanly"));
+    println!("native-echo: up as {our}");
+    run();
+}
+
+fn call(target: &Address, body: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    Request::to(target.clone())
+        .body(body.to_vec())
+        .expects_response(timeout)
+        .send_and_await_response()
+        .map(|m| m.body().to_vec())
+        .map_err(|e| e.kind.to_string())
+}
+
+fn run() {
+    loop {
+        let Ok(msg) = await_message() else { continue };
+        if !msg.is_request() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(msg.body()).into_owned();
+        let mut words = text.splitn(4, ' ');
+        let answer: Vec<u8> = match words.next().unwrap_or_default() {
+            "call" => {
+                let (target, ms, inner) = (words.next(), words.next(), words.next());
+                match (
+                    target.and_then(Address::parse),
+                    ms.and_then(|m| m.parse().ok()),
+                ) {
+                    (Some(t), Some(ms)) => {
+                        match call(
+                            &t,
+                            inner.unwrap_or("").as_bytes(),
+                            Duration::from_millis(ms),
+                        ) {
+                            Ok(b) => [b"ok ".as_slice(), &b].concat(),
+                            Err(kind) => format!("err {kind}").into_bytes(),
+                        }
+                    }
+                    _ => b"err bad call".to_vec(),
+                }
+            }
+            "save" => match set_state(text.trim_start_matches("save ").as_bytes()) {
+                Ok(()) => b"saved".to_vec(),
+                Err(e) => format!("err {e}").into_bytes(),
+            },
+            "load" => get_state().unwrap_or_default(),
+            op @ ("bench" | "flood") => {
+                let target = words.next().and_then(Address::parse);
+                let n: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let Some(target) = target else {
+                    let _ = Response::new().body("err bad target").send();
+                    continue;
+                };
+                if op == "bench" {
+                    let ok = (0..n)
+                        .filter(|_| call(&target, b"x", Duration::from_secs(5)).is_ok())
+                        .count();
+                    format!("ok {ok}").into_bytes()
+                } else {
+                    let sent = (0..n)
+                        .filter(|_| {
+                            Request::to(target.clone())
+                                .body(b"s".to_vec())
+                                .send()
+                                .is_ok()
+                        })
+                        .count();
+                    let counted =
+                        call(&target, b"count", Duration::from_secs(60)).unwrap_or_default();
+                    format!("sent {sent} counted {}", String::from_utf8_lossy(&counted))
+                        .into_bytes()
+                }
+            }
+            _ => msg.body().to_vec(),
+        };
+        let _ = Response::new().body(answer).send();
+    }
+}
