@@ -350,17 +350,12 @@ impl Writer {
         mut queued: mpsc::Receiver<Vec<u8>>,
         mut closed: watch::Receiver<bool>,
     ) {
-        let far = || Instant::now() + Duration::from_secs(3600);
+        // One timer for every awaited request's deadline: moved when an
+        // earlier one appears (the reader notifies) or when it fires, not
+        // per frame.
+        let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
+        let mut armed: Option<Instant> = None;
         loop {
-            let next = self
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .awaited
-                .values()
-                .map(|a| a.deadline)
-                .min()
-                .unwrap_or_else(far);
             let bytes = tokio::select! {
                 _ = closed.changed() => return,
                 f = queued.recv() => match f {
@@ -375,13 +370,43 @@ impl Writer {
                     // Off the bus: the run is over.
                     None => return,
                 },
-                _ = tokio::time::sleep_until(next) => self.expire(),
-                _ = self.deadlines.notified() => continue,
+                _ = timer.as_mut(), if armed.is_some() => {
+                    armed = None;
+                    let out = self.expire();
+                    self.arm(&mut timer, &mut armed);
+                    if out.is_empty() {
+                        continue;
+                    }
+                    out
+                }
+                _ = self.deadlines.notified() => {
+                    self.arm(&mut timer, &mut armed);
+                    continue;
+                }
             };
             if let Err(e) = output.write_all(&bytes).await {
                 tracing::debug!("{}: writing the channel failed: {e}", self.me);
                 return;
             }
+        }
+    }
+
+    /// Sets the timer to the earliest awaited deadline, if that is earlier
+    /// than what it is set to.
+    fn arm(&self, timer: &mut std::pin::Pin<Box<tokio::time::Sleep>>, armed: &mut Option<Instant>) {
+        let next = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .awaited
+            .values()
+            .map(|a| a.deadline)
+            .min();
+        if let Some(next) = next
+            && armed.is_none_or(|a| next < a)
+        {
+            timer.as_mut().reset(next);
+            *armed = Some(next);
         }
     }
 
