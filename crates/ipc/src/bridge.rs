@@ -15,9 +15,9 @@
 //! mid-frame — costs only it: an error frame back, or the channel closed,
 //! with the reason logged.
 
-use crate::frame::{self, FrameError, FromProcess, MAX_FRAME};
+use crate::frame::{self, BlobIn, FrameError, FromProcess, MAX_FRAME};
 use serde_json::Value;
-use spindle_bus::{Bus, Envelope, Mailbox, Message, Request, Response, SendErrorKind};
+use spindle_bus::{Blob, Bus, Envelope, Mailbox, Message, Request, Response, SendErrorKind};
 use spindle_types::Address;
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -93,6 +93,7 @@ impl Bridge {
         let state = Arc::new(Mutex::new(State::default()));
         let deadlines = Arc::new(Notify::new());
         let (closed_tx, closed) = watch::channel(false);
+        let raw_blobs = Arc::new(AtomicBool::new(false));
         let heard = Arc::new(Heard {
             since: Instant::now(),
             last: 0.into(),
@@ -107,6 +108,7 @@ impl Bridge {
                 deadlines: deadlines.clone(),
                 connected: connected.clone(),
                 heard: heard.clone(),
+                raw_blobs: raw_blobs.clone(),
             }
             .run(BufReader::new(read), closed_tx),
         );
@@ -116,6 +118,7 @@ impl Bridge {
                 bus,
                 state,
                 deadlines,
+                raw_blobs,
             }
             .run(write, mailbox, out_rx, closed),
         );
@@ -153,6 +156,24 @@ struct Reader {
     deadlines: Arc<Notify>,
     connected: Arc<AtomicBool>,
     heard: Arc<Heard>,
+    /// Set when the process says it reads raw blobs.
+    raw_blobs: Arc<AtomicBool>,
+}
+
+/// A blob from a frame, its raw bytes read from `input` if they follow it.
+async fn read_blob(
+    blob: Option<BlobIn>,
+    input: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> std::io::Result<Option<Arc<Blob>>> {
+    Ok(match blob {
+        None => None,
+        Some(BlobIn::Inline { mime, bytes }) => Some(Arc::new(Blob { mime, bytes })),
+        Some(BlobIn::Raw { mime, len }) => {
+            let mut bytes = vec![0; len];
+            input.read_exact(&mut bytes).await?;
+            Some(Arc::new(Blob { mime, bytes }))
+        }
+    })
 }
 
 impl Reader {
@@ -184,9 +205,26 @@ impl Reader {
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    match frame::parse(&line, &me_text) {
-                        Ok(f) => self.handle(f).await,
-                        Err(e) => self.refuse(&e).await,
+                    let mut f = match frame::parse(&line, &me_text) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            self.refuse(&e).await;
+                            continue;
+                        }
+                    };
+                    let declared = match &mut f {
+                        FromProcess::Request { blob, .. } | FromProcess::Response { blob, .. } => {
+                            blob.take()
+                        }
+                        _ => None,
+                    };
+                    match read_blob(declared, &mut input).await {
+                        Ok(blob) => self.handle(f, blob).await,
+                        Err(e) => {
+                            break Some(format!(
+                                "the channel closed in the middle of a blob ({e})"
+                            ));
+                        }
                     }
                 }
                 Err(e) => break Some(format!("reading the channel failed: {e}")),
@@ -207,7 +245,7 @@ impl Reader {
             .await;
     }
 
-    async fn handle(&self, f: FromProcess) {
+    async fn handle(&self, f: FromProcess, blob: Option<Arc<Blob>>) {
         match f {
             FromProcess::Request {
                 target,
@@ -216,6 +254,7 @@ impl Reader {
                 body,
                 metadata,
                 context,
+                ..
             } => {
                 let Ok(to) = target.parse::<Address>() else {
                     let msg = format!(
@@ -263,7 +302,7 @@ impl Reader {
                         metadata,
                         capabilities: vec![],
                     }),
-                    blob: None,
+                    blob,
                 };
                 if let Err((kind, _)) = self.bus.send(env, false).await {
                     self.state
@@ -283,7 +322,9 @@ impl Reader {
                         .await;
                 }
             }
-            FromProcess::Response { id, body, metadata } => {
+            FromProcess::Response {
+                id, body, metadata, ..
+            } => {
                 let rsvp = self
                     .state
                     .lock()
@@ -314,11 +355,12 @@ impl Reader {
                         },
                         None,
                     ),
-                    blob: None,
+                    blob,
                 };
                 // A requester that is gone or swamped just does not get it.
                 let _ = self.bus.send(env, false).await;
             }
+            FromProcess::Hello { raw_blobs } => self.raw_blobs.store(raw_blobs, Ordering::Release),
             FromProcess::Heartbeat | FromProcess::Internal => {}
         }
     }
@@ -340,6 +382,7 @@ struct Writer {
     bus: Arc<Bus>,
     state: Arc<Mutex<State>>,
     deadlines: Arc<Notify>,
+    raw_blobs: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -356,15 +399,15 @@ impl Writer {
         let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
         let mut armed: Option<Instant> = None;
         loop {
-            let bytes = tokio::select! {
+            let (bytes, blob) = tokio::select! {
                 _ = closed.changed() => return,
                 f = queued.recv() => match f {
-                    Some(f) => f,
+                    Some(f) => (f, None),
                     None => return,
                 },
                 env = mailbox.recv() => match env {
                     Some(env) => match self.deliver(env) {
-                        Some(b) => b,
+                        Some(out) => out,
                         None => continue,
                     },
                     // Off the bus: the run is over.
@@ -377,14 +420,19 @@ impl Writer {
                     if out.is_empty() {
                         continue;
                     }
-                    out
+                    (out, None)
                 }
                 _ = self.deadlines.notified() => {
                     self.arm(&mut timer, &mut armed);
                     continue;
                 }
             };
-            if let Err(e) = output.write_all(&bytes).await {
+            let blob_bytes = blob.as_deref().map_or(&[][..], |b| b.bytes.as_slice());
+            let written = match output.write_all(&bytes).await {
+                Ok(()) => output.write_all(blob_bytes).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
                 tracing::debug!("{}: writing the channel failed: {e}", self.me);
                 return;
             }
@@ -411,48 +459,47 @@ impl Writer {
     }
 
     /// A message from the bus as a frame, if it is one the process gets.
-    fn deliver(&self, env: Envelope) -> Option<Vec<u8>> {
+    fn deliver(&self, env: Envelope) -> Option<(Vec<u8>, Option<Arc<Blob>>)> {
         let source = env.source.to_string();
+        let raw = self.raw_blobs.load(Ordering::Acquire);
+        let blob = env.blob;
+        let out = blob
+            .as_deref()
+            .map(|b| (b.mime.as_deref(), b.bytes.as_slice()));
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        match env.message {
+        let line = match env.message {
             Message::Request(r) => {
-                if let Some(rsvp) = env.rsvp.filter(|_| r.expects_response.is_some()) {
+                let rsvp = env.rsvp.filter(|_| r.expects_response.is_some());
+                let expects = rsvp.is_some();
+                if let Some(rsvp) = rsvp {
                     if st.unanswered.len() >= MAX_UNANSWERED
                         && let Some(&oldest) = st.unanswered.keys().min()
                     {
                         st.unanswered.remove(&oldest);
                     }
                     st.unanswered.insert(env.id, rsvp);
-                    return Some(frame::request(
-                        env.id,
-                        &source,
-                        &r.body,
-                        r.metadata.as_deref(),
-                        true,
-                    ));
                 }
-                Some(frame::request(
-                    env.id,
-                    &source,
-                    &r.body,
-                    r.metadata.as_deref(),
-                    false,
-                ))
+                let meta = r.metadata.as_deref();
+                frame::request(env.id, &source, &r.body, meta, expects, out, raw)
             }
             Message::Response(r, _) => match st.awaited.remove(&env.id) {
-                Some(a) => Some(frame::response(
+                Some(a) => frame::response(
                     a.id,
                     &source,
                     &r.body,
                     r.metadata.as_deref(),
                     a.context.as_ref(),
-                )),
+                    out,
+                    raw,
+                ),
                 None => {
                     self.bus.late_responses.fetch_add(1, Ordering::Relaxed);
-                    None
+                    return None;
                 }
             },
-        }
+        };
+        // Raw: the blob's bytes follow the frame, written from where they are.
+        Some((line, blob.filter(|_| raw)))
     }
 
     /// Error frames for every awaited request whose time is up.

@@ -11,6 +11,7 @@
 //! - `{"type":"response","id":n,"body":…}` — answers the request that
 //!   arrived with `id` n.
 //! - `{"type":"heartbeat"}` — for the watchdog; any frame counts too.
+//! - `{"type":"hello","raw_blobs":true}` — this process reads raw blobs (below).
 //!
 //! To the process:
 //!
@@ -23,6 +24,12 @@
 //!
 //! Bodies are bytes. One that is JSON travels as that JSON value (`body`);
 //! any other travels as `body_base64`. A process may send either.
+//!
+//! Blobs (bytes beside a message) travel as `blob_base64` in the JSON, which
+//! plain Node can read and write; or raw, with no bloat: `"blob_bytes": n`
+//! in the frame and exactly n bytes right after its newline. A process may
+//! always send raw blobs; it gets them raw once it has said `hello` with
+//! `raw_blobs`. `blob_mime` names the type of either.
 //! Objects whose `cmd` starts with `NODE_` are Node's own and are ignored.
 //! The source of a frame is never read from it: the node knows who sent it.
 
@@ -33,6 +40,20 @@ use serde_json::{Value, json};
 /// Longest frame accepted from a process; a longer one ends the channel
 /// (there is no telling where the next frame starts).
 pub const MAX_FRAME: usize = 16 << 20;
+/// Largest raw blob accepted from a process (the largest wasm memory is 256 MiB).
+pub const MAX_BLOB: usize = 256 << 20;
+
+/// A blob a frame carries or announces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobIn {
+    /// In the frame (`blob_base64`).
+    Inline {
+        mime: Option<String>,
+        bytes: Vec<u8>,
+    },
+    /// `len` raw bytes follow the frame.
+    Raw { mime: Option<String>, len: usize },
+}
 
 /// What a process sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,13 +66,18 @@ pub enum FromProcess {
         body: Vec<u8>,
         metadata: Option<String>,
         context: Option<Value>,
+        blob: Option<BlobIn>,
     },
     Response {
         id: u64,
         body: Vec<u8>,
         metadata: Option<String>,
+        blob: Option<BlobIn>,
     },
     Heartbeat,
+    Hello {
+        raw_blobs: bool,
+    },
     /// Node's own housekeeping (`{"cmd":"NODE_…"}`).
     Internal,
 }
@@ -89,6 +115,10 @@ struct Raw {
     body_base64: Option<String>,
     metadata: Option<Value>,
     context: Option<Value>,
+    blob_base64: Option<String>,
+    blob_bytes: Option<usize>,
+    blob_mime: Option<String>,
+    raw_blobs: Option<bool>,
 }
 
 /// Reads one frame (a line without its newline). `me` is the sender's own
@@ -104,6 +134,7 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
         return Err(FrameError::Forged(s.to_string()));
     }
     let kind = raw.kind.clone().unwrap_or_default();
+    let blob = || blob_of(&raw);
     let body = || body_of(raw.body.clone(), raw.body_base64.clone());
     let metadata = || {
         raw.metadata.clone().map(|m| match m {
@@ -122,6 +153,7 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
             body: body()?,
             metadata: metadata(),
             context: raw.context.clone(),
+            blob: blob()?,
         }),
         "response" => Ok(FromProcess::Response {
             id: raw.id.ok_or(FrameError::Missing {
@@ -130,9 +162,53 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
             })?,
             body: body()?,
             metadata: metadata(),
+            blob: blob()?,
         }),
         "heartbeat" => Ok(FromProcess::Heartbeat),
+        "hello" => Ok(FromProcess::Hello {
+            raw_blobs: raw.raw_blobs.unwrap_or(false),
+        }),
         other => Err(FrameError::UnknownType(other.to_string())),
+    }
+}
+
+fn blob_of(raw: &Raw) -> Result<Option<BlobIn>, FrameError> {
+    let mime = raw.blob_mime.clone();
+    match (&raw.blob_base64, raw.blob_bytes) {
+        (Some(_), Some(_)) => Err(FrameError::Invalid {
+            field: "blob_bytes",
+            why: "give `blob_base64` or `blob_bytes`, not both".into(),
+        }),
+        (Some(text), None) => base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(|bytes| Some(BlobIn::Inline { mime, bytes }))
+            .map_err(|e| FrameError::Invalid {
+                field: "blob_base64",
+                why: e.to_string(),
+            }),
+        (None, Some(len)) if len > MAX_BLOB => Err(FrameError::Invalid {
+            field: "blob_bytes",
+            why: format!("{len} bytes is over the {} MiB limit", MAX_BLOB >> 20),
+        }),
+        (None, Some(len)) => Ok(Some(BlobIn::Raw { mime, len })),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A blob for an outgoing frame: announced in it (`blob_bytes`, the bytes
+/// to follow) when the process reads raw blobs, else inline as base64.
+fn put_blob(frame: &mut Value, blob: BlobOut, raw: bool) {
+    let Some((mime, bytes)) = blob else {
+        return;
+    };
+    if let Some(m) = mime {
+        frame["blob_mime"] = Value::String(m.into());
+    }
+    if raw {
+        frame["blob_bytes"] = bytes.len().into();
+    } else {
+        frame["blob_base64"] =
+            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
 }
 
@@ -174,15 +250,23 @@ fn line(frame: Value) -> Vec<u8> {
     out
 }
 
+/// A blob going out with a frame: its type and bytes.
+pub type BlobOut<'a> = Option<(Option<&'a str>, &'a [u8])>;
+
+/// A request to the process. With `raw` and a blob, the frame announces
+/// `blob_bytes`: the caller writes the blob's bytes right after it.
 pub fn request(
     id: u64,
     source: &str,
     body: &[u8],
     metadata: Option<&str>,
     expects_response: bool,
+    blob: BlobOut,
+    raw: bool,
 ) -> Vec<u8> {
     let mut f = json!({"type": "request", "id": id, "source": source});
     put_body(&mut f, body);
+    put_blob(&mut f, blob, raw);
     if let Some(m) = metadata {
         f["metadata"] = Value::String(m.into());
     }
@@ -192,15 +276,19 @@ pub fn request(
     line(f)
 }
 
+/// A response to the process (see [`request`] for `blob` and `raw`).
 pub fn response(
     id: u64,
     source: &str,
     body: &[u8],
     metadata: Option<&str>,
     context: Option<&Value>,
+    blob: BlobOut,
+    raw: bool,
 ) -> Vec<u8> {
     let mut f = json!({"type": "response", "id": id, "source": source});
     put_body(&mut f, body);
+    put_blob(&mut f, blob, raw);
     if let Some(m) = metadata {
         f["metadata"] = Value::String(m.into());
     }
@@ -258,6 +346,7 @@ mod tests {
                 body: br#"{"get":1}"#.to_vec(),
                 metadata: None,
                 context: Some(json!([1])),
+                blob: None,
             }
         );
         let f = parse(br#"{"type":"response","id":9,"body_base64":"AAEC"}"#, ME).unwrap();
@@ -266,7 +355,8 @@ mod tests {
             FromProcess::Response {
                 id: 9,
                 body: vec![0, 1, 2],
-                metadata: None
+                metadata: None,
+                blob: None,
             }
         );
         assert_eq!(
@@ -305,12 +395,12 @@ mod tests {
 
     #[test]
     fn bodies_travel_as_json_when_they_are_json() {
-        let l = request(3, ME, br#"{"a":1}"#, None, true);
+        let l = request(3, ME, br#"{"a":1}"#, None, true, None, false);
         let v: Value = serde_json::from_slice(&l).unwrap();
         assert_eq!(v["body"], json!({"a":1}));
         assert_eq!(v["expects_response"], json!(true));
         assert_eq!(*l.last().unwrap(), b'\n');
-        let l = response(3, ME, &[0xff, 0x00], None, Some(&json!("ctx")));
+        let l = response(3, ME, &[0xff, 0x00], None, Some(&json!("ctx")), None, false);
         let v: Value = serde_json::from_slice(&l).unwrap();
         assert_eq!(v["body_base64"], json!("/wA="));
         assert_eq!(v["context"], json!("ctx"));

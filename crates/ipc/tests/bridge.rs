@@ -285,3 +285,84 @@ async fn a_flood_is_held_back_by_the_channel_not_by_memory() {
     flood.abort();
     let _ = &mut rig.lines;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn blobs_travel_raw_or_as_base64() {
+    use tokio::io::AsyncReadExt;
+    let mut rig = Rig::new(true);
+    let other = addr("other");
+    let mut inbox = rig.bus.register(other.clone(), true).unwrap();
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+
+    // Raw from the process: announced, then the bytes right after the frame.
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{other}","id":1,"timeout_ms":5000,"blob_bytes":{},"blob_mime":"application/x-test"}}"#,
+        blob.len()
+    ))
+    .await;
+    rig.write.write_all(&blob).await.unwrap();
+    // A frame right after the blob is read as a frame again.
+    rig.send(r#"{"type":"heartbeat"}"#).await;
+    let env = tokio::time::timeout(DEADLINE, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let got = env.blob.clone().expect("a blob");
+    assert_eq!(got.bytes, blob);
+    assert_eq!(got.mime.as_deref(), Some("application/x-test"));
+
+    // Back to a process that has not said hello: base64 in the JSON.
+    let reply = |id| Envelope {
+        id,
+        source: Arc::new(other.clone()),
+        target: Arc::new(addr("native")),
+        rsvp: None,
+        message: Message::Response(
+            spindle_bus::Response {
+                inherit: false,
+                body: b"\"back\"".to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            },
+            None,
+        ),
+        blob: Some(got.clone()),
+    };
+    rig.bus.send(reply(env.id), false).await.unwrap();
+    let f = rig.read().await;
+    assert_eq!(f["id"], 1);
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD
+        .decode(f["blob_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(b64, blob);
+
+    // After hello, raw: the frame says how many bytes follow.
+    rig.send(r#"{"type":"hello","raw_blobs":true}"#).await;
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{other}","id":2,"timeout_ms":5000}}"#
+    ))
+    .await;
+    let env = tokio::time::timeout(DEADLINE, inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    rig.bus.send(reply(env.id), false).await.unwrap();
+    let f = rig.read().await;
+    assert_eq!(
+        (f["id"].as_u64(), f["blob_bytes"].as_u64()),
+        (Some(2), Some(blob.len() as u64))
+    );
+    let mut raw = vec![0; blob.len()];
+    rig.lines.read_exact(&mut raw).await.unwrap();
+    assert_eq!(raw, blob);
+
+    // A blob over the limit is refused without reading it.
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{other}","blob_bytes":{}}}"#,
+        spindle_ipc::frame::MAX_BLOB + 1
+    ))
+    .await;
+    let f = rig.read().await;
+    assert!(f["message"].as_str().unwrap().contains("limit"), "{f}");
+}
