@@ -296,6 +296,41 @@ async fn native_rust(b: &mut Bench, peer: &Address) -> Option<(Duration, f64)> {
     Some((trip, rate))
 }
 
+const BLOB: usize = 16 << 20;
+const BLOB_TRIPS: u32 = 5;
+
+/// A 16 MiB blob from the native Rust process through the wasm process
+/// `peer` (reflected, never loaded) and back, against a bare copy of 16 MiB
+/// through a socket: (trip, bare copy).
+async fn blob_trip(b: &mut Bench, peer: &Address) -> Option<(Duration, Duration)> {
+    let exe = spindle_test_guests::native("native-echo");
+    let child = start_bridged(b, &exe, &[], "blobbench")?;
+    let me = child.address.clone();
+    let ask = format!("blobtrip {peer} {BLOB}");
+    assert_eq!(b.ask(&me, ask.as_bytes()).await, format!("ok {BLOB}"));
+    let t = Instant::now();
+    for _ in 0..BLOB_TRIPS {
+        assert_eq!(b.ask(&me, ask.as_bytes()).await, format!("ok {BLOB}"));
+    }
+    let trip = t.elapsed() / BLOB_TRIPS;
+    // The same bytes through a bare socket pair, writer on its own thread.
+    let (mut tx, mut rx) = std::os::unix::net::UnixStream::pair().ok()?;
+    let data = vec![7u8; BLOB];
+    let t = Instant::now();
+    for _ in 0..BLOB_TRIPS {
+        let out = data.clone();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            tx.write_all(&out).map(|_| tx)
+        });
+        let mut back = vec![0u8; BLOB];
+        std::io::Read::read_exact(&mut rx, &mut back).ok()?;
+        tx = writer.join().ok()?.ok()?;
+    }
+    let bare = t.elapsed() / BLOB_TRIPS;
+    Some((trip, bare))
+}
+
 fn which_node() -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
@@ -402,6 +437,7 @@ async fn measure(rows: &mut Vec<Row>) {
     assert_eq!(r, format!("sent {ONE_WAY} counted {ONE_WAY}"));
     let node_trip = node_round_trip(&mut b, &peer).await;
     let native = native_rust(&mut b, &peer).await;
+    let blob = blob_trip(&mut b, &peer).await;
 
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     rows.push(Row {
@@ -438,6 +474,21 @@ async fn measure(rows: &mut Vec<Row>) {
         metric: "native Rust process → wasm: one-way messages/s".into(),
         target: "≥ 200k/s".into(),
         measured: native.map_or_else(|| "-".into(), |(_, r)| format!("{:.0}k/s", r / 1e3)),
+    });
+    rows.push(Row {
+        metric: "16 MiB blob native → wasm → native, vs a bare socket copy of 16 MiB".into(),
+        target: "≤ 3×".into(),
+        measured: blob.map_or_else(
+            || "-".into(),
+            |(trip, bare)| {
+                format!(
+                    "{:.1}× ({:.1} ms vs {:.1} ms)",
+                    trip.as_secs_f64() / bare.as_secs_f64(),
+                    trip.as_secs_f64() * 1e3,
+                    bare.as_secs_f64() * 1e3
+                )
+            },
+        ),
     });
     rows.push(Row {
         metric: "Node (plain process.send) ↔ wasm process: request→response round trip".into(),

@@ -6,8 +6,10 @@
 //!
 //! What differs from a wasm process: contexts stay here (the node never sees
 //! them); state files are written by the process itself, durably, where the
-//! node says (`SPINDLE_STATE_DIR`); blobs, capabilities and `spawn` are for
-//! wasm processes. With a watchdog (`SPINDLE_HEARTBEAT_MS`) a thread sends
+//! node says (`SPINDLE_STATE_DIR`); blobs travel raw after their frame (this
+//! transport says `hello` with `raw_blobs`), so they are read with the
+//! message rather than lazily; capabilities and `spawn` are for wasm
+//! processes. With a watchdog (`SPINDLE_HEARTBEAT_MS`) a thread sends
 //! heartbeats while the process is waiting for mail or has called in within
 //! the period, so a process stuck elsewhere stops them.
 
@@ -44,8 +46,10 @@ struct State {
     next_id: u64,
     /// Requests of ours awaiting an answer: id → (target, request, context).
     awaited: HashMap<u64, (String, wit::Request, Option<Vec<u8>>)>,
-    /// Frames read while awaiting a particular response.
-    deferred: VecDeque<Value>,
+    /// Frames (with their blobs) read while awaiting a particular response.
+    deferred: VecDeque<Frame>,
+    /// The blob of the last message received.
+    last_blob: Option<wit::Blob>,
     /// The request being handled, if it expects a response.
     handling: Option<u64>,
     on_exit: Option<wit::OnExit>,
@@ -70,6 +74,14 @@ fn channel() -> &'static Channel {
             active_ms: AtomicU64::new(0),
             waiting: AtomicBool::new(false),
         };
+        let mut hello = serde_json::to_vec(&json!({"type": "hello", "raw_blobs": true}))
+            .expect("frames serialise");
+        hello.push(b'\n');
+        ch.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(&hello)
+            .expect("the node's IPC channel");
         if let Some(period) = std::env::var("SPINDLE_HEARTBEAT_MS")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -104,28 +116,58 @@ fn called_in() {
 }
 
 fn write_frame(frame: &Value) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(frame).expect("frames serialise");
-    line.push(b'\n');
-    let mut w = channel().writer.lock().unwrap_or_else(|p| p.into_inner());
-    w.write_all(&line)
+    write_frame_with(frame, None)
 }
 
-fn read_frame() -> Value {
+/// Writes `frame`; a blob is announced in it and its bytes follow, raw.
+fn write_frame_with(frame: &Value, blob: Option<&wit::Blob>) -> std::io::Result<()> {
+    let mut frame = frame.clone();
+    if let Some(b) = blob {
+        frame["blob_bytes"] = b.bytes.len().into();
+        if let Some(m) = &b.mime {
+            frame["blob_mime"] = Value::String(m.clone());
+        }
+    }
+    let mut line = serde_json::to_vec(&frame).expect("frames serialise");
+    line.push(b'\n');
+    let mut w = channel().writer.lock().unwrap_or_else(|p| p.into_inner());
+    w.write_all(&line)?;
+    match blob {
+        Some(b) => w.write_all(&b.bytes),
+        None => Ok(()),
+    }
+}
+
+fn read_frame() -> Frame {
     let ch = channel();
     ch.waiting.store(true, Ordering::Relaxed);
+    let mut reader = ch.reader.lock().unwrap_or_else(|p| p.into_inner());
     let mut line = Vec::new();
-    let n = ch
-        .reader
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .read_until(b'\n', &mut line);
+    let n = reader.read_until(b'\n', &mut line);
+    // The node closed the channel: it is stopping this process.
+    if !matches!(n, Ok(n) if n > 0) {
+        std::process::exit(0);
+    }
+    let frame: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
+    let mime = frame["blob_mime"].as_str().map(str::to_string);
+    let blob = if let Some(len) = frame["blob_bytes"].as_u64() {
+        let mut bytes = vec![0; len as usize];
+        if std::io::Read::read_exact(&mut *reader, &mut bytes).is_err() {
+            std::process::exit(0);
+        }
+        Some(wit::Blob { mime, bytes })
+    } else {
+        frame["blob_base64"].as_str().map(|b| wit::Blob {
+            mime,
+            bytes: base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .unwrap_or_default(),
+        })
+    };
+    drop(reader);
     ch.waiting.store(false, Ordering::Relaxed);
     called_in();
-    match n {
-        // The node closed the channel: it is stopping this process.
-        Ok(0) | Err(_) => std::process::exit(0),
-        Ok(_) => serde_json::from_slice(&line).unwrap_or(Value::Null),
-    }
+    (frame, blob)
 }
 
 fn put_body(frame: &mut Value, body: &[u8]) {
@@ -165,15 +207,19 @@ fn kind_of(name: &str) -> wit::SendErrorKind {
 
 type Received = Result<(String, wit::Message), wit::SendError>;
 
+/// A frame and the blob that came with it.
+type Frame = (Value, Option<wit::Blob>);
+
 /// Turns a frame into what `receive` returns; `None` for frames that are
 /// not messages (a refusal of ours, housekeeping).
-fn interpret(f: Value) -> Option<Received> {
+fn interpret((f, blob): Frame) -> Option<Received> {
     let mut st = channel().state.lock().unwrap_or_else(|p| p.into_inner());
     let id = f["id"].as_u64();
     match f["type"].as_str() {
         Some("request") => {
             let expects = f["expects_response"].as_bool() == Some(true);
             st.handling = if expects { id } else { None };
+            st.last_blob = blob;
             Some(Ok((
                 f["source"].as_str().unwrap_or_default().to_string(),
                 wit::Message::Request(wit::Request {
@@ -187,6 +233,7 @@ fn interpret(f: Value) -> Option<Received> {
         }
         Some("response") => {
             let (_, _, context) = st.awaited.remove(&id?)?;
+            st.last_blob = blob;
             Some(Ok((
                 f["source"].as_str().unwrap_or_default().to_string(),
                 wit::Message::Response((
@@ -267,6 +314,7 @@ fn send(
     target: &str,
     request: &wit::Request,
     context: Option<&[u8]>,
+    blob: Option<&wit::Blob>,
 ) -> Result<Option<u64>, wit::SendError> {
     called_in();
     let ch = channel();
@@ -291,7 +339,7 @@ fn send(
         frame["timeout_ms"] = timeout.into();
         id
     });
-    write_frame(&frame).map_err(|e| wit::SendError {
+    write_frame_with(&frame, blob).map_err(|e| wit::SendError {
         kind: wit::SendErrorKind::Offline,
         target: format!("{target} (the node's channel failed: {e})"),
         message: wit::Message::Request(request.clone()),
@@ -304,23 +352,23 @@ pub fn send_request(
     target: &str,
     request: &wit::Request,
     context: Option<&[u8]>,
-    _blob: Option<&wit::Blob>,
+    blob: Option<&wit::Blob>,
 ) -> Result<(), wit::SendError> {
-    send(target, request, context).map(|_| ())
+    send(target, request, context, blob).map(|_| ())
 }
 
 pub fn send_and_await_response(
     target: &str,
     request: &wit::Request,
-    _blob: Option<&wit::Blob>,
+    blob: Option<&wit::Blob>,
 ) -> Received {
-    let Some(id) = send(target, request, None)? else {
+    let Some(id) = send(target, request, None, blob)? else {
         unreachable!("a response is expected")
     };
     loop {
         let f = read_frame();
-        let mine = f["id"].as_u64() == Some(id)
-            && matches!(f["type"].as_str(), Some("response" | "error"));
+        let mine = f.0["id"].as_u64() == Some(id)
+            && matches!(f.0["type"].as_str(), Some("response" | "error"));
         if mine {
             if let Some(r) = interpret(f) {
                 return r;
@@ -338,7 +386,7 @@ pub fn send_and_await_response(
 
 pub fn send_response(
     response: &wit::Response,
-    _blob: Option<&wit::Blob>,
+    blob: Option<&wit::Blob>,
 ) -> Result<(), wit::SendError> {
     called_in();
     let handling = channel()
@@ -356,7 +404,7 @@ pub fn send_response(
     if let Some(m) = &response.metadata {
         frame["metadata"] = Value::String(m.clone());
     }
-    write_frame(&frame).map_err(|e| wit::SendError {
+    write_frame_with(&frame, blob).map_err(|e| wit::SendError {
         kind: wit::SendErrorKind::Offline,
         target: format!("the node's channel failed: {e}"),
         message: wit::Message::Response((response.clone(), None)),
@@ -370,11 +418,21 @@ pub fn wait_for_room(_target: Option<&str>) -> bool {
 }
 
 pub fn has_blob() -> bool {
-    false
+    channel()
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .last_blob
+        .is_some()
 }
 
 pub fn get_blob() -> Option<wit::Blob> {
-    None
+    channel()
+        .state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .last_blob
+        .clone()
 }
 
 fn state_path() -> Result<std::path::PathBuf, String> {

@@ -11,10 +11,12 @@
 //! <timeout-ms> <body>` asks that address and answers `ok <body>` or
 //! `err <kind>`; `save <text>` / `load` keep text in durable state;
 //! `bench <address> <n>` makes n round trips; `flood <address> <n>` sends n
-//! one-way `s` and then asks for that address's `count`.
+//! one-way `s` and then asks for that address's `count`; `blobtrip
+//! <address> <bytes>` sends a blob of that size to be reflected and answers
+//! `ok <bytes back>` once it is back and intact.
 
 use spindle_process::{
-    Address, Request, Response, await_message, get_state, on_stopping, set_state,
+    Address, Request, Response, await_message, get_blob, get_state, on_stopping, set_state,
 };
 use std::time::Duration;
 
@@ -68,6 +70,32 @@ fn run() {
                 Err(e) => format!("err {e}").into_bytes(),
             },
             "load" => get_state().unwrap_or_default(),
+            "blobtrip" => {
+                let target = words.next().and_then(Address::parse);
+                let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let blob = pattern(size);
+                let sent = fingerprint(&blob);
+                let answer = target.map(|t| {
+                    Request::to(t)
+                        .body(b"reflect".to_vec())
+                        .blob(blob)
+                        .expects_response(Duration::from_secs(30))
+                        .send_and_await_response()
+                });
+                match answer {
+                    Some(Ok(_)) => match get_blob() {
+                        Some(b) if b.bytes.len() == size && fingerprint(&b.bytes) == sent => {
+                            format!("ok {size}").into_bytes()
+                        }
+                        Some(b) => {
+                            format!("err blob changed ({} bytes back)", b.bytes.len()).into_bytes()
+                        }
+                        None => b"err no blob back".to_vec(),
+                    },
+                    Some(Err(e)) => format!("err {}", e.kind).into_bytes(),
+                    None => b"err bad target".to_vec(),
+                }
+            }
             op @ ("bench" | "flood") => {
                 let target = words.next().and_then(Address::parse);
                 let n: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -99,4 +127,24 @@ fn run() {
         };
         let _ = Response::new().body(answer).send();
     }
+}
+
+/// `size` bytes of a 251-byte pattern (so a shifted or reordered copy differs).
+fn pattern(size: usize) -> Vec<u8> {
+    let unit: Vec<u8> = (0..251u8).collect();
+    let mut out = Vec::with_capacity(size);
+    while out.len() < size {
+        let n = (size - out.len()).min(unit.len());
+        out.extend_from_slice(&unit[..n]);
+    }
+    out
+}
+
+/// A position-sensitive checksum, cheap enough for megabytes.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.chunks(8).enumerate().fold(0u64, |acc, (i, c)| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        acc.wrapping_add(u64::from_le_bytes(w).wrapping_mul(i as u64 | 1))
+    })
 }

@@ -6,7 +6,8 @@
 //! the response and answers with `ok <body>` or `err <kind>`.
 //! `spawn <name>` starts a private, always-restarted copy of echo under that
 //! name (so only this process may message it) and answers with its address.
-//! `sleep <ms>` answers `slept` after that long.
+//! `sleep <ms>` answers `slept` after that long. `reflect` answers with the
+//! request's own blob (inherited: it never enters this process).
 //! For benchmarks: `bench <address> <n>` makes n request/response round trips
 //! to that address; `s` is counted silently; `count` answers with the count;
 //! `flood <address> <n>` sends n `s` one-way, then awaits that address's count.
@@ -42,6 +43,9 @@ fn run(_our: Address) {
             b"panic" => panic!("echo was asked to panic"),
             b"exit" => return,
             b"s" => sunk += 1,
+            b"reflect" => {
+                let _ = Response::new().inherit(true).body("reflected").send();
+            }
             b"count" => {
                 let _ = Response::new().body(sunk.to_string()).send();
             }
