@@ -75,25 +75,28 @@ fn run() {
                 let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
                 let blob = pattern(size);
                 let sent = fingerprint(&blob);
-                let answer = target.map(|t| {
-                    Request::to(t)
-                        .body(b"reflect".to_vec())
-                        .blob(blob)
-                        .expects_response(Duration::from_secs(30))
-                        .send_and_await_response()
-                });
-                match answer {
-                    Some(Ok(_)) => match get_blob() {
-                        Some(b) if b.bytes.len() == size && fingerprint(&b.bytes) == sent => {
-                            format!("ok {size}").into_bytes()
-                        }
-                        Some(b) => {
-                            format!("err blob changed ({} bytes back)", b.bytes.len()).into_bytes()
-                        }
-                        None => b"err no blob back".to_vec(),
-                    },
-                    Some(Err(e)) => format!("err {}", e.kind).into_bytes(),
+                match target {
                     None => b"err bad target".to_vec(),
+                    Some(t) => {
+                        let back = Request::to(t)
+                            .body(b"reflect".to_vec())
+                            .blob(blob)
+                            .expects_response(Duration::from_secs(30))
+                            .send_and_await_response();
+                        match (back, get_blob()) {
+                            (Err(e), _) => format!("err {}", e.kind).into_bytes(),
+                            (Ok(_), None) => b"err no blob back".to_vec(),
+                            (Ok(_), Some(b))
+                                if b.bytes.len() == size && fingerprint(&b.bytes) == sent =>
+                            {
+                                format!("ok {size}").into_bytes()
+                            }
+                            (Ok(_), Some(b)) => {
+                                format!("err blob changed ({} bytes back)", b.bytes.len())
+                                    .into_bytes()
+                            }
+                        }
+                    }
                 }
             }
             op @ ("bench" | "flood") => {
