@@ -49,8 +49,15 @@ struct Awaited {
 struct State {
     /// By bus number.
     awaited: HashMap<u64, Awaited>,
-    /// Requests delivered to the process that expect a response: bus number → where it goes.
-    unanswered: HashMap<u64, Arc<Address>>,
+    /// Requests delivered to the process that expect a response or carry a
+    /// blob, by bus number: what a response or an inheriting request needs.
+    unanswered: HashMap<u64, Incoming>,
+}
+
+struct Incoming {
+    /// Where a response goes; `None` if none is expected.
+    rsvp: Option<Arc<Address>>,
+    blob: Option<Arc<Blob>>,
 }
 
 /// A running bridge. Dropping it leaves the tasks running until the
@@ -254,6 +261,7 @@ impl Reader {
                 body,
                 metadata,
                 context,
+                inherit,
                 ..
             } => {
                 let Ok(to) = target.parse::<Address>() else {
@@ -272,8 +280,50 @@ impl Reader {
                         .await;
                     return;
                 };
-                let number = self.bus.next_id();
                 let awaits = id.zip(timeout_ms);
+                // Inheriting: the parent's blob if none is given, and (with
+                // no response awaited) its number and response route.
+                let mut blob = blob;
+                let mut route = None;
+                if let Some(parent) = inherit {
+                    let found = {
+                        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                        st.unanswered
+                            .get(&parent)
+                            .map(|p| (p.blob.clone(), p.rsvp.clone()))
+                            .inspect(|(_, rsvp)| {
+                                if awaits.is_none() && rsvp.is_some() {
+                                    st.unanswered.remove(&parent);
+                                }
+                            })
+                    };
+                    let Some((parent_blob, rsvp)) = found else {
+                        let msg = format!(
+                            "nothing to inherit from: request {parent} expected no response and carried no blob, or was answered"
+                        );
+                        let _ = self
+                            .out
+                            .send(frame::error(
+                                id,
+                                "invalid",
+                                Some(&target),
+                                &msg,
+                                context.as_ref(),
+                            ))
+                            .await;
+                        return;
+                    };
+                    if blob.is_none() {
+                        blob = parent_blob;
+                    }
+                    if awaits.is_none() {
+                        route = rsvp.map(|r| (parent, r));
+                    }
+                }
+                let number = match &route {
+                    Some((parent, _)) => *parent,
+                    None => self.bus.next_id(),
+                };
                 if let Some((id, ms)) = awaits {
                     self.state
                         .lock()
@@ -294,9 +344,12 @@ impl Reader {
                     id: number,
                     source: self.me.clone(),
                     target: Arc::new(to),
-                    rsvp: awaits.map(|_| self.me.clone()),
+                    rsvp: match route {
+                        Some((_, rsvp)) => Some(rsvp),
+                        None => awaits.map(|_| self.me.clone()),
+                    },
                     message: Message::Request(Request {
-                        inherit: false,
+                        inherit: inherit.is_some(),
                         expects_response: timeout_ms.map(Duration::from_millis),
                         body,
                         metadata,
@@ -323,14 +376,27 @@ impl Reader {
                 }
             }
             FromProcess::Response {
-                id, body, metadata, ..
+                id,
+                body,
+                metadata,
+                inherit,
+                ..
             } => {
-                let rsvp = self
+                let incoming = self
                     .state
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .unanswered
                     .remove(&id);
+                let (rsvp, parent_blob) = match incoming {
+                    Some(Incoming { rsvp, blob }) => (rsvp, blob),
+                    None => (None, None),
+                };
+                let blob = if inherit && blob.is_none() {
+                    parent_blob
+                } else {
+                    blob
+                };
                 let Some(rsvp) = rsvp else {
                     let msg = format!(
                         "nothing to respond to: request {id} expected no response, was answered, or never came"
@@ -348,7 +414,7 @@ impl Reader {
                     rsvp: None,
                     message: Message::Response(
                         Response {
-                            inherit: false,
+                            inherit,
                             body,
                             metadata,
                             capabilities: vec![],
@@ -471,13 +537,14 @@ impl Writer {
             Message::Request(r) => {
                 let rsvp = env.rsvp.filter(|_| r.expects_response.is_some());
                 let expects = rsvp.is_some();
-                if let Some(rsvp) = rsvp {
+                if expects || blob.is_some() {
                     if st.unanswered.len() >= MAX_UNANSWERED
                         && let Some(&oldest) = st.unanswered.keys().min()
                     {
                         st.unanswered.remove(&oldest);
                     }
-                    st.unanswered.insert(env.id, rsvp);
+                    let blob = blob.clone();
+                    st.unanswered.insert(env.id, Incoming { rsvp, blob });
                 }
                 let meta = r.metadata.as_deref();
                 frame::request(env.id, &source, &r.body, meta, expects, out, raw)

@@ -7,9 +7,13 @@
 //! - `{"type":"request","target":"local@api:shop:acme","body":…}` — a
 //!   request. With `"id": n` and `"timeout_ms": t` a response is expected;
 //!   it comes back with the same `id`. Optional: `metadata` (JSON text),
-//!   `context` (any JSON value, returned with the response or error).
+//!   `context` (any JSON value, returned with the response or error),
+//!   `inherit` (the `id` of a request being handled: without `timeout_ms`
+//!   its response route passes on, so the final response goes straight to
+//!   the original requester; without a blob of its own, its blob travels on).
 //! - `{"type":"response","id":n,"body":…}` — answers the request that
-//!   arrived with `id` n.
+//!   arrived with `id` n (`"inherit":true`: with that request's blob, if it
+//!   brings none).
 //! - `{"type":"heartbeat"}` — for the watchdog; any frame counts too.
 //! - `{"type":"hello","raw_blobs":true}` — this process reads raw blobs (below).
 //!
@@ -67,12 +71,15 @@ pub enum FromProcess {
         metadata: Option<String>,
         context: Option<Value>,
         blob: Option<BlobIn>,
+        /// The request being handled whose route and blob this one inherits.
+        inherit: Option<u64>,
     },
     Response {
         id: u64,
         body: Vec<u8>,
         metadata: Option<String>,
         blob: Option<BlobIn>,
+        inherit: bool,
     },
     Heartbeat,
     Hello {
@@ -119,6 +126,7 @@ struct Raw {
     blob_bytes: Option<usize>,
     blob_mime: Option<String>,
     raw_blobs: Option<bool>,
+    inherit: Option<Value>,
 }
 
 /// Reads one frame (a line without its newline). `me` is the sender's own
@@ -154,6 +162,13 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
             metadata: metadata(),
             context: raw.context.clone(),
             blob: blob()?,
+            inherit: match &raw.inherit {
+                None | Some(Value::Bool(false)) => None,
+                Some(v) => Some(v.as_u64().ok_or(FrameError::Invalid {
+                    field: "inherit",
+                    why: "give the `id` of the request being handled".into(),
+                })?),
+            },
         }),
         "response" => Ok(FromProcess::Response {
             id: raw.id.ok_or(FrameError::Missing {
@@ -163,6 +178,11 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
             body: body()?,
             metadata: metadata(),
             blob: blob()?,
+            inherit: raw
+                .inherit
+                .as_ref()
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         }),
         "heartbeat" => Ok(FromProcess::Heartbeat),
         "hello" => Ok(FromProcess::Hello {
@@ -347,6 +367,7 @@ mod tests {
                 metadata: None,
                 context: Some(json!([1])),
                 blob: None,
+                inherit: None,
             }
         );
         let f = parse(br#"{"type":"response","id":9,"body_base64":"AAEC"}"#, ME).unwrap();
@@ -357,6 +378,7 @@ mod tests {
                 body: vec![0, 1, 2],
                 metadata: None,
                 blob: None,
+                inherit: false,
             }
         );
         assert_eq!(

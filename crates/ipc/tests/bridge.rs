@@ -366,3 +366,82 @@ async fn blobs_travel_raw_or_as_base64() {
     let f = rig.read().await;
     assert!(f["message"].as_str().unwrap().contains("limit"), "{f}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_inheriting_request_passes_the_route_and_the_blob_on() {
+    let mut rig = Rig::new(true);
+    let (client, backend) = (addr("client"), addr("backend"));
+    let mut client_box = rig.bus.register(client.clone(), true).unwrap();
+    let mut backend_box = rig.bus.register(backend.clone(), true).unwrap();
+    // The client asks the native middleware, with a blob.
+    let id = rig.bus.next_id();
+    let mut ask = Envelope::request(
+        id,
+        Arc::new(client.clone()),
+        Arc::new(addr("native")),
+        Some(Arc::new(client.clone())),
+        br#""forward me""#.to_vec(),
+        Some(DEADLINE),
+    );
+    ask.blob = Some(Arc::new(spindle_bus::Blob {
+        mime: None,
+        bytes: vec![9; 1000],
+    }));
+    rig.bus.send(ask, false).await.unwrap();
+    let f = rig.read().await;
+    assert_eq!(f["id"].as_u64(), Some(id));
+    // It forwards with inherit: no response of its own awaited, no blob given.
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{backend}","inherit":{id},"body":"via middleware"}}"#
+    ))
+    .await;
+    let env = tokio::time::timeout(DEADLINE, backend_box.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(env.id, id, "the original request's number");
+    assert_eq!(
+        env.rsvp.as_deref(),
+        Some(&client),
+        "responses go to the client"
+    );
+    assert_eq!(
+        env.blob.as_ref().unwrap().bytes,
+        vec![9; 1000],
+        "the blob travels on"
+    );
+    // The backend answers the client directly.
+    let answer = Envelope {
+        id: env.id,
+        source: Arc::new(backend.clone()),
+        target: env.rsvp.clone().unwrap(),
+        rsvp: None,
+        message: Message::Response(
+            spindle_bus::Response {
+                inherit: false,
+                body: b"\"done\"".to_vec(),
+                metadata: None,
+                capabilities: vec![],
+            },
+            None,
+        ),
+        blob: None,
+    };
+    rig.bus.send(answer, false).await.unwrap();
+    let back = tokio::time::timeout(DEADLINE, client_box.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((back.id, &*back.source), (id, &backend));
+    // The route has passed on: the middleware can no longer answer it.
+    rig.send(&format!(r#"{{"type":"response","id":{id},"body":1}}"#))
+        .await;
+    let f = rig.read().await;
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing to respond to"),
+        "{f}"
+    );
+}

@@ -323,6 +323,16 @@ fn send(
     if let Some(m) = &request.metadata {
         frame["metadata"] = Value::String(m.clone());
     }
+    if request.inherit {
+        let mut st = ch.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(parent) = st.handling {
+            frame["inherit"] = parent.into();
+            // Without a response of its own, the route passes on.
+            if request.expects_response.is_none() {
+                st.handling = None;
+            }
+        }
+    }
     let id = request.expects_response.map(|timeout| {
         let mut st = ch.state.lock().unwrap_or_else(|p| p.into_inner());
         st.next_id += 1;
@@ -401,6 +411,9 @@ pub fn send_response(
     };
     let mut frame = json!({"type": "response", "id": id});
     put_body(&mut frame, &response.body);
+    if response.inherit {
+        frame["inherit"] = Value::Bool(true);
+    }
     if let Some(m) = &response.metadata {
         frame["metadata"] = Value::String(m.clone());
     }
