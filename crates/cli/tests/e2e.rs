@@ -738,17 +738,8 @@ fn a_node_service_is_on_the_bus_with_no_library() {
     assert_eq!(got["echo"], serde_json::json!({"x": 1}));
     assert!(got["from"].as_str().unwrap().ends_with(":sys:spindle"));
     // A wasm process asks Node, and Node asks the wasm process.
-    let echo = spindle_test_guests::path("echo");
-    n.ok(&[
-        "start",
-        echo.to_str().unwrap(),
-        "--name",
-        "w",
-        "--package",
-        "t:spindle",
-        "--public",
-    ]);
-    let w = "local@w:t:spindle";
+    let w = start_echo(&n, "w");
+    let w = w.as_str();
     let got = n.ok(&["send", w, &format!("call {api} 5000 [1,2]")]);
     let (ok, json) = got.trim().split_once(' ').unwrap();
     assert_eq!(ok, "ok");
@@ -806,6 +797,22 @@ fn start_on_bus(n: &Node, name: &str, extra: &[&str], command: &[&str], up: &str
     format!("local@{name}:t:spindle")
 }
 
+/// Starts the echo guest as a public process `name` of package `t:spindle`;
+/// returns its address.
+fn start_echo(n: &Node, name: &str) -> String {
+    let echo = spindle_test_guests::path("echo");
+    n.ok(&[
+        "start",
+        echo.to_str().unwrap(),
+        "--name",
+        name,
+        "--package",
+        "t:spindle",
+        "--public",
+    ]);
+    format!("local@{name}:t:spindle")
+}
+
 fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -817,17 +824,8 @@ fn send_json(n: &Node, to: &str, body: &str) -> serde_json::Value {
 #[test]
 fn client_libraries_for_node_and_python() {
     let n = Node::new();
-    let echo = spindle_test_guests::path("echo");
-    n.ok(&[
-        "start",
-        echo.to_str().unwrap(),
-        "--name",
-        "w",
-        "--package",
-        "t:spindle",
-        "--public",
-    ]);
-    let w = "local@w:t:spindle";
+    let w = start_echo(&n, "w");
+    let w = w.as_str();
     let js = fixture("ipc-client.js");
     let py = fixture("ipc-client.py");
     let aio = fixture("ipc-client-async.py");
@@ -902,17 +900,8 @@ fn client_libraries_for_node_and_python() {
 #[test]
 fn a_native_rust_process_uses_the_same_api_as_wasm() {
     let n = Node::new();
-    let echo = spindle_test_guests::path("echo");
-    n.ok(&[
-        "start",
-        echo.to_str().unwrap(),
-        "--name",
-        "w",
-        "--package",
-        "t:spindle",
-        "--public",
-    ]);
-    let w = "local@w:t:spindle";
+    let w = start_echo(&n, "w");
+    let w = w.as_str();
     let exe = spindle_test_guests::native("native-echo");
     let ne = start_on_bus(&n, "ne", &[], &[exe.to_str().unwrap()], "native-echo: up");
     assert_eq!(n.ok(&["send", &ne, "hello"]).trim(), "hello");

@@ -244,6 +244,14 @@ impl Reader {
         let _ = closed.send(true);
     }
 
+    /// Refuses a request of the process's (its own `id`, if it gave one) as `invalid`.
+    async fn invalid(&self, id: Option<u64>, target: &str, why: &str, context: Option<&Value>) {
+        let _ = self
+            .out
+            .send(frame::error(id, "invalid", Some(target), why, context))
+            .await;
+    }
+
     async fn refuse(&self, e: &FrameError) {
         tracing::warn!("{}: refused a frame: {e}", self.me);
         let _ = self
@@ -268,16 +276,7 @@ impl Reader {
                     let msg = format!(
                         "`target` {target:?} is not an address (node@process:package:publisher)"
                     );
-                    let _ = self
-                        .out
-                        .send(frame::error(
-                            id,
-                            "invalid",
-                            Some(&target),
-                            &msg,
-                            context.as_ref(),
-                        ))
-                        .await;
+                    self.invalid(id, &target, &msg, context.as_ref()).await;
                     return;
                 };
                 let awaits = id.zip(timeout_ms);
@@ -301,16 +300,7 @@ impl Reader {
                         let msg = format!(
                             "nothing to inherit from: request {parent} expected no response and carried no blob, or was answered"
                         );
-                        let _ = self
-                            .out
-                            .send(frame::error(
-                                id,
-                                "invalid",
-                                Some(&target),
-                                &msg,
-                                context.as_ref(),
-                            ))
-                            .await;
+                        self.invalid(id, &target, &msg, context.as_ref()).await;
                         return;
                     };
                     if blob.is_none() {
