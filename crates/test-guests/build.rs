@@ -20,23 +20,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("guests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "wasm32-wasip2",
-            "--manifest-path",
-        ])
-        .arg(root.join("examples/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&out)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
+    let status = build(&root, &out, &["--target", "wasm32-wasip2"])
         .status()
         .expect("run cargo for the guest components");
     if !status.success() {
@@ -45,22 +29,7 @@ fn main() {
         );
     }
     // The native example is built for this machine.
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "native-echo",
-            "--manifest-path",
-        ])
-        .arg(root.join("examples/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&out)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET")
+    let status = build(&root, &out, &["-p", "native-echo"])
         .status()
         .expect("run cargo for the native example");
     if !status.success() {
@@ -74,4 +43,22 @@ fn main() {
         "cargo:rustc-env=SPINDLE_NATIVE_GUEST_DIR={}",
         out.join("release").display()
     );
+}
+
+/// A release build of the guest workspace into `out`, with `extra` arguments,
+/// free of the outer build's settings.
+fn build(root: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--locked"])
+        .args(extra)
+        .arg("--manifest-path")
+        .arg(root.join("examples/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(out)
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET");
+    cmd
 }

@@ -94,6 +94,11 @@ fn channel() -> &'static Channel {
     })
 }
 
+/// The transport's bookkeeping (never held across a read or write).
+fn state() -> std::sync::MutexGuard<'static, State> {
+    channel().state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn heartbeats(period: Duration) {
     let every = (period / 3).max(Duration::from_millis(100));
     loop {
@@ -213,7 +218,7 @@ type Frame = (Value, Option<wit::Blob>);
 /// Turns a frame into what `receive` returns; `None` for frames that are
 /// not messages (a refusal of ours, housekeeping).
 fn interpret((f, blob): Frame) -> Option<Received> {
-    let mut st = channel().state.lock().unwrap_or_else(|p| p.into_inner());
+    let mut st = state();
     let id = f["id"].as_u64();
     match f["type"].as_str() {
         Some("request") => {
@@ -282,12 +287,7 @@ pub fn our() -> String {
 
 pub fn receive() -> Received {
     loop {
-        let queued = channel()
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .deferred
-            .pop_front();
+        let queued = state().deferred.pop_front();
         let f = queued.unwrap_or_else(read_frame);
         if let Some(r) = interpret(f) {
             return r;
@@ -298,12 +298,7 @@ pub fn receive() -> Received {
 pub fn try_receive() -> Option<Received> {
     called_in();
     loop {
-        let queued = channel()
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .deferred
-            .pop_front()?;
+        let queued = state().deferred.pop_front()?;
         if let Some(r) = interpret(queued) {
             return Some(r);
         }
@@ -317,14 +312,13 @@ fn send(
     blob: Option<&wit::Blob>,
 ) -> Result<Option<u64>, wit::SendError> {
     called_in();
-    let ch = channel();
     let mut frame = json!({"type": "request", "target": target});
     put_body(&mut frame, &request.body);
     if let Some(m) = &request.metadata {
         frame["metadata"] = Value::String(m.clone());
     }
     if request.inherit {
-        let mut st = ch.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = state();
         if let Some(parent) = st.handling {
             frame["inherit"] = parent.into();
             // Without a response of its own, the route passes on.
@@ -334,7 +328,7 @@ fn send(
         }
     }
     let id = request.expects_response.map(|timeout| {
-        let mut st = ch.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = state();
         st.next_id += 1;
         let id = st.next_id;
         st.awaited.insert(
@@ -384,12 +378,7 @@ pub fn send_and_await_response(
                 return r;
             }
         } else {
-            channel()
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .deferred
-                .push_back(f);
+            state().deferred.push_back(f);
         }
     }
 }
@@ -399,12 +388,7 @@ pub fn send_response(
     blob: Option<&wit::Blob>,
 ) -> Result<(), wit::SendError> {
     called_in();
-    let handling = channel()
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .handling
-        .take();
+    let handling = state().handling.take();
     // Nobody awaits a response: nothing to do, as for a wasm process.
     let Some(id) = handling else {
         return Ok(());
@@ -431,21 +415,11 @@ pub fn wait_for_room(_target: Option<&str>) -> bool {
 }
 
 pub fn has_blob() -> bool {
-    channel()
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .last_blob
-        .is_some()
+    state().last_blob.is_some()
 }
 
 pub fn get_blob() -> Option<wit::Blob> {
-    channel()
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .last_blob
-        .clone()
+    state().last_blob.clone()
 }
 
 fn state_path() -> Result<std::path::PathBuf, String> {
@@ -489,17 +463,13 @@ pub fn clear_state() -> Result<(), String> {
 }
 
 pub fn get_on_exit() -> wit::OnExit {
-    let st = channel().state.lock().unwrap_or_else(|p| p.into_inner());
+    let st = state();
     st.on_exit.clone().unwrap_or(wit::OnExit::None)
 }
 
 /// Kept for `get_on_exit`; a native process's on-exit is its spec's.
 pub fn set_on_exit(on_exit: &wit::OnExit) {
-    channel()
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .on_exit = Some(on_exit.clone());
+    state().on_exit = Some(on_exit.clone());
 }
 
 pub fn spawn(
