@@ -18,6 +18,13 @@ asyncio::
     reply = await node.request("local@db:shop:acme", {"get": 1})
     await node.serve(handler)                        # handler may be async
 
+Capabilities are ``{"issuer": address, "params": text}`` dicts (params is
+compared exactly): received ones are ``msg.capabilities``; attach them with
+``capabilities=`` on ``request``/``tell``/``respond`` (or return
+``Reply(body, capabilities=…)`` from a handler); keep them with
+``save_capabilities``, list with ``capabilities()``, give up with
+``drop_capabilities``. ``spawn("worker.wasm", name=…)`` starts a wasm child.
+
 With a watchdog (``heartbeat = "5s"``) heartbeats are sent on their own: by
 a thread in the blocking client, by a task in the asyncio one (so a blocked
 event loop stops them, which is the point).
@@ -33,7 +40,7 @@ import sys
 import threading
 import time
 
-__all__ = ["Spindle", "AsyncSpindle", "Message", "SendError"]
+__all__ = ["Spindle", "AsyncSpindle", "Message", "Reply", "SendError", "CallError", "messaging"]
 
 
 class SendError(Exception):
@@ -47,6 +54,24 @@ class SendError(Exception):
         self.context = context
 
 
+class CallError(Exception):
+    """A call to the node (capabilities, spawn) that failed; the text says why."""
+
+
+def messaging(address):
+    """The right to message ``address``, as a capability to attach or save."""
+    return {"issuer": address, "params": '"messaging"'}
+
+
+class Reply:
+    """A response with more than a body, for a handler to return."""
+
+    def __init__(self, body=None, capabilities=None, metadata=None):
+        self.body = body
+        self.capabilities = capabilities
+        self.metadata = metadata
+
+
 class Message:
     """A request or response that arrived."""
 
@@ -56,6 +81,8 @@ class Message:
         self.source = frame.get("source")
         self.expects_response = bool(frame.get("expects_response"))
         self.context = frame.get("context")
+        self.metadata = frame.get("metadata")
+        self.capabilities = frame.get("capabilities") or []
         if "body_base64" in frame:
             self.body = base64.b64decode(frame["body_base64"])
         else:
@@ -82,6 +109,34 @@ def _body_fields(body):
     if isinstance(body, (bytes, bytearray)):
         return {"body_base64": base64.b64encode(bytes(body)).decode()}
     return {"body": body}
+
+
+def _message_fields(body, capabilities=None, metadata=None):
+    if isinstance(body, Reply):
+        body, capabilities, metadata = body.body, body.capabilities, body.metadata
+    fields = _body_fields(body)
+    if capabilities:
+        fields["capabilities"] = list(capabilities)
+    if metadata is not None:
+        fields["metadata"] = metadata
+    return fields
+
+
+def _call_frame(kind, **fields):
+    frame = {"type": kind}
+    frame.update({k: v for k, v in fields.items() if v is not None})
+    return frame
+
+
+def _spawn_frame(wasm, name, public, on_exit, capabilities, grant_to):
+    return _call_frame("spawn", wasm=wasm, name=name, public=public, on_exit=on_exit,
+                       capabilities=capabilities, grant_to=grant_to)
+
+
+def _answer(reply):
+    if "error" in reply:
+        raise CallError(reply["error"])
+    return reply
 
 
 def _heartbeat_period():
@@ -122,32 +177,60 @@ class Spindle:
             raise EOFError("the node closed the channel")
         return json.loads(line)
 
-    def request(self, target, body=None, timeout=5.0, context=None):
+    def _await(self, rid, types):
+        """Reads until a frame of ``types`` with id ``rid``; others wait for
+        ``receive``/``serve``."""
+        while True:
+            f = self._next_frame()
+            if f.get("id") == rid and f.get("type") in types:
+                return f
+            self._queued.append(f)
+
+    def request(self, target, body=None, timeout=5.0, context=None, capabilities=None):
         """Sends and waits for the response (a ``Message``); other messages
         arriving meanwhile wait for ``receive``/``serve``."""
         rid = next(self._ids)
         frame = {"type": "request", "target": target, "id": rid,
                  "timeout_ms": int(timeout * 1000), "context": context}
-        frame.update(_body_fields(body))
+        frame.update(_message_fields(body, capabilities))
         self._send(frame)
-        while True:
-            f = self._next_frame()
-            if f.get("id") == rid and f.get("type") == "response":
-                return Message(f)
-            if f.get("id") == rid and f.get("type") == "error":
-                raise SendError(f.get("kind"), f.get("message"), f.get("target"), f.get("context"))
-            self._queued.append(f)
+        f = self._await(rid, ("response", "error"))
+        if f.get("type") == "error":
+            raise SendError(f.get("kind"), f.get("message"), f.get("target"), f.get("context"))
+        return Message(f)
 
-    def tell(self, target, body=None):
+    def tell(self, target, body=None, capabilities=None):
         """Sends a request that expects no response."""
         frame = {"type": "request", "target": target}
-        frame.update(_body_fields(body))
+        frame.update(_message_fields(body, capabilities))
         self._send(frame)
 
-    def respond(self, msg, body=None):
+    def respond(self, msg, body=None, capabilities=None):
         frame = {"type": "response", "id": msg.id}
-        frame.update(_body_fields(body))
+        frame.update(_message_fields(body, capabilities))
         self._send(frame)
+
+    def _call(self, frame):
+        rid = next(self._ids)
+        frame["id"] = rid
+        self._send(frame)
+        return _answer(self._await(rid, ("reply",)))
+
+    def capabilities(self):
+        """The capabilities this process holds."""
+        return self._call(_call_frame("capabilities"))["capabilities"]
+
+    def save_capabilities(self, caps):
+        """Keeps capabilities that came with messages to this process
+        (durably); returns what it now holds."""
+        return self._call(_call_frame("save_capabilities", capabilities=list(caps)))["capabilities"]
+
+    def drop_capabilities(self, caps):
+        return self._call(_call_frame("drop_capabilities", capabilities=list(caps)))["capabilities"]
+
+    def spawn(self, wasm, name=None, public=False, on_exit="none", capabilities=None, grant_to=None):
+        """Starts a wasm child in this process's package; returns its address."""
+        return self._call(_spawn_frame(wasm, name, public, on_exit, capabilities, grant_to))["address"]
 
     def receive(self):
         """The next message; ``None`` when the node asks this process to stop."""
@@ -183,6 +266,7 @@ class AsyncSpindle:
         self._writer = writer
         self._ids = itertools.count(1)
         self._waiting = {}
+        self._calls = {}
         self._incoming = asyncio.Queue()
         self._pump = asyncio.ensure_future(self._read_loop())
         period = _heartbeat_period()
@@ -210,34 +294,63 @@ class AsyncSpindle:
                 await self._incoming.put(None)
                 return
             f = json.loads(line)
-            waiter = self._waiting.pop(f.get("id"), None) if f.get("type") in ("response", "error") else None
+            kind = f.get("type")
+            if kind == "reply":
+                waiter = self._calls.pop(f.get("id"), None)
+            elif kind in ("response", "error"):
+                waiter = self._waiting.pop(f.get("id"), None)
+            else:
+                waiter = None
             if waiter is not None:
                 waiter.set_result(f)
             else:
                 await self._incoming.put(f)
 
-    async def request(self, target, body=None, timeout=5.0, context=None):
+    async def request(self, target, body=None, timeout=5.0, context=None, capabilities=None):
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._waiting[rid] = fut
         frame = {"type": "request", "target": target, "id": rid,
                  "timeout_ms": int(timeout * 1000), "context": context}
-        frame.update(_body_fields(body))
+        frame.update(_message_fields(body, capabilities))
         await self._send(frame)
         f = await fut
         if f.get("type") == "error":
             raise SendError(f.get("kind"), f.get("message"), f.get("target"), f.get("context"))
         return Message(f)
 
-    async def tell(self, target, body=None):
+    async def tell(self, target, body=None, capabilities=None):
         frame = {"type": "request", "target": target}
-        frame.update(_body_fields(body))
+        frame.update(_message_fields(body, capabilities))
         await self._send(frame)
 
-    async def respond(self, msg, body=None):
+    async def respond(self, msg, body=None, capabilities=None):
         frame = {"type": "response", "id": msg.id}
-        frame.update(_body_fields(body))
+        frame.update(_message_fields(body, capabilities))
         await self._send(frame)
+
+    async def _call(self, frame):
+        rid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._calls[rid] = fut
+        frame["id"] = rid
+        await self._send(frame)
+        return _answer(await fut)
+
+    async def capabilities(self):
+        return (await self._call(_call_frame("capabilities")))["capabilities"]
+
+    async def save_capabilities(self, caps):
+        frame = _call_frame("save_capabilities", capabilities=list(caps))
+        return (await self._call(frame))["capabilities"]
+
+    async def drop_capabilities(self, caps):
+        frame = _call_frame("drop_capabilities", capabilities=list(caps))
+        return (await self._call(frame))["capabilities"]
+
+    async def spawn(self, wasm, name=None, public=False, on_exit="none", capabilities=None, grant_to=None):
+        frame = _spawn_frame(wasm, name, public, on_exit, capabilities, grant_to)
+        return (await self._call(frame))["address"]
 
     async def serve(self, handler, on_stopping=None):
         """Answers requests with ``handler(msg)`` (plain or async) until the

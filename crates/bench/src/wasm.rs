@@ -230,7 +230,8 @@ fn start_bridged(b: &Bench, exe: &Path, args: &[String], name: &str) -> Option<B
         spindle_driver_native::spawn::start(exe, &program, env, None, Some(&theirs)).ok()?;
     drop(theirs);
     let bridge =
-        spindle_ipc::Bridge::start(ours.into(), address.clone(), b.bus.clone(), mailbox).ok()?;
+        spindle_ipc::Bridge::start(ours.into(), address.clone(), b.bus.clone(), mailbox, None)
+            .ok()?;
     Some(Bridged {
         pid: child.pid,
         address,

@@ -27,10 +27,12 @@
 
 mod message;
 pub mod persist;
+mod spawn;
 
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
 };
+pub use spawn::SpawnCall;
 
 use persist::{CapsFileError, Persister};
 use spindle_types::{Address, ProcessId};

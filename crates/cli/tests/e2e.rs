@@ -852,6 +852,13 @@ fn client_libraries_for_node_and_python() {
         serde_json::json!({"py": {"x": 1}})
     );
     assert_eq!(send_json(&n, &ac, "[7]"), serde_json::json!({"aio": [7]}));
+    // The asyncio client spawns a wasm child and talks to it.
+    let echo = spindle_test_guests::path("echo");
+    let spawn = serde_json::json!({"spawn": echo, "name": "aiokid"}).to_string();
+    assert_eq!(
+        send_json(&n, &ac, &spawn),
+        serde_json::json!({"child": "local@aiokid:t:spindle", "got": "hello child"})
+    );
     // Failures come back as their kind, not as a timeout.
     let got = send_json(&n, &nc, r#"{"missing":"local@ghost:t:spindle"}"#);
     assert_eq!(got, serde_json::json!({"kind": "offline"}));
@@ -951,6 +958,81 @@ fn a_native_rust_process_uses_the_same_api_as_wasm() {
         .id;
     let log = std::fs::read_to_string(&n.get(id.0).log_out).unwrap();
     assert!(log.contains("native-echo: stopping cleanly"), "{log}");
+}
+
+#[test]
+fn capabilities_and_spawn_over_the_channel_as_for_wasm() {
+    let n = Node::new();
+    let echo = spindle_test_guests::path("echo");
+    let echo = echo.to_str().unwrap();
+    let exe = spindle_test_guests::native("native-echo");
+    let ne = start_on_bus(&n, "ne", &[], &[exe.to_str().unwrap()], "native-echo: up");
+    let js = fixture("ipc-client.js");
+    let nc = start_on_bus(&n, "nc", &[], &["node", &js], "client: up");
+    let py = fixture("ipc-client.py");
+    let pc = start_on_bus(&n, "pc", &[], &["python3", &py], "python: up");
+
+    // A native Rust process spawns a private wasm child; it may message it.
+    let kid = n.ok(&["send", &ne, &format!("spawn kid {echo}")]);
+    let kid = kid.trim();
+    assert_eq!(kid, "local@kid:t:spindle");
+    let talk = format!("{kid} \"messaging\"");
+    assert!(n.ok(&["send", &ne, "caps"]).contains(&talk));
+    assert_eq!(
+        n.ok(&["send", &ne, &format!("call {kid} 2000 hi")]).trim(),
+        "ok hi"
+    );
+    // Nobody else may, as for a wasm process's private child.
+    let ask = format!(r#"{{"ask":"{kid}"}}"#);
+    assert_eq!(
+        send_json(&n, &nc, &format!(r#"{{"missing":"{kid}"}}"#)),
+        serde_json::json!({"kind": "no-capability"})
+    );
+    // Rust attaches the right to a request to Node, which keeps it…
+    let got = n.ok(&["send", &ne, &format!("grant {kid} {nc}")]);
+    assert_eq!(got.trim(), r#"{"held":1}"#);
+    assert_eq!(
+        send_json(&n, &nc, &ask),
+        serde_json::json!({"got": "via client", "from": kid})
+    );
+    // …and hands it on to Python, which keeps it too.
+    let pass = |what: &str| format!(r#"{{"pass":"{what}","to":"{pc}"}}"#);
+    assert_eq!(
+        send_json(&n, &nc, &pass(kid)),
+        serde_json::json!({"held": 1})
+    );
+    assert_eq!(
+        send_json(&n, &pc, &ask),
+        serde_json::json!({"got": "from python", "from": kid})
+    );
+    let held = send_json(&n, &pc, r#""caps""#);
+    assert_eq!(
+        held,
+        serde_json::json!([{"issuer": kid, "params": "\"messaging\""}])
+    );
+    // A right Node does not hold cannot be attached: refused, not delivered.
+    assert_eq!(
+        send_json(&n, &nc, &pass("local@vault:t:spindle")),
+        serde_json::json!({"kind": "invalid"})
+    );
+    // Given up, it is gone.
+    assert_eq!(
+        n.ok(&["send", &ne, &format!("drop {kid}")]).trim(),
+        "dropped"
+    );
+    assert!(!n.ok(&["send", &ne, "caps"]).contains(&talk));
+    assert_eq!(
+        n.ok(&["send", &ne, &format!("call {kid} 2000 hi")]).trim(),
+        "err no-capability"
+    );
+    // A bad component is a clear error to the caller; nothing starts.
+    let junk = n.write("junk.wasm", "not wasm");
+    let got = n.ok(&["send", &ne, &format!("spawn junk {}", junk.display())]);
+    assert!(
+        got.contains("junk.wasm") && got.contains("not a valid WebAssembly component"),
+        "{got}"
+    );
+    assert!(!n.list().iter().any(|p| p.name.as_deref() == Some("junk")));
 }
 
 #[test]

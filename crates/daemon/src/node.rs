@@ -5,7 +5,7 @@ use crate::{DaemonError, Paths, table};
 use spindle_bus::Bus;
 use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
 use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
-use spindle_ipc::Bridge;
+use spindle_ipc::{Bridge, Spawner};
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogChunk, LogHub, tail_lines};
 use spindle_types::control::{
@@ -721,7 +721,14 @@ impl Node {
             }
         };
         let channel = spawned.channel.expect("a channel for a process on the bus");
-        match Bridge::start(channel, addr.clone(), bus.clone(), mailbox) {
+        let spawner = match &spec.program {
+            Program::Native { cwd, .. } => Some(Spawner {
+                calls: self.wasm.spawn_calls(),
+                dir: cwd.clone(),
+            }),
+            Program::Wasm { .. } => None,
+        };
+        match Bridge::start(channel, addr.clone(), bus.clone(), mailbox, spawner) {
             Ok(b) => {
                 self.bridges.insert(num, (addr, b));
             }

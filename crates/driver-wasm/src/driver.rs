@@ -5,7 +5,7 @@ use crate::bindings::spindle::process::types as wit;
 use crate::host::{self, ProcessHost, Shared};
 pub use crate::runtime::MAX_WASM_PROCESSES;
 use crate::runtime::{Runtime, TickGuard, WasmError};
-use spindle_bus::{Bus, Capability, Envelope, Message};
+use spindle_bus::{Bus, Capability, Envelope, Message, SpawnCall};
 use spindle_kernel::RunId;
 use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
 use spindle_types::{
@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 
 /// Memory cap of a wasm process whose spec sets none: room for ordinary
@@ -40,20 +40,6 @@ pub enum WasmEvent {
         /// The policy in force at exit (the process may have changed it).
         on_exit: OnExit,
     },
-}
-
-/// A guest asked to spawn a child; the control loop starts it and answers.
-pub struct SpawnCall {
-    pub parent: Address,
-    pub name: Option<String>,
-    pub path: PathBuf,
-    pub on_exit: OnExit,
-    pub public: bool,
-    /// Capabilities of the parent the child receives (checked to be the parent's).
-    pub capabilities: Vec<Capability>,
-    /// Processes that may message the child (the parent may anyway).
-    pub grant_to: Vec<Address>,
-    pub reply: oneshot::Sender<Result<Address, String>>,
 }
 
 /// One on-exit request, as stored in a spec (`OnExit::Requests`).
@@ -235,6 +221,12 @@ impl WasmDriver {
 
     pub fn bus(&self) -> &Arc<Bus> {
         &self.shared.bus
+    }
+
+    /// Where spawn calls go (the stream returned by [`WasmDriver::new`]),
+    /// for native processes' bridges.
+    pub fn spawn_calls(&self) -> mpsc::Sender<SpawnCall> {
+        self.shared.spawns.clone()
     }
 
     pub fn address(&self, num: ProcessNum, spec: &ProcessSpec) -> Option<Address> {

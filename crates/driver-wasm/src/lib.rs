@@ -30,8 +30,9 @@ pub mod driver;
 pub mod host;
 pub mod runtime;
 
-pub use driver::{SpawnCall, WasmDriver, WasmEvent};
+pub use driver::{WasmDriver, WasmEvent};
 pub use runtime::{Runtime, WasmError};
+pub use spindle_bus::SpawnCall;
 
 /// Bindings for the `spindle:process` world.
 pub mod bindings {

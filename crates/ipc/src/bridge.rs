@@ -15,18 +15,21 @@
 //! mid-frame — costs only it: an error frame back, or the channel closed,
 //! with the reason logged.
 
-use crate::frame::{self, BlobIn, FrameError, FromProcess, MAX_FRAME};
-use serde_json::Value;
-use spindle_bus::{Blob, Bus, Envelope, Mailbox, Message, Request, Response, SendErrorKind};
+use crate::frame::{self, BlobIn, Call, FrameError, FromProcess, MAX_FRAME};
+use serde_json::{Value, json};
+use spindle_bus::{
+    Blob, Bus, Capability, Envelope, Mailbox, Message, Request, Response, SendErrorKind, SpawnCall,
+};
 use spindle_types::Address;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// Frames queued for the writer (replies, errors, `stopping`): a process
@@ -35,6 +38,43 @@ const OUT_QUEUE: usize = 256;
 /// Requests a process may leave unanswered before the oldest is forgotten
 /// (a response to a forgotten one is refused as having nothing to answer).
 const MAX_UNANSWERED: usize = 4096;
+/// Capabilities that came with messages and may still be saved, per run; past
+/// this the oldest offer lapses (a process keeps what it means to keep soon
+/// after it arrives).
+const MAX_OFFERED: usize = 4096;
+
+/// How a bridge reaches the node's control loop to start wasm children.
+#[derive(Clone)]
+pub struct Spawner {
+    pub calls: mpsc::Sender<SpawnCall>,
+    /// Where a relative component path is taken from: the process's
+    /// working directory.
+    pub dir: PathBuf,
+}
+
+/// Capabilities delivered to the process that it may save: a wasm process
+/// may keep what came with its last message; a native one handles messages
+/// concurrently, so any recent offer counts.
+#[derive(Default)]
+struct Offered {
+    set: HashSet<Capability>,
+    order: VecDeque<Capability>,
+}
+
+impl Offered {
+    fn add(&mut self, caps: &[Capability]) {
+        for c in caps {
+            if self.set.insert(c.clone()) {
+                self.order.push_back(c.clone());
+            }
+        }
+        while self.order.len() > MAX_OFFERED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+}
 
 /// A request the process sent and awaits an answer to.
 struct Awaited {
@@ -52,6 +92,7 @@ struct State {
     /// Requests delivered to the process that expect a response or carry a
     /// blob, by bus number: what a response or an inheriting request needs.
     unanswered: HashMap<u64, Incoming>,
+    offered: Offered,
 }
 
 struct Incoming {
@@ -84,12 +125,14 @@ impl Heard {
 
 impl Bridge {
     /// Bridges `channel` (the daemon's end) for the process at `me`, whose
-    /// mailbox is `mailbox`. Must run inside the daemon's runtime.
+    /// mailbox is `mailbox`; `spawner`, if any, serves its spawn calls. Must
+    /// run inside the daemon's runtime.
     pub fn start(
         channel: OwnedFd,
         me: Address,
         bus: Arc<Bus>,
         mailbox: Mailbox,
+        spawner: Option<Spawner>,
     ) -> std::io::Result<Bridge> {
         let std = std::os::unix::net::UnixStream::from(channel);
         std.set_nonblocking(true)?;
@@ -116,6 +159,7 @@ impl Bridge {
                 connected: connected.clone(),
                 heard: heard.clone(),
                 raw_blobs: raw_blobs.clone(),
+                spawner,
             }
             .run(BufReader::new(read), closed_tx),
         );
@@ -165,6 +209,7 @@ struct Reader {
     heard: Arc<Heard>,
     /// Set when the process says it reads raw blobs.
     raw_blobs: Arc<AtomicBool>,
+    spawner: Option<Spawner>,
 }
 
 /// A blob from a frame, its raw bytes read from `input` if they follow it.
@@ -254,10 +299,86 @@ impl Reader {
 
     async fn refuse(&self, e: &FrameError) {
         tracing::warn!("{}: refused a frame: {e}", self.me);
+        self.refuse_text(&e.to_string()).await;
+    }
+
+    /// Says a frame of the process's was refused (it names no request of its own).
+    async fn refuse_text(&self, why: &str) {
         let _ = self
             .out
-            .send(frame::error(None, "invalid", None, &e.to_string(), None))
+            .send(frame::error(None, "invalid", None, why, None))
             .await;
+    }
+
+    /// Why the process may not attach `caps`, if it may not: each must be
+    /// one it holds or issued (the bus checks again on delivery).
+    fn not_ours(&self, caps: &[Capability]) -> Option<String> {
+        let c = caps.iter().find(|c| !self.bus.may_attach(&self.me, c))?;
+        Some(format!(
+            "cannot attach a capability this process does not hold: issuer {}, params {}",
+            c.issuer, c.params
+        ))
+    }
+
+    /// What this process holds, as a reply's fields.
+    fn held(&self) -> Value {
+        json!({ "capabilities": self.bus.capabilities(&self.me.process) })
+    }
+
+    /// Waits until capability changes are on disk; a failed write is said
+    /// to the process (the change holds in memory and is retried).
+    async fn persisted(&self) -> Result<(), String> {
+        self.bus.persisted().await.map_err(|why| {
+            tracing::warn!("{}: capabilities not saved: {why}", self.me);
+            format!("capabilities not saved to disk ({why}); they hold until the node restarts")
+        })
+    }
+
+    async fn call(&self, call: Call) -> Result<Value, String> {
+        match call {
+            Call::Capabilities => Ok(self.held()),
+            Call::SaveCapabilities(caps) => {
+                let keep: Vec<Capability> = {
+                    let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    caps.into_iter()
+                        .filter(|c| st.offered.set.contains(c))
+                        .collect()
+                };
+                self.bus.grant(&self.me.process, keep);
+                self.persisted().await?;
+                Ok(self.held())
+            }
+            Call::DropCapabilities(caps) => {
+                self.bus.revoke(&self.me.process, &caps);
+                self.persisted().await?;
+                Ok(self.held())
+            }
+            Call::Spawn(s) => {
+                let Some(spawner) = &self.spawner else {
+                    return Err("this node does not start wasm processes".into());
+                };
+                if let Some(why) = self.not_ours(&s.capabilities) {
+                    return Err(format!("cannot give it to the child: {why}"));
+                }
+                let (reply, answer) = oneshot::channel();
+                let call = SpawnCall {
+                    parent: (*self.me).clone(),
+                    name: s.name,
+                    path: spawner.dir.join(&s.wasm),
+                    on_exit: s.on_exit,
+                    public: s.public,
+                    capabilities: s.capabilities,
+                    grant_to: s.grant_to,
+                    reply,
+                };
+                let gone = || "the node is shutting down".to_string();
+                spawner.calls.send(call).await.map_err(|_| gone())?;
+                let child = answer.await.map_err(|_| gone())??;
+                // What came with the child is durable before the parent learns of it.
+                self.persisted().await?;
+                Ok(json!({ "address": child.to_string() }))
+            }
+        }
     }
 
     async fn handle(&self, f: FromProcess, blob: Option<Arc<Blob>>) {
@@ -270,6 +391,7 @@ impl Reader {
                 metadata,
                 context,
                 inherit,
+                capabilities,
                 ..
             } => {
                 let Ok(to) = target.parse::<Address>() else {
@@ -279,6 +401,10 @@ impl Reader {
                     self.invalid(id, &target, &msg, context.as_ref()).await;
                     return;
                 };
+                if let Some(why) = self.not_ours(&capabilities) {
+                    self.invalid(id, &target, &why, context.as_ref()).await;
+                    return;
+                }
                 let awaits = id.zip(timeout_ms);
                 // Inheriting: the parent's blob if none is given, and (with
                 // no response awaited) its number and response route.
@@ -343,7 +469,7 @@ impl Reader {
                         expects_response: timeout_ms.map(Duration::from_millis),
                         body,
                         metadata,
-                        capabilities: vec![],
+                        capabilities,
                     }),
                     blob,
                 };
@@ -370,8 +496,13 @@ impl Reader {
                 body,
                 metadata,
                 inherit,
+                capabilities,
                 ..
             } => {
+                if let Some(why) = self.not_ours(&capabilities) {
+                    self.refuse_text(&why).await;
+                    return;
+                }
                 let incoming = self
                     .state
                     .lock()
@@ -391,10 +522,7 @@ impl Reader {
                     let msg = format!(
                         "nothing to respond to: request {id} expected no response, was answered, or never came"
                     );
-                    let _ = self
-                        .out
-                        .send(frame::error(None, "invalid", None, &msg, None))
-                        .await;
+                    self.refuse_text(&msg).await;
                     return;
                 };
                 let env = Envelope {
@@ -407,7 +535,7 @@ impl Reader {
                             inherit,
                             body,
                             metadata,
-                            capabilities: vec![],
+                            capabilities,
                         },
                         None,
                     ),
@@ -415,6 +543,10 @@ impl Reader {
                 };
                 // A requester that is gone or swamped just does not get it.
                 let _ = self.bus.send(env, false).await;
+            }
+            FromProcess::Call { id, call } => {
+                let answer = self.call(call).await;
+                let _ = self.out.send(frame::reply(id, answer)).await;
             }
             FromProcess::Hello { raw_blobs } => self.raw_blobs.store(raw_blobs, Ordering::Release),
             FromProcess::Heartbeat | FromProcess::Internal => {}
@@ -536,19 +668,14 @@ impl Writer {
                     let blob = blob.clone();
                     st.unanswered.insert(env.id, Incoming { rsvp, blob });
                 }
-                let meta = r.metadata.as_deref();
-                frame::request(env.id, &source, &r.body, meta, expects, out, raw)
+                st.offered.add(&r.capabilities);
+                frame::request(env.id, &source, &r, expects, out, raw)
             }
             Message::Response(r, _) => match st.awaited.remove(&env.id) {
-                Some(a) => frame::response(
-                    a.id,
-                    &source,
-                    &r.body,
-                    r.metadata.as_deref(),
-                    a.context.as_ref(),
-                    out,
-                    raw,
-                ),
+                Some(a) => {
+                    st.offered.add(&r.capabilities);
+                    frame::response(a.id, &source, &r, a.context.as_ref(), out, raw)
+                }
                 None => {
                     self.bus.late_responses.fetch_add(1, Ordering::Relaxed);
                     return None;

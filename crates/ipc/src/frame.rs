@@ -16,6 +16,18 @@
 //!   brings none).
 //! - `{"type":"heartbeat"}` — for the watchdog; any frame counts too.
 //! - `{"type":"hello","raw_blobs":true}` — this process reads raw blobs (below).
+//! - Calls to the node, each with the process's own `id`, answered by
+//!   `{"type":"reply","id":n,…}` (with `"error":"…"` if it failed):
+//!   `{"type":"capabilities"}` — what this process holds (`capabilities`
+//!   in the reply); `{"type":"save_capabilities","capabilities":[…]}` —
+//!   keep capabilities that came with messages to this process (others are
+//!   ignored), durably before the reply, which lists what is now held;
+//!   `{"type":"drop_capabilities","capabilities":[…]}` — give them up;
+//!   `{"type":"spawn","wasm":"path","name":…,"public":false,
+//!   "on_exit":"none"|"restart","capabilities":[…],"grant_to":[…]}` — start
+//!   a wasm child in this process's package (a relative path is taken from
+//!   the process's working directory); the reply has its `address`, and
+//!   this process may message it.
 //!
 //! To the process:
 //!
@@ -25,6 +37,11 @@
 //!   — a request of the process's own could not be answered (`id` is its
 //!   own); without `id`, a frame it sent was refused.
 //! - `{"type":"stopping"}` — the node asks it to stop (graceful stop).
+//!
+//! Capabilities are `{"issuer":"<address>","params":"<text>"}`, compared
+//! exactly. Requests and responses either way may carry them
+//! (`capabilities`); one a process attaches must be one it holds or issued,
+//! or the message is refused as `invalid`, exactly as for a wasm process.
 //!
 //! Bodies are bytes. One that is JSON travels as that JSON value (`body`);
 //! any other travels as `body_base64`. A process may send either.
@@ -40,6 +57,8 @@
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use spindle_bus::{Capability, Request, Response};
+use spindle_types::{Address, OnExit};
 
 /// Longest frame accepted from a process; a longer one ends the channel
 /// (there is no telling where the next frame starts).
@@ -73,6 +92,7 @@ pub enum FromProcess {
         blob: Option<BlobIn>,
         /// The request being handled whose route and blob this one inherits.
         inherit: Option<u64>,
+        capabilities: Vec<Capability>,
     },
     Response {
         id: u64,
@@ -80,6 +100,12 @@ pub enum FromProcess {
         metadata: Option<String>,
         blob: Option<BlobIn>,
         inherit: bool,
+        capabilities: Vec<Capability>,
+    },
+    /// A call to the node, answered by a `reply` with the same `id`.
+    Call {
+        id: u64,
+        call: Call,
     },
     Heartbeat,
     Hello {
@@ -87,6 +113,26 @@ pub enum FromProcess {
     },
     /// Node's own housekeeping (`{"cmd":"NODE_…"}`).
     Internal,
+}
+
+/// What a process asks of the node itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Call {
+    Capabilities,
+    SaveCapabilities(Vec<Capability>),
+    DropCapabilities(Vec<Capability>),
+    Spawn(Spawn),
+}
+
+/// A wasm child to start (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spawn {
+    pub wasm: String,
+    pub name: Option<String>,
+    pub public: bool,
+    pub on_exit: OnExit,
+    pub capabilities: Vec<Capability>,
+    pub grant_to: Vec<Address>,
 }
 
 /// Why a frame was refused: said back to the process, and logged.
@@ -127,6 +173,12 @@ struct Raw {
     blob_mime: Option<String>,
     raw_blobs: Option<bool>,
     inherit: Option<Value>,
+    capabilities: Option<Value>,
+    wasm: Option<String>,
+    name: Option<String>,
+    public: Option<bool>,
+    on_exit: Option<String>,
+    grant_to: Option<Vec<String>>,
 }
 
 /// Reads one frame (a line without its newline). `me` is the sender's own
@@ -169,6 +221,7 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
                     why: "give the `id` of the request being handled".into(),
                 })?),
             },
+            capabilities: capabilities_of(&raw)?,
         }),
         "response" => Ok(FromProcess::Response {
             id: raw.id.ok_or(FrameError::Missing {
@@ -183,13 +236,79 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
                 .as_ref()
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            capabilities: capabilities_of(&raw)?,
         }),
         "heartbeat" => Ok(FromProcess::Heartbeat),
         "hello" => Ok(FromProcess::Hello {
             raw_blobs: raw.raw_blobs.unwrap_or(false),
         }),
+        call @ ("capabilities" | "save_capabilities" | "drop_capabilities" | "spawn") => {
+            let kind = match call {
+                "capabilities" => "capabilities call",
+                "spawn" => "spawn call",
+                _ => "capabilities change",
+            };
+            let id = raw.id.ok_or(FrameError::Missing { kind, field: "id" })?;
+            let call = match call {
+                "capabilities" => Call::Capabilities,
+                "save_capabilities" => Call::SaveCapabilities(capabilities_of(&raw)?),
+                "drop_capabilities" => Call::DropCapabilities(capabilities_of(&raw)?),
+                _ => Call::Spawn(spawn_of(&raw)?),
+            };
+            Ok(FromProcess::Call { id, call })
+        }
         other => Err(FrameError::UnknownType(other.to_string())),
     }
+}
+
+fn capabilities_of(raw: &Raw) -> Result<Vec<Capability>, FrameError> {
+    match &raw.capabilities {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(v) => {
+            Vec::<Capability>::deserialize(v).map_err(|e| FrameError::Invalid {
+                field: "capabilities",
+                why: format!(
+                    "{e}: give a list of {{\"issuer\":\"node@process:package:publisher\",\"params\":\"…\"}}"
+                ),
+            })
+        }
+    }
+}
+
+fn spawn_of(raw: &Raw) -> Result<Spawn, FrameError> {
+    let wasm = raw.wasm.clone().ok_or(FrameError::Missing {
+        kind: "spawn call",
+        field: "wasm",
+    })?;
+    let on_exit = match raw.on_exit.as_deref() {
+        None | Some("none") => OnExit::None,
+        Some("restart") => OnExit::Restart,
+        Some(other) => {
+            return Err(FrameError::Invalid {
+                field: "on_exit",
+                why: format!("{other:?}: give \"none\" or \"restart\""),
+            });
+        }
+    };
+    let grant_to = raw
+        .grant_to
+        .iter()
+        .flatten()
+        .map(|g| {
+            g.parse::<Address>().map_err(|e| FrameError::Invalid {
+                field: "grant_to",
+                why: format!("{g:?} is not an address (node@process:package:publisher): {e}"),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Spawn {
+        wasm,
+        name: raw.name.clone(),
+        public: raw.public.unwrap_or(false),
+        on_exit,
+        capabilities: capabilities_of(raw)?,
+        grant_to,
+    })
 }
 
 fn blob_of(raw: &Raw) -> Result<Option<BlobIn>, FrameError> {
@@ -278,18 +397,14 @@ pub type BlobOut<'a> = Option<(Option<&'a str>, &'a [u8])>;
 pub fn request(
     id: u64,
     source: &str,
-    body: &[u8],
-    metadata: Option<&str>,
+    r: &Request,
     expects_response: bool,
     blob: BlobOut,
     raw: bool,
 ) -> Vec<u8> {
     let mut f = json!({"type": "request", "id": id, "source": source});
-    put_body(&mut f, body);
+    put_message(&mut f, &r.body, r.metadata.as_deref(), &r.capabilities);
     put_blob(&mut f, blob, raw);
-    if let Some(m) = metadata {
-        f["metadata"] = Value::String(m.into());
-    }
     if expects_response {
         f["expects_response"] = Value::Bool(true);
     }
@@ -300,20 +415,43 @@ pub fn request(
 pub fn response(
     id: u64,
     source: &str,
-    body: &[u8],
-    metadata: Option<&str>,
+    r: &Response,
     context: Option<&Value>,
     blob: BlobOut,
     raw: bool,
 ) -> Vec<u8> {
     let mut f = json!({"type": "response", "id": id, "source": source});
-    put_body(&mut f, body);
+    put_message(&mut f, &r.body, r.metadata.as_deref(), &r.capabilities);
     put_blob(&mut f, blob, raw);
+    if let Some(c) = context {
+        f["context"] = c.clone();
+    }
+    line(f)
+}
+
+/// What requests and responses share: body, metadata, capabilities.
+fn put_message(f: &mut Value, body: &[u8], metadata: Option<&str>, caps: &[Capability]) {
+    put_body(f, body);
     if let Some(m) = metadata {
         f["metadata"] = Value::String(m.into());
     }
-    if let Some(c) = context {
-        f["context"] = c.clone();
+    if !caps.is_empty() {
+        f["capabilities"] = serde_json::to_value(caps).expect("capabilities serialise");
+    }
+}
+
+/// The answer to a call of the process's (`id` is its own): `fields` on
+/// success, or the error.
+pub fn reply(id: u64, answer: Result<Value, String>) -> Vec<u8> {
+    let mut f = json!({"type": "reply", "id": id});
+    match answer {
+        Ok(Value::Object(fields)) => {
+            for (k, v) in fields {
+                f[k] = v;
+            }
+        }
+        Ok(_) => {}
+        Err(why) => f["error"] = Value::String(why),
     }
     line(f)
 }
@@ -350,6 +488,108 @@ mod tests {
 
     const ME: &str = "local@api:shop:acme";
 
+    fn req(body: &[u8]) -> Request {
+        Request {
+            inherit: false,
+            expects_response: None,
+            body: body.to_vec(),
+            metadata: None,
+            capabilities: vec![],
+        }
+    }
+
+    fn cap(issuer: &str, params: &str) -> Capability {
+        Capability {
+            issuer: issuer.parse().unwrap(),
+            params: params.into(),
+        }
+    }
+
+    #[test]
+    fn capabilities_travel_exactly_both_ways() {
+        let c = cap("local@db:shop:acme", r#"{"read": true}"#);
+        let mut r = req(b"hi");
+        r.capabilities = vec![c.clone(), Capability::messaging(&c.issuer)];
+        let out = request(1, "local@db:shop:acme", &r, false, None, false);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["capabilities"][0]["params"], json!(r#"{"read": true}"#));
+        // What a process got, it can attach again and the node reads the same.
+        let back = json!({"type": "response", "id": 1, "capabilities": v["capabilities"]});
+        let f = parse(back.to_string().as_bytes(), ME).unwrap();
+        assert!(
+            matches!(f, FromProcess::Response { capabilities, .. } if capabilities == r.capabilities)
+        );
+        let e = parse(
+            br#"{"type":"request","target":"local@db:a:b","capabilities":[{"issuer":"nobody","params":"x"}]}"#,
+            ME,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("capabilities"), "{e}");
+    }
+
+    #[test]
+    fn calls_parse_and_say_what_is_missing() {
+        let f = parse(br#"{"type":"capabilities","id":2}"#, ME).unwrap();
+        assert_eq!(
+            f,
+            FromProcess::Call {
+                id: 2,
+                call: Call::Capabilities
+            }
+        );
+        let f = parse(
+            br#"{"type":"save_capabilities","id":3,"capabilities":[{"issuer":"local@db:a:b","params":"\"messaging\""}]}"#,
+            ME,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            FromProcess::Call {
+                id: 3,
+                call: Call::SaveCapabilities(vec![cap("local@db:a:b", "\"messaging\"")])
+            }
+        );
+        let f = parse(
+            br#"{"type":"spawn","id":4,"wasm":"w.wasm","name":"kid","on_exit":"restart","grant_to":["local@db:a:b"]}"#,
+            ME,
+        )
+        .unwrap();
+        let FromProcess::Call {
+            call: Call::Spawn(s),
+            ..
+        } = f
+        else {
+            panic!("{f:?}")
+        };
+        assert_eq!(s.on_exit, OnExit::Restart);
+        assert_eq!(s.grant_to.len(), 1);
+        assert!(!s.public);
+        let e = parse(br#"{"type":"capabilities"}"#, ME).unwrap_err();
+        assert!(e.to_string().contains("`id`"), "{e}");
+        let e = parse(br#"{"type":"spawn","id":1}"#, ME).unwrap_err();
+        assert!(e.to_string().contains("`wasm`"), "{e}");
+        let e = parse(
+            br#"{"type":"spawn","id":1,"wasm":"w","on_exit":"often"}"#,
+            ME,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("restart"), "{e}");
+        let e = parse(
+            br#"{"type":"spawn","id":1,"wasm":"w","grant_to":["me"]}"#,
+            ME,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("grant_to"), "{e}");
+        let l = reply(4, Ok(json!({"address": "local@kid:a:b"})));
+        let v: Value = serde_json::from_slice(&l).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "reply", "id": 4, "address": "local@kid:a:b"})
+        );
+        let v: Value = serde_json::from_slice(&reply(5, Err("no".into()))).unwrap();
+        assert_eq!(v["error"], json!("no"));
+    }
+
     #[test]
     fn requests_and_responses_parse() {
         let f = parse(
@@ -368,6 +608,7 @@ mod tests {
                 context: Some(json!([1])),
                 blob: None,
                 inherit: None,
+                capabilities: vec![],
             }
         );
         let f = parse(br#"{"type":"response","id":9,"body_base64":"AAEC"}"#, ME).unwrap();
@@ -379,6 +620,7 @@ mod tests {
                 metadata: None,
                 blob: None,
                 inherit: false,
+                capabilities: vec![],
             }
         );
         assert_eq!(
@@ -417,12 +659,18 @@ mod tests {
 
     #[test]
     fn bodies_travel_as_json_when_they_are_json() {
-        let l = request(3, ME, br#"{"a":1}"#, None, true, None, false);
+        let l = request(3, ME, &req(br#"{"a":1}"#), true, None, false);
         let v: Value = serde_json::from_slice(&l).unwrap();
         assert_eq!(v["body"], json!({"a":1}));
         assert_eq!(v["expects_response"], json!(true));
         assert_eq!(*l.last().unwrap(), b'\n');
-        let l = response(3, ME, &[0xff, 0x00], None, Some(&json!("ctx")), None, false);
+        let r = Response {
+            inherit: false,
+            body: vec![0xff, 0x00],
+            metadata: None,
+            capabilities: vec![],
+        };
+        let l = response(3, ME, &r, Some(&json!("ctx")), None, false);
         let v: Value = serde_json::from_slice(&l).unwrap();
         assert_eq!(v["body_base64"], json!("/wA="));
         assert_eq!(v["context"], json!("ctx"));

@@ -12,4 +12,4 @@
 pub mod bridge;
 pub mod frame;
 
-pub use bridge::Bridge;
+pub use bridge::{Bridge, Spawner};

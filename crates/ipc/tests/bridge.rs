@@ -30,8 +30,14 @@ impl Rig {
         let bus = Arc::new(Bus::new("local"));
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
         let mailbox = bus.register(addr("native"), public).unwrap();
-        let bridge =
-            Bridge::start(OwnedFd::from(ours), addr("native"), bus.clone(), mailbox).unwrap();
+        let bridge = Bridge::start(
+            OwnedFd::from(ours),
+            addr("native"),
+            bus.clone(),
+            mailbox,
+            None,
+        )
+        .unwrap();
         theirs.set_nonblocking(true).unwrap();
         let (read, write) = UnixStream::from_std(theirs).unwrap().into_split();
         Rig {
@@ -444,4 +450,107 @@ async fn an_inheriting_request_passes_the_route_and_the_blob_on() {
             .contains("nothing to respond to"),
         "{f}"
     );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn capabilities_are_checked_carried_and_kept_as_for_wasm() {
+    let mut rig = Rig::new(true);
+    let db = addr("db");
+    let mut db_inbox = rig.bus.register(db.clone(), false).unwrap();
+    let talk = spindle_bus::Capability::messaging(&db);
+    let ask_db = format!(r#"{{"type":"request","target":"{db}","id":1,"timeout_ms":5000}}"#);
+
+    // The db is private: without its capability, refused at once.
+    rig.send(&ask_db).await;
+    let f = rig.read().await;
+    assert_eq!(
+        (f["type"].as_str(), f["kind"].as_str()),
+        (Some("error"), Some("no-capability"))
+    );
+
+    // Saving a capability that never came with a message keeps nothing.
+    let forged = serde_json::to_value([&talk]).unwrap();
+    rig.send(&format!(
+        r#"{{"type":"save_capabilities","id":2,"capabilities":{forged}}}"#
+    ))
+    .await;
+    let f = rig.read().await;
+    assert_eq!(
+        (f["type"].as_str(), f["id"].as_u64()),
+        (Some("reply"), Some(2))
+    );
+    assert_eq!(f["capabilities"], serde_json::json!([]));
+
+    // The db hands its capability over with a request; the process sees it.
+    let mut offer = Envelope::request(
+        rig.bus.next_id(),
+        Arc::new(db.clone()),
+        Arc::new(addr("native")),
+        None,
+        b"take this".to_vec(),
+        None,
+    );
+    if let Message::Request(r) = &mut offer.message {
+        r.capabilities = vec![talk.clone()];
+    }
+    rig.bus.send(offer, false).await.unwrap();
+    let f = rig.read().await;
+    assert_eq!(f["capabilities"], forged, "the capability arrives as sent");
+
+    // Kept, it is held (and listed); the request goes through.
+    rig.send(&format!(
+        r#"{{"type":"save_capabilities","id":3,"capabilities":{forged}}}"#
+    ))
+    .await;
+    let f = rig.read().await;
+    assert_eq!(f["capabilities"], forged);
+    assert!(rig.bus.holds(&addr("native").process, &talk));
+    rig.send(r#"{"type":"capabilities","id":4}"#).await;
+    assert_eq!(rig.read().await["capabilities"], forged);
+    rig.send(&ask_db).await;
+    let env = tokio::time::timeout(DEADLINE, db_inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(*env.source, addr("native"));
+
+    // Attaching a capability it does not hold: refused, naming it.
+    let other = serde_json::to_value([spindle_bus::Capability::messaging(&addr("vault"))]).unwrap();
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{db}","id":5,"capabilities":{other}}}"#
+    ))
+    .await;
+    let f = rig.read().await;
+    assert_eq!(
+        (f["kind"].as_str(), f["id"].as_u64()),
+        (Some("invalid"), Some(5))
+    );
+    assert!(f["message"].as_str().unwrap().contains("vault"), "{f}");
+    // Attaching one it holds passes it on.
+    rig.send(&format!(
+        r#"{{"type":"request","target":"{db}","capabilities":{forged}}}"#
+    ))
+    .await;
+    let env = tokio::time::timeout(DEADLINE, db_inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(env.message.capabilities(), &[talk.clone()][..]);
+
+    // Dropped, it is gone, and the db is out of reach again.
+    rig.send(&format!(
+        r#"{{"type":"drop_capabilities","id":6,"capabilities":{forged}}}"#
+    ))
+    .await;
+    assert_eq!(rig.read().await["capabilities"], serde_json::json!([]));
+    rig.send(&ask_db).await;
+    assert_eq!(rig.read().await["kind"], "no-capability");
+
+    // No spawner here: the call fails with a reason, and the bridge goes on.
+    rig.send(r#"{"type":"spawn","id":7,"wasm":"echo.wasm"}"#)
+        .await;
+    let f = rig.read().await;
+    assert_eq!(f["id"], 7);
+    assert!(f["error"].as_str().unwrap().contains("wasm"), "{f}");
+    assert!(rig.bridge.is_connected());
 }

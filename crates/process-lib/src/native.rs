@@ -8,8 +8,9 @@
 //! them); state files are written by the process itself, durably, where the
 //! node says (`SPINDLE_STATE_DIR`); blobs travel raw after their frame (this
 //! transport says `hello` with `raw_blobs`), so they are read with the
-//! message rather than lazily; capabilities and `spawn` are for wasm
-//! processes. With a watchdog (`SPINDLE_HEARTBEAT_MS`) a thread sends
+//! message rather than lazily; capabilities that came with any recent
+//! message (not only the last) may be saved; a spawned child's component
+//! path is taken from the process's working directory. With a watchdog (`SPINDLE_HEARTBEAT_MS`) a thread sends
 //! heartbeats while the process is waiting for mail or has called in within
 //! the period, so a process stuck elsewhere stops them.
 
@@ -200,6 +201,36 @@ fn body_of(frame: &Value) -> Vec<u8> {
     }
 }
 
+fn caps_of(v: &Value) -> Vec<wit::Capability> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            Some(wit::Capability {
+                issuer: c["issuer"].as_str()?.to_string(),
+                params: c["params"].as_str()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn caps_json(caps: &[wit::Capability]) -> Value {
+    caps.iter()
+        .map(|c| json!({"issuer": c.issuer, "params": c.params}))
+        .collect()
+}
+
+/// Puts what requests and responses share into `frame`.
+fn put_message(frame: &mut Value, body: &[u8], metadata: Option<&str>, caps: &[wit::Capability]) {
+    put_body(frame, body);
+    if let Some(m) = metadata {
+        frame["metadata"] = Value::String(m.into());
+    }
+    if !caps.is_empty() {
+        frame["capabilities"] = caps_json(caps);
+    }
+}
+
 fn kind_of(name: &str) -> wit::SendErrorKind {
     match name {
         "offline" => wit::SendErrorKind::Offline,
@@ -232,7 +263,7 @@ fn interpret((f, blob): Frame) -> Option<Received> {
                     expects_response: expects.then_some(RECEIVED_TIMEOUT_MS),
                     body: body_of(&f),
                     metadata: f["metadata"].as_str().map(str::to_string),
-                    capabilities: vec![],
+                    capabilities: caps_of(&f["capabilities"]),
                 }),
             )))
         }
@@ -246,7 +277,7 @@ fn interpret((f, blob): Frame) -> Option<Received> {
                         inherit: false,
                         body: body_of(&f),
                         metadata: f["metadata"].as_str().map(str::to_string),
-                        capabilities: vec![],
+                        capabilities: caps_of(&f["capabilities"]),
                     },
                     context,
                 )),
@@ -313,10 +344,8 @@ fn send(
 ) -> Result<Option<u64>, wit::SendError> {
     called_in();
     let mut frame = json!({"type": "request", "target": target});
-    put_body(&mut frame, &request.body);
-    if let Some(m) = &request.metadata {
-        frame["metadata"] = Value::String(m.clone());
-    }
+    let meta = request.metadata.as_deref();
+    put_message(&mut frame, &request.body, meta, &request.capabilities);
     if request.inherit {
         let mut st = state();
         if let Some(parent) = st.handling {
@@ -370,16 +399,41 @@ pub fn send_and_await_response(
         unreachable!("a response is expected")
     };
     loop {
-        let f = read_frame();
-        let mine = f.0["id"].as_u64() == Some(id)
-            && matches!(f.0["type"].as_str(), Some("response" | "error"));
-        if mine {
-            if let Some(r) = interpret(f) {
-                return r;
-            }
-        } else {
-            state().deferred.push_back(f);
+        let f = read_until(id, &["response", "error"]);
+        if let Some(r) = interpret(f) {
+            return r;
         }
+    }
+}
+
+/// Reads frames until one of `types` with our `id`; others wait in
+/// `deferred` for `receive`.
+fn read_until(id: u64, types: &[&str]) -> Frame {
+    loop {
+        let f = read_frame();
+        let t = f.0["type"].as_str().unwrap_or_default();
+        if f.0["id"].as_u64() == Some(id) && types.contains(&t) {
+            return f;
+        }
+        state().deferred.push_back(f);
+    }
+}
+
+/// A call to the node (`frame` without its `id`): the reply's fields, or
+/// why it failed.
+fn call(mut frame: Value) -> Result<Value, String> {
+    called_in();
+    let id = {
+        let mut st = state();
+        st.next_id += 1;
+        st.next_id
+    };
+    frame["id"] = id.into();
+    write_frame(&frame).map_err(|e| format!("the node's channel failed: {e}"))?;
+    let (reply, _) = read_until(id, &["reply"]);
+    match reply["error"].as_str() {
+        Some(why) => Err(why.to_string()),
+        None => Ok(reply),
     }
 }
 
@@ -394,12 +448,10 @@ pub fn send_response(
         return Ok(());
     };
     let mut frame = json!({"type": "response", "id": id});
-    put_body(&mut frame, &response.body);
+    let meta = response.metadata.as_deref();
+    put_message(&mut frame, &response.body, meta, &response.capabilities);
     if response.inherit {
         frame["inherit"] = Value::Bool(true);
-    }
-    if let Some(m) = &response.metadata {
-        frame["metadata"] = Value::String(m.clone());
     }
     write_frame_with(&frame, blob).map_err(|e| wit::SendError {
         kind: wit::SendErrorKind::Offline,
@@ -473,23 +525,47 @@ pub fn set_on_exit(on_exit: &wit::OnExit) {
 }
 
 pub fn spawn(
-    _name: Option<&str>,
-    _wasm_path: &str,
-    _on_exit: &wit::OnExit,
-    _caps: &[wit::Capability],
-    _grant_to: &[String],
-    _public: bool,
+    name: Option<&str>,
+    wasm_path: &str,
+    on_exit: &wit::OnExit,
+    caps: &[wit::Capability],
+    grant_to: &[String],
+    public: bool,
 ) -> Result<String, String> {
-    Err("spawn starts wasm processes from a wasm process; a native process asks the node's operator (`spindle start`)".into())
+    let on_exit = match on_exit {
+        wit::OnExit::None => "none",
+        wit::OnExit::Restart => "restart",
+        wit::OnExit::Requests(_) => {
+            return Err("a child's exit requests are set by the child (`set_on_exit`)".into());
+        }
+    };
+    let reply = call(json!({
+        "type": "spawn",
+        "wasm": wasm_path,
+        "name": name,
+        "on_exit": on_exit,
+        "public": public,
+        "capabilities": caps_json(caps),
+        "grant_to": grant_to,
+    }))?;
+    Ok(reply["address"].as_str().unwrap_or_default().to_string())
 }
 
 pub fn our_capabilities() -> Vec<wit::Capability> {
-    Vec::new()
+    call(json!({"type": "capabilities"}))
+        .map(|r| caps_of(&r["capabilities"]))
+        .unwrap_or_default()
 }
 
-pub fn save_capabilities(_caps: &[wit::Capability]) {}
+/// As for a wasm process, a failure is not returned: the node logs it (and
+/// keeps the change in memory).
+pub fn save_capabilities(caps: &[wit::Capability]) {
+    let _ = call(json!({"type": "save_capabilities", "capabilities": caps_json(caps)}));
+}
 
-pub fn drop_capabilities(_caps: &[wit::Capability]) {}
+pub fn drop_capabilities(caps: &[wit::Capability]) {
+    let _ = call(json!({"type": "drop_capabilities", "capabilities": caps_json(caps)}));
+}
 
 pub fn print(text: &str) {
     println!("{text}");

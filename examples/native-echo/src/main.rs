@@ -13,10 +13,15 @@
 //! `bench <address> <n>` makes n round trips; `flood <address> <n>` sends n
 //! one-way `s` and then asks for that address's `count`; `blobtrip
 //! <address> <bytes>` sends a blob of that size to be reflected and answers
-//! `ok <bytes back>` once it is back and intact.
+//! `ok <bytes back>` once it is back and intact. Capabilities: `spawn
+//! <name> <component>` starts a private wasm child and answers its address;
+//! `grant <address> <to>` sends `"take"` (JSON) to `<to>` with the right to message
+//! `<address>` attached and answers with the reply; `caps` lists what this
+//! process holds; `drop <address>` gives up the right to message it.
 
 use spindle_process::{
-    Address, Request, Response, await_message, get_blob, get_state, on_stopping, set_state,
+    Address, Capability, Request, Response, Spawn, await_message, drop_capabilities, get_blob,
+    get_state, on_stopping, our_capabilities, set_state, spawn,
 };
 use std::time::Duration;
 
@@ -70,6 +75,46 @@ fn run() {
                 Err(e) => format!("err {e}").into_bytes(),
             },
             "load" => get_state().unwrap_or_default(),
+            "spawn" => {
+                let (name, path) = (words.next(), words.next());
+                let answer = match (name, path) {
+                    (Some(name), Some(path)) => spawn(&Spawn {
+                        name: Some(name.to_string()),
+                        ..Spawn::new(path)
+                    })
+                    .map(|a| a.to_string()),
+                    _ => Err("give a name and a component".into()),
+                };
+                answer.unwrap_or_else(|e| format!("err {e}")).into_bytes()
+            }
+            "grant" => match (
+                words.next().and_then(Address::parse),
+                words.next().and_then(Address::parse),
+            ) {
+                (Some(what), Some(to)) => Request::to(to)
+                    .json(&"take")
+                    .capabilities(vec![Capability::messaging(&what)])
+                    .expects_response(Duration::from_secs(5))
+                    .send_and_await_response()
+                    .map(|m| m.body().to_vec())
+                    .unwrap_or_else(|e| format!("err {}", e.kind).into_bytes()),
+                _ => b"err bad addresses".to_vec(),
+            },
+            "caps" => {
+                let mut held: Vec<String> = our_capabilities()
+                    .iter()
+                    .map(|c| format!("{} {}", c.issuer, c.params))
+                    .collect();
+                held.sort();
+                held.join("\n").into_bytes()
+            }
+            "drop" => match words.next().and_then(Address::parse) {
+                Some(a) => {
+                    drop_capabilities(&[Capability::messaging(&a)]);
+                    b"dropped".to_vec()
+                }
+                None => b"err bad address".to_vec(),
+            },
             "blobtrip" => {
                 let target = words.next().and_then(Address::parse);
                 let size: usize = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
