@@ -13,7 +13,8 @@
 //! `bench <address> <n>` makes n round trips; `flood <address> <n>` sends n
 //! one-way `s` and then asks for that address's `count`; `blobtrip
 //! <address> <bytes>` sends a blob of that size to be reflected and answers
-//! `ok <bytes back>` once it is back and intact. Capabilities: `spawn
+//! `ok <bytes back> in <µs>` once it is back and intact (the time from the
+//! send to the blob back in hand). Capabilities: `spawn
 //! <name> <component>` starts a private wasm child and answers its address;
 //! `grant <address> <to>` sends `"take"` (JSON) to `<to>` with the right to message
 //! `<address>` attached and answers with the reply; `caps` lists what this
@@ -23,7 +24,7 @@ use spindle_process::{
     Address, Capability, Request, Response, Spawn, await_message, drop_capabilities, get_blob,
     get_state, on_stopping, our_capabilities, set_state, spawn,
 };
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn main() {
     spindle_process::install_panic_hook();
@@ -123,20 +124,24 @@ fn run() {
                 match target {
                     None => b"err bad target".to_vec(),
                     Some(t) => {
+                        // Timed: from the send to the blob back in hand.
+                        let start = Instant::now();
                         let back = Request::to(t)
                             .body(b"reflect".to_vec())
                             .blob(blob)
                             .expects_response(Duration::from_secs(30))
-                            .send_and_await_response();
-                        match (back, get_blob()) {
-                            (Err(e), _) => format!("err {}", e.kind).into_bytes(),
-                            (Ok(_), None) => b"err no blob back".to_vec(),
-                            (Ok(_), Some(b))
+                            .send_and_await_response()
+                            .map(|_| get_blob());
+                        let took = start.elapsed().as_micros();
+                        match back {
+                            Err(e) => format!("err {}", e.kind).into_bytes(),
+                            Ok(None) => b"err no blob back".to_vec(),
+                            Ok(Some(b))
                                 if b.bytes.len() == size && fingerprint(&b.bytes) == sent =>
                             {
-                                format!("ok {size}").into_bytes()
+                                format!("ok {size} in {took} µs").into_bytes()
                             }
-                            (Ok(_), Some(b)) => {
+                            Ok(Some(b)) => {
                                 format!("err blob changed ({} bytes back)", b.bytes.len())
                                     .into_bytes()
                             }
