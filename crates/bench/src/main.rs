@@ -473,10 +473,10 @@ fn bench_trees(rows: &mut Vec<Row>) {
 
 fn main() {
     let mut rows = vec![];
-    let only_wasm = std::env::args().any(|a| a == "--wasm");
-    if only_wasm {
+    let flag = |f: &str| std::env::args().any(|a| a == f);
+    if flag("--wasm") || flag("--ipc") {
         eprintln!("wasm processes …");
-        wasm::run(&mut rows);
+        wasm::run(&mut rows, flag("--ipc"));
         print_table(rows);
         return;
     }
@@ -491,7 +491,7 @@ fn main() {
     eprintln!("process trees …");
     bench_trees(&mut rows);
     eprintln!("wasm processes …");
-    wasm::run(&mut rows);
+    wasm::run(&mut rows, false);
     print_table(rows);
 }
 

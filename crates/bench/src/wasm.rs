@@ -133,12 +133,28 @@ impl Bench {
     }
 }
 
-pub fn run(rows: &mut Vec<Row>) {
+/// The wasm rows and the IPC rows, or (`ipc_only`) just the IPC rows.
+pub fn run(rows: &mut Vec<Row>, ipc_only: bool) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(measure(rows));
+    rt.block_on(async {
+        let mut b = Bench::new();
+        if !ipc_only {
+            measure(&mut b, rows).await;
+        }
+        let peer = b
+            .driver
+            .spawn(
+                ProcessNum(4_000_000),
+                1,
+                &spec(Some("ipcpeer"), "echo", true),
+                None,
+            )
+            .expect("peer");
+        measure_ipc(&mut b, &peer, rows).await;
+    });
 }
 
 /// Native spawns timed on their own: the `start` call of the native driver
@@ -357,9 +373,8 @@ fn which_node() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-async fn measure(rows: &mut Vec<Row>) {
+async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
     let native_alone = native_spawn_each();
-    let mut b = Bench::new();
     // Warm the compiled-component cache and the linker.
     let echo = spec(None, "echo", true);
     b.driver
@@ -453,9 +468,6 @@ async fn measure(rows: &mut Vec<Row>) {
         .await;
     let rate = ONE_WAY as f64 / t.elapsed().as_secs_f64();
     assert_eq!(r, format!("sent {ONE_WAY} counted {ONE_WAY}"));
-    let node_trip = node_round_trip(&mut b, &peer).await;
-    let native = native_rust(&mut b, &peer).await;
-    let blob = blob_trip(&mut b, &peer).await;
 
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     rows.push(Row {
@@ -483,6 +495,27 @@ async fn measure(rows: &mut Vec<Row>) {
         target: "≤ 48 KiB".into(),
         measured: format!("{:.1} KiB", per_process as f64 / 1024.0),
     });
+    rows.push(Row {
+        metric: "native spawn (start call), no wasm engine → 10,000 wasm processes live".into(),
+        target: "unaffected".into(),
+        measured: format!("{} → {}", us(native_alone), us(native_mixed)),
+    });
+    rows.push(Row {
+        metric: "wasm: 10,000 concurrent processes: start, answer, stop".into(),
+        target: "clean".into(),
+        measured: format!(
+            "clean; 100 answered + all stopped in {:.2} s",
+            scale.as_secs_f64()
+        ),
+    });
+}
+
+/// Native processes on the bus against the wasm process `peer`.
+async fn measure_ipc(b: &mut Bench, peer: &Address, rows: &mut Vec<Row>) {
+    let node_trip = node_round_trip(b, peer).await;
+    let native = native_rust(b, peer).await;
+    let blob = blob_trip(b, peer).await;
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
     rows.push(Row {
         metric: "native Rust process (spindle_process) ↔ wasm: request→response round trip".into(),
         target: "≤ 25 µs".into(),
@@ -512,18 +545,5 @@ async fn measure(rows: &mut Vec<Row>) {
         metric: "Node (plain process.send) ↔ wasm process: request→response round trip".into(),
         target: "≤ 150 µs".into(),
         measured: node_trip.map_or_else(|| "node not found".into(), us),
-    });
-    rows.push(Row {
-        metric: "native spawn (start call), no wasm engine → 10,000 wasm processes live".into(),
-        target: "unaffected".into(),
-        measured: format!("{} → {}", us(native_alone), us(native_mixed)),
-    });
-    rows.push(Row {
-        metric: "wasm: 10,000 concurrent processes: start, answer, stop".into(),
-        target: "clean".into(),
-        measured: format!(
-            "clean; 100 answered + all stopped in {:.2} s",
-            scale.as_secs_f64()
-        ),
     });
 }

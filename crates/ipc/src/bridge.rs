@@ -15,7 +15,8 @@
 //! mid-frame — costs only it: an error frame back, or the channel closed,
 //! with the reason logged.
 
-use crate::frame::{self, BlobIn, Call, FrameError, FromProcess, MAX_FRAME};
+use crate::frame::{self, BlobIn, Call, FrameError, FromProcess, Json, MAX_FRAME};
+use crate::io::{ChannelReader, ChannelWriter};
 use serde_json::{Value, json};
 use spindle_bus::{
     Blob, Bus, Capability, Envelope, Mailbox, Message, Request, Response, SendErrorKind, SpawnCall,
@@ -27,8 +28,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -81,7 +81,7 @@ struct Awaited {
     /// The process's own number for it.
     id: u64,
     target: String,
-    context: Option<Value>,
+    context: Option<Json>,
     deadline: Instant,
 }
 
@@ -93,6 +93,9 @@ struct State {
     /// blob, by bus number: what a response or an inheriting request needs.
     unanswered: HashMap<u64, Incoming>,
     offered: Offered,
+    /// When the writer's deadline timer fires, if it is set: the reader
+    /// wakes the writer only for an earlier deadline.
+    timer_at: Option<Instant>,
 }
 
 struct Incoming {
@@ -134,10 +137,7 @@ impl Bridge {
         mailbox: Mailbox,
         spawner: Option<Spawner>,
     ) -> std::io::Result<Bridge> {
-        let std = std::os::unix::net::UnixStream::from(channel);
-        std.set_nonblocking(true)?;
-        let stream = UnixStream::from_std(std)?;
-        let (read, write) = stream.into_split();
+        let (read, write) = crate::io::split(channel.into())?;
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let connected = Arc::new(AtomicBool::new(true));
         let state = Arc::new(Mutex::new(State::default()));
@@ -160,6 +160,7 @@ impl Bridge {
                 heard: heard.clone(),
                 raw_blobs: raw_blobs.clone(),
                 spawner,
+                last_target: None,
             }
             .run(BufReader::new(read), closed_tx),
         );
@@ -170,6 +171,7 @@ impl Bridge {
                 state,
                 deadlines,
                 raw_blobs,
+                last_source: None,
             }
             .run(write, mailbox, out_rx, closed),
         );
@@ -210,12 +212,14 @@ struct Reader {
     /// Set when the process says it reads raw blobs.
     raw_blobs: Arc<AtomicBool>,
     spawner: Option<Spawner>,
+    /// The last target named, parsed: a process mostly talks to the same few.
+    last_target: Option<(String, Arc<Address>)>,
 }
 
 /// A blob from a frame, its raw bytes read from `input` if they follow it.
 async fn read_blob(
     blob: Option<BlobIn>,
-    input: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    input: &mut BufReader<ChannelReader>,
 ) -> std::io::Result<Option<Arc<Blob>>> {
     Ok(match blob {
         None => None,
@@ -229,11 +233,7 @@ async fn read_blob(
 }
 
 impl Reader {
-    async fn run(
-        self,
-        mut input: BufReader<tokio::net::unix::OwnedReadHalf>,
-        closed: watch::Sender<bool>,
-    ) {
+    async fn run(mut self, mut input: BufReader<ChannelReader>, closed: watch::Sender<bool>) {
         let me_text = self.me.to_string();
         let mut line = Vec::new();
         let why = loop {
@@ -290,10 +290,16 @@ impl Reader {
     }
 
     /// Refuses a request of the process's (its own `id`, if it gave one) as `invalid`.
-    async fn invalid(&self, id: Option<u64>, target: &str, why: &str, context: Option<&Value>) {
+    async fn invalid(&self, id: Option<u64>, target: &str, why: &str, context: Option<&Json>) {
         let _ = self
             .out
-            .send(frame::error(id, "invalid", Some(target), why, context))
+            .send(frame::error(
+                id,
+                "invalid",
+                Some(target),
+                why,
+                context.map(Json::raw),
+            ))
             .await;
     }
 
@@ -381,7 +387,19 @@ impl Reader {
         }
     }
 
-    async fn handle(&self, f: FromProcess, blob: Option<Arc<Blob>>) {
+    /// `text` as an address (the last one named is kept parsed).
+    fn target(&mut self, text: &str) -> Option<Arc<Address>> {
+        if let Some((t, a)) = &self.last_target
+            && t == text
+        {
+            return Some(a.clone());
+        }
+        let a = Arc::new(text.parse::<Address>().ok()?);
+        self.last_target = Some((text.to_string(), a.clone()));
+        Some(a)
+    }
+
+    async fn handle(&mut self, f: FromProcess, blob: Option<Arc<Blob>>) {
         match f {
             FromProcess::Request {
                 target,
@@ -394,7 +412,7 @@ impl Reader {
                 capabilities,
                 ..
             } => {
-                let Ok(to) = target.parse::<Address>() else {
+                let Some(to) = self.target(&target) else {
                     let msg = format!(
                         "`target` {target:?} is not an address (node@process:package:publisher)"
                     );
@@ -441,25 +459,25 @@ impl Reader {
                     None => self.bus.next_id(),
                 };
                 if let Some((id, ms)) = awaits {
-                    self.state
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .awaited
-                        .insert(
-                            number,
-                            Awaited {
-                                id,
-                                target: target.clone(),
-                                context: context.clone(),
-                                deadline: Instant::now() + Duration::from_millis(ms),
-                            },
-                        );
-                    self.deadlines.notify_one();
+                    let deadline = Instant::now() + Duration::from_millis(ms);
+                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.awaited.insert(
+                        number,
+                        Awaited {
+                            id,
+                            target: target.clone(),
+                            context: context.clone(),
+                            deadline,
+                        },
+                    );
+                    if st.timer_at.is_none_or(|at| deadline < at) {
+                        self.deadlines.notify_one();
+                    }
                 }
                 let env = Envelope {
                     id: number,
                     source: self.me.clone(),
-                    target: Arc::new(to),
+                    target: to,
                     rsvp: match route {
                         Some((_, rsvp)) => Some(rsvp),
                         None => awaits.map(|_| self.me.clone()),
@@ -486,7 +504,7 @@ impl Reader {
                             kind_name(kind),
                             Some(&target),
                             &kind.to_string(),
-                            context.as_ref(),
+                            context.as_ref().map(Json::raw),
                         ))
                         .await;
                 }
@@ -571,12 +589,14 @@ struct Writer {
     state: Arc<Mutex<State>>,
     deadlines: Arc<Notify>,
     raw_blobs: Arc<AtomicBool>,
+    /// The last source written, as text: most messages come from the same few.
+    last_source: Option<(Arc<Address>, Arc<str>)>,
 }
 
 impl Writer {
     async fn run(
-        self,
-        mut output: tokio::net::unix::OwnedWriteHalf,
+        mut self,
+        output: ChannelWriter,
         mut mailbox: Mailbox,
         mut queued: mpsc::Receiver<Vec<u8>>,
         mut closed: watch::Receiver<bool>,
@@ -585,7 +605,7 @@ impl Writer {
         // earlier one appears (the reader notifies) or when it fires, not
         // per frame.
         let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
-        let mut armed: Option<Instant> = None;
+        let mut armed = false;
         loop {
             let (bytes, blob) = tokio::select! {
                 _ = closed.changed() => return,
@@ -601,25 +621,21 @@ impl Writer {
                     // Off the bus: the run is over.
                     None => return,
                 },
-                _ = timer.as_mut(), if armed.is_some() => {
-                    armed = None;
+                _ = timer.as_mut(), if armed => {
                     let out = self.expire();
-                    self.arm(&mut timer, &mut armed);
+                    armed = self.arm(&mut timer);
                     if out.is_empty() {
                         continue;
                     }
                     (out, None)
                 }
                 _ = self.deadlines.notified() => {
-                    self.arm(&mut timer, &mut armed);
+                    armed = self.arm(&mut timer);
                     continue;
                 }
             };
             let blob_bytes = blob.as_deref().map_or(&[][..], |b| b.bytes.as_slice());
-            let written = match output.write_all(&bytes).await {
-                Ok(()) => output.write_all(blob_bytes).await,
-                Err(e) => Err(e),
-            };
+            let written = output.write_all(&mut [&bytes, blob_bytes]).await;
             if let Err(e) = written {
                 tracing::debug!("{}: writing the channel failed: {e}", self.me);
                 return;
@@ -628,27 +644,33 @@ impl Writer {
     }
 
     /// Sets the timer to the earliest awaited deadline, if that is earlier
-    /// than what it is set to.
-    fn arm(&self, timer: &mut std::pin::Pin<Box<tokio::time::Sleep>>, armed: &mut Option<Instant>) {
-        let next = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .awaited
-            .values()
-            .map(|a| a.deadline)
-            .min();
+    /// than what it is set to; whether it is set.
+    fn arm(&self, timer: &mut std::pin::Pin<Box<tokio::time::Sleep>>) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let next = st.awaited.values().map(|a| a.deadline).min();
         if let Some(next) = next
-            && armed.is_none_or(|a| next < a)
+            && st.timer_at.is_none_or(|at| next < at)
         {
             timer.as_mut().reset(next);
-            *armed = Some(next);
+            st.timer_at = Some(next);
         }
+        st.timer_at.is_some()
     }
 
     /// A message from the bus as a frame, if it is one the process gets.
-    fn deliver(&self, env: Envelope) -> Option<(Vec<u8>, Option<Arc<Blob>>)> {
-        let source = env.source.to_string();
+    fn source_text(&mut self, source: &Arc<Address>) -> Arc<str> {
+        if let Some((a, text)) = &self.last_source
+            && (Arc::ptr_eq(a, source) || a == source)
+        {
+            return text.clone();
+        }
+        let text: Arc<str> = source.to_string().into();
+        self.last_source = Some((source.clone(), text.clone()));
+        text
+    }
+
+    fn deliver(&mut self, env: Envelope) -> Option<(Vec<u8>, Option<Arc<Blob>>)> {
+        let source = self.source_text(&env.source);
         let raw = self.raw_blobs.load(Ordering::Acquire);
         let blob = env.blob;
         let out = blob
@@ -674,7 +696,14 @@ impl Writer {
             Message::Response(r, _) => match st.awaited.remove(&env.id) {
                 Some(a) => {
                     st.offered.add(&r.capabilities);
-                    frame::response(a.id, &source, &r, a.context.as_ref(), out, raw)
+                    frame::response(
+                        a.id,
+                        &source,
+                        &r,
+                        a.context.as_ref().map(Json::raw),
+                        out,
+                        raw,
+                    )
                 }
                 None => {
                     self.bus.late_responses.fetch_add(1, Ordering::Relaxed);
@@ -690,6 +719,7 @@ impl Writer {
     fn expire(&self) -> Vec<u8> {
         let now = Instant::now();
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.timer_at = None;
         let due: Vec<u64> = st
             .awaited
             .iter()
@@ -704,7 +734,7 @@ impl Writer {
                     "timeout",
                     Some(&a.target),
                     &SendErrorKind::Timeout.to_string(),
-                    a.context.as_ref(),
+                    a.context.as_ref().map(Json::raw),
                 ));
             }
         }

@@ -56,9 +56,11 @@
 
 use base64::Engine as _;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use spindle_bus::{Capability, Request, Response};
 use spindle_types::{Address, OnExit};
+use std::borrow::Cow;
 
 /// Longest frame accepted from a process; a longer one ends the channel
 /// (there is no telling where the next frame starts).
@@ -88,7 +90,7 @@ pub enum FromProcess {
         timeout_ms: Option<u64>,
         body: Vec<u8>,
         metadata: Option<String>,
-        context: Option<Value>,
+        context: Option<Json>,
         blob: Option<BlobIn>,
         /// The request being handled whose route and blob this one inherits.
         inherit: Option<u64>,
@@ -155,25 +157,65 @@ pub enum FrameError {
     Forged(String),
 }
 
+/// A JSON value kept as the text it came in (a request's context, say), to
+/// be written back as it was.
+#[derive(Debug, Clone)]
+pub struct Json(Box<RawValue>);
+
+impl Json {
+    pub fn raw(&self) -> &RawValue {
+        &self.0
+    }
+}
+
+impl PartialEq for Json {
+    fn eq(&self, other: &Json) -> bool {
+        self.0.get() == other.0.get()
+    }
+}
+
+/// A field present in the frame, even as `null`, kept as its text (an
+/// `Option` alone would read `null` as absent).
+#[derive(Default)]
+struct Present<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Present<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&RawValue>::deserialize(d).map(|v| Present(Some(v)))
+    }
+}
+
+// Fields are borrowed from the line where they can be: parsing a frame is on
+// every message's path.
 #[derive(Deserialize)]
-struct Raw {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    cmd: Option<String>,
-    target: Option<String>,
-    source: Option<Value>,
+struct Raw<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    cmd: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    target: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    source: Option<&'a RawValue>,
     id: Option<u64>,
     timeout_ms: Option<u64>,
-    body: Option<Value>,
-    body_base64: Option<String>,
-    metadata: Option<Value>,
-    context: Option<Value>,
-    blob_base64: Option<String>,
+    #[serde(default, borrow)]
+    body: Present<'a>,
+    #[serde(borrow)]
+    body_base64: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+    #[serde(borrow)]
+    context: Option<&'a RawValue>,
+    #[serde(borrow)]
+    blob_base64: Option<Cow<'a, str>>,
     blob_bytes: Option<usize>,
     blob_mime: Option<String>,
     raw_blobs: Option<bool>,
-    inherit: Option<Value>,
-    capabilities: Option<Value>,
+    #[serde(borrow)]
+    inherit: Option<&'a RawValue>,
+    #[serde(borrow)]
+    capabilities: Option<&'a RawValue>,
     wasm: Option<String>,
     name: Option<String>,
     public: Option<bool>,
@@ -188,35 +230,40 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
     if raw.cmd.as_deref().is_some_and(|c| c.starts_with("NODE_")) {
         return Ok(FromProcess::Internal);
     }
-    if let Some(s) = &raw.source
-        && s.as_str() != Some(me)
+    if let Some(s) = raw.source
+        && serde_json::from_str::<Cow<str>>(s.get()).ok().as_deref() != Some(me)
     {
-        return Err(FrameError::Forged(s.to_string()));
+        return Err(FrameError::Forged(s.get().to_string()));
     }
-    let kind = raw.kind.clone().unwrap_or_default();
+    let kind = raw.kind.as_deref().unwrap_or_default();
     let blob = || blob_of(&raw);
-    let body = || body_of(raw.body.clone(), raw.body_base64.clone());
+    let body = || body_of(raw.body.0, raw.body_base64.as_deref());
     let metadata = || {
-        raw.metadata.clone().map(|m| match m {
-            Value::String(s) => s,
-            other => other.to_string(),
-        })
+        raw.metadata
+            .map(|m| match serde_json::from_str::<String>(m.get()) {
+                Ok(text) => text,
+                Err(_) => m.get().to_string(),
+            })
     };
-    match kind.as_str() {
+    match kind {
         "request" => Ok(FromProcess::Request {
-            target: raw.target.clone().ok_or(FrameError::Missing {
-                kind: "request",
-                field: "target",
-            })?,
+            target: raw
+                .target
+                .as_deref()
+                .ok_or(FrameError::Missing {
+                    kind: "request",
+                    field: "target",
+                })?
+                .to_string(),
             id: raw.id,
             timeout_ms: raw.timeout_ms,
             body: body()?,
             metadata: metadata(),
-            context: raw.context.clone(),
+            context: raw.context.map(|c| Json(c.to_owned())),
             blob: blob()?,
-            inherit: match &raw.inherit {
-                None | Some(Value::Bool(false)) => None,
-                Some(v) => Some(v.as_u64().ok_or(FrameError::Invalid {
+            inherit: match raw.inherit.map(RawValue::get) {
+                None | Some("false") => None,
+                Some(v) => Some(v.parse::<u64>().map_err(|_| FrameError::Invalid {
                     field: "inherit",
                     why: "give the `id` of the request being handled".into(),
                 })?),
@@ -231,11 +278,7 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
             body: body()?,
             metadata: metadata(),
             blob: blob()?,
-            inherit: raw
-                .inherit
-                .as_ref()
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            inherit: raw.inherit.is_some_and(|v| v.get() == "true"),
             capabilities: capabilities_of(&raw)?,
         }),
         "heartbeat" => Ok(FromProcess::Heartbeat),
@@ -262,16 +305,16 @@ pub fn parse(line: &[u8], me: &str) -> Result<FromProcess, FrameError> {
 }
 
 fn capabilities_of(raw: &Raw) -> Result<Vec<Capability>, FrameError> {
-    match &raw.capabilities {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(v) => {
-            Vec::<Capability>::deserialize(v).map_err(|e| FrameError::Invalid {
+    match raw.capabilities.map(RawValue::get) {
+        None | Some("null") => Ok(Vec::new()),
+        Some(text) => serde_json::from_str::<Vec<Capability>>(text).map_err(|e| {
+            FrameError::Invalid {
                 field: "capabilities",
                 why: format!(
                     "{e}: give a list of {{\"issuer\":\"node@process:package:publisher\",\"params\":\"…\"}}"
                 ),
-            })
-        }
+            }
+        }),
     }
 }
 
@@ -334,24 +377,7 @@ fn blob_of(raw: &Raw) -> Result<Option<BlobIn>, FrameError> {
     }
 }
 
-/// A blob for an outgoing frame: announced in it (`blob_bytes`, the bytes
-/// to follow) when the process reads raw blobs, else inline as base64.
-fn put_blob(frame: &mut Value, blob: BlobOut, raw: bool) {
-    let Some((mime, bytes)) = blob else {
-        return;
-    };
-    if let Some(m) = mime {
-        frame["blob_mime"] = Value::String(m.into());
-    }
-    if raw {
-        frame["blob_bytes"] = bytes.len().into();
-    } else {
-        frame["blob_base64"] =
-            Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
-    }
-}
-
-fn body_of(body: Option<Value>, b64: Option<String>) -> Result<Vec<u8>, FrameError> {
+fn body_of(body: Option<&RawValue>, b64: Option<&str>) -> Result<Vec<u8>, FrameError> {
     match (body, b64) {
         (Some(_), Some(_)) => Err(FrameError::Invalid {
             field: "body",
@@ -363,30 +389,114 @@ fn body_of(body: Option<Value>, b64: Option<String>) -> Result<Vec<u8>, FrameErr
                 field: "body_base64",
                 why: e.to_string(),
             }),
-        (Some(v), None) => Ok(serde_json::to_vec(&v).expect("a JSON value serialises")),
+        // The JSON text exactly as the process wrote it.
+        (Some(v), None) => Ok(v.get().as_bytes().to_vec()),
         (None, None) => Ok(Vec::new()),
     }
 }
 
-/// Puts `body` into `frame`: as JSON when it is JSON, else as base64.
-fn put_body(frame: &mut Value, body: &[u8]) {
-    if body.is_empty() {
-        return;
+/// A frame being written: a JSON object, field by field, straight into
+/// bytes (no intermediate map), ending in its newline.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn new(kind: &str) -> Out {
+        let mut out = Out(Vec::with_capacity(128));
+        out.0.extend_from_slice(b"{\"type\":");
+        out.string(kind);
+        out
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) => frame["body"] = v,
-        Err(_) => {
-            frame["body_base64"] =
-                Value::String(base64::engine::general_purpose::STANDARD.encode(body))
+
+    fn key(&mut self, key: &str) {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    fn string(&mut self, text: &str) {
+        serde_json::to_writer(&mut self.0, text).expect("strings serialise");
+    }
+
+    fn str(&mut self, key: &str, text: &str) {
+        self.key(key);
+        self.string(text);
+    }
+
+    fn num(&mut self, key: &str, n: u64) {
+        use std::io::Write as _;
+        self.key(key);
+        write!(self.0, "{n}").expect("a Vec takes every write");
+    }
+
+    /// `json` must be one JSON value with no newline in it.
+    fn raw(&mut self, key: &str, json: &str) {
+        self.key(key);
+        self.0.extend_from_slice(json.as_bytes());
+    }
+
+    fn value(&mut self, key: &str, v: &impl serde::Serialize) {
+        self.key(key);
+        serde_json::to_writer(&mut self.0, v).expect("values serialise");
+    }
+
+    /// Bytes: as the JSON they are, if they are JSON, else as base64.
+    fn body(&mut self, body: &[u8]) {
+        if body.is_empty() {
+            return;
         }
+        match as_json(body) {
+            Some(text) if !text.contains('\n') => self.raw("body", text),
+            // JSON over several lines is put on one.
+            Some(text) => {
+                let v: Value = serde_json::from_str(text).expect("checked to be JSON");
+                self.value("body", &v);
+            }
+            None => self.str(
+                "body_base64",
+                &base64::engine::general_purpose::STANDARD.encode(body),
+            ),
+        }
+    }
+
+    fn blob(&mut self, blob: BlobOut, raw: bool) {
+        let Some((mime, bytes)) = blob else {
+            return;
+        };
+        if let Some(m) = mime {
+            self.str("blob_mime", m);
+        }
+        if raw {
+            self.num("blob_bytes", bytes.len() as u64);
+        } else {
+            self.str(
+                "blob_base64",
+                &base64::engine::general_purpose::STANDARD.encode(bytes),
+            );
+        }
+    }
+
+    /// What requests and responses share: body, metadata, capabilities.
+    fn message(&mut self, body: &[u8], metadata: Option<&str>, caps: &[Capability]) {
+        self.body(body);
+        if let Some(m) = metadata {
+            self.str("metadata", m);
+        }
+        if !caps.is_empty() {
+            self.value("capabilities", &caps);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.0.extend_from_slice(b"}\n");
+        self.0
     }
 }
 
-/// A line to write to the process (with its newline).
-fn line(frame: Value) -> Vec<u8> {
-    let mut out = serde_json::to_vec(&frame).expect("frames serialise");
-    out.push(b'\n');
-    out
+/// `bytes` as JSON text, if they are one valid JSON value in UTF-8.
+fn as_json(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    Some(text)
 }
 
 /// A blob going out with a frame: its type and bytes.
@@ -402,13 +512,15 @@ pub fn request(
     blob: BlobOut,
     raw: bool,
 ) -> Vec<u8> {
-    let mut f = json!({"type": "request", "id": id, "source": source});
-    put_message(&mut f, &r.body, r.metadata.as_deref(), &r.capabilities);
-    put_blob(&mut f, blob, raw);
+    let mut f = Out::new("request");
+    f.num("id", id);
+    f.str("source", source);
+    f.message(&r.body, r.metadata.as_deref(), &r.capabilities);
+    f.blob(blob, raw);
     if expects_response {
-        f["expects_response"] = Value::Bool(true);
+        f.raw("expects_response", "true");
     }
-    line(f)
+    f.finish()
 }
 
 /// A response to the process (see [`request`] for `blob` and `raw`).
@@ -416,44 +528,36 @@ pub fn response(
     id: u64,
     source: &str,
     r: &Response,
-    context: Option<&Value>,
+    context: Option<&RawValue>,
     blob: BlobOut,
     raw: bool,
 ) -> Vec<u8> {
-    let mut f = json!({"type": "response", "id": id, "source": source});
-    put_message(&mut f, &r.body, r.metadata.as_deref(), &r.capabilities);
-    put_blob(&mut f, blob, raw);
+    let mut f = Out::new("response");
+    f.num("id", id);
+    f.str("source", source);
+    f.message(&r.body, r.metadata.as_deref(), &r.capabilities);
+    f.blob(blob, raw);
     if let Some(c) = context {
-        f["context"] = c.clone();
+        f.raw("context", c.get());
     }
-    line(f)
-}
-
-/// What requests and responses share: body, metadata, capabilities.
-fn put_message(f: &mut Value, body: &[u8], metadata: Option<&str>, caps: &[Capability]) {
-    put_body(f, body);
-    if let Some(m) = metadata {
-        f["metadata"] = Value::String(m.into());
-    }
-    if !caps.is_empty() {
-        f["capabilities"] = serde_json::to_value(caps).expect("capabilities serialise");
-    }
+    f.finish()
 }
 
 /// The answer to a call of the process's (`id` is its own): `fields` on
 /// success, or the error.
 pub fn reply(id: u64, answer: Result<Value, String>) -> Vec<u8> {
-    let mut f = json!({"type": "reply", "id": id});
+    let mut f = Out::new("reply");
+    f.num("id", id);
     match answer {
         Ok(Value::Object(fields)) => {
-            for (k, v) in fields {
-                f[k] = v;
+            for (k, v) in &fields {
+                f.value(k, v);
             }
         }
         Ok(_) => {}
-        Err(why) => f["error"] = Value::String(why),
+        Err(why) => f.str("error", &why),
     }
-    line(f)
+    f.finish()
 }
 
 /// A request of the process's own (`id`) failed, or (no `id`) a frame of
@@ -463,28 +567,35 @@ pub fn error(
     kind: &str,
     target: Option<&str>,
     message: &str,
-    context: Option<&Value>,
+    context: Option<&RawValue>,
 ) -> Vec<u8> {
-    let mut f = json!({"type": "error", "kind": kind, "message": message});
+    let mut f = Out::new("error");
+    f.str("kind", kind);
+    f.str("message", message);
     if let Some(id) = id {
-        f["id"] = id.into();
+        f.num("id", id);
     }
     if let Some(t) = target {
-        f["target"] = Value::String(t.into());
+        f.str("target", t);
     }
     if let Some(c) = context {
-        f["context"] = c.clone();
+        f.raw("context", c.get());
     }
-    line(f)
+    f.finish()
 }
 
 pub fn stopping() -> Vec<u8> {
-    line(json!({"type": "stopping"}))
+    Out::new("stopping").finish()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn raw_json(text: &str) -> Json {
+        Json(RawValue::from_string(text.into()).unwrap())
+    }
 
     const ME: &str = "local@api:shop:acme";
 
@@ -605,7 +716,7 @@ mod tests {
                 timeout_ms: Some(500),
                 body: br#"{"get":1}"#.to_vec(),
                 metadata: None,
-                context: Some(json!([1])),
+                context: Some(raw_json("[1]")),
                 blob: None,
                 inherit: None,
                 capabilities: vec![],
@@ -635,6 +746,43 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn bodies_keep_their_exact_bytes() {
+        let text = |body: &[u8]| {
+            let l = request(1, ME, &req(body), false, None, false);
+            assert_eq!(l.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+            // Read back as a process would send it.
+            let line = String::from_utf8(l.clone()).unwrap();
+            let sent = line.trim_end().replacen("request", "response", 1);
+            let f = parse(sent.as_bytes(), ME).unwrap();
+            let FromProcess::Response { body: back, .. } = f else {
+                panic!("{f:?}")
+            };
+            (String::from_utf8_lossy(&l).into_owned(), back)
+        };
+        // JSON as written, spaces and all.
+        let (line, back) = text(br#"{"a": [1, 2.50]}"#);
+        assert!(line.contains(r#""body":{"a": [1, 2.50]}"#), "{line}");
+        assert_eq!(back, br#"{"a": [1, 2.50]}"#);
+        // JSON over several lines goes on one (its value is the same).
+        let (_, back) = text(b"{\n\"a\": 1\n}");
+        assert_eq!(back, br#"{"a":1}"#);
+        // Not JSON, or not UTF-8: base64, byte for byte.
+        for odd in [
+            &b"plain words"[..],
+            b"\"\xff\"",
+            b"{\"a\":1} trailing",
+            b" ",
+        ] {
+            let (line, back) = text(odd);
+            assert!(line.contains("body_base64"), "{line}");
+            assert_eq!(back, odd);
+        }
+        // `null` is a body too.
+        let f = parse(br#"{"type":"response","id":1,"body":null}"#, ME).unwrap();
+        assert!(matches!(f, FromProcess::Response { body, .. } if body == b"null"));
     }
 
     #[test]
@@ -670,7 +818,8 @@ mod tests {
             metadata: None,
             capabilities: vec![],
         };
-        let l = response(3, ME, &r, Some(&json!("ctx")), None, false);
+        let ctx = raw_json(r#""ctx""#);
+        let l = response(3, ME, &r, Some(ctx.raw()), None, false);
         let v: Value = serde_json::from_slice(&l).unwrap();
         assert_eq!(v["body_base64"], json!("/wA="));
         assert_eq!(v["context"], json!("ctx"));

@@ -11,5 +11,6 @@
 
 pub mod bridge;
 pub mod frame;
+mod io;
 
 pub use bridge::{Bridge, Spawner};

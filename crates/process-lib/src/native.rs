@@ -16,6 +16,8 @@
 
 use crate::wit;
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
@@ -51,9 +53,25 @@ struct State {
     deferred: VecDeque<Frame>,
     /// The blob of the last message received.
     last_blob: Option<wit::Blob>,
+    /// The bytes of a blob no longer referred to, kept for the next one: a
+    /// process that handles large blobs reuses memory it has touched
+    /// instead of faulting in fresh pages for each (16 MiB of fresh pages
+    /// cost more than copying them through the socket).
+    spare: Vec<u8>,
     /// The request being handled, if it expects a response.
     handling: Option<u64>,
     on_exit: Option<wit::OnExit>,
+}
+
+impl State {
+    /// `blob` is now the last message's; the one it replaces is spare.
+    fn keep_blob(&mut self, blob: Option<wit::Blob>) {
+        if let Some(old) = std::mem::replace(&mut self.last_blob, blob)
+            && old.bytes.capacity() > self.spare.capacity()
+        {
+            self.spare = old.bytes;
+        }
+    }
 }
 
 fn channel() -> &'static Channel {
@@ -122,49 +140,163 @@ fn called_in() {
 }
 
 fn write_frame(frame: &Value) -> std::io::Result<()> {
-    write_frame_with(frame, None)
+    let mut line = serde_json::to_vec(frame).expect("frames serialise");
+    line.push(b'\n');
+    write_line(&line, None)
 }
 
-/// Writes `frame`; a blob is announced in it and its bytes follow, raw.
-fn write_frame_with(frame: &Value, blob: Option<&wit::Blob>) -> std::io::Result<()> {
-    let mut frame = frame.clone();
-    if let Some(b) = blob {
-        frame["blob_bytes"] = b.bytes.len().into();
-        if let Some(m) = &b.mime {
-            frame["blob_mime"] = Value::String(m.clone());
-        }
-    }
-    let mut line = serde_json::to_vec(&frame).expect("frames serialise");
-    line.push(b'\n');
+/// Writes a frame's line; a blob announced in it follows, raw.
+fn write_line(line: &[u8], blob: Option<&wit::Blob>) -> std::io::Result<()> {
     let mut w = channel().writer.lock().unwrap_or_else(|p| p.into_inner());
-    w.write_all(&line)?;
+    w.write_all(line)?;
     match blob {
         Some(b) => w.write_all(&b.bytes),
         None => Ok(()),
     }
 }
 
-fn read_frame() -> Frame {
+/// A request or response as this process sends it (fields left out when empty).
+#[derive(Serialize)]
+struct Out<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inherit: Option<Inherit>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    capabilities: Vec<CapOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blob_bytes: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blob_mime: Option<&'a str>,
+}
+
+/// A request inherits from the request being handled (its number); a
+/// response, the blob of the request it answers.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Inherit {
+    From(u64),
+    Blob(bool),
+}
+
+#[derive(Serialize)]
+struct CapOut<'a> {
+    issuer: &'a str,
+    params: &'a str,
+}
+
+impl<'a> Out<'a> {
+    fn new(
+        kind: &'static str,
+        body: &'a [u8],
+        metadata: Option<&'a str>,
+        caps: &'a [wit::Capability],
+        blob: Option<&'a wit::Blob>,
+    ) -> Out<'a> {
+        // A body that is JSON (on one line) travels as that JSON, as it is;
+        // any other, as base64.
+        let json = std::str::from_utf8(body)
+            .ok()
+            .filter(|t| !t.is_empty() && !t.contains('\n'))
+            .and_then(|t| serde_json::from_str::<&RawValue>(t).ok());
+        Out {
+            kind,
+            target: None,
+            id: None,
+            timeout_ms: None,
+            body: json,
+            body_base64: (json.is_none() && !body.is_empty())
+                .then(|| base64::engine::general_purpose::STANDARD.encode(body)),
+            metadata,
+            inherit: None,
+            capabilities: caps
+                .iter()
+                .map(|c| CapOut {
+                    issuer: &c.issuer,
+                    params: &c.params,
+                })
+                .collect(),
+            blob_bytes: blob.map(|b| b.bytes.len()),
+            blob_mime: blob.and_then(|b| b.mime.as_deref()),
+        }
+    }
+
+    fn line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("frames serialise");
+        line.push(b'\n');
+        line
+    }
+}
+
+/// How long a process awaiting a response polls its channel before it
+/// blocks. A response from a wasm process takes the node some 10–20 µs;
+/// waking a process that went to sleep costs several µs more on each side
+/// (more on a virtual machine), so a short spin shortens round trips by
+/// about a quarter, for at most this much CPU per awaited response.
+const AWAIT_SPIN: Duration = Duration::from_micros(50);
+
+/// Polls the channel until it is readable or `AWAIT_SPIN` has passed.
+fn spin_until_readable(reader: &BufReader<UnixStream>) {
+    use std::os::fd::AsRawFd;
+    if !reader.buffer().is_empty() {
+        return;
+    }
+    let mut fds = libc::pollfd {
+        fd: reader.get_ref().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let start = Instant::now();
+    while start.elapsed() < AWAIT_SPIN {
+        // SAFETY: one valid pollfd; a zero timeout never blocks.
+        if unsafe { libc::poll(&mut fds, 1, 0) } != 0 {
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// The next frame; `spin`: poll a little before blocking (a response is due).
+fn read_frame_spinning(spin: bool) -> Frame {
     let ch = channel();
     ch.waiting.store(true, Ordering::Relaxed);
     let mut reader = ch.reader.lock().unwrap_or_else(|p| p.into_inner());
+    if spin {
+        spin_until_readable(&reader);
+    }
     let mut line = Vec::new();
     let n = reader.read_until(b'\n', &mut line);
     // The node closed the channel: it is stopping this process.
     if !matches!(n, Ok(n) if n > 0) {
         std::process::exit(0);
     }
-    let frame: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
-    let mime = frame["blob_mime"].as_str().map(str::to_string);
-    let blob = if let Some(len) = frame["blob_bytes"].as_u64() {
-        let mut bytes = vec![0; len as usize];
+    let frame: In = serde_json::from_slice(&line).unwrap_or_default();
+    let blob = if let Some(len) = frame.blob_bytes {
+        let mut bytes = std::mem::take(&mut state().spare);
+        bytes.clear();
+        bytes.resize(len, 0);
         if std::io::Read::read_exact(&mut *reader, &mut bytes).is_err() {
             std::process::exit(0);
         }
-        Some(wit::Blob { mime, bytes })
+        Some(wit::Blob {
+            mime: frame.blob_mime.clone(),
+            bytes,
+        })
     } else {
-        frame["blob_base64"].as_str().map(|b| wit::Blob {
-            mime,
+        frame.blob_base64.as_deref().map(|b| wit::Blob {
+            mime: frame.blob_mime.clone(),
             bytes: base64::engine::general_purpose::STANDARD
                 .decode(b)
                 .unwrap_or_default(),
@@ -176,59 +308,71 @@ fn read_frame() -> Frame {
     (frame, blob)
 }
 
-fn put_body(frame: &mut Value, body: &[u8]) {
-    if body.is_empty() {
-        return;
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) => frame["body"] = v,
-        Err(_) => {
-            frame["body_base64"] =
-                Value::String(base64::engine::general_purpose::STANDARD.encode(body))
+/// A frame from the node (fields it does not send stay empty).
+#[derive(Deserialize, Default)]
+struct In {
+    #[serde(rename = "type", default)]
+    kind: String,
+    id: Option<u64>,
+    #[serde(default)]
+    source: String,
+    #[serde(default, deserialize_with = "present")]
+    body: Option<Box<RawValue>>,
+    body_base64: Option<String>,
+    metadata: Option<String>,
+    #[serde(default)]
+    expects_response: bool,
+    blob_bytes: Option<usize>,
+    blob_base64: Option<String>,
+    blob_mime: Option<String>,
+    #[serde(default)]
+    capabilities: Vec<CapIn>,
+    /// Of an error frame.
+    #[serde(rename = "kind")]
+    error_kind: Option<String>,
+    message: Option<String>,
+    /// Of a reply.
+    error: Option<String>,
+    address: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CapIn {
+    issuer: String,
+    params: String,
+}
+
+/// A field that is there, even as `null` (which is a body too).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+impl In {
+    fn body(&self) -> Vec<u8> {
+        match (&self.body_base64, &self.body) {
+            (Some(b), _) => base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .unwrap_or_default(),
+            (None, Some(v)) => v.get().as_bytes().to_vec(),
+            (None, None) => Vec::new(),
         }
     }
-}
 
-fn body_of(frame: &Value) -> Vec<u8> {
-    if let Some(b) = frame["body_base64"].as_str() {
-        return base64::engine::general_purpose::STANDARD
-            .decode(b)
-            .unwrap_or_default();
-    }
-    match &frame["body"] {
-        Value::Null => Vec::new(),
-        v => serde_json::to_vec(v).expect("a JSON value serialises"),
-    }
-}
-
-fn caps_of(v: &Value) -> Vec<wit::Capability> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| {
-            Some(wit::Capability {
-                issuer: c["issuer"].as_str()?.to_string(),
-                params: c["params"].as_str()?.to_string(),
+    fn capabilities(&mut self) -> Vec<wit::Capability> {
+        std::mem::take(&mut self.capabilities)
+            .into_iter()
+            .map(|c| wit::Capability {
+                issuer: c.issuer,
+                params: c.params,
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 fn caps_json(caps: &[wit::Capability]) -> Value {
     caps.iter()
         .map(|c| json!({"issuer": c.issuer, "params": c.params}))
         .collect()
-}
-
-/// Puts what requests and responses share into `frame`.
-fn put_message(frame: &mut Value, body: &[u8], metadata: Option<&str>, caps: &[wit::Capability]) {
-    put_body(frame, body);
-    if let Some(m) = metadata {
-        frame["metadata"] = Value::String(m.into());
-    }
-    if !caps.is_empty() {
-        frame["capabilities"] = caps_json(caps);
-    }
 }
 
 fn kind_of(name: &str) -> wit::SendErrorKind {
@@ -244,61 +388,60 @@ fn kind_of(name: &str) -> wit::SendErrorKind {
 type Received = Result<(String, wit::Message), wit::SendError>;
 
 /// A frame and the blob that came with it.
-type Frame = (Value, Option<wit::Blob>);
+type Frame = (In, Option<wit::Blob>);
 
 /// Turns a frame into what `receive` returns; `None` for frames that are
 /// not messages (a refusal of ours, housekeeping).
-fn interpret((f, blob): Frame) -> Option<Received> {
+fn interpret((mut f, blob): Frame) -> Option<Received> {
     let mut st = state();
-    let id = f["id"].as_u64();
-    match f["type"].as_str() {
-        Some("request") => {
-            let expects = f["expects_response"].as_bool() == Some(true);
-            st.handling = if expects { id } else { None };
-            st.last_blob = blob;
+    match f.kind.as_str() {
+        "request" => {
+            st.handling = if f.expects_response { f.id } else { None };
+            st.keep_blob(blob);
             Some(Ok((
-                f["source"].as_str().unwrap_or_default().to_string(),
+                std::mem::take(&mut f.source),
                 wit::Message::Request(wit::Request {
                     inherit: false,
-                    expects_response: expects.then_some(RECEIVED_TIMEOUT_MS),
-                    body: body_of(&f),
-                    metadata: f["metadata"].as_str().map(str::to_string),
-                    capabilities: caps_of(&f["capabilities"]),
+                    expects_response: f.expects_response.then_some(RECEIVED_TIMEOUT_MS),
+                    body: f.body(),
+                    metadata: f.metadata.take(),
+                    capabilities: f.capabilities(),
                 }),
             )))
         }
-        Some("response") => {
-            let (_, _, context) = st.awaited.remove(&id?)?;
-            st.last_blob = blob;
+        "response" => {
+            let (_, _, context) = st.awaited.remove(&f.id?)?;
+            st.keep_blob(blob);
             Some(Ok((
-                f["source"].as_str().unwrap_or_default().to_string(),
+                std::mem::take(&mut f.source),
                 wit::Message::Response((
                     wit::Response {
                         inherit: false,
-                        body: body_of(&f),
-                        metadata: f["metadata"].as_str().map(str::to_string),
-                        capabilities: caps_of(&f["capabilities"]),
+                        body: f.body(),
+                        metadata: f.metadata.take(),
+                        capabilities: f.capabilities(),
                     },
                     context,
                 )),
             )))
         }
-        Some("error") => {
-            let Some((target, request, context)) = id.and_then(|id| st.awaited.remove(&id)) else {
+        "error" => {
+            let Some((target, request, context)) = f.id.and_then(|id| st.awaited.remove(&id))
+            else {
                 eprintln!(
                     "spindle refused a message: {}",
-                    f["message"].as_str().unwrap_or("?")
+                    f.message.as_deref().unwrap_or("?")
                 );
                 return None;
             };
             Some(Err(wit::SendError {
-                kind: kind_of(f["kind"].as_str().unwrap_or_default()),
+                kind: kind_of(f.error_kind.as_deref().unwrap_or_default()),
                 target,
                 message: wit::Message::Request(request),
                 context,
             }))
         }
-        Some("stopping") => Some(Ok((
+        "stopping" => Some(Ok((
             KERNEL.to_string(),
             wit::Message::Request(wit::Request {
                 inherit: false,
@@ -343,20 +486,20 @@ fn send(
     blob: Option<&wit::Blob>,
 ) -> Result<Option<u64>, wit::SendError> {
     called_in();
-    let mut frame = json!({"type": "request", "target": target});
     let meta = request.metadata.as_deref();
-    put_message(&mut frame, &request.body, meta, &request.capabilities);
+    let mut frame = Out::new("request", &request.body, meta, &request.capabilities, blob);
+    frame.target = Some(target);
     if request.inherit {
         let mut st = state();
         if let Some(parent) = st.handling {
-            frame["inherit"] = parent.into();
+            frame.inherit = Some(Inherit::From(parent));
             // Without a response of its own, the route passes on.
             if request.expects_response.is_none() {
                 st.handling = None;
             }
         }
     }
-    let id = request.expects_response.map(|timeout| {
+    let id = request.expects_response.map(|_| {
         let mut st = state();
         st.next_id += 1;
         let id = st.next_id;
@@ -368,11 +511,11 @@ fn send(
                 context.map(<[u8]>::to_vec),
             ),
         );
-        frame["id"] = id.into();
-        frame["timeout_ms"] = timeout.into();
         id
     });
-    write_frame_with(&frame, blob).map_err(|e| wit::SendError {
+    frame.id = id;
+    frame.timeout_ms = request.expects_response;
+    write_line(&frame.line(), blob).map_err(|e| wit::SendError {
         kind: wit::SendErrorKind::Offline,
         target: format!("{target} (the node's channel failed: {e})"),
         message: wit::Message::Request(request.clone()),
@@ -406,22 +549,24 @@ pub fn send_and_await_response(
     }
 }
 
+fn read_frame() -> Frame {
+    read_frame_spinning(false)
+}
+
 /// Reads frames until one of `types` with our `id`; others wait in
 /// `deferred` for `receive`.
 fn read_until(id: u64, types: &[&str]) -> Frame {
     loop {
-        let f = read_frame();
-        let t = f.0["type"].as_str().unwrap_or_default();
-        if f.0["id"].as_u64() == Some(id) && types.contains(&t) {
+        let f = read_frame_spinning(true);
+        if f.0.id == Some(id) && types.contains(&f.0.kind.as_str()) {
             return f;
         }
         state().deferred.push_back(f);
     }
 }
 
-/// A call to the node (`frame` without its `id`): the reply's fields, or
-/// why it failed.
-fn call(mut frame: Value) -> Result<Value, String> {
+/// A call to the node (`frame` without its `id`): the reply, or why it failed.
+fn call(mut frame: Value) -> Result<In, String> {
     called_in();
     let id = {
         let mut st = state();
@@ -430,9 +575,9 @@ fn call(mut frame: Value) -> Result<Value, String> {
     };
     frame["id"] = id.into();
     write_frame(&frame).map_err(|e| format!("the node's channel failed: {e}"))?;
-    let (reply, _) = read_until(id, &["reply"]);
-    match reply["error"].as_str() {
-        Some(why) => Err(why.to_string()),
+    let (mut reply, _) = read_until(id, &["reply"]);
+    match reply.error.take() {
+        Some(why) => Err(why),
         None => Ok(reply),
     }
 }
@@ -447,13 +592,19 @@ pub fn send_response(
     let Some(id) = handling else {
         return Ok(());
     };
-    let mut frame = json!({"type": "response", "id": id});
     let meta = response.metadata.as_deref();
-    put_message(&mut frame, &response.body, meta, &response.capabilities);
+    let mut frame = Out::new(
+        "response",
+        &response.body,
+        meta,
+        &response.capabilities,
+        blob,
+    );
+    frame.id = Some(id);
     if response.inherit {
-        frame["inherit"] = Value::Bool(true);
+        frame.inherit = Some(Inherit::Blob(true));
     }
-    write_frame_with(&frame, blob).map_err(|e| wit::SendError {
+    write_line(&frame.line(), blob).map_err(|e| wit::SendError {
         kind: wit::SendErrorKind::Offline,
         target: format!("the node's channel failed: {e}"),
         message: wit::Message::Response((response.clone(), None)),
@@ -548,12 +699,12 @@ pub fn spawn(
         "capabilities": caps_json(caps),
         "grant_to": grant_to,
     }))?;
-    Ok(reply["address"].as_str().unwrap_or_default().to_string())
+    Ok(reply.address.unwrap_or_default())
 }
 
 pub fn our_capabilities() -> Vec<wit::Capability> {
     call(json!({"type": "capabilities"}))
-        .map(|r| caps_of(&r["capabilities"]))
+        .map(|mut r| r.capabilities())
         .unwrap_or_default()
 }
 
