@@ -2,6 +2,8 @@
 //! one) driving real helper programs (`spindle-testbin`), and prints a table
 //! of figures against the targets. Build everything first:
 //! `cargo build --release --workspace --bins && target/release/spindle-bench`.
+//! `--wasm`: only the wasm processes and native processes on the bus
+//! (in-process, on the daemon's own driver and bus); `--ipc`: only the latter.
 //!
 //! Each scenario gets a fresh node in a temporary home. Waits poll the
 //! daemon with deadlines; times are wall-clock, CPU is the daemon's own
