@@ -3,7 +3,7 @@
 // opens for process.send). No dependencies.
 //
 //   const spindle = require('spindle-client');
-//   spindle.onRequest(async (msg) => ({ hello: msg.body }));
+//   spindle.onRequest(async (msg) => ({ hello: msg.body }));   // or respond(msg, …)
 //   const reply = await spindle.request('local@db:shop:acme', { get: 1 }, { timeout: 2000 });
 //   spindle.onStopping(async () => { await flush(); });
 //
@@ -92,6 +92,16 @@ function reply(body, options) {
   return new Reply(body, options);
 }
 
+const answered = new WeakSet();
+
+/** Answers the request `msg` now (from a handler, or later from anywhere);
+ *  the handler's own return value is then not sent. */
+function respond(msg, body, { capabilities, metadata } = {}) {
+  if (answered.has(msg) || !msg.expectsResponse) return;
+  answered.add(msg);
+  send(withBody({ type: 'response', id: msg.id, capabilities, metadata }, body));
+}
+
 function call(frame) {
   const id = nextId++;
   return new Promise((resolve, reject) => {
@@ -127,7 +137,8 @@ async function spawn(wasm, { name, public: isPublic = false, onExit = 'none', ca
 
 /** `handler(msg)` answers requests: `msg` is `{ id, source, body,
  *  metadata, capabilities, expectsResponse }` (a body that is not JSON is a
- *  Buffer); what it returns (or resolves to) is the response. */
+ *  Buffer); what it returns (or resolves to) is the response, unless it
+ *  called `respond(msg, …)` itself. */
 function onRequest(handler) {
   requestHandler = handler;
 }
@@ -139,25 +150,22 @@ function onStopping(handler) {
 }
 
 async function answer(m) {
+  const msg = {
+    id: m.id,
+    source: m.source,
+    body: bodyOf(m),
+    metadata: m.metadata,
+    capabilities: m.capabilities || [],
+    expectsResponse: !!m.expects_response,
+  };
   let body;
   try {
-    body = requestHandler ? await requestHandler({
-      id: m.id,
-      source: m.source,
-      body: bodyOf(m),
-      metadata: m.metadata,
-      capabilities: m.capabilities || [],
-      expectsResponse: !!m.expects_response,
-    }) : undefined;
+    body = requestHandler ? await requestHandler(msg) : undefined;
   } catch (e) {
     body = { error: String(e && e.message || e) };
   }
-  if (m.expects_response) {
-    const r = body instanceof Reply ? body : new Reply(body);
-    send(withBody({
-      type: 'response', id: m.id, capabilities: r.capabilities, metadata: r.metadata,
-    }, r.body));
-  }
+  const r = body instanceof Reply ? body : new Reply(body);
+  respond(msg, r.body === undefined ? null : r.body, r);
 }
 
 process.on('message', (m) => {
@@ -211,6 +219,6 @@ if (period > 0) {
 }
 
 module.exports = {
-  address, request, tell, onRequest, onStopping, SendError, reply, Reply, messaging,
+  address, request, tell, respond, onRequest, onStopping, SendError, reply, Reply, messaging,
   capabilities, saveCapabilities, dropCapabilities, spawn,
 };

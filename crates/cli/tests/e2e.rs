@@ -859,6 +859,10 @@ fn client_libraries_for_node_and_python() {
         send_json(&n, &ac, &spawn),
         serde_json::json!({"child": "local@aiokid:t:spindle", "got": "hello child"})
     );
+    assert_eq!(
+        send_json(&n, &nc, r#""early""#),
+        serde_json::json!("answered early")
+    );
     // Failures come back as their kind, not as a timeout.
     let got = send_json(&n, &nc, r#"{"missing":"local@ghost:t:spindle"}"#);
     assert_eq!(got, serde_json::json!({"kind": "offline"}));
