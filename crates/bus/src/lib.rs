@@ -9,7 +9,9 @@
 //! up to [`MAILBOX_WAIT`], then fail with `MailboxFull`; [`Bus::send_now`]
 //! fails at once, for senders that wait themselves ([`Bus::wait_for_room`]).
 //! Either way backpressure slows the sender without blocking anyone else,
-//! and no queue is unbounded.
+//! and no queue is unbounded. A [`Service`] of the node's own (a runtime
+//! module such as `kv`) sits behind an endpoint instead of a mailbox: the
+//! sender's task hands it the message directly, after the same checks.
 //!
 //! Capabilities (`{issuer, params}`) are held per process id and outlive a
 //! process's runs, so a restart keeps what it held and what it granted. The
@@ -53,6 +55,29 @@ pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
 /// The `params` of a messaging capability.
 pub const MESSAGING: &str = "\"messaging\"";
 
+/// Something in the node itself that takes messages (a runtime module such
+/// as `kv`): called on the sender's own task, after the bus's checks, with
+/// each message for it. It answers at once (a cached read) or hands the
+/// message to a thread of its own and answers later; it never blocks.
+pub trait Service: Send + Sync + 'static {
+    fn handle(&self, env: Envelope);
+}
+
+/// Where an endpoint's messages go.
+enum Inbox {
+    Mailbox(mpsc::Sender<Box<Envelope>>),
+    Service(Arc<dyn Service>),
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Inbox::Mailbox(_) => "mailbox",
+            Inbox::Service(_) => "service",
+        })
+    }
+}
+
 /// A registered process's public face. A sender may keep one (from
 /// [`Bus::endpoint`]) to send to the same target again without a lookup; it
 /// stops working, with `Offline`, once the target is off the bus.
@@ -60,7 +85,7 @@ pub const MESSAGING: &str = "\"messaging\"";
 pub struct Endpoint {
     pub address: Address,
     pub public: bool,
-    tx: mpsc::Sender<Box<Envelope>>,
+    inbox: Inbox,
     /// Cleared when the process leaves the bus (its mailbox may still be
     /// draining, but nothing new may enter it).
     on_bus: std::sync::atomic::AtomicBool,
@@ -198,11 +223,34 @@ impl Bus {
             Arc::new(Endpoint {
                 address,
                 public,
-                tx,
+                inbox: Inbox::Mailbox(tx),
                 on_bus: std::sync::atomic::AtomicBool::new(true),
             }),
         );
         Ok(Mailbox(rx))
+    }
+
+    /// Puts a service of the node's own on the bus at `address`.
+    pub fn register_service(
+        &self,
+        address: Address,
+        public: bool,
+        service: Arc<dyn Service>,
+    ) -> Result<(), BusError> {
+        let mut eps = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
+        if eps.contains_key(&address.process) {
+            return Err(BusError::AddressTaken(address));
+        }
+        eps.insert(
+            address.process.clone(),
+            Arc::new(Endpoint {
+                address,
+                public,
+                inbox: Inbox::Service(service),
+                on_bus: std::sync::atomic::AtomicBool::new(true),
+            }),
+        );
+        Ok(())
     }
 
     /// Takes a process off the bus (its run ended). Messages to it now fail `Offline`.
@@ -358,10 +406,13 @@ impl Bus {
         let Some(ep) = self.lookup(target) else {
             return false;
         };
+        let Inbox::Mailbox(tx) = &ep.inbox else {
+            return true;
+        };
         // A permit reserves a slot; dropping it gives the slot back, so this
         // only learns that there is room.
         matches!(
-            tokio::time::timeout(MAILBOX_WAIT, ep.tx.reserve()).await,
+            tokio::time::timeout(MAILBOX_WAIT, tx.reserve()).await,
             Ok(Ok(_))
         )
     }
@@ -395,12 +446,19 @@ impl Bus {
                 return Err(Refused::Now(SendErrorKind::NoCapability, env));
             }
         }
-        match target.tx.try_send(env) {
+        let tx = match &target.inbox {
+            Inbox::Mailbox(tx) => tx,
+            Inbox::Service(s) => {
+                s.handle(*env);
+                return Ok(());
+            }
+        };
+        match tx.try_send(env) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(env)) => {
                 Err(Refused::Now(SendErrorKind::Offline, env))
             }
-            Err(mpsc::error::TrySendError::Full(env)) => Err(Refused::Full(target.tx.clone(), env)),
+            Err(mpsc::error::TrySendError::Full(env)) => Err(Refused::Full(tx.clone(), env)),
         }
     }
 }

@@ -67,8 +67,29 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: DaemonCmd,
     },
+    /// Inspect the kv and sqlite modules' databases (read-only; the daemon may run)
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
     /// Boot a throw-away node with example processes and show what it does
     Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCmd {
+    /// List the databases: module, package, name, size
+    Ls,
+    /// Print a database: kv pairs one per line, or sqlite as SQL
+    Dump {
+        /// The owning package, package:publisher
+        package: String,
+        /// The database's name
+        db: String,
+        /// Which module's database, when both have one of that name
+        #[arg(long, value_parser = ["kv", "sqlite"])]
+        module: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

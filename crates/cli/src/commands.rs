@@ -1,6 +1,6 @@
 //! What each command does: build requests, talk to the daemon, print.
 
-use crate::cli::{Cli, Cmd, DaemonCmd, StartArgs, Targets};
+use crate::cli::{Cli, Cmd, DaemonCmd, DbCmd, StartArgs, Targets};
 use spindle_client::{Client, ClientError, default_home};
 use spindle_types::control::{LogStream, Response, StateLabel};
 use spindle_types::manifest::{DelayValue, RawProcess, parse_manifest};
@@ -63,6 +63,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Err(e) => Err(e.into()),
         },
         Cmd::Demo => crate::demo::run(),
+        Cmd::Db { cmd } => db(&home, cmd),
         cmd => {
             let mut client = connect(&home)?;
             match cmd {
@@ -117,7 +118,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{reply}");
                     Ok(())
                 }
-                Cmd::Daemon { .. } | Cmd::Demo => unreachable!("handled above"),
+                Cmd::Daemon { .. } | Cmd::Demo | Cmd::Db { .. } => unreachable!("handled above"),
             }
         }
     }
@@ -359,4 +360,55 @@ fn has_process_flags(a: &StartArgs) -> bool {
         || a.max_memory.is_some()
         || a.log_max_size.is_some()
         || a.log_keep.is_some()
+}
+
+/// `spindle db`: reads the files directly (SQLite readers never block the
+/// daemon's writers), so it works whether or not the daemon runs.
+fn db(home: &Path, cmd: DbCmd) -> Result<(), Failure> {
+    use spindle_db::store::Kind;
+    let dir = home.join("db");
+    match cmd {
+        DbCmd::Ls => {
+            let all = spindle_db::list(&dir);
+            if all.is_empty() {
+                println!("no databases (home {})", home.display());
+            }
+            for (kind, package, name, size) in all {
+                println!(
+                    "{:<7} {:<24} {:<24} {}",
+                    kind.dir(),
+                    package,
+                    name,
+                    spindle_types::units::format_size(size)
+                );
+            }
+            Ok(())
+        }
+        DbCmd::Dump {
+            package,
+            db,
+            module,
+        } => {
+            let has = |k: Kind| {
+                spindle_db::list(&dir)
+                    .iter()
+                    .any(|(kind, p, n, _)| *kind == k && p == &package && n == &db)
+            };
+            let kind = match module.as_deref() {
+                Some("kv") => Kind::Kv,
+                Some(_) => Kind::Sql,
+                None if has(Kind::Kv) && has(Kind::Sql) => {
+                    return Err(format!(
+                        "both kv and sqlite have a database {db} of {package}: say which with --module"
+                    )
+                    .into());
+                }
+                None if has(Kind::Sql) => Kind::Sql,
+                None => Kind::Kv,
+            };
+            let mut out = std::io::stdout().lock();
+            spindle_db::dump(&dir, kind, &package, &db, &mut out)?;
+            Ok(())
+        }
+    }
 }

@@ -43,6 +43,8 @@ pub struct Paths {
     pub capabilities: PathBuf,
     pub logs: PathBuf,
     pub daemon_log: PathBuf,
+    /// The `kv` and `sqlite` modules' databases (see `spindle_db`).
+    pub db: PathBuf,
 }
 
 impl Paths {
@@ -55,6 +57,7 @@ impl Paths {
             capabilities: home.join("capabilities.json"),
             logs: home.join("logs"),
             daemon_log: home.join("daemon.log"),
+            db: home.join("db"),
         }
     }
 }

@@ -1,0 +1,375 @@
+//! The `kv` module: get, set, delete, scan by prefix, transactions.
+//!
+//! Keys are text (`key`) or bytes (`key_base64`). A value travels as the
+//! message's blob (`set` takes it from the request's, `get` answers with
+//! it); `value` in the body is accepted instead, and `"text": true` asks for
+//! it back in the body, for senders without blobs (the operator's
+//! `spindle send`). `scan` answers with one blob of its pairs, each
+//! `[key length: u32 LE][key][value length: u32 LE][value]`.
+
+use crate::access::Access;
+use crate::store::{Database, KvOp};
+use crate::{Module, Refusal, Reply, Req};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use spindle_bus::{Blob, Bus};
+use spindle_types::{Address, ProcessId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Pairs one `scan` answers with, at most (and by default).
+pub const MAX_SCAN: usize = 10_000;
+/// Open transactions on the node; a process that leaves them open runs
+/// out, not the node's memory.
+pub const MAX_OPEN_TX: usize = 4096;
+/// Bytes one transaction may hold before its commit.
+pub const MAX_TX_BYTES: usize = 64 << 20;
+
+struct Tx {
+    owner: ProcessId,
+    db: Arc<Database>,
+    ops: Vec<KvOp>,
+    bytes: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct Transactions {
+    open: HashMap<u64, Tx>,
+    next: u64,
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+fn bytes_of(
+    text: &Option<String>,
+    b64_text: &Option<String>,
+    what: &str,
+) -> Result<Option<Vec<u8>>, Refusal> {
+    match (text, b64_text) {
+        (Some(t), None) => Ok(Some(t.clone().into_bytes())),
+        (None, Some(b)) => b64()
+            .decode(b)
+            .map(Some)
+            .map_err(|e| Refusal::bad(format!("`{what}_base64`: {e}"))),
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(Refusal::bad(format!(
+            "give `{what}` or `{what}_base64`, not both"
+        ))),
+    }
+}
+
+fn key_of(req: &Req) -> Result<Vec<u8>, Refusal> {
+    bytes_of(&req.key, &req.key_base64, "key")?
+        .ok_or_else(|| Refusal::bad("name the key: `key` or `key_base64`"))
+}
+
+/// The first key after every key starting with `prefix`, if there is one.
+pub fn after_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Appends one pair in the scan encoding.
+pub fn encode_pair(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
+    out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+    out.extend_from_slice(k);
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    out.extend_from_slice(v);
+}
+
+/// A value answered in the body or the blob.
+fn found(value: Option<Arc<[u8]>>, text: bool) -> (Value, Option<Vec<u8>>) {
+    match value {
+        None => (json!({"found": false}), None),
+        Some(v) if text => match std::str::from_utf8(&v) {
+            Ok(t) => (json!({"found": true, "value": t}), None),
+            Err(_) => (
+                json!({"found": true, "value_base64": b64().encode(&v)}),
+                None,
+            ),
+        },
+        Some(v) => (json!({"found": true}), Some(v.to_vec())),
+    }
+}
+
+impl Module {
+    pub(crate) fn kv(
+        &self,
+        bus: &Arc<Bus>,
+        source: &Address,
+        req: Req,
+        blob: Option<Arc<Blob>>,
+        reply: Reply,
+    ) {
+        if let Err(e) = self.kv_op(bus, source, req, blob, reply) {
+            // `kv_op` answers itself when it succeeds or hands the reply on.
+            e.0.refuse(e.1);
+        }
+    }
+
+    fn kv_op(
+        &self,
+        bus: &Arc<Bus>,
+        source: &Address,
+        req: Req,
+        blob: Option<Arc<Blob>>,
+        reply: Reply,
+    ) -> Result<(), (Reply, Refusal)> {
+        macro_rules! tri {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => return Err((reply, e)),
+                }
+            };
+        }
+        // Transactions name no database: theirs is known.
+        match req.op.as_str() {
+            "commit" | "rollback" => {
+                let id = tri!(
+                    req.tx
+                        .ok_or_else(|| Refusal::bad("name the transaction: `tx`"))
+                );
+                let tx = {
+                    let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
+                    match txs.open.get(&id) {
+                        Some(t) if t.owner == source.process => txs.open.remove(&id),
+                        _ => None,
+                    }
+                };
+                let tx = tri!(tx.ok_or_else(|| Refusal {
+                    kind: "no-such-tx",
+                    message: format!("no open transaction {id} of this process (committed, rolled back, or never begun)"),
+                }));
+                if req.op == "rollback" || tx.ops.is_empty() {
+                    reply.ok(json!({"ok": true}), None);
+                } else {
+                    tx.db.write_kv(
+                        tx.ops,
+                        Box::new(move |r| {
+                            reply.answer(
+                                r.map(|()| (json!({"ok": true}), None))
+                                    .map_err(Refusal::from),
+                            )
+                        }),
+                    );
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        let t = tri!(self.target(source, &req));
+        let need = match req.op.as_str() {
+            "get" | "scan" | "open" => Access::Read,
+            _ => Access::Write,
+        };
+        tri!(self.check(bus, source, &t, need));
+        let owner = source.process.package == t.package || source.process.package.is_system();
+        let create = owner && matches!(req.op.as_str(), "open" | "set" | "delete" | "begin");
+        let db = tri!(self.database(&t, create));
+        match req.op.as_str() {
+            "open" => reply.ok(json!({"ok": true}), None),
+            "get" => {
+                let key = tri!(key_of(&req));
+                let text = req.text;
+                match db.cached(&key) {
+                    Some(v) => {
+                        let (body, blob) = found(v, text);
+                        reply.ok(body, blob);
+                    }
+                    None => db.get(
+                        key,
+                        Box::new(move |r| {
+                            reply.answer(r.map(|v| found(v, text)).map_err(Refusal::from))
+                        }),
+                    ),
+                }
+            }
+            "set" | "delete" => {
+                let key = tri!(key_of(&req));
+                let op = if req.op == "set" {
+                    let value: Arc<[u8]> = match (&req.value, &blob) {
+                        (Some(v), _) => v.as_bytes().into(),
+                        (None, Some(b)) => b.bytes.as_slice().into(),
+                        (None, None) => {
+                            return Err((
+                                reply,
+                                Refusal::bad("a set needs a value: the blob, or `value`"),
+                            ));
+                        }
+                    };
+                    KvOp::Set(key, value)
+                } else {
+                    KvOp::Delete(key)
+                };
+                match req.tx {
+                    Some(id) => {
+                        let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
+                        let tx = match txs.open.get_mut(&id) {
+                            Some(tx) if tx.owner == source.process && Arc::ptr_eq(&tx.db, &db) => {
+                                tx
+                            }
+                            _ => {
+                                drop(txs);
+                                return Err((
+                                    reply,
+                                    Refusal {
+                                        kind: "no-such-tx",
+                                        message: format!(
+                                            "no open transaction {id} of this process on database {}",
+                                            t.name
+                                        ),
+                                    },
+                                ));
+                            }
+                        };
+                        let size = match &op {
+                            KvOp::Set(k, v) => k.len() + v.len(),
+                            KvOp::Delete(k) => k.len(),
+                        };
+                        if tx.bytes + size > MAX_TX_BYTES {
+                            drop(txs);
+                            return Err((
+                                reply,
+                                Refusal::bad(format!(
+                                    "transaction {id} would hold over {} MiB: commit in smaller transactions",
+                                    MAX_TX_BYTES >> 20
+                                )),
+                            ));
+                        }
+                        tx.bytes += size;
+                        tx.ops.push(op);
+                        drop(txs);
+                        reply.ok(json!({"ok": true}), None);
+                    }
+                    None => db.write_kv(
+                        vec![op],
+                        Box::new(move |r| {
+                            reply.answer(
+                                r.map(|()| (json!({"ok": true}), None))
+                                    .map_err(Refusal::from),
+                            )
+                        }),
+                    ),
+                }
+            }
+            "begin" => {
+                let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
+                if txs.open.len() >= MAX_OPEN_TX {
+                    drop(txs);
+                    return Err((
+                        reply,
+                        Refusal::bad(format!(
+                            "{MAX_OPEN_TX} transactions are open on this node: commit or roll back some"
+                        )),
+                    ));
+                }
+                txs.next += 1;
+                let id = txs.next;
+                txs.open.insert(
+                    id,
+                    Tx {
+                        owner: source.process.clone(),
+                        db,
+                        ops: Vec::new(),
+                        bytes: 0,
+                    },
+                );
+                drop(txs);
+                reply.ok(json!({"tx": id}), None);
+            }
+            "scan" => {
+                let prefix =
+                    tri!(bytes_of(&req.prefix, &req.prefix_base64, "prefix")).unwrap_or_default();
+                let limit = req.limit.unwrap_or(MAX_SCAN).min(MAX_SCAN);
+                let path = db.path.clone();
+                db.read(Box::new(move |conn| {
+                    let run = || -> Result<(Value, Option<Vec<u8>>), Refusal> {
+                        let conn = conn.map_err(|e| Refusal::from(e.clone()))?;
+                        let end = after_prefix(&prefix);
+                        let mut stmt = conn
+                            .prepare_cached("SELECT k, v FROM kv WHERE k >= ?1 AND (?2 IS NULL OR k < ?2) ORDER BY k LIMIT ?3")
+                            .map_err(|e| Refusal::from(crate::store::DbError::Storage { path: path.clone(), why: e.to_string() }))?;
+                        let mut rows = stmt
+                            .query(rusqlite::params![prefix, end, (limit + 1) as i64])
+                            .map_err(|e| Refusal::from(crate::store::DbError::Storage { path: path.clone(), why: e.to_string() }))?;
+                        let mut out = Vec::new();
+                        let mut count = 0;
+                        let mut more = false;
+                        while let Some(r) = rows.next().map_err(|e| Refusal::from(crate::store::DbError::Storage { path: path.clone(), why: e.to_string() }))? {
+                            if count == limit {
+                                more = true;
+                                break;
+                            }
+                            let k: Vec<u8> = r.get(0).unwrap_or_default();
+                            let v: Vec<u8> = r.get(1).unwrap_or_default();
+                            encode_pair(&mut out, &k, &v);
+                            count += 1;
+                        }
+                        Ok((json!({"count": count, "more": more}), Some(out)))
+                    };
+                    reply.answer(run());
+                }));
+            }
+            other => {
+                return Err((
+                    reply,
+                    Refusal::bad(format!(
+                        "unknown kv op {other:?}: use open, get, set, delete, scan, begin, commit, rollback, grant, revoke"
+                    )),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line a pair: `key<TAB>value`, each a JSON string if it is text,
+/// else `base64:…`.
+pub(crate) fn dump(
+    conn: &rusqlite::Connection,
+    out: &mut dyn std::io::Write,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let show = |b: &[u8]| match std::str::from_utf8(b) {
+        Ok(t) => serde_json::to_string(t).expect("strings serialise"),
+        Err(_) => format!("base64:{}", b64().encode(b)),
+    };
+    let mut stmt = conn.prepare("SELECT k, v FROM kv ORDER BY k")?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let k: Vec<u8> = r.get(0)?;
+        let v: Vec<u8> = r.get(1)?;
+        writeln!(out, "{}\t{}", show(&k), show(&v))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn the_end_of_a_prefix() {
+        assert_eq!(after_prefix(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(after_prefix(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(after_prefix(b"\xff\xff"), None);
+        assert_eq!(after_prefix(b""), None);
+    }
+
+    proptest! {
+        #[test]
+        fn every_key_with_the_prefix_is_below_its_end_and_no_other(prefix in proptest::collection::vec(any::<u8>(), 0..4), key in proptest::collection::vec(any::<u8>(), 0..6)) {
+            let inside = key >= prefix && after_prefix(&prefix).is_none_or(|end| key < end);
+            prop_assert_eq!(inside, key.starts_with(&prefix));
+        }
+    }
+}

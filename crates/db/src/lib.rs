@@ -1,0 +1,434 @@
+//! # spindle-db: the runtime modules `kv` and `sqlite`
+//!
+//! Named databases for processes, reached by messages (as Kinode's runtime
+//! modules are): requests to `local@kv:sys:spindle` and
+//! `local@sqlite:sys:spindle`, each a [`Service`] on the bus, so a request
+//! is handled on the sender's own task with no hop through a central loop.
+//! A read the cache can answer is answered there and then; everything else
+//! goes to the database's own threads ([`store`]): one writer that commits
+//! every waiting write in one SQLite transaction (group commit), one reader.
+//!
+//! A database belongs to a package (`<home>/db/<kind>/<package>/<name>.sqlite`).
+//! Its package's processes and the node may do anything with it; any other
+//! process needs a capability the module issued on the owner's behalf
+//! (`grant`, [`access`]), checked here on every request.
+//!
+//! Durability: a write is acknowledged only after its transaction is
+//! committed with the WAL synced (`synchronous = FULL`), so it survives a
+//! kill -9 of the daemon or the process, and a power loss; a kv transaction
+//! is one SQLite transaction, all or nothing. A full disk, a read-only data
+//! directory or a corrupt file fails the request with its kind and a fix,
+//! and touches no other database.
+//!
+//! Requests are JSON bodies (`op`, `db`, …; see the README); values and
+//! binary results travel in the message's blob, never inside the JSON.
+
+pub mod access;
+mod kv;
+mod sql;
+pub mod store;
+
+use access::Access;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use spindle_bus::{Blob, Bus, Envelope, Message, Response, Service};
+use spindle_types::{Address, PackageId, ProcessId};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use store::{Database, DbError, Kind};
+
+/// The process names of the modules (package `sys:spindle`).
+pub const KV: &str = "kv";
+pub const SQLITE: &str = "sqlite";
+/// Longest database name: it is a file name.
+pub const MAX_NAME: usize = 64;
+
+/// Puts both modules on `bus`, their databases under `dir`.
+pub fn start(dir: &Path, bus: &Arc<Bus>) -> Result<(), spindle_bus::BusError> {
+    for (name, kind) in [(KV, Kind::Kv), (SQLITE, Kind::Sql)] {
+        let me = bus.address(ProcessId {
+            process: name.into(),
+            package: PackageId::system(),
+        });
+        let module = Arc::new(Module {
+            kind,
+            me: Arc::new(me.clone()),
+            dir: dir.join(kind.dir()),
+            bus: Arc::downgrade(bus),
+            dbs: Mutex::default(),
+            txs: Mutex::default(),
+        });
+        bus.register_service(me, true, module)?;
+    }
+    Ok(())
+}
+
+/// One module: `kv` or `sqlite`.
+pub(crate) struct Module {
+    kind: Kind,
+    me: Arc<Address>,
+    dir: PathBuf,
+    bus: Weak<Bus>,
+    dbs: Mutex<HashMap<(PackageId, String), Arc<Database>>>,
+    txs: Mutex<kv::Transactions>,
+}
+
+/// A request's fields (each op reads the ones it needs).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(crate) struct Req {
+    pub op: String,
+    pub db: Option<String>,
+    pub package: Option<String>,
+    pub key: Option<String>,
+    pub key_base64: Option<String>,
+    pub value: Option<String>,
+    pub prefix: Option<String>,
+    pub prefix_base64: Option<String>,
+    pub limit: Option<usize>,
+    pub tx: Option<u64>,
+    pub to: Option<String>,
+    pub access: Option<String>,
+    /// Return a kv value in the body (`value`) rather than the blob.
+    pub text: bool,
+    pub sql: Option<String>,
+    pub params: Vec<Value>,
+}
+
+/// A failed request, as its caller hears it: `{"error": kind, "message": …}`.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    kind: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    pub fn bad(message: impl Into<String>) -> Refusal {
+        Refusal {
+            kind: "bad-request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DbError> for Refusal {
+    fn from(e: DbError) -> Refusal {
+        Refusal {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Where and how to answer one request (from any thread).
+pub(crate) struct Reply {
+    bus: Weak<Bus>,
+    me: Arc<Address>,
+    id: u64,
+    rsvp: Option<Arc<Address>>,
+}
+
+impl Reply {
+    pub fn ok(self, body: Value, blob: Option<Vec<u8>>) {
+        let (Some(bus), Some(rsvp)) = (self.bus.upgrade(), self.rsvp) else {
+            return;
+        };
+        let env = Envelope {
+            id: self.id,
+            source: self.me,
+            target: rsvp,
+            rsvp: None,
+            message: Message::Response(
+                Response {
+                    inherit: false,
+                    body: serde_json::to_vec(&body).expect("bodies serialise"),
+                    metadata: None,
+                    capabilities: vec![],
+                },
+                None,
+            ),
+            blob: blob.map(|bytes| Arc::new(Blob { mime: None, bytes })),
+        };
+        // A requester that is gone or swamped just does not hear back.
+        let _ = bus.send_now(env, true);
+    }
+
+    pub fn refuse(self, r: Refusal) {
+        self.ok(json!({"error": r.kind, "message": r.message}), None);
+    }
+
+    pub fn answer(self, r: Result<(Value, Option<Vec<u8>>), Refusal>) {
+        match r {
+            Ok((body, blob)) => self.ok(body, blob),
+            Err(e) => self.refuse(e),
+        }
+    }
+}
+
+/// The database a request names, and whose it is.
+pub(crate) struct Target {
+    pub package: PackageId,
+    pub name: String,
+}
+
+impl Module {
+    fn reply_to(&self, env: &Envelope) -> Reply {
+        Reply {
+            bus: self.bus.clone(),
+            me: self.me.clone(),
+            id: env.id,
+            rsvp: env.rsvp.clone(),
+        }
+    }
+
+    /// The database `req` names: its own package's unless `package` says.
+    pub fn target(&self, source: &Address, req: &Req) -> Result<Target, Refusal> {
+        let name = req
+            .db
+            .clone()
+            .ok_or_else(|| Refusal::bad("name the database: `db`"))?;
+        check_name(&name)?;
+        let package = match &req.package {
+            None => source.process.package.clone(),
+            Some(p) => p
+                .parse()
+                .map_err(|e| Refusal::bad(format!("`package` {p:?}: {e}")))?,
+        };
+        Ok(Target { package, name })
+    }
+
+    /// Checks `source` may `need` the target, refusing with `no-access`.
+    pub fn check(
+        &self,
+        bus: &Bus,
+        source: &Address,
+        t: &Target,
+        need: Access,
+    ) -> Result<(), Refusal> {
+        if access::allowed(bus, &self.me, source, &t.package, &t.name, need) {
+            return Ok(());
+        }
+        Err(Refusal {
+            kind: "no-access",
+            message: format!(
+                "{source} may not {} {} database {} of {}: its package can grant it (`grant`)",
+                need.name(),
+                self.kind.dir(),
+                t.name,
+                t.package
+            ),
+        })
+    }
+
+    pub fn path(&self, t: &Target) -> PathBuf {
+        self.dir
+            .join(t.package.to_string())
+            .join(format!("{}.sqlite", t.name))
+    }
+
+    /// The open database (opened now if need be; created only if `create`).
+    pub fn database(&self, t: &Target, create: bool) -> Result<Arc<Database>, Refusal> {
+        let key = (t.package.clone(), t.name.clone());
+        let mut dbs = self.dbs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = dbs.get(&key) {
+            return Ok(db.clone());
+        }
+        let db = Database::open(self.kind, &self.path(t), create).map_err(|e| match e {
+            DbError::NoSuchDb(_) => {
+                Refusal::from(DbError::NoSuchDb(format!("{} of {}", t.name, t.package)))
+            }
+            e => {
+                tracing::warn!(
+                    "{} database {} of {}: {e}",
+                    self.kind.dir(),
+                    t.name,
+                    t.package
+                );
+                Refusal::from(e)
+            }
+        })?;
+        dbs.insert(key, db.clone());
+        Ok(db)
+    }
+
+    /// `grant` / `revoke`: the owner hands out (or takes back) a right to
+    /// its database; answered once the change is on disk.
+    fn grant(&self, bus: &Arc<Bus>, source: &Address, req: &Req, reply: Reply) {
+        let run = || -> Result<(ProcessId, spindle_bus::Capability), Refusal> {
+            let t = self.target(source, req)?;
+            let own = &source.process.package;
+            if own != &t.package && !own.is_system() {
+                return Err(Refusal {
+                    kind: "no-access",
+                    message: format!(
+                        "only package {} (or the node) may grant access to its database {}",
+                        t.package, t.name
+                    ),
+                });
+            }
+            let to: Address = req
+                .to
+                .as_deref()
+                .ok_or_else(|| Refusal::bad("name the grantee: `to`"))?
+                .parse()
+                .map_err(|e| Refusal::bad(format!("`to`: {e}")))?;
+            let a = req.access.as_deref().unwrap_or("read");
+            let need = Access::parse(a).ok_or_else(|| {
+                Refusal::bad(format!("`access` {a:?}: give \"read\" or \"write\""))
+            })?;
+            Ok((
+                to.process,
+                access::capability(&self.me, &t.package, &t.name, need),
+            ))
+        };
+        match run() {
+            Err(e) => reply.refuse(e),
+            Ok((to, cap)) => {
+                if req.op == "grant" {
+                    bus.grant(&to, [cap]);
+                } else {
+                    bus.revoke(&to, &[cap]);
+                }
+                let bus = bus.clone();
+                let finish = async move {
+                    match bus.persisted().await {
+                        Ok(()) => reply.ok(json!({"ok": true}), None),
+                        Err(why) => reply.refuse(Refusal {
+                            kind: "storage",
+                            message: format!("in effect, but not saved to disk: {why}"),
+                        }),
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        h.spawn(finish);
+                    }
+                    Err(_) => reply_now(finish),
+                }
+            }
+        }
+    }
+}
+
+/// Runs a short future to completion off any runtime (tests without one).
+fn reply_now(f: impl std::future::Future<Output = ()>) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(f);
+}
+
+impl Service for Module {
+    fn handle(&self, env: Envelope) {
+        let reply = self.reply_to(&env);
+        let Message::Request(r) = &env.message else {
+            return;
+        };
+        let Some(bus) = self.bus.upgrade() else {
+            return;
+        };
+        let req: Req = match serde_json::from_slice(&r.body) {
+            Ok(q) => q,
+            Err(e) => {
+                return reply.refuse(Refusal::bad(format!(
+                    "the body is not a request ({e}): send JSON like {{\"op\":\"get\",\"db\":\"…\",\"key\":\"…\"}}"
+                )));
+            }
+        };
+        if req.op == "grant" || req.op == "revoke" {
+            return self.grant(&bus, &env.source, &req, reply);
+        }
+        let blob = env.blob.clone();
+        match self.kind {
+            Kind::Kv => self.kv(&bus, &env.source, req, blob, reply),
+            Kind::Sql => self.sql(&bus, &env.source, req, blob, reply),
+        }
+    }
+}
+
+/// Database names are file names: lower-case letters, digits, `-`, `_`.
+pub(crate) fn check_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal::bad(format!(
+            "database name {name:?}: use 1–{MAX_NAME} of a-z, 0-9, '-', '_'"
+        )))
+    }
+}
+
+/// The databases under `dir` (`<home>/db`): kind, package, name, bytes.
+pub fn list(dir: &Path) -> Vec<(Kind, String, String, u64)> {
+    let mut out = Vec::new();
+    for kind in [Kind::Kv, Kind::Sql] {
+        let Ok(packages) = std::fs::read_dir(dir.join(kind.dir())) else {
+            continue;
+        };
+        for p in packages.flatten() {
+            let Ok(files) = std::fs::read_dir(p.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let Some(db) = name.strip_suffix(".sqlite") else {
+                    continue;
+                };
+                let size = ["", "-wal"]
+                    .iter()
+                    .filter_map(|s| std::fs::metadata(format!("{}{s}", f.path().display())).ok())
+                    .map(|m| m.len())
+                    .sum();
+                out.push((
+                    kind,
+                    p.file_name().to_string_lossy().into_owned(),
+                    db.to_string(),
+                    size,
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.0.dir(), &a.1, &a.2).cmp(&(b.0.dir(), &b.1, &b.2)));
+    out
+}
+
+/// Writes a readable copy of a database to `out`: kv pairs one per line
+/// (text as JSON strings, other bytes as `base64:`), or SQL (schema and
+/// rows as INSERTs). Reads a consistent snapshot; the daemon may run.
+pub fn dump(
+    dir: &Path,
+    kind: Kind,
+    package: &str,
+    name: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<(), String> {
+    let path = dir
+        .join(kind.dir())
+        .join(package)
+        .join(format!("{name}.sqlite"));
+    if !path.exists() {
+        return Err(format!(
+            "no {} database {name} of {package} (see `spindle db ls`)",
+            kind.dir()
+        ));
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    let fail = |e: rusqlite::Error| format!("{}: {e}", path.display());
+    let io = |e: std::io::Error| format!("writing the dump: {e}");
+    conn.execute_batch("BEGIN").map_err(fail)?;
+    match kind {
+        Kind::Kv => kv::dump(&conn, out).map_err(|e| e.to_string()),
+        Kind::Sql => sql::dump(&conn, out).map_err(|e| e.to_string()),
+    }
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    out.flush().map_err(io)
+}

@@ -1,0 +1,494 @@
+//! One database: a SQLite file in WAL mode with `synchronous = FULL` (a
+//! commit is on disk before it returns), a writer thread that commits every
+//! write waiting for it in one transaction (group commit: one fsync for
+//! many writers), a reader thread for reads that miss the cache and for
+//! scans and queries, and for kv a cache of values by key.
+
+use rusqlite::{Connection, OpenFlags, params};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Writes one commit takes at most: a bound on how long one batch keeps
+/// later writers waiting.
+const MAX_BATCH: usize = 1024;
+/// Cached kv values per database; past this the cache starts afresh.
+const MAX_CACHE_BYTES: usize = 16 << 20;
+/// Values larger than this are read from the file each time.
+const MAX_CACHED_VALUE: usize = 256 << 10;
+/// How long a connection waits for a lock held by another connection
+/// (the CLI's read-only dump, say) before failing.
+const BUSY_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Kv,
+    Sql,
+}
+
+impl Kind {
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Kv => "kv",
+            Kind::Sql => "sqlite",
+        }
+    }
+}
+
+/// Why a database operation failed, as its caller hears it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    #[error("no database {0}: open it first (only its own package can create it)")]
+    NoSuchDb(String),
+    #[error(
+        "database file {0} is not a database (corrupt or overwritten): nothing was changed; restore it from a backup or move it aside to start afresh"
+    )]
+    Corrupt(PathBuf),
+    #[error("the disk holding {0} is full: nothing was written; free space and retry")]
+    DiskFull(PathBuf),
+    #[error("{0} is read-only: nothing was written; make the node's data directory writable")]
+    ReadOnly(PathBuf),
+    #[error("{path}: {why}")]
+    Storage { path: PathBuf, why: String },
+    /// The caller's own statement failed (SQL error, constraint): nothing of it applied.
+    #[error("{0}")]
+    Statement(String),
+}
+
+impl DbError {
+    /// The error's kind as the protocol names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DbError::NoSuchDb(_) => "no-such-db",
+            DbError::Corrupt(_) => "corrupt",
+            DbError::DiskFull(_) => "disk-full",
+            DbError::ReadOnly(_) => "read-only",
+            DbError::Storage { .. } => "storage",
+            DbError::Statement(_) => "statement",
+        }
+    }
+
+    fn of(path: &Path, e: rusqlite::Error) -> DbError {
+        use rusqlite::ErrorCode as C;
+        match e.sqlite_error_code() {
+            Some(C::NotADatabase | C::DatabaseCorrupt) => DbError::Corrupt(path.into()),
+            Some(C::DiskFull) => DbError::DiskFull(path.into()),
+            Some(C::ReadOnly | C::CannotOpen | C::PermissionDenied) if read_only(path) => {
+                DbError::ReadOnly(path.into())
+            }
+            _ => DbError::Storage {
+                path: path.into(),
+                why: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Whether `path`'s directory cannot be written.
+fn read_only(path: &Path) -> bool {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let probe = dir.join(".spindle-write-probe");
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// A kv change.
+#[derive(Debug, Clone)]
+pub enum KvOp {
+    Set(Vec<u8>, Arc<[u8]>),
+    Delete(Vec<u8>),
+}
+
+/// What a SQL write changed.
+#[derive(Debug, Clone, Copy)]
+pub struct Changed {
+    pub rows: u64,
+    pub last_insert_rowid: i64,
+}
+
+pub type Done<T> = Box<dyn FnOnce(Result<T, DbError>) + Send>;
+
+enum Write {
+    /// Applied together or not at all (a transaction is one of these).
+    Kv(Vec<KvOp>, Done<()>),
+    Sql(String, Vec<rusqlite::types::Value>, Done<Changed>),
+}
+
+type ReadJob = Box<dyn FnOnce(Result<&Connection, &DbError>) + Send>;
+
+#[derive(Default)]
+struct Cache {
+    values: HashMap<Vec<u8>, Option<Arc<[u8]>>>,
+    bytes: usize,
+    /// Bumped by every commit: a read that started before one may not
+    /// put what it read into the cache.
+    generation: u64,
+}
+
+impl Cache {
+    fn put(&mut self, key: Vec<u8>, value: Option<Arc<[u8]>>) {
+        let size = key.len() + value.as_ref().map_or(0, |v| v.len());
+        if value.as_ref().is_some_and(|v| v.len() > MAX_CACHED_VALUE) {
+            self.values.remove(&key);
+            return;
+        }
+        if self.bytes + size > MAX_CACHE_BYTES {
+            self.values.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.values.insert(key, value);
+    }
+}
+
+/// An open database.
+pub struct Database {
+    pub kind: Kind,
+    pub path: PathBuf,
+    writes: Mutex<mpsc::Sender<Write>>,
+    reads: Mutex<mpsc::Sender<ReadJob>>,
+    cache: RwLock<Cache>,
+}
+
+impl Database {
+    /// Opens (with `create`, creates) the database at `path`.
+    pub fn open(kind: Kind, path: &Path, create: bool) -> Result<Arc<Database>, DbError> {
+        if !create && !path.exists() {
+            return Err(DbError::NoSuchDb(path.display().to_string()));
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| match e.kind() {
+                std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied => {
+                    DbError::ReadOnly(path.into())
+                }
+                std::io::ErrorKind::StorageFull => DbError::DiskFull(path.into()),
+                _ => DbError::Storage {
+                    path: path.into(),
+                    why: e.to_string(),
+                },
+            })?;
+        }
+        let writer = open_writer(kind, path)?;
+        let (wtx, wrx) = mpsc::channel();
+        let (rtx, rrx) = mpsc::channel();
+        let db = Arc::new(Database {
+            kind,
+            path: path.into(),
+            writes: Mutex::new(wtx),
+            reads: Mutex::new(rtx),
+            cache: RwLock::default(),
+        });
+        let weak = Arc::downgrade(&db);
+        let name = format!("db-w {}", path.display());
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || write_loop(writer, wrx, weak))
+            .map_err(|e| DbError::Storage {
+                path: path.into(),
+                why: format!("no writer thread: {e}"),
+            })?;
+        let reader_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name(format!("db-r {}", path.display()))
+            .spawn(move || read_loop(&reader_path, rrx))
+            .map_err(|e| DbError::Storage {
+                path: path.into(),
+                why: format!("no reader thread: {e}"),
+            })?;
+        Ok(db)
+    }
+
+    /// A cached kv value: `Some(None)` is a key known to be absent.
+    pub fn cached(&self, key: &[u8]) -> Option<Option<Arc<[u8]>>> {
+        let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        c.values.get(key).cloned()
+    }
+
+    /// Reads `key` from the file (off the caller's thread) and caches it.
+    pub fn get(self: &Arc<Self>, key: Vec<u8>, done: Done<Option<Arc<[u8]>>>) {
+        let db = self.clone();
+        let generation = self.cache_generation();
+        self.read(Box::new(move |conn| {
+            let got = conn.map_err(Clone::clone).and_then(|c| {
+                c.prepare_cached("SELECT v FROM kv WHERE k = ?1")
+                    .and_then(|mut s| {
+                        let mut rows = s.query(params![key])?;
+                        match rows.next()? {
+                            Some(r) => Ok(Some(Arc::<[u8]>::from(r.get::<_, Vec<u8>>(0)?))),
+                            None => Ok(None),
+                        }
+                    })
+                    .map_err(|e| DbError::of(&db.path, e))
+            });
+            if let Ok(v) = &got {
+                let mut c = db.cache.write().unwrap_or_else(|p| p.into_inner());
+                if c.generation == generation {
+                    c.put(key, v.clone());
+                }
+            }
+            done(got)
+        }));
+    }
+
+    fn cache_generation(&self) -> u64 {
+        self.cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+    }
+
+    /// Runs `job` on the reader thread with its read-only connection.
+    pub fn read(&self, job: ReadJob) {
+        let sent = self
+            .reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job);
+        if let Err(mpsc::SendError(job)) = sent {
+            job(Err(&DbError::Storage {
+                path: self.path.clone(),
+                why: "its reader has stopped".into(),
+            }));
+        }
+    }
+
+    /// Applies `ops` atomically and durably; `done` hears when they are on disk.
+    pub fn write_kv(&self, ops: Vec<KvOp>, done: Done<()>) {
+        self.write(Write::Kv(ops, done));
+    }
+
+    pub fn write_sql(&self, sql: String, params: Vec<rusqlite::types::Value>, done: Done<Changed>) {
+        self.write(Write::Sql(sql, params, done));
+    }
+
+    fn write(&self, w: Write) {
+        let sent = self
+            .writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(w);
+        if let Err(mpsc::SendError(w)) = sent {
+            let e = DbError::Storage {
+                path: self.path.clone(),
+                why: "its writer has stopped".into(),
+            };
+            match w {
+                Write::Kv(_, done) => done(Err(e)),
+                Write::Sql(_, _, done) => done(Err(e)),
+            }
+        }
+    }
+}
+
+fn open_writer(kind: Kind, path: &Path) -> Result<Connection, DbError> {
+    let err = |e| DbError::of(path, e);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+        .map_err(err)?;
+    // WAL: readers never block the writer; FULL: the WAL is synced at every
+    // commit, so an acknowledged write survives a crash of the daemon, of
+    // the process, and of the machine.
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    if kind == Kind::Kv {
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
+        )
+        .map_err(err)?;
+    }
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> Result<Connection, DbError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| DbError::of(path, e))?;
+    conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+        .map_err(|e| DbError::of(path, e))?;
+    Ok(conn)
+}
+
+fn read_loop(path: &Path, jobs: mpsc::Receiver<ReadJob>) {
+    let conn = open_reader(path);
+    for job in jobs {
+        match &conn {
+            Ok(c) => job(Ok(c)),
+            Err(e) => job(Err(e)),
+        }
+    }
+}
+
+/// Takes every write waiting (up to `MAX_BATCH`) and commits them together.
+fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<Write>, db: std::sync::Weak<Database>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH
+            && let Ok(w) = jobs.try_recv()
+        {
+            batch.push(w);
+        }
+        let Some(db) = db.upgrade() else { return };
+        commit(&mut conn, &db, batch);
+    }
+}
+
+/// What a write that never ran changed (its outcome is replaced by the
+/// batch's failure).
+const NOTHING: Changed = Changed {
+    rows: 0,
+    last_insert_rowid: 0,
+};
+
+/// The outcome of one write in a batch, before the commit.
+enum Outcome {
+    Kv(Vec<KvOp>, Done<()>),
+    Sql(Result<Changed, DbError>, Done<Changed>),
+}
+
+fn commit(conn: &mut Connection, db: &Database, batch: Vec<Write>) {
+    let path = &db.path;
+    let fail_all = |outcomes: Vec<Outcome>, e: DbError| {
+        tracing::warn!("{}: a commit failed: {e}", path.display());
+        for o in outcomes {
+            match o {
+                Outcome::Kv(_, done) => done(Err(e.clone())),
+                Outcome::Sql(_, done) => done(Err(e.clone())),
+            }
+        }
+    };
+    let mut outcomes = Vec::with_capacity(batch.len());
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let e = DbError::of(path, e);
+        let all = batch
+            .into_iter()
+            .map(|w| match w {
+                Write::Kv(ops, done) => Outcome::Kv(ops, done),
+                Write::Sql(_, _, done) => Outcome::Sql(Ok(NOTHING), done),
+            })
+            .collect();
+        return fail_all(all, e);
+    }
+    let mut broken: Option<DbError> = None;
+    for w in batch {
+        if broken.is_some() {
+            outcomes.push(match w {
+                Write::Kv(ops, done) => Outcome::Kv(ops, done),
+                Write::Sql(_, _, done) => Outcome::Sql(Ok(NOTHING), done),
+            });
+            continue;
+        }
+        match w {
+            Write::Kv(ops, done) => {
+                if let Err(e) = apply_kv(conn, &ops) {
+                    broken = Some(DbError::of(path, e));
+                }
+                outcomes.push(Outcome::Kv(ops, done));
+            }
+            Write::Sql(sql, params, done) => match apply_sql(conn, &sql, &params) {
+                // A failure that ended the whole transaction (a full disk,
+                // say) fails the batch; a statement's own failure only it.
+                Err(e) if conn.is_autocommit() => {
+                    broken = Some(DbError::of(path, e));
+                    outcomes.push(Outcome::Sql(Ok(NOTHING), done));
+                }
+                result => {
+                    let result = result.map_err(|e| match DbError::of(path, e) {
+                        DbError::Storage { why, .. } => DbError::Statement(why),
+                        other => other,
+                    });
+                    outcomes.push(Outcome::Sql(result, done));
+                }
+            },
+        }
+    }
+    if let Some(e) = broken {
+        let _ = conn.execute_batch("ROLLBACK");
+        return fail_all(outcomes, e);
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
+        return fail_all(outcomes, DbError::of(path, e));
+    }
+    // On disk: now visible in the cache, then acknowledged.
+    {
+        let mut c = db.cache.write().unwrap_or_else(|p| p.into_inner());
+        c.generation += 1;
+        for o in &outcomes {
+            if let Outcome::Kv(ops, _) = o {
+                for op in ops {
+                    match op {
+                        KvOp::Set(k, v) => c.put(k.clone(), Some(v.clone())),
+                        KvOp::Delete(k) => c.put(k.clone(), None),
+                    }
+                }
+            }
+        }
+    }
+    for o in outcomes {
+        match o {
+            Outcome::Kv(_, done) => done(Ok(())),
+            Outcome::Sql(r, done) => done(r),
+        }
+    }
+}
+
+fn apply_kv(conn: &Connection, ops: &[KvOp]) -> rusqlite::Result<()> {
+    for op in ops {
+        match op {
+            KvOp::Set(k, v) => {
+                conn.prepare_cached("INSERT OR REPLACE INTO kv (k, v) VALUES (?1, ?2)")?
+                    .execute(params![k, &v[..]])?;
+            }
+            KvOp::Delete(k) => {
+                conn.prepare_cached("DELETE FROM kv WHERE k = ?1")?
+                    .execute(params![k])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One statement inside the batch's transaction, in a savepoint of its own.
+fn apply_sql(
+    conn: &Connection,
+    sql: &str,
+    params: &[rusqlite::types::Value],
+) -> rusqlite::Result<Changed> {
+    conn.execute_batch("SAVEPOINT one")?;
+    let run = || -> rusqlite::Result<Changed> {
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.execute(rusqlite::params_from_iter(params.iter()))? as u64;
+        Ok(Changed {
+            rows,
+            last_insert_rowid: conn.last_insert_rowid(),
+        })
+    };
+    match run() {
+        Ok(c) => {
+            conn.execute_batch("RELEASE one")?;
+            Ok(c)
+        }
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK TO one; RELEASE one");
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The modules on a real bus, as a process reaches them: requests in,
+//! responses (and blobs) back, files on disk.
+
+use serde_json::{Value, json};
+use spindle_bus::{Blob, Bus, Envelope, Mailbox, Message, Request};
+use spindle_types::Address;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+struct Caller {
+    bus: Arc<Bus>,
+    me: Arc<Address>,
+    inbox: Mailbox,
+}
+
+impl Caller {
+    fn new(bus: &Arc<Bus>, addr: &str) -> Caller {
+        let me: Address = addr.parse().unwrap();
+        let inbox = bus.register(me.clone(), false).unwrap();
+        Caller {
+            bus: bus.clone(),
+            me: Arc::new(me),
+            inbox,
+        }
+    }
+
+    /// Sends `body` (and `blob`) to `module`; the response body and blob.
+    async fn ask(
+        &mut self,
+        module: &str,
+        body: Value,
+        blob: Option<&[u8]>,
+    ) -> (Value, Option<Vec<u8>>) {
+        let id = self.bus.next_id();
+        let env = Envelope {
+            id,
+            source: self.me.clone(),
+            target: Arc::new(format!("local@{module}:sys:spindle").parse().unwrap()),
+            rsvp: Some(self.me.clone()),
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response: Some(DEADLINE),
+                body: serde_json::to_vec(&body).unwrap(),
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: blob.map(|b| {
+                Arc::new(Blob {
+                    mime: None,
+                    bytes: b.to_vec(),
+                })
+            }),
+        };
+        self.bus.send(env, false).await.map_err(|(k, _)| k).unwrap();
+        loop {
+            let env = tokio::time::timeout(DEADLINE, self.inbox.recv())
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            if env.id == id
+                && let Message::Response(r, _) = env.message
+            {
+                return (
+                    serde_json::from_slice(&r.body).unwrap(),
+                    env.blob.map(|b| b.bytes.clone()),
+                );
+            }
+        }
+    }
+
+    async fn kv(&mut self, body: Value) -> Value {
+        self.ask("kv", body, None).await.0
+    }
+}
+
+fn node(dir: &Path) -> Arc<Bus> {
+    let bus = Arc::new(Bus::new("local"));
+    spindle_db::start(dir, &bus).unwrap();
+    bus
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kv_sets_gets_scans_and_transactions_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let bus = node(dir.path());
+        let mut p = Caller::new(&bus, "local@api:shop:acme");
+        assert_eq!(
+            p.kv(json!({"op": "open", "db": "orders"})).await,
+            json!({"ok": true})
+        );
+        let bin = [0u8, 255, 10, 13];
+        let (r, _) = p
+            .ask(
+                "kv",
+                json!({"op": "set", "db": "orders", "key": "a/1"}),
+                Some(&bin),
+            )
+            .await;
+        assert_eq!(r, json!({"ok": true}));
+        let (r, blob) = p
+            .ask(
+                "kv",
+                json!({"op": "get", "db": "orders", "key": "a/1"}),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (r, blob.as_deref()),
+            (json!({"found": true}), Some(&bin[..])),
+            "binary-exact, in the blob"
+        );
+        p.kv(json!({"op": "set", "db": "orders", "key": "a/2", "value": "two"}))
+            .await;
+        p.kv(json!({"op": "set", "db": "orders", "key": "b/1", "value": "other"}))
+            .await;
+        p.kv(json!({"op": "set", "db": "orders", "key_base64": "YS//", "value": "raw key"}))
+            .await;
+        let (r, blob) = p
+            .ask(
+                "kv",
+                json!({"op": "scan", "db": "orders", "prefix": "a/"}),
+                None,
+            )
+            .await;
+        assert_eq!(r, json!({"count": 3, "more": false}));
+        let blob = blob.unwrap();
+        let mut pairs = Vec::new();
+        let mut at = 0;
+        while at < blob.len() {
+            let n = u32::from_le_bytes(blob[at..at + 4].try_into().unwrap()) as usize;
+            let k = blob[at + 4..at + 4 + n].to_vec();
+            at += 4 + n;
+            let n = u32::from_le_bytes(blob[at..at + 4].try_into().unwrap()) as usize;
+            let v = blob[at + 4..at + 4 + n].to_vec();
+            at += 4 + n;
+            pairs.push((k, v));
+        }
+        assert_eq!(
+            pairs,
+            vec![
+                (b"a/1".to_vec(), bin.to_vec()),
+                (b"a/2".to_vec(), b"two".to_vec()),
+                (b"a/\xff".to_vec(), b"raw key".to_vec())
+            ]
+        );
+        // A transaction: nothing shows until it commits; a rolled back one never.
+        let tx = p.kv(json!({"op": "begin", "db": "orders"})).await["tx"]
+            .as_u64()
+            .unwrap();
+        p.kv(json!({"op": "set", "db": "orders", "key": "t/1", "value": "x", "tx": tx}))
+            .await;
+        p.kv(json!({"op": "delete", "db": "orders", "key": "a/2", "tx": tx}))
+            .await;
+        let got = p
+            .kv(json!({"op": "get", "db": "orders", "key": "t/1", "text": true}))
+            .await;
+        assert_eq!(got, json!({"found": false}));
+        assert_eq!(
+            p.kv(json!({"op": "commit", "tx": tx})).await,
+            json!({"ok": true})
+        );
+        let got = p
+            .kv(json!({"op": "get", "db": "orders", "key": "t/1", "text": true}))
+            .await;
+        assert_eq!(got, json!({"found": true, "value": "x"}));
+        let tx = p.kv(json!({"op": "begin", "db": "orders"})).await["tx"]
+            .as_u64()
+            .unwrap();
+        p.kv(json!({"op": "set", "db": "orders", "key": "t/2", "value": "never", "tx": tx}))
+            .await;
+        p.kv(json!({"op": "rollback", "tx": tx})).await;
+        assert_eq!(
+            p.kv(json!({"op": "commit", "tx": tx})).await["error"],
+            "no-such-tx"
+        );
+    }
+    // A new node on the same files: everything acknowledged is there.
+    let bus = node(dir.path());
+    let mut p = Caller::new(&bus, "local@api:shop:acme");
+    for (k, v) in [
+        ("a/2", None),
+        ("b/1", Some("other")),
+        ("t/1", Some("x")),
+        ("t/2", None),
+    ] {
+        let got = p
+            .kv(json!({"op": "get", "db": "orders", "key": k, "text": true}))
+            .await;
+        let want = match v {
+            Some(v) => json!({"found": true, "value": v}),
+            None => json!({"found": false}),
+        };
+        assert_eq!(got, want, "{k}");
+    }
+    let listed = spindle_db::list(dir.path());
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].1.as_str(), listed[0].2.as_str()),
+        ("shop:acme", "orders")
+    );
+    let mut out = Vec::new();
+    spindle_db::dump(
+        dir.path(),
+        spindle_db::store::Kind::Kv,
+        "shop:acme",
+        "orders",
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("\"a/1\"\tbase64:AP8KDQ==") && text.contains("\"t/1\"\t\"x\""),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn other_packages_need_a_grant_and_a_refused_write_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = node(dir.path());
+    let mut owner = Caller::new(&bus, "local@api:shop:acme");
+    let mut other = Caller::new(&bus, "local@report:books:acme");
+    owner
+        .kv(json!({"op": "set", "db": "orders", "key": "k", "value": "mine"}))
+        .await;
+    let theirs = |op: &str| json!({"op": op, "db": "orders", "package": "shop:acme", "key": "k", "value": "stolen", "text": true});
+    let r = other.kv(theirs("set")).await;
+    assert_eq!(r["error"], "no-access", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("grant"), "{r}");
+    assert_eq!(other.kv(theirs("get")).await["error"], "no-access");
+    // Nor may it grant itself anything, or create databases in that package.
+    let grant = json!({"op": "grant", "db": "orders", "package": "shop:acme", "to": "local@report:books:acme", "access": "write"});
+    assert_eq!(other.kv(grant.clone()).await["error"], "no-access");
+    assert_eq!(
+        owner
+            .kv(json!({"op": "get", "db": "orders", "key": "k", "text": true}))
+            .await["value"],
+        "mine"
+    );
+    // Granted read: reads, still cannot write.
+    let read =
+        json!({"op": "grant", "db": "orders", "to": "local@report:books:acme", "access": "read"});
+    assert_eq!(owner.kv(read).await, json!({"ok": true}));
+    assert_eq!(other.kv(theirs("get")).await["value"], "mine");
+    assert_eq!(other.kv(theirs("set")).await["error"], "no-access");
+    assert_eq!(owner.kv(grant).await, json!({"ok": true}));
+    assert_eq!(other.kv(theirs("set")).await, json!({"ok": true}));
+    assert_eq!(
+        owner
+            .kv(json!({"op": "get", "db": "orders", "key": "k", "text": true}))
+            .await["value"],
+        "stolen"
+    );
+    // An unknown database of another package is not created by reading it.
+    assert_eq!(
+        other
+            .kv(json!({"op": "get", "db": "nothing", "package": "shop:acme", "key": "k"}))
+            .await["error"],
+        "no-access"
+    );
+    let r = owner
+        .kv(json!({"op": "get", "db": "nothing", "key": "k"}))
+        .await;
+    assert_eq!(r["error"], "no-such-db", "{r}");
+    // Bad requests say what is wrong.
+    assert!(
+        owner
+            .kv(json!({"op": "get", "db": "Bad Name", "key": "k"}))
+            .await["message"]
+            .as_str()
+            .unwrap()
+            .contains("a-z")
+    );
+    assert_eq!(
+        owner.kv(json!({"op": "fly", "db": "orders"})).await["error"],
+        "bad-request"
+    );
+    let (r, _) = owner.ask("kv", json!("not an object"), None).await;
+    assert_eq!(r["error"], "bad-request");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_corrupt_file_is_reported_and_harms_no_other_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("kv/shop:acme/broken.sqlite");
+    std::fs::create_dir_all(bad.parent().unwrap()).unwrap();
+    let junk = b"this is not a database, but it was someone's data".repeat(100);
+    std::fs::write(&bad, &junk).unwrap();
+    let bus = node(dir.path());
+    let mut p = Caller::new(&bus, "local@api:shop:acme");
+    let r = p
+        .kv(json!({"op": "set", "db": "broken", "key": "k", "value": "v"}))
+        .await;
+    assert_eq!(r["error"], "corrupt", "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("broken.sqlite"),
+        "{r}"
+    );
+    assert_eq!(
+        std::fs::read(&bad).unwrap(),
+        junk,
+        "the file is left as it was"
+    );
+    assert_eq!(
+        p.kv(json!({"op": "set", "db": "fine", "key": "k", "value": "v"}))
+            .await,
+        json!({"ok": true})
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn sqlite_writes_and_queries_with_typed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = node(dir.path());
+    let mut p = Caller::new(&bus, "local@api:shop:acme");
+    let w = |sql: &str, params: Value| json!({"op": "write", "db": "app", "sql": sql, "params": params});
+    let (r, _) = p
+        .ask(
+            "sqlite",
+            w(
+                "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT UNIQUE, score REAL, data BLOB)",
+                json!([]),
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(r["changes"], 0, "{r}");
+    let (r, _) = p
+        .ask(
+            "sqlite",
+            w(
+                "INSERT INTO t (name, score, data) VALUES (?1, ?2, ?3)",
+                json!(["ann", 2.5, {"blob": [1, 3]}]),
+            ),
+            Some(&[9, 0, 255, 7, 9]),
+        )
+        .await;
+    assert_eq!(r, json!({"changes": 1, "last_insert_rowid": 1}));
+    // A failing statement fails alone, and applies nothing.
+    let (r, _) = p
+        .ask(
+            "sqlite",
+            w("INSERT INTO t (name) VALUES (?1)", json!(["ann"])),
+            None,
+        )
+        .await;
+    assert_eq!(r["error"], "statement", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("UNIQUE"), "{r}");
+    let (r, _) = p.ask("sqlite", w("COMMIT", json!([])), None).await;
+    assert_eq!(r["error"], "bad-request");
+    let q = json!({"op": "query", "db": "app", "sql": "SELECT id, name, score, data, NULL AS n FROM t WHERE name = ?1", "params": ["ann"]});
+    let (r, blob) = p.ask("sqlite", q, None).await;
+    assert_eq!(
+        r,
+        json!({"columns": ["id", "name", "score", "data", "n"], "rows": [[1, "ann", 2.5, {"blob": [0, 3]}, null]]})
+    );
+    assert_eq!(blob.unwrap(), vec![0, 255, 7]);
+    // Queries cannot write.
+    let q = json!({"op": "query", "db": "app", "sql": "DELETE FROM t"});
+    assert_eq!(p.ask("sqlite", q, None).await.0["error"], "statement");
+    let mut out = Vec::new();
+    spindle_db::dump(
+        dir.path(),
+        spindle_db::store::Kind::Sql,
+        "shop:acme",
+        "app",
+        &mut out,
+    )
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains("CREATE TABLE t")
+            && text.contains("INSERT INTO \"t\" VALUES (1, 'ann', 2.5, X'00FF07');"),
+        "{text}"
+    );
+}
