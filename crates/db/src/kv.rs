@@ -32,6 +32,14 @@ struct Tx {
     bytes: usize,
 }
 
+impl Tx {
+    /// A transaction is its process's (the node's own senders, one per
+    /// `spindle send`, may use any).
+    fn may_use(&self, source: &Address) -> bool {
+        self.owner == source.process || source.process.package.is_system()
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Transactions {
     open: HashMap<u64, Tx>,
@@ -141,7 +149,7 @@ impl Module {
                 let tx = {
                     let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
                     match txs.open.get(&id) {
-                        Some(t) if t.owner == source.process => txs.open.remove(&id),
+                        Some(t) if t.may_use(source) => txs.open.remove(&id),
                         _ => None,
                     }
                 };
@@ -214,9 +222,7 @@ impl Module {
                     Some(id) => {
                         let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
                         let tx = match txs.open.get_mut(&id) {
-                            Some(tx) if tx.owner == source.process && Arc::ptr_eq(&tx.db, &db) => {
-                                tx
-                            }
+                            Some(tx) if tx.may_use(source) && Arc::ptr_eq(&tx.db, &db) => tx,
                             _ => {
                                 drop(txs);
                                 return Err((

@@ -46,9 +46,11 @@ pub mod bindings {
 // IPC channel (fd 3) in a native one.
 #[cfg(target_family = "wasm")]
 use bindings::spindle::process::host;
+mod db;
 #[cfg(not(target_family = "wasm"))]
 mod native;
 pub use bindings::spindle::process::types::{self as wit, Blob, Capability, OnExit, SendErrorKind};
+pub use db::{Access, DbError, kv, sqlite};
 #[cfg(not(target_family = "wasm"))]
 use native as host;
 use serde::{Serialize, de::DeserializeOwned};

@@ -1,0 +1,145 @@
+//! Helpers shared by the end-to-end tests: the real `spindle` binary, a
+//! node in a temporary home, waits with deadlines.
+#![allow(dead_code)]
+
+use spindle_client::Client;
+use spindle_types::ProcessNum;
+use spindle_types::control::ProcessInfo;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+pub fn spindle_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_spindle")
+}
+
+pub fn testbin() -> String {
+    let p = Path::new(spindle_bin()).with_file_name("spindle-testbin");
+    assert!(
+        p.exists(),
+        "{} is missing: run the whole workspace's tests (cargo test --workspace)",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
+pub fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().as_bytes()[0]);
+            state != Some(b'Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Processes on the machine whose environment carries `prefix` in SPINDLE_TAG.
+pub fn tagged(prefix: &str) -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let hit = env
+            .split(|&b| b == 0)
+            .any(|kv| kv.starts_with(format!("SPINDLE_TAG={prefix}").as_bytes()));
+        if hit && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub struct Node {
+    pub dir: tempfile::TempDir,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        Node {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(spindle_bin())
+            .arg("--home")
+            .arg(self.home())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "spindle {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "spindle {args:?} should fail");
+        String::from_utf8(out.stderr).unwrap()
+    }
+    pub fn client(&self) -> Client {
+        Client::connect(&self.home()).unwrap()
+    }
+    pub fn list(&self) -> Vec<ProcessInfo> {
+        self.client().list().unwrap()
+    }
+    pub fn get(&self, id: u64) -> ProcessInfo {
+        self.list()
+            .into_iter()
+            .find(|p| p.id == ProcessNum(id))
+            .expect("process listed")
+    }
+    pub fn node_tag(&self) -> String {
+        let t: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.home().join("table.json")).unwrap())
+                .unwrap();
+        t["node_tag"].as_str().unwrap().to_string()
+    }
+    pub fn daemon_pid(&self) -> i32 {
+        self.client().daemon_pid as i32
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(c) = Client::connect(&self.home()) {
+            let pid = c.daemon_pid as i32;
+            let _ = c.shutdown();
+            // SAFETY: signalling a pid we started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The node's runtime modules `kv` and `sqlite`, as Rust calls: each is a
+//! request to `<node>@kv:sys:spindle` or `<node>@sqlite:sys:spindle`
+//! (bodies JSON, values in blobs), so they work the same from a wasm process
+//! and from a native one.
+//!
+//! ```ignore
+//! let db = kv::open("orders")?;
+//! db.set("a/1", b"first".to_vec())?;
+//! let tx = db.begin()?;
+//! tx.set("a/2", b"second".to_vec())?;
+//! tx.commit()?;                          // both or neither, durably
+//! for (k, v) in db.scan("a/")? { … }
+//!
+//! let app = sqlite::open("app")?;
+//! app.write("INSERT INTO t (name) VALUES (?1)", &[SqlValue::from("ann")])?;
+//! let rows = app.query("SELECT id, name FROM t", &[])?;
+//! ```
+
+use crate::{Address, Request};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use std::fmt;
+use std::time::Duration;
+
+/// How long a database call waits for the module (a write waits for its
+/// group commit; a large scan or query for the reader).
+pub const DB_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failed database call: `kind` as the module names it (`no-access`,
+/// `no-such-db`, `no-such-tx`, `disk-full`, `read-only`, `corrupt`,
+/// `statement`, `bad-request`, `storage`, or a send error's kind).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbError {
+    pub kind: String,
+    pub message: String,
+}
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+impl std::error::Error for DbError {}
+
+/// Who may be granted what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// A database of a module, named for requests.
+#[derive(Debug, Clone)]
+struct Db {
+    module: Address,
+    name: String,
+    package: Option<String>,
+}
+
+impl Db {
+    fn new(module: &str, name: &str, package: Option<&str>) -> Db {
+        let our = crate::our();
+        Db {
+            module: Address::from_host(format!("{}@{module}:sys:spindle", our.node())),
+            name: name.into(),
+            package: package.map(str::to_string),
+        }
+    }
+
+    fn body(&self, op: &str) -> Value {
+        let mut b = json!({"op": op, "db": self.name});
+        if let Some(p) = &self.package {
+            b["package"] = p.clone().into();
+        }
+        b
+    }
+
+    /// Sends `body` (and `blob`); the answer's body and blob.
+    fn call(
+        &self,
+        body: &Value,
+        blob: Option<Vec<u8>>,
+    ) -> Result<(Value, Option<Vec<u8>>), DbError> {
+        let mut r = Request::to(self.module.clone())
+            .json(body)
+            .expects_response(DB_TIMEOUT);
+        if let Some(b) = blob {
+            r = r.blob(b);
+        }
+        let msg = r.send_and_await_response().map_err(|e| DbError {
+            kind: e.kind.to_string(),
+            message: e.to_string(),
+        })?;
+        let answer: Value = msg.json().map_err(|e| DbError {
+            kind: "bad-response".into(),
+            message: e.to_string(),
+        })?;
+        if let Some(kind) = answer["error"].as_str() {
+            return Err(DbError {
+                kind: kind.into(),
+                message: answer["message"].as_str().unwrap_or_default().into(),
+            });
+        }
+        let blob = if answer.get("found") == Some(&Value::Bool(true))
+            || answer.get("count").is_some()
+            || answer.get("rows").is_some()
+        {
+            crate::get_blob().map(|b| b.bytes)
+        } else {
+            None
+        };
+        Ok((answer, blob))
+    }
+
+    fn grant(&self, to: &Address, access: Access, op: &str) -> Result<(), DbError> {
+        let mut b = self.body(op);
+        b["to"] = to.as_str().into();
+        b["access"] = match access {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+        .into();
+        self.call(&b, None).map(|_| ())
+    }
+}
+
+fn put_key(body: &mut Value, field: &str, key: &[u8]) {
+    match std::str::from_utf8(key) {
+        Ok(t) => body[field] = t.into(),
+        Err(_) => {
+            body[format!("{field}_base64")] =
+                base64::engine::general_purpose::STANDARD.encode(key).into()
+        }
+    }
+}
+
+pub mod kv {
+    //! Key-value databases: `kv::open("name")`.
+    use super::*;
+
+    /// A kv database of this process's package (or, with [`open_in`],
+    /// another package's, if it granted access).
+    #[derive(Debug, Clone)]
+    pub struct Kv(Db);
+
+    /// Opens the database `name` of this process's package, creating it.
+    pub fn open(name: &str) -> Result<Kv, DbError> {
+        let db = Db::new("kv", name, None);
+        db.call(&db.body("open"), None)?;
+        Ok(Kv(db))
+    }
+
+    /// Opens another package's database (it must exist, and that package
+    /// must have granted this process access).
+    pub fn open_in(package: &str, name: &str) -> Result<Kv, DbError> {
+        let db = Db::new("kv", name, Some(package));
+        db.call(&db.body("open"), None)?;
+        Ok(Kv(db))
+    }
+
+    impl Kv {
+        pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, DbError> {
+            let mut b = self.0.body("get");
+            put_key(&mut b, "key", key.as_ref());
+            let (answer, blob) = self.0.call(&b, None)?;
+            Ok((answer["found"] == true).then(|| blob.unwrap_or_default()))
+        }
+
+        /// Sets `key`; returns once it is on disk.
+        pub fn set(&self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) -> Result<(), DbError> {
+            self.write("set", key.as_ref(), Some(value.into()), None)
+        }
+
+        pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<(), DbError> {
+            self.write("delete", key.as_ref(), None, None)
+        }
+
+        fn write(
+            &self,
+            op: &str,
+            key: &[u8],
+            value: Option<Vec<u8>>,
+            tx: Option<u64>,
+        ) -> Result<(), DbError> {
+            let mut b = self.0.body(op);
+            put_key(&mut b, "key", key);
+            if let Some(tx) = tx {
+                b["tx"] = tx.into();
+            }
+            // An empty value goes in the body: a blob of no bytes is no blob.
+            let blob = match value {
+                Some(v) if v.is_empty() => {
+                    b["value"] = "".into();
+                    None
+                }
+                v => v,
+            };
+            self.0.call(&b, blob).map(|_| ())
+        }
+
+        /// Every pair whose key starts with `prefix`, in key order (at most
+        /// 10,000; the module says `more` past that: scan from the last key).
+        pub fn scan(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+            let mut b = self.0.body("scan");
+            put_key(&mut b, "prefix", prefix.as_ref());
+            let (_, blob) = self.0.call(&b, None)?;
+            Ok(decode_pairs(&blob.unwrap_or_default()))
+        }
+
+        /// Begins a transaction: its writes apply together at `commit`, or
+        /// not at all.
+        pub fn begin(&self) -> Result<Tx<'_>, DbError> {
+            let (answer, _) = self.0.call(&self.0.body("begin"), None)?;
+            Ok(Tx {
+                kv: self,
+                id: answer["tx"].as_u64().unwrap_or_default(),
+                open: true,
+            })
+        }
+
+        /// Lets `to` read (or read and write) this database.
+        pub fn grant(&self, to: &Address, access: Access) -> Result<(), DbError> {
+            self.0.grant(to, access, "grant")
+        }
+
+        pub fn revoke(&self, to: &Address, access: Access) -> Result<(), DbError> {
+            self.0.grant(to, access, "revoke")
+        }
+    }
+
+    /// An open transaction; dropped without `commit`, it is rolled back.
+    pub struct Tx<'a> {
+        kv: &'a Kv,
+        id: u64,
+        open: bool,
+    }
+
+    impl Tx<'_> {
+        pub fn set(&self, key: impl AsRef<[u8]>, value: impl Into<Vec<u8>>) -> Result<(), DbError> {
+            self.kv
+                .write("set", key.as_ref(), Some(value.into()), Some(self.id))
+        }
+
+        pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<(), DbError> {
+            self.kv.write("delete", key.as_ref(), None, Some(self.id))
+        }
+
+        /// Applies every write, atomically; returns once they are on disk.
+        pub fn commit(mut self) -> Result<(), DbError> {
+            self.open = false;
+            self.kv
+                .0
+                .call(&json!({"op": "commit", "tx": self.id}), None)
+                .map(|_| ())
+        }
+
+        pub fn rollback(mut self) -> Result<(), DbError> {
+            self.open = false;
+            self.kv
+                .0
+                .call(&json!({"op": "rollback", "tx": self.id}), None)
+                .map(|_| ())
+        }
+    }
+
+    impl Drop for Tx<'_> {
+        fn drop(&mut self) {
+            if self.open {
+                let _ = Request::to(self.kv.0.module.clone())
+                    .json(&json!({"op": "rollback", "tx": self.id}))
+                    .send();
+            }
+        }
+    }
+
+    /// Pairs in the scan encoding: `[len u32 LE][key][len u32 LE][value]`…
+    pub fn decode_pairs(mut bytes: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let take = |bytes: &mut &[u8]| -> Option<Vec<u8>> {
+            let n = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+            let v = bytes.get(4..4 + n)?.to_vec();
+            *bytes = &bytes[4 + n..];
+            Some(v)
+        };
+        let mut out = Vec::new();
+        while let (Some(k), Some(v)) = (take(&mut bytes), take(&mut bytes)) {
+            out.push((k, v));
+        }
+        out
+    }
+}
+
+pub mod sqlite {
+    //! SQLite databases: `sqlite::open("name")`.
+    use super::*;
+
+    /// A value in a statement's parameters or a query's rows.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum SqlValue {
+        Null,
+        Integer(i64),
+        Real(f64),
+        Text(String),
+        Blob(Vec<u8>),
+    }
+
+    impl From<i64> for SqlValue {
+        fn from(v: i64) -> SqlValue {
+            SqlValue::Integer(v)
+        }
+    }
+    impl From<f64> for SqlValue {
+        fn from(v: f64) -> SqlValue {
+            SqlValue::Real(v)
+        }
+    }
+    impl From<&str> for SqlValue {
+        fn from(v: &str) -> SqlValue {
+            SqlValue::Text(v.into())
+        }
+    }
+    impl From<String> for SqlValue {
+        fn from(v: String) -> SqlValue {
+            SqlValue::Text(v)
+        }
+    }
+    impl From<Vec<u8>> for SqlValue {
+        fn from(v: Vec<u8>) -> SqlValue {
+            SqlValue::Blob(v)
+        }
+    }
+
+    /// What a write changed.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Written {
+        pub changes: u64,
+        pub last_insert_rowid: i64,
+    }
+
+    /// A query's result.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Rows {
+        pub columns: Vec<String>,
+        pub rows: Vec<Vec<SqlValue>>,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Sqlite(Db);
+
+    /// Opens the database `name` of this process's package, creating it.
+    pub fn open(name: &str) -> Result<Sqlite, DbError> {
+        let db = Db::new("sqlite", name, None);
+        db.call(&db.body("open"), None)?;
+        Ok(Sqlite(db))
+    }
+
+    /// Opens another package's database (it must have granted access).
+    pub fn open_in(package: &str, name: &str) -> Result<Sqlite, DbError> {
+        let db = Db::new("sqlite", name, Some(package));
+        db.call(&db.body("open"), None)?;
+        Ok(Sqlite(db))
+    }
+
+    /// Parameters as JSON, their bytes gathered into one blob.
+    fn params(values: &[SqlValue]) -> (Value, Option<Vec<u8>>) {
+        let mut blob = Vec::new();
+        let list = values
+            .iter()
+            .map(|v| match v {
+                SqlValue::Null => Value::Null,
+                SqlValue::Integer(i) => (*i).into(),
+                SqlValue::Real(f) => (*f).into(),
+                SqlValue::Text(t) => t.clone().into(),
+                SqlValue::Blob(b) => {
+                    let at = blob.len();
+                    blob.extend_from_slice(b);
+                    json!({"blob": [at, b.len()]})
+                }
+            })
+            .collect();
+        (Value::Array(list), (!blob.is_empty()).then_some(blob))
+    }
+
+    fn value(v: &Value, blob: &[u8]) -> SqlValue {
+        match v {
+            Value::Null => SqlValue::Null,
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => SqlValue::Integer(i),
+                None => SqlValue::Real(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => SqlValue::Text(s.clone()),
+            Value::Bool(b) => SqlValue::Integer(*b as i64),
+            other => {
+                let at = other["blob"][0].as_u64().unwrap_or(0) as usize;
+                let len = other["blob"][1].as_u64().unwrap_or(0) as usize;
+                SqlValue::Blob(blob.get(at..at + len).unwrap_or_default().to_vec())
+            }
+        }
+    }
+
+    impl Sqlite {
+        /// Runs one statement; returns once it is on disk.
+        pub fn write(&self, sql: &str, values: &[SqlValue]) -> Result<Written, DbError> {
+            let (ps, blob) = params(values);
+            let mut b = self.0.body("write");
+            b["sql"] = sql.into();
+            b["params"] = ps;
+            let (answer, _) = self.0.call(&b, blob)?;
+            Ok(Written {
+                changes: answer["changes"].as_u64().unwrap_or(0),
+                last_insert_rowid: answer["last_insert_rowid"].as_i64().unwrap_or(0),
+            })
+        }
+
+        pub fn query(&self, sql: &str, values: &[SqlValue]) -> Result<Rows, DbError> {
+            let (ps, blob) = params(values);
+            let mut b = self.0.body("query");
+            b["sql"] = sql.into();
+            b["params"] = ps;
+            let (answer, blob) = self.0.call(&b, blob)?;
+            let blob = blob.unwrap_or_default();
+            let columns = answer["columns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| c.as_str().unwrap_or_default().to_string())
+                .collect();
+            let rows = answer["rows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    r.as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|v| value(v, &blob))
+                        .collect()
+                })
+                .collect();
+            Ok(Rows { columns, rows })
+        }
+
+        pub fn grant(&self, to: &Address, access: Access) -> Result<(), DbError> {
+            self.0.grant(to, access, "grant")
+        }
+
+        pub fn revoke(&self, to: &Address, access: Access) -> Result<(), DbError> {
+            self.0.grant(to, access, "revoke")
+        }
+    }
+}
