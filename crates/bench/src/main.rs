@@ -2,8 +2,9 @@
 //! one) driving real helper programs (`spindle-testbin`), and prints a table
 //! of figures against the targets. Build everything first:
 //! `cargo build --release --workspace --bins && target/release/spindle-bench`.
-//! `--wasm`: only the wasm processes and native processes on the bus
-//! (in-process, on the daemon's own driver and bus); `--ipc`: only the latter.
+//! `--wasm`: only the wasm processes, native processes on the bus
+//! (in-process, on the daemon's own driver and bus) and the runtime modules;
+//! `--ipc`: only native processes on the bus; `--db`: only the modules.
 //!
 //! Each scenario gets a fresh node in a temporary home. Waits poll the
 //! daemon with deadlines; times are wall-clock, CPU is the daemon's own
@@ -476,9 +477,16 @@ fn bench_trees(rows: &mut Vec<Row>) {
 fn main() {
     let mut rows = vec![];
     let flag = |f: &str| std::env::args().any(|a| a == f);
-    if flag("--wasm") || flag("--ipc") {
+    if flag("--wasm") || flag("--ipc") || flag("--db") {
         eprintln!("wasm processes …");
-        wasm::run(&mut rows, flag("--ipc"));
+        let part = if flag("--ipc") {
+            wasm::Part::Ipc
+        } else if flag("--db") {
+            wasm::Part::Db
+        } else {
+            wasm::Part::All
+        };
+        wasm::run(&mut rows, part);
         print_table(rows);
         return;
     }
@@ -493,7 +501,7 @@ fn main() {
     eprintln!("process trees …");
     bench_trees(&mut rows);
     eprintln!("wasm processes …");
-    wasm::run(&mut rows, false);
+    wasm::run(&mut rows, wasm::Part::All);
     print_table(rows);
 }
 

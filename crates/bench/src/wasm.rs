@@ -62,6 +62,7 @@ impl Bench {
         .expect("driver");
         let tester: Address = "local@bench:sys:spindle".parse().expect("address");
         let inbox = bus.register(tester.clone(), false).expect("register");
+        spindle_db::start(&dir.path().join("db"), &bus).expect("the runtime modules");
         let tester = Arc::new(tester);
         Bench {
             _dir: dir,
@@ -133,16 +134,30 @@ impl Bench {
     }
 }
 
-/// The wasm rows and the IPC rows, or (`ipc_only`) just the IPC rows.
-pub fn run(rows: &mut Vec<Row>, ipc_only: bool) {
+/// Which rows to measure.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    All,
+    Ipc,
+    Db,
+}
+
+/// The wasm rows, the IPC rows and the database rows (or one part).
+pub fn run(rows: &mut Vec<Row>, part: Part) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
         let mut b = Bench::new();
-        if !ipc_only {
+        if part == Part::All {
             measure(&mut b, rows).await;
+        }
+        if part != Part::Ipc {
+            measure_db(&mut b, rows).await;
+        }
+        if part == Part::Db {
+            return;
         }
         let peer = b
             .driver
@@ -545,5 +560,100 @@ async fn measure_ipc(b: &mut Bench, peer: &Address, rows: &mut Vec<Row>) {
         metric: "Node (plain process.send) ↔ wasm process: request→response round trip".into(),
         target: "≤ 150 µs".into(),
         measured: node_trip.map_or_else(|| "node not found".into(), us),
+    });
+}
+
+/// Concurrent durable kv writers.
+const KV_WRITERS: u64 = 16;
+/// Sets each writer makes.
+const KV_SETS: u64 = 2_000;
+/// Cached gets, and SQLite point queries, from one process.
+const KV_GETS: u64 = 100_000;
+const SQL_GETS: u64 = 20_000;
+
+/// `ok <n> p50 <ns> total <ns>` → (p50, total).
+fn timed_answer(r: &str) -> (Duration, Duration) {
+    let w: Vec<&str> = r.split(' ').collect();
+    assert!(w.len() == 6 && w[0] == "ok", "dbuser: {r}");
+    let ns = |s: &str| Duration::from_nanos(s.parse().expect("nanoseconds"));
+    (ns(w[3]), ns(w[5]))
+}
+
+/// The runtime modules, from wasm processes (the `dbuser` guest).
+async fn measure_db(b: &mut Bench, rows: &mut Vec<Row>) {
+    let users: Vec<Address> = (0..KV_WRITERS)
+        .map(|i| {
+            let name = format!("dbuser{i}");
+            b.driver
+                .spawn(
+                    ProcessNum(5_000_000 + i),
+                    1,
+                    &spec(Some(&name), "dbuser", true),
+                    None,
+                )
+                .expect("dbuser")
+        })
+        .collect();
+    // Open the database once, then all writers at once.
+    assert_eq!(b.ask(&users[0], b"set bench warm up").await, "ok");
+    let t = Instant::now();
+    let mut ids = Vec::new();
+    for u in &users {
+        let id = b.bus.next_id();
+        let env = Envelope::request(
+            id,
+            b.tester.clone(),
+            Arc::new(u.clone()),
+            Some(b.tester.clone()),
+            format!("kvsets bench {KV_SETS}").into_bytes(),
+            Some(DEADLINE),
+        );
+        b.bus
+            .send(env, true)
+            .await
+            .map_err(|(k, _)| k)
+            .expect("send");
+        ids.push(id);
+    }
+    let mut p50s = Vec::new();
+    while p50s.len() < ids.len() {
+        let env = tokio::time::timeout(DEADLINE, b.inbox.recv())
+            .await
+            .expect("writers finish")
+            .expect("open inbox");
+        if let Message::Response(r, _) = env.message
+            && ids.contains(&env.id)
+        {
+            p50s.push(timed_answer(&String::from_utf8_lossy(&r.body)).0);
+        }
+    }
+    let wall = t.elapsed();
+    p50s.sort();
+    let set_rate = (KV_WRITERS * KV_SETS) as f64 / wall.as_secs_f64();
+    let set_p50 = p50s[p50s.len() / 2];
+    let (_, gets) = timed_answer(
+        &b.ask(&users[0], format!("kvgets bench {KV_GETS}").as_bytes())
+            .await,
+    );
+    let get_rate = KV_GETS as f64 / gets.as_secs_f64();
+    let (sql_p50, sql_total) = timed_answer(
+        &b.ask(&users[1], format!("sqlgets app {SQL_GETS}").as_bytes())
+            .await,
+    );
+    let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    rows.push(Row {
+        metric: format!("kv: durable set from wasm, {KV_WRITERS} concurrent writers: rate / p50"),
+        target: "≥ 20k/s / ≤ 1 ms".into(),
+        measured: format!("{:.1}k/s / {}", set_rate / 1e3, us(set_p50)),
+    });
+    rows.push(Row {
+        metric: "kv: cached get from one wasm process".into(),
+        target: "≥ 300k/s".into(),
+        measured: format!("{:.0}k/s", get_rate / 1e3),
+    });
+    rows.push(Row {
+        metric: "sqlite: point query round trip from wasm (mean / p50)".into(),
+        target: "≤ 30 µs".into(),
+        measured: format!("{} / {}", us(sql_total / SQL_GETS as u32), us(sql_p50)),
     });
 }

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use spindle_bus::{Blob, Bus};
 use spindle_types::{Address, ProcessId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -51,14 +52,14 @@ fn b64() -> base64::engine::GeneralPurpose {
 }
 
 fn bytes_of(
-    text: &Option<String>,
-    b64_text: &Option<String>,
+    text: &Option<Cow<str>>,
+    b64_text: &Option<Cow<str>>,
     what: &str,
 ) -> Result<Option<Vec<u8>>, Refusal> {
     match (text, b64_text) {
-        (Some(t), None) => Ok(Some(t.clone().into_bytes())),
+        (Some(t), None) => Ok(Some(t.as_bytes().to_vec())),
         (None, Some(b)) => b64()
-            .decode(b)
+            .decode(b.as_bytes())
             .map(Some)
             .map_err(|e| Refusal::bad(format!("`{what}_base64`: {e}"))),
         (None, None) => Ok(None),
@@ -91,6 +92,21 @@ pub fn encode_pair(out: &mut Vec<u8>, k: &[u8], v: &[u8]) {
     out.extend_from_slice(k);
     out.extend_from_slice(&(v.len() as u32).to_le_bytes());
     out.extend_from_slice(v);
+}
+
+/// Answers a get: the value in the blob, or (`text`) in the body.
+fn answer_get(reply: Reply, value: Option<Arc<[u8]>>, text: bool) {
+    // The usual answers, serialised once.
+    const FOUND: &[u8] = br#"{"found":true}"#;
+    const MISSING: &[u8] = br#"{"found":false}"#;
+    match (value, text) {
+        (None, _) => reply.bytes(MISSING.to_vec(), None),
+        (Some(v), false) => reply.bytes(FOUND.to_vec(), Some(v.to_vec())),
+        (v, true) => {
+            let (body, blob) = found(v, true);
+            reply.ok(body, blob)
+        }
+    }
 }
 
 /// A value answered in the body or the blob.
@@ -140,7 +156,7 @@ impl Module {
             };
         }
         // Transactions name no database: theirs is known.
-        match req.op.as_str() {
+        match &*req.op {
             "commit" | "rollback" => {
                 let id = tri!(
                     req.tx
@@ -175,28 +191,33 @@ impl Module {
             _ => {}
         }
         let t = tri!(self.target(source, &req));
-        let need = match req.op.as_str() {
+        let need = match &*req.op {
             "get" | "scan" | "open" => Access::Read,
             _ => Access::Write,
         };
         tri!(self.check(bus, source, &t, need));
-        let owner = source.process.package == t.package || source.process.package.is_system();
-        let create = owner && matches!(req.op.as_str(), "open" | "set" | "delete" | "begin");
+        let owner = source.process.package == *t.package || source.process.package.is_system();
+        let create = owner && matches!(&*req.op, "open" | "set" | "delete" | "begin");
         let db = tri!(self.database(&t, create));
-        match req.op.as_str() {
+        match &*req.op {
             "open" => reply.ok(json!({"ok": true}), None),
             "get" => {
-                let key = tri!(key_of(&req));
                 let text = req.text;
+                // A text key is looked up in the cache as it is, uncopied.
+                if let (Some(k), None) = (&req.key, &req.key_base64)
+                    && let Some(v) = db.cached(k.as_bytes())
+                {
+                    answer_get(reply, v, text);
+                    return Ok(());
+                }
+                let key = tri!(key_of(&req));
                 match db.cached(&key) {
-                    Some(v) => {
-                        let (body, blob) = found(v, text);
-                        reply.ok(body, blob);
-                    }
+                    Some(v) => answer_get(reply, v, text),
                     None => db.get(
                         key,
-                        Box::new(move |r| {
-                            reply.answer(r.map(|v| found(v, text)).map_err(Refusal::from))
+                        Box::new(move |r| match r {
+                            Ok(v) => answer_get(reply, v, text),
+                            Err(e) => reply.refuse(e.into()),
                         }),
                     ),
                 }

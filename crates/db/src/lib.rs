@@ -33,6 +33,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use spindle_bus::{Blob, Bus, Envelope, Message, Response, Service};
 use spindle_types::{Address, PackageId, ProcessId};
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -70,22 +71,32 @@ pub(crate) struct Module {
     me: Arc<Address>,
     dir: PathBuf,
     bus: Weak<Bus>,
-    dbs: Mutex<HashMap<(PackageId, String), Arc<Database>>>,
+    /// Open databases by package, then name (looked up without copying either).
+    dbs: Mutex<HashMap<PackageId, HashMap<String, Arc<Database>>>>,
     txs: Mutex<kv::Transactions>,
 }
 
-/// A request's fields (each op reads the ones it needs).
+/// A request's fields (each op reads the ones it needs), borrowed from the
+/// body where they can be: a cached get is on this path.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-pub(crate) struct Req {
-    pub op: String,
-    pub db: Option<String>,
-    pub package: Option<String>,
-    pub key: Option<String>,
-    pub key_base64: Option<String>,
-    pub value: Option<String>,
-    pub prefix: Option<String>,
-    pub prefix_base64: Option<String>,
+pub(crate) struct Req<'a> {
+    #[serde(borrow)]
+    pub op: Cow<'a, str>,
+    #[serde(borrow)]
+    pub db: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub package: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub key_base64: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub value: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub prefix: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub prefix_base64: Option<Cow<'a, str>>,
     pub limit: Option<usize>,
     pub tx: Option<u64>,
     pub to: Option<String>,
@@ -131,6 +142,11 @@ pub(crate) struct Reply {
 
 impl Reply {
     pub fn ok(self, body: Value, blob: Option<Vec<u8>>) {
+        self.bytes(serde_json::to_vec(&body).expect("bodies serialise"), blob)
+    }
+
+    /// Answers with a body already serialised.
+    pub fn bytes(self, body: Vec<u8>, blob: Option<Vec<u8>>) {
         let (Some(bus), Some(rsvp)) = (self.bus.upgrade(), self.rsvp) else {
             return;
         };
@@ -142,7 +158,7 @@ impl Reply {
             message: Message::Response(
                 Response {
                     inherit: false,
-                    body: serde_json::to_vec(&body).expect("bodies serialise"),
+                    body,
                     metadata: None,
                     capabilities: vec![],
                 },
@@ -167,9 +183,9 @@ impl Reply {
 }
 
 /// The database a request names, and whose it is.
-pub(crate) struct Target {
-    pub package: PackageId,
-    pub name: String,
+pub(crate) struct Target<'a> {
+    pub package: Cow<'a, PackageId>,
+    pub name: &'a str,
 }
 
 impl Module {
@@ -183,17 +199,18 @@ impl Module {
     }
 
     /// The database `req` names: its own package's unless `package` says.
-    pub fn target(&self, source: &Address, req: &Req) -> Result<Target, Refusal> {
+    pub fn target<'a>(&self, source: &'a Address, req: &'a Req) -> Result<Target<'a>, Refusal> {
         let name = req
             .db
-            .clone()
+            .as_deref()
             .ok_or_else(|| Refusal::bad("name the database: `db`"))?;
-        check_name(&name)?;
+        check_name(name)?;
         let package = match &req.package {
-            None => source.process.package.clone(),
-            Some(p) => p
-                .parse()
-                .map_err(|e| Refusal::bad(format!("`package` {p:?}: {e}")))?,
+            None => Cow::Borrowed(&source.process.package),
+            Some(p) => Cow::Owned(
+                p.parse()
+                    .map_err(|e| Refusal::bad(format!("`package` {p:?}: {e}")))?,
+            ),
         };
         Ok(Target { package, name })
     }
@@ -206,7 +223,7 @@ impl Module {
         t: &Target,
         need: Access,
     ) -> Result<(), Refusal> {
-        if access::allowed(bus, &self.me, source, &t.package, &t.name, need) {
+        if access::allowed(bus, &self.me, source, &t.package, t.name, need) {
             return Ok(());
         }
         Err(Refusal {
@@ -229,9 +246,8 @@ impl Module {
 
     /// The open database (opened now if need be; created only if `create`).
     pub fn database(&self, t: &Target, create: bool) -> Result<Arc<Database>, Refusal> {
-        let key = (t.package.clone(), t.name.clone());
         let mut dbs = self.dbs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(db) = dbs.get(&key) {
+        if let Some(db) = dbs.get(&*t.package).and_then(|m| m.get(t.name)) {
             return Ok(db.clone());
         }
         let db = Database::open(self.kind, &self.path(t), create).map_err(|e| match e {
@@ -248,7 +264,9 @@ impl Module {
                 Refusal::from(e)
             }
         })?;
-        dbs.insert(key, db.clone());
+        dbs.entry(t.package.clone().into_owned())
+            .or_default()
+            .insert(t.name.to_string(), db.clone());
         Ok(db)
     }
 
@@ -258,7 +276,7 @@ impl Module {
         let run = || -> Result<(ProcessId, spindle_bus::Capability), Refusal> {
             let t = self.target(source, req)?;
             let own = &source.process.package;
-            if own != &t.package && !own.is_system() {
+            if *own != *t.package && !own.is_system() {
                 return Err(Refusal {
                     kind: "no-access",
                     message: format!(
@@ -279,7 +297,7 @@ impl Module {
             })?;
             Ok((
                 to.process,
-                access::capability(&self.me, &t.package, &t.name, need),
+                access::capability(&self.me, &t.package, t.name, need),
             ))
         };
         match run() {

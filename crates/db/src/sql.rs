@@ -115,7 +115,7 @@ impl Module {
     ) {
         let prepared = (|| {
             let t = self.target(source, &req)?;
-            let need = match req.op.as_str() {
+            let need = match &*req.op {
                 "query" | "open" => Access::Read,
                 "write" => Access::Write,
                 other => {
@@ -125,7 +125,7 @@ impl Module {
                 }
             };
             self.check(bus, source, &t, need)?;
-            let owner = source.process.package == t.package || source.process.package.is_system();
+            let owner = source.process.package == *t.package || source.process.package.is_system();
             let db = self.database(&t, owner && req.op != "query")?;
             let params = req
                 .params
@@ -139,7 +139,7 @@ impl Module {
             Err(e) => return reply.refuse(e),
         };
         let sql = req.sql.clone().unwrap_or_default();
-        match req.op.as_str() {
+        match &*req.op {
             "open" => reply.ok(json!({"ok": true}), None),
             "write" => {
                 if let Err(e) = check_statement(&sql) {

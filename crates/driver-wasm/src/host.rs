@@ -617,8 +617,16 @@ impl host::Host for ProcessHost {
             Err(e) => return Ok(Err(e)),
         };
         loop {
-            let deadline = self.pending.get(&id).map(|p| p.deadline);
-            match self.wake(deadline).await {
+            // A response already waiting (a runtime module answers on the
+            // sender's own task) is taken without a timer or a yield.
+            let ready = match self.mailbox.try_recv() {
+                Some(env) if !self.is_killed() => Wake::Mail(env),
+                _ => {
+                    let deadline = self.pending.get(&id).map(|p| p.deadline);
+                    self.wake(deadline).await
+                }
+            };
+            match ready {
                 Wake::Killed => return Err(killed()),
                 Wake::Mail(env) => {
                     if env.id == id && matches!(env.message, Message::Response(..)) {

@@ -18,6 +18,7 @@
 
 use crate::{Address, Request};
 use base64::Engine as _;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::fmt;
 use std::time::Duration;
@@ -50,6 +51,83 @@ pub enum Access {
     Write,
 }
 
+/// A request to a module (fields left out when empty).
+#[derive(Serialize, Default)]
+struct Call<'a> {
+    op: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    db: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    package: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefix_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tx: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sql: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<Value>,
+}
+
+/// Bytes as text if they are, else base64 (for the `…_base64` field).
+fn text_or_base64(bytes: &[u8]) -> (Option<&str>, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(t) => (Some(t), None),
+        Err(_) => (
+            None,
+            Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ),
+    }
+}
+
+impl<'a> Call<'a> {
+    fn key(mut self, bytes: &'a [u8]) -> Self {
+        (self.key, self.key_base64) = text_or_base64(bytes);
+        self
+    }
+
+    fn prefix(mut self, bytes: &'a [u8]) -> Self {
+        (self.prefix, self.prefix_base64) = text_or_base64(bytes);
+        self
+    }
+
+    /// A call about transaction `tx` (which knows its database).
+    fn tx(op: &'a str, tx: u64) -> Self {
+        Call {
+            op,
+            tx: Some(tx),
+            ..Call::default()
+        }
+    }
+}
+
+/// A module's answer (each op fills the fields it has).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Answer {
+    error: Option<String>,
+    message: String,
+    found: bool,
+    count: Option<u64>,
+    tx: u64,
+    changes: u64,
+    last_insert_rowid: i64,
+    columns: Vec<String>,
+    rows: Option<Vec<Vec<Value>>>,
+}
+
 /// A database of a module, named for requests.
 #[derive(Debug, Clone)]
 struct Db {
@@ -59,31 +137,35 @@ struct Db {
 }
 
 impl Db {
-    fn new(module: &str, name: &str, package: Option<&str>) -> Db {
+    /// Names the database and opens it (with `package`, another package's).
+    fn open(module: &str, name: &str, package: Option<&str>) -> Result<Db, DbError> {
         let our = crate::our();
-        Db {
+        let db = Db {
             module: Address::from_host(format!("{}@{module}:sys:spindle", our.node())),
             name: name.into(),
             package: package.map(str::to_string),
+        };
+        db.send(&db.call("open"), None)?;
+        Ok(db)
+    }
+
+    fn call<'a>(&'a self, op: &'a str) -> Call<'a> {
+        Call {
+            op,
+            db: Some(&self.name),
+            package: self.package.as_deref(),
+            ..Call::default()
         }
     }
 
-    fn body(&self, op: &str) -> Value {
-        let mut b = json!({"op": op, "db": self.name});
-        if let Some(p) = &self.package {
-            b["package"] = p.clone().into();
-        }
-        b
-    }
-
-    /// Sends `body` (and `blob`); the answer's body and blob.
-    fn call(
+    /// Sends `call` (and `blob`); the answer and its blob.
+    fn send(
         &self,
-        body: &Value,
+        call: &Call,
         blob: Option<Vec<u8>>,
-    ) -> Result<(Value, Option<Vec<u8>>), DbError> {
+    ) -> Result<(Answer, Option<Vec<u8>>), DbError> {
         let mut r = Request::to(self.module.clone())
-            .json(body)
+            .json(call)
             .expects_response(DB_TIMEOUT);
         if let Some(b) = blob {
             r = r.blob(b);
@@ -92,20 +174,17 @@ impl Db {
             kind: e.kind.to_string(),
             message: e.to_string(),
         })?;
-        let answer: Value = msg.json().map_err(|e| DbError {
+        let answer: Answer = msg.json().map_err(|e| DbError {
             kind: "bad-response".into(),
             message: e.to_string(),
         })?;
-        if let Some(kind) = answer["error"].as_str() {
+        if let Some(kind) = answer.error {
             return Err(DbError {
-                kind: kind.into(),
-                message: answer["message"].as_str().unwrap_or_default().into(),
+                kind,
+                message: answer.message,
             });
         }
-        let blob = if answer.get("found") == Some(&Value::Bool(true))
-            || answer.get("count").is_some()
-            || answer.get("rows").is_some()
-        {
+        let blob = if answer.found || answer.count.is_some() || answer.rows.is_some() {
             crate::get_blob().map(|b| b.bytes)
         } else {
             None
@@ -114,24 +193,15 @@ impl Db {
     }
 
     fn grant(&self, to: &Address, access: Access, op: &str) -> Result<(), DbError> {
-        let mut b = self.body(op);
-        b["to"] = to.as_str().into();
-        b["access"] = match access {
-            Access::Read => "read",
-            Access::Write => "write",
-        }
-        .into();
-        self.call(&b, None).map(|_| ())
-    }
-}
-
-fn put_key(body: &mut Value, field: &str, key: &[u8]) {
-    match std::str::from_utf8(key) {
-        Ok(t) => body[field] = t.into(),
-        Err(_) => {
-            body[format!("{field}_base64")] =
-                base64::engine::general_purpose::STANDARD.encode(key).into()
-        }
+        let call = Call {
+            to: Some(to.as_str()),
+            access: Some(match access {
+                Access::Read => "read",
+                Access::Write => "write",
+            }),
+            ..self.call(op)
+        };
+        self.send(&call, None).map(|_| ())
     }
 }
 
@@ -146,25 +216,19 @@ pub mod kv {
 
     /// Opens the database `name` of this process's package, creating it.
     pub fn open(name: &str) -> Result<Kv, DbError> {
-        let db = Db::new("kv", name, None);
-        db.call(&db.body("open"), None)?;
-        Ok(Kv(db))
+        Db::open("kv", name, None).map(Kv)
     }
 
     /// Opens another package's database (it must exist, and that package
     /// must have granted this process access).
     pub fn open_in(package: &str, name: &str) -> Result<Kv, DbError> {
-        let db = Db::new("kv", name, Some(package));
-        db.call(&db.body("open"), None)?;
-        Ok(Kv(db))
+        Db::open("kv", name, Some(package)).map(Kv)
     }
 
     impl Kv {
         pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, DbError> {
-            let mut b = self.0.body("get");
-            put_key(&mut b, "key", key.as_ref());
-            let (answer, blob) = self.0.call(&b, None)?;
-            Ok((answer["found"] == true).then(|| blob.unwrap_or_default()))
+            let (answer, blob) = self.0.send(&self.0.call("get").key(key.as_ref()), None)?;
+            Ok(answer.found.then(|| blob.unwrap_or_default()))
         }
 
         /// Sets `key`; returns once it is on disk.
@@ -183,38 +247,37 @@ pub mod kv {
             value: Option<Vec<u8>>,
             tx: Option<u64>,
         ) -> Result<(), DbError> {
-            let mut b = self.0.body(op);
-            put_key(&mut b, "key", key);
-            if let Some(tx) = tx {
-                b["tx"] = tx.into();
-            }
+            let mut call = Call {
+                tx,
+                ..self.0.call(op).key(key)
+            };
             // An empty value goes in the body: a blob of no bytes is no blob.
             let blob = match value {
                 Some(v) if v.is_empty() => {
-                    b["value"] = "".into();
+                    call.value = Some("");
                     None
                 }
                 v => v,
             };
-            self.0.call(&b, blob).map(|_| ())
+            self.0.send(&call, blob).map(|_| ())
         }
 
         /// Every pair whose key starts with `prefix`, in key order (at most
         /// 10,000; the module says `more` past that: scan from the last key).
         pub fn scan(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
-            let mut b = self.0.body("scan");
-            put_key(&mut b, "prefix", prefix.as_ref());
-            let (_, blob) = self.0.call(&b, None)?;
+            let (_, blob) = self
+                .0
+                .send(&self.0.call("scan").prefix(prefix.as_ref()), None)?;
             Ok(decode_pairs(&blob.unwrap_or_default()))
         }
 
         /// Begins a transaction: its writes apply together at `commit`, or
         /// not at all.
         pub fn begin(&self) -> Result<Tx<'_>, DbError> {
-            let (answer, _) = self.0.call(&self.0.body("begin"), None)?;
+            let (answer, _) = self.0.send(&self.0.call("begin"), None)?;
             Ok(Tx {
                 kv: self,
-                id: answer["tx"].as_u64().unwrap_or_default(),
+                id: answer.tx,
                 open: true,
             })
         }
@@ -251,7 +314,7 @@ pub mod kv {
             self.open = false;
             self.kv
                 .0
-                .call(&json!({"op": "commit", "tx": self.id}), None)
+                .send(&Call::tx("commit", self.id), None)
                 .map(|_| ())
         }
 
@@ -259,7 +322,7 @@ pub mod kv {
             self.open = false;
             self.kv
                 .0
-                .call(&json!({"op": "rollback", "tx": self.id}), None)
+                .send(&Call::tx("rollback", self.id), None)
                 .map(|_| ())
         }
     }
@@ -267,9 +330,8 @@ pub mod kv {
     impl Drop for Tx<'_> {
         fn drop(&mut self) {
             if self.open {
-                let _ = Request::to(self.kv.0.module.clone())
-                    .json(&json!({"op": "rollback", "tx": self.id}))
-                    .send();
+                let call = Call::tx("rollback", self.id);
+                let _ = Request::to(self.kv.0.module.clone()).json(&call).send();
             }
         }
     }
@@ -349,16 +411,12 @@ pub mod sqlite {
 
     /// Opens the database `name` of this process's package, creating it.
     pub fn open(name: &str) -> Result<Sqlite, DbError> {
-        let db = Db::new("sqlite", name, None);
-        db.call(&db.body("open"), None)?;
-        Ok(Sqlite(db))
+        Db::open("sqlite", name, None).map(Sqlite)
     }
 
     /// Opens another package's database (it must have granted access).
     pub fn open_in(package: &str, name: &str) -> Result<Sqlite, DbError> {
-        let db = Db::new("sqlite", name, Some(package));
-        db.call(&db.body("open"), None)?;
-        Ok(Sqlite(db))
+        Db::open("sqlite", name, Some(package)).map(Sqlite)
     }
 
     /// Parameters as JSON, their bytes gathered into one blob.
@@ -402,42 +460,37 @@ pub mod sqlite {
         /// Runs one statement; returns once it is on disk.
         pub fn write(&self, sql: &str, values: &[SqlValue]) -> Result<Written, DbError> {
             let (ps, blob) = params(values);
-            let mut b = self.0.body("write");
-            b["sql"] = sql.into();
-            b["params"] = ps;
-            let (answer, _) = self.0.call(&b, blob)?;
+            let call = Call {
+                sql: Some(sql),
+                params: Some(ps),
+                ..self.0.call("write")
+            };
+            let (answer, _) = self.0.send(&call, blob)?;
             Ok(Written {
-                changes: answer["changes"].as_u64().unwrap_or(0),
-                last_insert_rowid: answer["last_insert_rowid"].as_i64().unwrap_or(0),
+                changes: answer.changes,
+                last_insert_rowid: answer.last_insert_rowid,
             })
         }
 
         pub fn query(&self, sql: &str, values: &[SqlValue]) -> Result<Rows, DbError> {
             let (ps, blob) = params(values);
-            let mut b = self.0.body("query");
-            b["sql"] = sql.into();
-            b["params"] = ps;
-            let (answer, blob) = self.0.call(&b, blob)?;
+            let call = Call {
+                sql: Some(sql),
+                params: Some(ps),
+                ..self.0.call("query")
+            };
+            let (answer, blob) = self.0.send(&call, blob)?;
             let blob = blob.unwrap_or_default();
-            let columns = answer["columns"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|c| c.as_str().unwrap_or_default().to_string())
+            let rows = answer
+                .rows
+                .unwrap_or_default()
+                .iter()
+                .map(|r| r.iter().map(|v| value(v, &blob)).collect())
                 .collect();
-            let rows = answer["rows"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|r| {
-                    r.as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|v| value(v, &blob))
-                        .collect()
-                })
-                .collect();
-            Ok(Rows { columns, rows })
+            Ok(Rows {
+                columns: answer.columns,
+                rows,
+            })
         }
 
         pub fn grant(&self, to: &Address, access: Access) -> Result<(), DbError> {
