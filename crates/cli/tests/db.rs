@@ -115,6 +115,30 @@ fn processes_use_kv_and_sqlite_and_other_packages_need_a_grant() {
     );
 }
 
+#[test]
+fn a_native_process_uses_the_same_modules() {
+    let n = Node::new();
+    let exe = spindle_test_guests::native("native-echo");
+    n.ok(&[
+        "start",
+        "--name",
+        "ne",
+        "--package",
+        "shop:acme",
+        "--public",
+        "--ipc",
+        "--",
+        exe.to_str().unwrap(),
+    ]);
+    let ne = "local@ne:shop:acme";
+    until("the native process answers", || {
+        (ask_maybe(&n, ne, "kv orders from native").as_deref() == Some("native")).then_some(())
+    });
+    // The same database a wasm process of the package sees.
+    let owner = start_dbuser(&n, "owner", "shop:acme");
+    assert_eq!(ask(&n, &owner, "get orders from"), "native");
+}
+
 fn alive_pid(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {

@@ -19,6 +19,8 @@
 //! `grant <address> <to>` sends `"take"` (JSON) to `<to>` with the right to message
 //! `<address>` attached and answers with the reply; `caps` lists what this
 //! process holds; `drop <address>` gives up the right to message it.
+//! `kv <db> <key> <value>` sets the key in the kv module and answers with
+//! what it reads back.
 
 use spindle_process::{
     Address, Capability, Request, Response, Spawn, await_message, drop_capabilities, get_blob,
@@ -108,6 +110,17 @@ fn run() {
                     .collect();
                 held.sort();
                 held.join("\n").into_bytes()
+            }
+            "kv" => {
+                // Sets a key in a database of this package and reads it back.
+                let (db, key, value) = (words.next(), words.next(), words.next());
+                let run = || -> Result<Vec<u8>, spindle_process::DbError> {
+                    let db = spindle_process::kv::open(db.unwrap_or("native"))?;
+                    let key = key.unwrap_or("k");
+                    db.set(key, value.unwrap_or("").as_bytes().to_vec())?;
+                    Ok(db.get(key)?.unwrap_or_default())
+                };
+                run().unwrap_or_else(|e| format!("err {e}").into_bytes())
             }
             "drop" => match words.next().and_then(Address::parse) {
                 Some(a) => {
