@@ -648,12 +648,7 @@ fn start_on_bus(n: &Node, name: &str, extra: &[&str], command: &[&str], up: &str
     args.push("--");
     args.extend_from_slice(command);
     n.ok(&args);
-    let id = n
-        .list()
-        .iter()
-        .find(|p| p.name.as_deref() == Some(name))
-        .unwrap()
-        .id;
+    let id = n.id_of(name);
     until(up, || {
         std::fs::read_to_string(&n.get(id.0).log_out)
             .unwrap_or_default()
@@ -736,12 +731,7 @@ fn client_libraries_for_node_and_python() {
     assert_eq!(got, serde_json::json!({"kind": "offline"}));
 
     // The Node client's heartbeats keep its watchdog (1s) quiet…
-    let nc_id = n
-        .list()
-        .iter()
-        .find(|p| p.name.as_deref() == Some("nc"))
-        .unwrap()
-        .id;
+    let nc_id = n.id_of("nc");
     until("3 heartbeat periods of uptime", || {
         let p = n.get(nc_id.0);
         (p.uptime_ms.unwrap_or(0) >= 3000).then_some(p)
@@ -763,12 +753,7 @@ fn client_libraries_for_node_and_python() {
         ("pc", "python: stopping cleanly"),
         ("ac", "asyncio: stopping cleanly"),
     ] {
-        let id = n
-            .list()
-            .iter()
-            .find(|p| p.name.as_deref() == Some(name))
-            .unwrap()
-            .id;
+        let id = n.id_of(name);
         let log = std::fs::read_to_string(&n.get(id.0).log_out).unwrap();
         assert!(log.contains(said), "{log}");
     }
@@ -817,12 +802,7 @@ fn a_native_rust_process_uses_the_same_api_as_wasm() {
         (String::from_utf8_lossy(&out.stdout).trim() == "kept across runs").then_some(())
     });
     n.ok(&["stop", "ne"]);
-    let id = n
-        .list()
-        .iter()
-        .find(|p| p.name.as_deref() == Some("ne"))
-        .unwrap()
-        .id;
+    let id = n.id_of("ne");
     let log = std::fs::read_to_string(&n.get(id.0).log_out).unwrap();
     assert!(log.contains("native-echo: stopping cleanly"), "{log}");
 }

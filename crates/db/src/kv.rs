@@ -125,21 +125,9 @@ fn found(value: Option<Arc<[u8]>>, text: bool) -> (Value, Option<Vec<u8>>) {
 }
 
 impl Module {
+    /// One kv request: answered (now or by a database thread), or refused
+    /// with the reply handed back.
     pub(crate) fn kv(
-        &self,
-        bus: &Arc<Bus>,
-        source: &Address,
-        req: Req,
-        blob: Option<Arc<Blob>>,
-        reply: Reply,
-    ) {
-        if let Err(e) = self.kv_op(bus, source, req, blob, reply) {
-            // `kv_op` answers itself when it succeeds or hands the reply on.
-            e.0.refuse(e.1);
-        }
-    }
-
-    fn kv_op(
         &self,
         bus: &Arc<Bus>,
         source: &Address,
@@ -322,16 +310,17 @@ impl Module {
                     let run = || -> Result<(Value, Option<Vec<u8>>), Refusal> {
                         let conn = conn.map_err(|e| Refusal::from(e.clone()))?;
                         let end = after_prefix(&prefix);
+                        let fail = |e| Refusal::from(crate::store::DbError::of(&path, e));
                         let mut stmt = conn
                             .prepare_cached("SELECT k, v FROM kv WHERE k >= ?1 AND (?2 IS NULL OR k < ?2) ORDER BY k LIMIT ?3")
-                            .map_err(|e| Refusal::from(crate::store::DbError::Storage { path: path.clone(), why: e.to_string() }))?;
+                            .map_err(fail)?;
                         let mut rows = stmt
                             .query(rusqlite::params![prefix, end, (limit + 1) as i64])
-                            .map_err(|e| Refusal::from(crate::store::DbError::Storage { path: path.clone(), why: e.to_string() }))?;
+                            .map_err(fail)?;
                         let mut out = Vec::new();
                         let mut count = 0;
                         let mut more = false;
-                        while let Some(r) = rows.next().map_err(|e| Refusal::from(crate::store::DbError::Storage { path: path.clone(), why: e.to_string() }))? {
+                        while let Some(r) = rows.next().map_err(fail)? {
                             if count == limit {
                                 more = true;
                                 break;

@@ -360,7 +360,11 @@ impl Service for Module {
         }
         let blob = env.blob.clone();
         match self.kind {
-            Kind::Kv => self.kv(&bus, &env.source, req, blob, reply),
+            Kind::Kv => {
+                if let Err((reply, e)) = self.kv(&bus, &env.source, req, blob, reply) {
+                    reply.refuse(e);
+                }
+            }
             Kind::Sql => self.sql(&bus, &env.source, req, blob, reply),
         }
     }

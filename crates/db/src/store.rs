@@ -69,7 +69,7 @@ impl DbError {
         }
     }
 
-    fn of(path: &Path, e: rusqlite::Error) -> DbError {
+    pub(crate) fn of(path: &Path, e: rusqlite::Error) -> DbError {
         use rusqlite::ErrorCode as C;
         match e.sqlite_error_code() {
             Some(C::NotADatabase | C::DatabaseCorrupt) => DbError::Corrupt(path.into()),

@@ -111,6 +111,15 @@ impl Node {
     pub fn list(&self) -> Vec<ProcessInfo> {
         self.client().list().unwrap()
     }
+    /// The id of the process named `name` (the first, if several are).
+    pub fn id_of(&self, name: &str) -> ProcessNum {
+        self.list()
+            .into_iter()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no process named {name}"))
+            .id
+    }
+
     pub fn get(&self, id: u64) -> ProcessInfo {
         self.list()
             .into_iter()
