@@ -34,7 +34,7 @@ mod spawn;
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
 };
-pub use spawn::SpawnCall;
+pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, confine};
 
 use persist::{CapsFileError, Persister};
 use spindle_types::{Address, ProcessId};
@@ -52,6 +52,16 @@ pub const MAILBOX_CAPACITY: usize = 1024;
 // process 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
 /// How long a sender waits for room in a full mailbox before `MailboxFull`.
 pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
+pub use spindle_types::limits::{DEFAULT_AWAIT, MAX_AWAIT};
+
+/// When a response awaited for `timeout` from now is due: at most
+/// [`MAX_AWAIT`] away, whatever a process asked for.
+pub fn deadline_after(timeout: Duration) -> std::time::Instant {
+    let now = std::time::Instant::now();
+    let wait = timeout.min(MAX_AWAIT);
+    now.checked_add(wait).unwrap_or(now)
+}
+
 /// The `params` of a messaging capability.
 pub const MESSAGING: &str = "\"messaging\"";
 
@@ -112,6 +122,11 @@ impl Mailbox {
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Envelope> {
         self.0.try_recv().ok().map(|b| *b)
+    }
+
+    /// Lets nothing more in; what is queued can still be taken.
+    pub fn close(&mut self) {
+        self.0.close();
     }
 }
 
@@ -351,6 +366,45 @@ impl Bus {
             .remove(process);
         if removed.is_some() {
             self.caps_changed();
+        }
+    }
+
+    /// Tells whoever awaits request `id` (at `rsvp`) that it failed at
+    /// `from` with `kind`, at once rather than at its timeout.
+    pub fn fail_request(
+        &self,
+        from: &Arc<Address>,
+        id: u64,
+        rsvp: Arc<Address>,
+        kind: SendErrorKind,
+    ) {
+        let env = Envelope {
+            id,
+            source: from.clone(),
+            target: rsvp,
+            rsvp: None,
+            message: Message::Failed(kind),
+            blob: None,
+        };
+        // A requester that is gone has nobody to tell; a swamped one hears
+        // at its timeout instead.
+        let _ = self.send_now(env, true);
+    }
+
+    /// A message `from` received and will never answer (it ended, or had
+    /// no room to keep it): a request awaiting a response fails with `kind`.
+    pub fn fail_held(&self, from: &Arc<Address>, env: Envelope, kind: SendErrorKind) {
+        if let (Message::Request(_), Some(rsvp)) = (&env.message, env.rsvp) {
+            self.fail_request(from, env.id, rsvp, kind);
+        }
+    }
+
+    /// Closes the mailbox of a process that has ended (it should be off the
+    /// bus already) and fails every request still queued in it.
+    pub fn drain_ended(&self, from: &Arc<Address>, mailbox: &mut Mailbox) {
+        mailbox.close();
+        while let Some(env) = mailbox.try_recv() {
+            self.fail_held(from, env, SendErrorKind::Exited);
         }
     }
 

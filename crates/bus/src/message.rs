@@ -49,6 +49,11 @@ pub enum Message {
     Request(Request),
     /// With the requester's context, filled in on delivery.
     Response(Response, Option<Vec<u8>>),
+    /// The request numbered by the envelope's `id` failed where it was (its
+    /// target ended holding it): sent by the node, in place of a response,
+    /// to the request's `rsvp`. The requester's host turns it into a send
+    /// error carrying its own copy of the request and context.
+    Failed(SendErrorKind),
 }
 
 impl Message {
@@ -56,7 +61,14 @@ impl Message {
         match self {
             Message::Request(r) => &r.capabilities,
             Message::Response(r, _) => &r.capabilities,
+            Message::Failed(_) => &[],
         }
+    }
+
+    /// Whether this answers the request it is numbered after (a response,
+    /// or word that it failed).
+    pub fn is_answer(&self) -> bool {
+        matches!(self, Message::Response(..) | Message::Failed(_))
     }
 }
 
@@ -111,6 +123,23 @@ pub enum SendErrorKind {
     NoCapability,
     MailboxFull,
     Invalid,
+    /// The target ended while it held the request, before it responded.
+    Exited,
+}
+
+impl SendErrorKind {
+    /// The kind as every protocol of the node spells it (WIT, IPC frames,
+    /// the control socket).
+    pub fn name(self) -> &'static str {
+        match self {
+            SendErrorKind::Offline => "offline",
+            SendErrorKind::Timeout => "timeout",
+            SendErrorKind::NoCapability => "no-capability",
+            SendErrorKind::MailboxFull => "mailbox-full",
+            SendErrorKind::Invalid => "invalid",
+            SendErrorKind::Exited => "exited",
+        }
+    }
 }
 
 impl std::fmt::Display for SendErrorKind {
@@ -125,6 +154,7 @@ impl std::fmt::Display for SendErrorKind {
             SendErrorKind::Invalid => {
                 "invalid: nothing to respond to, or a capability the sender does not hold"
             }
+            SendErrorKind::Exited => "exited: the target ended before it responded",
         })
     }
 }

@@ -1,19 +1,30 @@
 //! A process's request to start a wasm child, carried to the node's control
 //! loop (which owns the kernel) from wherever the process runs: a wasm host
 //! or the bridge of a native process's IPC channel.
+//!
+//! A child runs in its parent's package, so its component must be one the
+//! package ships: the path a process gives is taken relative to its own
+//! folder (a wasm parent's component folder, a native parent's working
+//! directory) and may not leave it — no absolute paths, no `..`, no
+//! symbolic link that points outside ([`SpawnCall::resolve`]).
 
 use crate::Capability;
 use spindle_types::{Address, OnExit};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use tokio::sync::oneshot;
+
+/// Longest component path a process may give.
+pub const MAX_COMPONENT_PATH: usize = 1024;
 
 /// A process asked to spawn a child; the control loop starts it and answers.
 #[derive(Debug)]
 pub struct SpawnCall {
     pub parent: Address,
     pub name: Option<String>,
-    /// The child's component (already resolved against the parent's directory).
-    pub path: PathBuf,
+    /// The parent's folder: the child's component must be inside it.
+    pub dir: PathBuf,
+    /// The child's component, as the parent gave it (relative to `dir`).
+    pub component: String,
     pub on_exit: OnExit,
     pub public: bool,
     /// Capabilities of the parent the child receives (checked to be the parent's).
@@ -21,4 +32,128 @@ pub struct SpawnCall {
     /// Processes that may message the child (the parent may anyway).
     pub grant_to: Vec<Address>,
     pub reply: oneshot::Sender<Result<Address, String>>,
+}
+
+/// Why a component path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefused {
+    #[error("give the child's component as a path relative to the parent's folder")]
+    Empty,
+    #[error("component path is {0} bytes, more than {MAX_COMPONENT_PATH}")]
+    TooLong(usize),
+    #[error(
+        "component path {0:?} is absolute: give it relative to the parent's folder, which it may not leave"
+    )]
+    Absolute(String),
+    #[error(
+        "component path {0:?} leaves the parent's folder (`..`): components of other folders are not the package's"
+    )]
+    Escapes(String),
+    #[error("component {0:?} is a link to outside the parent's folder")]
+    LinksOut(String),
+    #[error("component {path:?} cannot be read: {why}")]
+    Unreadable { path: String, why: String },
+}
+
+impl SpawnCall {
+    /// The component's path inside the parent's folder.
+    pub fn resolve(&self) -> Result<PathBuf, PathRefused> {
+        confine(&self.dir, &self.component)
+    }
+}
+
+/// `rel` inside `dir`, refused if it is absolute, climbs out with `..`, or
+/// resolves (through symbolic links) to somewhere outside `dir`.
+pub fn confine(dir: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
+    if rel.is_empty() {
+        return Err(PathRefused::Empty);
+    }
+    if rel.len() > MAX_COMPONENT_PATH {
+        return Err(PathRefused::TooLong(rel.len()));
+    }
+    let given = Path::new(rel);
+    let mut lexical = PathBuf::new();
+    for part in given.components() {
+        match part {
+            Component::Normal(p) => lexical.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(PathRefused::Escapes(rel.into())),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(PathRefused::Absolute(rel.into()));
+            }
+        }
+    }
+    if lexical.as_os_str().is_empty() {
+        return Err(PathRefused::Empty);
+    }
+    let unreadable = |e: std::io::Error| PathRefused::Unreadable {
+        path: rel.into(),
+        why: e.kind().to_string(),
+    };
+    let root = dir.canonicalize().map_err(unreadable)?;
+    let real = root.join(&lexical).canonicalize().map_err(unreadable)?;
+    if !real.starts_with(&root) {
+        return Err(PathRefused::LinksOut(rel.into()));
+    }
+    Ok(real)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_component_stays_in_its_folder() {
+        let outer = tempfile::tempdir().unwrap();
+        let dir = outer.path().join("pkg");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/child.wasm"), b"x").unwrap();
+        std::fs::write(outer.path().join("other.wasm"), b"x").unwrap();
+        std::os::unix::fs::symlink(outer.path().join("other.wasm"), dir.join("link.wasm")).unwrap();
+        std::os::unix::fs::symlink("sub/child.wasm", dir.join("inner.wasm")).unwrap();
+        let inside = dir.canonicalize().unwrap().join("sub/child.wasm");
+        assert_eq!(confine(&dir, "sub/child.wasm").unwrap(), inside);
+        assert_eq!(confine(&dir, "./sub/./child.wasm").unwrap(), inside);
+        assert_eq!(confine(&dir, "inner.wasm").unwrap(), inside);
+        assert!(matches!(
+            confine(&dir, "../other.wasm"),
+            Err(PathRefused::Escapes(_))
+        ));
+        assert!(matches!(
+            confine(&dir, "sub/../../other.wasm"),
+            Err(PathRefused::Escapes(_))
+        ));
+        assert!(matches!(
+            confine(&dir, "/etc/passwd"),
+            Err(PathRefused::Absolute(_))
+        ));
+        assert!(matches!(
+            confine(&dir, "link.wasm"),
+            Err(PathRefused::LinksOut(_))
+        ));
+        assert!(matches!(confine(&dir, ""), Err(PathRefused::Empty)));
+        assert!(matches!(confine(&dir, "."), Err(PathRefused::Empty)));
+        assert!(matches!(
+            confine(&dir, "none.wasm"),
+            Err(PathRefused::Unreadable { .. })
+        ));
+        let long = "a/".repeat(MAX_COMPONENT_PATH);
+        assert!(matches!(confine(&dir, &long), Err(PathRefused::TooLong(_))));
+    }
+
+    proptest! {
+        /// Whatever path a process gives, what comes back is inside its folder.
+        #[test]
+        fn never_outside(rel in "[a-z./]{0,24}") {
+            let outer = tempfile::tempdir().unwrap();
+            let dir = outer.path().join("pkg");
+            std::fs::create_dir_all(dir.join("a")).unwrap();
+            std::fs::write(dir.join("a/b"), b"x").unwrap();
+            std::fs::write(outer.path().join("b"), b"x").unwrap();
+            if let Ok(p) = confine(&dir, &rel) {
+                prop_assert!(p.starts_with(dir.canonicalize().unwrap()), "{rel:?} → {p:?}");
+            }
+        }
+    }
 }

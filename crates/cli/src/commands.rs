@@ -113,6 +113,15 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 } => {
                     let timeout = spindle_types::units::parse_duration(&timeout)
                         .map_err(|e| format!("--timeout: {e}"))?;
+                    let most = spindle_types::limits::MAX_AWAIT;
+                    if timeout > most {
+                        return Err(format!(
+                            "--timeout: {} is longer than a response may be awaited ({}): give less",
+                            spindle_types::units::format_duration(timeout),
+                            spindle_types::units::format_duration(most)
+                        )
+                        .into());
+                    }
                     let target: spindle_types::Address = address.parse()?;
                     let reply = client.send(&target.to_string(), &body, timeout)?;
                     println!("{reply}");

@@ -492,9 +492,16 @@ fn wasm_counter_over_send_survives_crashes_and_daemon_restarts() {
         n.ok(&["send", addr, r#"{"add":2}"#]).trim(),
         r#"{"count":7}"#
     );
-    // A crash: no answer, the reason in ls, a restart by the schedule.
-    let e = n.fails(&["send", addr, r#""crash""#, "--timeout", "300ms"]);
-    assert!(e.contains("no response") && e.contains("300ms"), "{e}");
+    // A crash: the requester hears at once that the target ended holding
+    // its request (not a timeout later), the reason is in ls, and the
+    // process restarts by its schedule.
+    let asked = Instant::now();
+    let e = n.fails(&["send", addr, r#""crash""#, "--timeout", "20s"]);
+    assert!(e.contains("ended before it responded"), "{e}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "it waited for the timeout"
+    );
     let p = until("restarted after the crash", || {
         let p = n.get(1);
         (p.restarts == 1 && p.state == StateLabel::Running).then_some(p)
@@ -714,7 +721,7 @@ fn client_libraries_for_node_and_python() {
     );
     assert_eq!(send_json(&n, &ac, "[7]"), serde_json::json!({"aio": [7]}));
     // The asyncio client spawns a wasm child and talks to it.
-    let echo = spindle_test_guests::path("echo");
+    let echo = n.ship("echo");
     let spawn = serde_json::json!({"spawn": echo, "name": "aiokid"}).to_string();
     assert_eq!(
         send_json(&n, &ac, &spawn),
@@ -810,8 +817,7 @@ fn a_native_rust_process_uses_the_same_api_as_wasm() {
 #[test]
 fn capabilities_and_spawn_over_the_channel_as_for_wasm() {
     let n = Node::new();
-    let echo = spindle_test_guests::path("echo");
-    let echo = echo.to_str().unwrap();
+    let echo = n.ship("echo");
     let exe = spindle_test_guests::native("native-echo");
     let ne = start_on_bus(&n, "ne", &[], &[exe.to_str().unwrap()], "native-echo: up");
     let js = fixture("ipc-client.js");
@@ -873,12 +879,26 @@ fn capabilities_and_spawn_over_the_channel_as_for_wasm() {
         "err no-capability"
     );
     // A bad component is a clear error to the caller; nothing starts.
-    let junk = n.write("junk.wasm", "not wasm");
-    let got = n.ok(&["send", &ne, &format!("spawn junk {}", junk.display())]);
+    n.write("junk.wasm", "not wasm");
+    let got = n.ok(&["send", &ne, "spawn junk junk.wasm"]);
     assert!(
         got.contains("junk.wasm") && got.contains("not a valid WebAssembly component"),
         "{got}"
     );
+    // Only components inside the process's own folder: no absolute path,
+    // no `..`, and never a word of a file's contents in the error.
+    let outside = spindle_test_guests::path("echo");
+    let got = n.ok(&["send", &ne, &format!("spawn abs {}", outside.display())]);
+    assert!(got.contains("absolute"), "{got}");
+    let got = n.ok(&["send", &ne, "spawn up ../echo.wasm"]);
+    assert!(got.contains("leaves the parent's folder"), "{got}");
+    n.write("secret.wasm", "root:x:0:0:root:/root:/bin/bash");
+    let got = n.ok(&["send", &ne, "spawn peek secret.wasm"]);
+    assert!(got.contains("not a WebAssembly file"), "{got}");
+    assert!(!got.contains("root") && !got.contains("0x72"), "{got}");
+    for name in ["abs", "up", "peek"] {
+        assert!(!n.list().iter().any(|p| p.name.as_deref() == Some(name)));
+    }
     assert!(!n.list().iter().any(|p| p.name.as_deref() == Some("junk")));
 }
 

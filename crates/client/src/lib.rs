@@ -265,8 +265,9 @@ impl Client {
         body: &str,
         timeout: Duration,
     ) -> Result<String, ClientError> {
+        let timeout = timeout.min(spindle_types::limits::MAX_AWAIT);
         self.writer
-            .set_read_timeout(Some(timeout + REQUEST_TIMEOUT))?;
+            .set_read_timeout(Some(timeout.saturating_add(REQUEST_TIMEOUT)))?;
         let r = self.call(&Request::Send {
             target: target.into(),
             body: body.into(),

@@ -24,6 +24,7 @@
 //! Shutdown stops every process gracefully (reason `Shutdown`), keeps them
 //! marked to run, writes the table, and removes the socket.
 
+pub mod budget;
 pub mod node;
 pub mod server;
 pub mod table;

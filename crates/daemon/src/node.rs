@@ -490,6 +490,13 @@ impl Node {
                 Some(n) => format!("process {} ({n:?})", i + 1),
                 None => format!("process {}", i + 1),
             };
+            // Whoever built the spec, it obeys the manifest's rules.
+            if let Err(b) = spec.check() {
+                return err(
+                    ErrorKind::InvalidSpec,
+                    format!("{who}: `{}`: {}; nothing was started", b.key, b.message),
+                );
+            }
             let checked = match &spec.program {
                 Program::Native { .. } => NativeDriver::preflight(spec)
                     .map(|_| ())
@@ -746,23 +753,33 @@ impl Node {
     /// A wasm process asked to spawn a child: start it through the kernel,
     /// then hand out the capabilities that go with it.
     fn spawn_for(&mut self, call: SpawnCall) {
-        let spec = ProcessSpec {
-            name: call.name.clone(),
-            program: Program::Wasm {
-                path: call.path.clone(),
-                package: call.parent.process.package.clone(),
-                public: call.public,
-            },
-            env: Default::default(),
-            log: Default::default(),
-            restart: Default::default(),
-            on_exit: call.on_exit.clone(),
-            grace: spindle_types::spec::DEFAULT_GRACE,
-            stop_signal: Default::default(),
-            max_memory: None,
-            transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
-        };
         let answer = (|| {
+            let path = call.resolve().map_err(|e| e.to_string())?;
+            let spec = ProcessSpec {
+                name: call.name.clone(),
+                program: Program::Wasm {
+                    path,
+                    package: call.parent.process.package.clone(),
+                    public: call.public,
+                },
+                env: Default::default(),
+                log: Default::default(),
+                restart: Default::default(),
+                on_exit: call.on_exit.clone(),
+                grace: spindle_types::spec::DEFAULT_GRACE,
+                stop_signal: Default::default(),
+                max_memory: None,
+                transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
+                parent: Some(call.parent.process.clone()),
+            };
+            spec.check()
+                .map_err(|b| format!("the child's {}: {}", b.key, b.message))?;
+            crate::budget::admit(
+                &self.kernel,
+                &call.parent.process,
+                spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
+            )
+            .map_err(|e| e.to_string())?;
             self.check_wasm(&spec, &[])?;
             let num = self
                 .kernel
@@ -858,20 +875,27 @@ async fn send_as_operator(bus: Arc<Bus>, target: &str, body: String, timeout: Du
         Ok(()) => {
             let wait = async {
                 while let Some(env) = inbox.recv().await {
-                    if env.id == id
-                        && let Message::Response(r, _) = env.message
-                    {
-                        return Some((env.source, r));
+                    if env.id != id {
+                        continue;
+                    }
+                    match env.message {
+                        Message::Response(r, _) => return Some(Ok((env.source, r))),
+                        Message::Failed(kind) => return Some(Err(kind)),
+                        Message::Request(_) => {}
                     }
                 }
                 None
             };
-            match tokio::time::timeout(timeout, wait).await {
-                Ok(Some((source, r))) => Reply::One(Response::Reply {
+            match tokio::time::timeout(timeout.min(spindle_bus::MAX_AWAIT), wait).await {
+                Ok(Some(Ok((source, r)))) => Reply::One(Response::Reply {
                     source: source.to_string(),
                     body: String::from_utf8_lossy(&r.body).into_owned(),
                     metadata: r.metadata,
                 }),
+                Ok(Some(Err(kind))) => err(
+                    ErrorKind::Exited,
+                    format!("{target} ended before it responded ({})", kind.name()),
+                ),
                 _ => err(
                     ErrorKind::Timeout,
                     format!(

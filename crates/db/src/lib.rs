@@ -24,6 +24,7 @@
 //! binary results travel in the message's blob, never inside the JSON.
 
 pub mod access;
+pub mod guard;
 mod kv;
 mod sql;
 pub mod store;

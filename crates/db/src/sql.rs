@@ -8,7 +8,8 @@
 //! `{"blob":[offset,length]}` into the response's blob.
 
 use crate::access::Access;
-use crate::store::DbError;
+use crate::guard::{GuestError, first_keyword};
+use crate::store::{DbError, too_long};
 use crate::{Module, Refusal, Reply, Req};
 use base64::Engine as _;
 use rusqlite::types::Value as Sql;
@@ -20,18 +21,6 @@ use std::sync::Arc;
 /// Rows one query may answer with: more is an error asking for a `LIMIT`
 /// (a silently cut result would be wrong).
 pub const MAX_ROWS: usize = 10_000;
-
-/// Statements that would end or nest the module's own transaction.
-const TRANSACTION_WORDS: [&str; 8] = [
-    "BEGIN",
-    "COMMIT",
-    "END",
-    "ROLLBACK",
-    "SAVEPOINT",
-    "RELEASE",
-    "ATTACH",
-    "DETACH",
-];
 
 pub(crate) fn to_sql(v: &Value, blob: Option<&Blob>) -> Result<Sql, Refusal> {
     Ok(match v {
@@ -47,11 +36,13 @@ pub(crate) fn to_sql(v: &Value, blob: Option<&Blob>) -> Result<Sql, Refusal> {
                 .as_array()
                 .and_then(|a| Some((a.first()?.as_u64()?, a.get(1)?.as_u64()?)));
             let bytes = blob.map(|b| b.bytes.as_slice()).unwrap_or_default();
-            match range {
-                Some((off, len)) if (off + len) as usize <= bytes.len() => {
-                    Sql::Blob(bytes[off as usize..(off + len) as usize].to_vec())
-                }
-                _ => {
+            let within = range.and_then(|(off, len)| {
+                let start = usize::try_from(off).ok()?;
+                bytes.get(start..start.checked_add(usize::try_from(len).ok()?)?)
+            });
+            match within {
+                Some(slice) => Sql::Blob(slice.to_vec()),
+                None => {
                     return Err(Refusal::bad(format!(
                         "parameter {v}: [offset, length] outside the request's blob ({} bytes)",
                         bytes.len()
@@ -88,20 +79,6 @@ fn from_sql(v: rusqlite::types::ValueRef<'_>, blob: &mut Vec<u8>) -> Value {
             json!({"blob": [at, b.len()]})
         }
     }
-}
-
-fn check_statement(sql: &str) -> Result<(), Refusal> {
-    let first = sql
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_ascii_uppercase();
-    if TRANSACTION_WORDS.contains(&first.as_str()) {
-        return Err(Refusal::bad(format!(
-            "{first} is the module's to say: each write is its own transaction; send one statement"
-        )));
-    }
-    Ok(())
 }
 
 impl Module {
@@ -142,9 +119,6 @@ impl Module {
         match &*req.op {
             "open" => reply.ok(json!({"ok": true}), None),
             "write" => {
-                if let Err(e) = check_statement(&sql) {
-                    return reply.refuse(e);
-                }
                 db.write_sql(sql, params, Box::new(move |r| {
                     reply.answer(r.map(|c| (json!({"changes": c.rows, "last_insert_rowid": c.last_insert_rowid}), None)).map_err(Refusal::from))
                 }));
@@ -154,35 +128,48 @@ impl Module {
                 db.read(Box::new(move |conn| {
                     let run = || -> Result<(Value, Option<Vec<u8>>), Refusal> {
                         let conn = conn.map_err(|e| Refusal::from(e.clone()))?;
-                        let bad =
-                            |e: rusqlite::Error| Refusal::from(DbError::Statement(e.to_string()));
-                        let mut stmt = conn.prepare_cached(&sql).map_err(bad)?;
-                        let columns: Vec<String> =
-                            stmt.column_names().map(|c| c.to_string()).collect();
-                        let mut rows = stmt
-                            .query(rusqlite::params_from_iter(params.iter()))
-                            .map_err(bad)?;
-                        let mut out = Vec::new();
-                        let mut bytes = Vec::new();
-                        while let Some(r) = rows.next().map_err(bad)? {
-                            if out.len() == MAX_ROWS {
-                                return Err(Refusal::bad(format!(
-                                    "more than {MAX_ROWS} rows: add a LIMIT and page through {}",
-                                    path.display()
-                                )));
+                        let ran = conn.guard.guest(&sql, || {
+                            let mut stmt = conn.prepare_cached(&sql)?;
+                            if !stmt.readonly() {
+                                return Ok(Err(DbError::Refused(format!(
+                                    "{} through `query`, which only reads: send it as `write`",
+                                    first_keyword(&sql)
+                                ))
+                                .into()));
                             }
-                            out.push(Value::Array(
-                                (0..columns.len())
-                                    .map(|i| {
-                                        r.get_ref(i)
-                                            .map(|v| from_sql(v, &mut bytes))
-                                            .unwrap_or(Value::Null)
-                                    })
-                                    .collect(),
-                            ));
+                            let columns: Vec<String> =
+                                stmt.column_names().map(|c| c.to_string()).collect();
+                            let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+                            let mut out = Vec::new();
+                            let mut bytes = Vec::new();
+                            while let Some(r) = rows.next()? {
+                                if out.len() == MAX_ROWS {
+                                    return Ok(Err(Refusal::bad(format!(
+                                        "more than {MAX_ROWS} rows: add a LIMIT and page through {}",
+                                        path.display()
+                                    ))));
+                                }
+                                out.push(Value::Array(
+                                    (0..columns.len())
+                                        .map(|i| {
+                                            r.get_ref(i)
+                                                .map(|v| from_sql(v, &mut bytes))
+                                                .unwrap_or(Value::Null)
+                                        })
+                                        .collect(),
+                                ));
+                            }
+                            let blob = (!bytes.is_empty()).then_some(bytes);
+                            Ok(Ok((json!({"columns": columns, "rows": out}), blob)))
+                        });
+                        match ran {
+                            Ok(answer) => answer,
+                            Err(GuestError::Refused(why)) => Err(DbError::Refused(why).into()),
+                            Err(GuestError::TooLong) => Err(too_long().into()),
+                            Err(GuestError::Sql(e)) => {
+                                Err(DbError::Statement(e.to_string()).into())
+                            }
                         }
-                        let blob = (!bytes.is_empty()).then_some(bytes);
-                        Ok((json!({"columns": columns, "rows": out}), blob))
                     };
                     reply.answer(run());
                 }));
@@ -271,12 +258,13 @@ mod tests {
             "outside the blob"
         );
         assert!(to_sql(&json!([1]), None).is_err());
-    }
-
-    #[test]
-    fn transaction_statements_are_the_modules() {
-        assert!(check_statement("  commit").is_err());
-        assert!(check_statement("BEGIN IMMEDIATE").is_err());
-        assert!(check_statement("INSERT INTO t VALUES (1)").is_ok());
+        for extreme in [
+            json!({"blob": [u64::MAX, 1]}),
+            json!({"blob": [1, u64::MAX]}),
+            json!({"blob": [u64::MAX, u64::MAX]}),
+            json!({"blob": [-1, 2]}),
+        ] {
+            assert!(to_sql(&extreme, Some(&blob)).is_err(), "{extreme}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! many writers), a reader thread for reads that miss the cache and for
 //! scans and queries, and for kv a cache of values by key.
 
+use crate::guard::{Guard, GuestError, MAX_STATEMENT_TIME};
 use rusqlite::{Connection, OpenFlags, params};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ pub enum DbError {
     /// The caller's own statement failed (SQL error, constraint): nothing of it applied.
     #[error("{0}")]
     Statement(String),
+    /// The guard refused the caller's statement ([`crate::guard`]): nothing of it ran.
+    #[error("refused: {0}; nothing of the statement ran")]
+    Refused(String),
 }
 
 impl DbError {
@@ -66,6 +70,7 @@ impl DbError {
             DbError::ReadOnly(_) => "read-only",
             DbError::Storage { .. } => "storage",
             DbError::Statement(_) => "statement",
+            DbError::Refused(_) => "refused",
         }
     }
 
@@ -120,7 +125,28 @@ enum Write {
     Sql(String, Vec<rusqlite::types::Value>, Done<Changed>),
 }
 
-type ReadJob = Box<dyn FnOnce(Result<&Connection, &DbError>) + Send>;
+type ReadJob = Box<dyn FnOnce(Result<&Conn, &DbError>) + Send>;
+
+/// A connection with its guard: a process's statements run through
+/// [`Guard::guest`], the module's own directly.
+pub struct Conn {
+    conn: Connection,
+    pub guard: Guard,
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Conn {
+    fn guarded(mut conn: Connection, path: &Path) -> Result<Conn, DbError> {
+        let guard = Guard::install(&mut conn).map_err(|e| DbError::of(path, e))?;
+        Ok(Conn { conn, guard })
+    }
+}
 
 #[derive(Default)]
 struct Cache {
@@ -286,7 +312,7 @@ impl Database {
     }
 }
 
-fn open_writer(kind: Kind, path: &Path) -> Result<Connection, DbError> {
+fn open_writer(kind: Kind, path: &Path) -> Result<Conn, DbError> {
     let err = |e| DbError::of(path, e);
     let conn = Connection::open_with_flags(
         path,
@@ -310,10 +336,10 @@ fn open_writer(kind: Kind, path: &Path) -> Result<Connection, DbError> {
         )
         .map_err(err)?;
     }
-    Ok(conn)
+    Conn::guarded(conn, path)
 }
 
-fn open_reader(path: &Path) -> Result<Connection, DbError> {
+fn open_reader(path: &Path) -> Result<Conn, DbError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -321,7 +347,7 @@ fn open_reader(path: &Path) -> Result<Connection, DbError> {
     .map_err(|e| DbError::of(path, e))?;
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
         .map_err(|e| DbError::of(path, e))?;
-    Ok(conn)
+    Conn::guarded(conn, path)
 }
 
 fn read_loop(path: &Path, jobs: mpsc::Receiver<ReadJob>) {
@@ -335,7 +361,7 @@ fn read_loop(path: &Path, jobs: mpsc::Receiver<ReadJob>) {
 }
 
 /// Takes every write waiting (up to `MAX_BATCH`) and commits them together.
-fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<Write>, db: std::sync::Weak<Database>) {
+fn write_loop(conn: Conn, jobs: mpsc::Receiver<Write>, db: std::sync::Weak<Database>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH
@@ -344,7 +370,7 @@ fn write_loop(mut conn: Connection, jobs: mpsc::Receiver<Write>, db: std::sync::
             batch.push(w);
         }
         let Some(db) = db.upgrade() else { return };
-        commit(&mut conn, &db, batch);
+        commit(&conn, &db, batch);
     }
 }
 
@@ -361,7 +387,7 @@ enum Outcome {
     Sql(Result<Changed, DbError>, Done<Changed>),
 }
 
-fn commit(conn: &mut Connection, db: &Database, batch: Vec<Write>) {
+fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
     let path = &db.path;
     let fail_all = |outcomes: Vec<Outcome>, e: DbError| {
         tracing::warn!("{}: a commit failed: {e}", path.display());
@@ -402,15 +428,24 @@ fn commit(conn: &mut Connection, db: &Database, batch: Vec<Write>) {
             }
             Write::Sql(sql, params, done) => match apply_sql(conn, &sql, &params) {
                 // A failure that ended the whole transaction (a full disk,
-                // say) fails the batch; a statement's own failure only it.
+                // a statement stopped for its time) fails the batch; a
+                // statement's own failure only it.
                 Err(e) if conn.is_autocommit() => {
-                    broken = Some(DbError::of(path, e));
+                    broken = Some(match e {
+                        GuestError::Sql(e) => DbError::of(path, e),
+                        GuestError::TooLong => too_long(),
+                        GuestError::Refused(why) => DbError::Refused(why),
+                    });
                     outcomes.push(Outcome::Sql(Ok(NOTHING), done));
                 }
                 result => {
-                    let result = result.map_err(|e| match DbError::of(path, e) {
-                        DbError::Storage { why, .. } => DbError::Statement(why),
-                        other => other,
+                    let result = result.map_err(|e| match e {
+                        GuestError::Sql(e) => match DbError::of(path, e) {
+                            DbError::Storage { why, .. } => DbError::Statement(why),
+                            other => other,
+                        },
+                        GuestError::TooLong => too_long(),
+                        GuestError::Refused(why) => DbError::Refused(why),
                     });
                     outcomes.push(Outcome::Sql(result, done));
                 }
@@ -464,24 +499,35 @@ fn apply_kv(conn: &Connection, ops: &[KvOp]) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A statement stopped at [`MAX_STATEMENT_TIME`].
+pub(crate) fn too_long() -> DbError {
+    DbError::Statement(format!(
+        "the statement ran longer than {} s and was stopped (nothing of it applied): add an index, a LIMIT, or split the work",
+        MAX_STATEMENT_TIME.as_secs()
+    ))
+}
+
 /// One statement inside the batch's transaction, in a savepoint of its own.
 fn apply_sql(
-    conn: &Connection,
+    conn: &Conn,
     sql: &str,
     params: &[rusqlite::types::Value],
-) -> rusqlite::Result<Changed> {
-    conn.execute_batch("SAVEPOINT one")?;
-    let run = || -> rusqlite::Result<Changed> {
-        let mut stmt = conn.prepare_cached(sql)?;
-        let rows = stmt.execute(rusqlite::params_from_iter(params.iter()))? as u64;
-        Ok(Changed {
-            rows,
-            last_insert_rowid: conn.last_insert_rowid(),
+) -> Result<Changed, GuestError> {
+    conn.execute_batch("SAVEPOINT one")
+        .map_err(GuestError::Sql)?;
+    let run = || {
+        conn.guard.guest(sql, || {
+            let mut stmt = conn.prepare_cached(sql)?;
+            let rows = stmt.execute(rusqlite::params_from_iter(params.iter()))? as u64;
+            Ok(Changed {
+                rows,
+                last_insert_rowid: conn.last_insert_rowid(),
+            })
         })
     };
     match run() {
         Ok(c) => {
-            conn.execute_batch("RELEASE one")?;
+            conn.execute_batch("RELEASE one").map_err(GuestError::Sql)?;
             Ok(c)
         }
         Err(e) => {

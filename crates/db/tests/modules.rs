@@ -350,8 +350,9 @@ async fn sqlite_writes_and_queries_with_typed_values() {
         .await;
     assert_eq!(r["error"], "statement", "{r}");
     assert!(r["message"].as_str().unwrap().contains("UNIQUE"), "{r}");
-    let (r, _) = p.ask("sqlite", w("COMMIT", json!([])), None).await;
-    assert_eq!(r["error"], "bad-request");
+    let (r, _) = p.ask("sqlite", w("/**/COMMIT", json!([])), None).await;
+    assert_eq!(r["error"], "refused", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("COMMIT"), "{r}");
     let q = json!({"op": "query", "db": "app", "sql": "SELECT id, name, score, data, NULL AS n FROM t WHERE name = ?1", "params": ["ann"]});
     let (r, blob) = p.ask("sqlite", q, None).await;
     assert_eq!(
@@ -361,7 +362,9 @@ async fn sqlite_writes_and_queries_with_typed_values() {
     assert_eq!(blob.unwrap(), vec![0, 255, 7]);
     // Queries cannot write.
     let q = json!({"op": "query", "db": "app", "sql": "DELETE FROM t"});
-    assert_eq!(p.ask("sqlite", q, None).await.0["error"], "statement");
+    let (r, _) = p.ask("sqlite", q, None).await;
+    assert_eq!(r["error"], "refused", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("only reads"), "{r}");
     let mut out = Vec::new();
     spindle_db::dump(
         dir.path(),
@@ -377,4 +380,81 @@ async fn sqlite_writes_and_queries_with_typed_values() {
             && text.contains("INSERT INTO \"t\" VALUES (1, 'ann', 2.5, X'00FF07');"),
         "{text}"
     );
+}
+
+/// A package's SQL reaches its own database and nothing else: not another
+/// package's file (ATTACH, however it is hidden), not the module's
+/// transaction, and a hostile parameter is an error, not a panic.
+#[tokio::test(flavor = "current_thread")]
+async fn sql_is_confined_to_its_own_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = node(dir.path());
+    let mut owner = Caller::new(&bus, "local@vault:bank:acme");
+    let mut thief = Caller::new(&bus, "local@api:shop:acme");
+    let w = |db: &str, sql: &str| json!({"op": "write", "db": db, "sql": sql});
+    let q = |db: &str, sql: &str| json!({"op": "query", "db": db, "sql": sql});
+    for sql in ["CREATE TABLE t (x)", "INSERT INTO t VALUES ('gold')"] {
+        let (r, _) = owner.ask("sqlite", w("vault", sql), None).await;
+        assert!(r.get("error").is_none(), "{r}");
+    }
+    let (r, _) = thief
+        .ask("sqlite", w("mine", "CREATE TABLE t (x)"), None)
+        .await;
+    assert!(r.get("error").is_none(), "{r}");
+    let vault = dir.path().join("sqlite/bank:acme/vault.sqlite");
+    assert!(vault.exists());
+    let v = vault.display();
+    for (op, sql) in [
+        ("query", format!("ATTACH DATABASE '{v}' AS y")),
+        ("write", format!("/**/ATTACH '{v}' AS y2")),
+        ("write", format!("-- note\nATTACH '{v}' AS y3")),
+        ("query", format!("VACUUM INTO '{v}.copy'")),
+        ("write", "PRAGMA journal_mode = DELETE".to_string()),
+        (
+            "write",
+            "INSERT INTO t VALUES (1); DELETE FROM t".to_string(),
+        ),
+    ] {
+        let body = if op == "query" {
+            q("mine", &sql)
+        } else {
+            w("mine", &sql)
+        };
+        let (r, _) = thief.ask("sqlite", body, None).await;
+        assert_eq!(r["error"], "refused", "{sql}: {r}");
+    }
+    // Nothing left over: the other file unchanged, no copy made.
+    let (r, _) = owner
+        .ask("sqlite", q("vault", "SELECT x FROM t"), None)
+        .await;
+    assert_eq!(r["rows"], json!([["gold"]]));
+    assert!(
+        !dir.path()
+            .join("sqlite/bank:acme/vault.sqlite.copy")
+            .exists()
+    );
+    let (r, _) = thief
+        .ask("sqlite", q("mine", "SELECT count(*) FROM t"), None)
+        .await;
+    assert_eq!(
+        r["rows"],
+        json!([[0]]),
+        "nothing of the two-statement call ran"
+    );
+    // Offsets and lengths at their extremes are a bad request.
+    for range in [
+        json!([u64::MAX, 1]),
+        json!([1, u64::MAX]),
+        json!([u64::MAX, u64::MAX]),
+    ] {
+        let body =
+            json!({"op": "write", "db": "mine", "sql": "SELECT ?1", "params": [{"blob": range}]});
+        let (r, _) = thief.ask("sqlite", body, Some(&[1, 2, 3])).await;
+        assert_eq!(r["error"], "bad-request", "{r}");
+    }
+    // And the module still answers.
+    let (r, _) = thief
+        .ask("sqlite", w("mine", "INSERT INTO t VALUES (1)"), None)
+        .await;
+    assert_eq!(r["changes"], 1, "{r}");
 }

@@ -326,14 +326,16 @@ impl WasmDriver {
             ))
         });
         let guard = runtime.tick_guard();
-        tokio::spawn(run_process(
-            pre,
-            store,
+        let report = EndReport {
+            events: self.events.clone(),
             num,
             run,
-            self.events.clone(),
-            guard,
-        ));
+            bus: self.shared.bus.clone(),
+            process: our.process.clone(),
+            on_exit: spec.on_exit.clone(),
+            sent: false,
+        };
+        tokio::spawn(run_process(pre, store, report, guard));
         self.runs.insert(
             num,
             LiveWasm {
@@ -411,35 +413,104 @@ fn describe(e: &wasmtime::Error) -> String {
     e.root_cause().to_string()
 }
 
+/// The report of a run's end to the control loop, sent exactly once: by
+/// the run's task when it finishes, or — if the task unwinds past it or is
+/// dropped — by its drop, so the kernel never waits for a run that is gone.
+struct EndReport {
+    events: mpsc::UnboundedSender<WasmEvent>,
+    num: ProcessNum,
+    run: RunId,
+    bus: Arc<Bus>,
+    process: ProcessId,
+    /// The spec's policy, for an end the run could not report itself.
+    on_exit: OnExit,
+    sent: bool,
+}
+
+impl EndReport {
+    fn send(mut self, status: ExitStatus, detail: Option<String>, on_exit: OnExit) {
+        self.sent = true;
+        let _ = self.events.send(WasmEvent::Exited {
+            num: self.num,
+            run: self.run,
+            status,
+            detail,
+            on_exit,
+        });
+    }
+}
+
+impl Drop for EndReport {
+    fn drop(&mut self) {
+        if self.sent {
+            return;
+        }
+        self.bus.unregister(&self.process);
+        let why = "host error: the process's task ended without finishing its run";
+        tracing::error!("process {}: {why}", self.num);
+        let _ = self.events.send(WasmEvent::Exited {
+            num: self.num,
+            run: self.run,
+            status: ExitStatus::Trap,
+            detail: Some(why.into()),
+            on_exit: self.on_exit.clone(),
+        });
+    }
+}
+
+/// A panic's message, as far as it has one.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 async fn run_process(
     pre: ProcessPre<ProcessHost>,
     mut store: Store<ProcessHost>,
-    num: ProcessNum,
-    run: RunId,
-    events: mpsc::UnboundedSender<WasmEvent>,
+    report: EndReport,
     _ticking: TickGuard,
 ) {
+    use futures_util::FutureExt as _;
     let our = host::to_wit_addr(&store.data().our);
-    let result = match pre.instantiate_async(&mut store).await {
-        Ok(p) => p.call_init(&mut store, &our).await,
-        Err(e) => Err(e),
-    };
+    // Host code runs inside these calls on the process's behalf: a panic in
+    // it ends this process as crashed, not the daemon's task.
+    let ran = std::panic::AssertUnwindSafe(async {
+        match pre.instantiate_async(&mut store).await {
+            Ok(p) => p.call_init(&mut store, &our).await,
+            Err(e) => Err(e),
+        }
+    })
+    .catch_unwind()
+    .await;
     let h = store.data_mut();
-    let exit_code = result
-        .as_ref()
-        .err()
-        .and_then(|e| e.downcast_ref::<wasmtime_wasi::I32Exit>())
-        .map(|x| x.0);
-    let (status, detail) = match result {
-        Ok(()) => (ExitStatus::Code(0), None),
-        // The guest called `exit`: an ordinary exit with that code.
-        Err(_) if exit_code.is_some() => (ExitStatus::Code(exit_code.unwrap_or(0)), None),
-        Err(e) => {
-            let why = h.panic.take().unwrap_or_else(|| describe(&e));
-            if !h.is_killed() {
-                h.log_line(&format!("[spindle] process trapped: {why}"));
-            }
+    let (status, detail) = match ran {
+        Err(payload) => {
+            let why = format!("host error: {}", panic_text(&*payload));
+            tracing::error!("process {} ({}): {why}", report.num, h.our);
+            h.log_line(&format!("[spindle] process ended by a {why}"));
             (ExitStatus::Trap, Some(why))
+        }
+        Ok(result) => {
+            let exit_code = result
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<wasmtime_wasi::I32Exit>())
+                .map(|x| x.0);
+            match result {
+                Ok(()) => (ExitStatus::Code(0), None),
+                // The guest called `exit`: an ordinary exit with that code.
+                Err(_) if exit_code.is_some() => (ExitStatus::Code(exit_code.unwrap_or(0)), None),
+                Err(e) => {
+                    let why = h.panic.take().unwrap_or_else(|| describe(&e));
+                    if !h.is_killed() {
+                        h.log_line(&format!("[spindle] process trapped: {why}"));
+                    }
+                    (ExitStatus::Trap, Some(why))
+                }
+            }
         }
     };
     let on_exit = on_exit_from_wit(&h.on_exit);
@@ -465,12 +536,7 @@ async fn run_process(
         }
     }
     h.shared.bus.unregister(&h.our.process);
+    h.release_held();
     let _ = h.out.lock().unwrap_or_else(|p| p.into_inner()).finish();
-    let _ = events.send(WasmEvent::Exited {
-        num,
-        run,
-        status,
-        detail,
-        on_exit,
-    });
+    report.send(status, detail, on_exit);
 }

@@ -182,6 +182,16 @@ fn to_wit_request(r: Request) -> wit::Request {
 
 fn to_wit_message(m: Message) -> wit::Message {
     match m {
+        // `accept` turns these into send errors; none reaches a guest as a message.
+        Message::Failed(_) => wit::Message::Response((
+            wit::Response {
+                inherit: false,
+                body: vec![],
+                metadata: None,
+                capabilities: vec![],
+            },
+            None,
+        )),
         Message::Request(r) => wit::Message::Request(to_wit_request(r)),
         Message::Response(r, context) => wit::Message::Response((
             wit::Response {
@@ -204,6 +214,7 @@ pub(crate) fn from_wit_blob(b: wit::Blob) -> Blob {
 
 fn to_wit_kind(k: SendErrorKind) -> wit::SendErrorKind {
     match k {
+        SendErrorKind::Exited => wit::SendErrorKind::Exited,
         SendErrorKind::Offline => wit::SendErrorKind::Offline,
         SendErrorKind::Timeout => wit::SendErrorKind::Timeout,
         SendErrorKind::NoCapability => wit::SendErrorKind::NoCapability,
@@ -342,10 +353,21 @@ impl ProcessHost {
     }
 
     /// Takes a delivered envelope: a response is matched to its pending
-    /// request (or dropped and counted as late); a request becomes the one
-    /// being handled, and any message the last one received.
-    fn accept(&mut self, env: Envelope) -> Option<(wit::Address, wit::Message)> {
+    /// request (or dropped and counted as late), word that a request failed
+    /// becomes its send error; a request becomes the one being handled, and
+    /// any message the last one received.
+    fn accept(&mut self, env: Envelope) -> Option<Received> {
         let mut message = env.message;
+        if let Message::Failed(kind) = message {
+            // Word about a request no longer awaited (timed out) is late.
+            let p = self.pending.remove(&env.id)?;
+            return Some(Err(send_error(
+                kind,
+                &p.target,
+                Message::Request(p.request),
+                p.context,
+            )));
+        }
         if let Message::Response(_, context) = &mut message {
             match self.pending.remove(&env.id) {
                 Some(p) => *context = p.context,
@@ -369,7 +391,7 @@ impl ProcessHost {
             blob: env.blob,
             caps: message.capabilities().to_vec(),
         });
-        Some((self.source_text(&env.source), to_wit_message(message)))
+        Some(Ok((self.source_text(&env.source), to_wit_message(message))))
     }
 
     /// A pending request whose time is up, returned as a timeout error.
@@ -434,8 +456,8 @@ impl ProcessHost {
     /// request, or (if `mailbox`) queued mail.
     fn poll_now(&mut self, mailbox: bool) -> Option<Received> {
         while let Some(env) = self.deferred.pop_front() {
-            if let Some(m) = self.accept(env) {
-                return Some(Ok(m));
+            if let Some(r) = self.accept(env) {
+                return Some(r);
             }
         }
         if !self.pending.is_empty()
@@ -447,8 +469,8 @@ impl ProcessHost {
             if self.is_killed() {
                 return None;
             }
-            if let Some(m) = self.accept(env) {
-                return Some(Ok(m));
+            if let Some(r) = self.accept(env) {
+                return Some(r);
             }
         }
         None
@@ -483,7 +505,7 @@ impl ProcessHost {
                     target: target.clone(),
                     request: request.clone(),
                     context: context.clone(),
-                    deadline: Instant::now() + timeout,
+                    deadline: spindle_bus::deadline_after(timeout),
                 },
             );
         }
@@ -558,8 +580,8 @@ impl host::Host for ProcessHost {
             match self.wake(deadline).await {
                 Wake::Killed => return Err(killed()),
                 Wake::Mail(env) => {
-                    if let Some(m) = self.accept(env) {
-                        return Ok(Ok(m));
+                    if let Some(r) = self.accept(env) {
+                        return Ok(r);
                     }
                 }
                 Wake::Deadline => {}
@@ -629,10 +651,16 @@ impl host::Host for ProcessHost {
             match ready {
                 Wake::Killed => return Err(killed()),
                 Wake::Mail(env) => {
-                    if env.id == id && matches!(env.message, Message::Response(..)) {
-                        if let Some(m) = self.accept(env) {
-                            return Ok(Ok(m));
+                    if env.id == id && env.message.is_answer() {
+                        if let Some(r) = self.accept(env) {
+                            return Ok(r);
                         }
+                    } else if self.deferred.len() >= MAX_DEFERRED
+                        && matches!(env.message, Message::Request(_))
+                    {
+                        // No room to set it aside: its sender hears so now.
+                        let bus = self.shared.bus.clone();
+                        bus.fail_held(&self.our, env, SendErrorKind::MailboxFull);
                     } else {
                         self.deferred.push_back(env);
                     }
@@ -800,12 +828,12 @@ impl host::Host for ProcessHost {
                 c.issuer, c.params
             )));
         }
-        let path = self.component_dir.join(&wasm_path);
         let (reply, answer) = oneshot::channel();
         let call = crate::SpawnCall {
             parent: (*self.our).clone(),
             name,
-            path,
+            dir: self.component_dir.clone(),
+            component: wasm_path,
             on_exit: crate::driver::on_exit_from_wit(&on_exit),
             public,
             capabilities: caps,
@@ -873,5 +901,25 @@ impl host::Host for ProcessHost {
     }
 }
 
-/// Timeout of `send-and-await-response` when the request sets none.
-pub const DEFAULT_AWAIT: Duration = Duration::from_secs(5);
+pub use spindle_bus::DEFAULT_AWAIT;
+/// Messages set aside while a process awaits one response: as many as its
+/// mailbox holds. Requests beyond it fail to their senders as `mailbox-full`.
+pub const MAX_DEFERRED: usize = spindle_bus::MAILBOX_CAPACITY;
+
+impl ProcessHost {
+    /// The run is over: every message it held and will never answer fails
+    /// to its requester as `exited` (the request being handled, those set
+    /// aside, those still queued), at once rather than at their timeouts.
+    pub(crate) fn release_held(&mut self) {
+        let bus = self.shared.bus.clone();
+        if let Some(h) = self.handling.take()
+            && let Some(rsvp) = h.rsvp
+        {
+            bus.fail_request(&self.our, h.id, rsvp, SendErrorKind::Exited);
+        }
+        for env in self.deferred.drain(..) {
+            bus.fail_held(&self.our, env, SendErrorKind::Exited);
+        }
+        bus.drain_ended(&self.our, &mut self.mailbox);
+    }
+}

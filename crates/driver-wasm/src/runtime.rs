@@ -22,7 +22,7 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const MAX_WASM_PROCESSES: u32 = 10_240;
 /// Largest linear memory any wasm process may have (its `max_memory` must be
 /// at most this): the size of each pooled memory slot.
-pub const MAX_WASM_MEMORY: usize = 256 << 20;
+pub const MAX_WASM_MEMORY: usize = spindle_types::spec::MAX_WASM_MEMORY as usize;
 /// Core instances a component may need (the program plus the small shims a
 /// component is made of).
 const CORE_INSTANCES_PER_PROCESS: u32 = 4;
@@ -54,6 +54,24 @@ struct Stamp {
     modified: Option<SystemTime>,
 }
 
+/// Largest component file the node loads (it is read whole and compiled
+/// on the control loop): well above real guests (~60 KiB to a few MiB).
+pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
+/// What every WebAssembly file starts with.
+const WASM_MAGIC: &[u8] = b"\0asm";
+
+/// A compiler's error without the bytes it quotes (`actual=[0x…]`).
+fn quiet(message: &str) -> String {
+    match message.find("actual=") {
+        Some(at) => message[..at]
+            .trim_end()
+            .trim_end_matches('-')
+            .trim_end()
+            .to_string(),
+        None => message.to_string(),
+    }
+}
+
 /// Engine + linker + caches, shared by every wasm process of the node.
 pub struct Runtime {
     engine: Engine,
@@ -71,7 +89,7 @@ struct Ticker {
 }
 
 impl Ticker {
-    fn start(engine: Engine) -> Arc<Ticker> {
+    fn start(engine: Engine) -> Result<Arc<Ticker>, WasmError> {
         let t = Arc::new(Ticker {
             live: AtomicUsize::new(0),
             thread: Mutex::new(None),
@@ -89,9 +107,9 @@ impl Ticker {
                     engine.increment_epoch();
                 }
             })
-            .expect("spawn the epoch thread");
+            .map_err(|e| WasmError::Engine(format!("no thread for the epoch ticker: {e}")))?;
         *t.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.thread().clone());
-        t
+        Ok(t)
     }
 }
 
@@ -131,7 +149,7 @@ impl Runtime {
             path: cache_dir.into(),
             source,
         })?;
-        let ticker = Ticker::start(engine.clone());
+        let ticker = Ticker::start(engine.clone())?;
         Ok(Runtime {
             engine,
             linker,
@@ -164,6 +182,15 @@ impl Runtime {
             source,
         };
         let meta = std::fs::metadata(path).map_err(read_err)?;
+        if meta.len() > MAX_COMPONENT_BYTES {
+            return Err(WasmError::Invalid {
+                path: path.into(),
+                message: format!(
+                    "{} bytes, more than a component may have ({MAX_COMPONENT_BYTES})",
+                    meta.len()
+                ),
+            });
+        }
         let stamp = Stamp {
             len: meta.len(),
             modified: meta.modified().ok(),
@@ -217,9 +244,17 @@ impl Runtime {
                 ),
             }
         }
+        // Only what the file is, never what it holds: a process may point
+        // the node at any file, and the error goes back to it.
+        if !bytes.starts_with(WASM_MAGIC) {
+            return Err(WasmError::Invalid {
+                path: path.into(),
+                message: "it is not a WebAssembly file (build it for wasm32-wasip2)".into(),
+            });
+        }
         let component = Component::new(&self.engine, bytes).map_err(|e| WasmError::Invalid {
             path: path.into(),
-            message: format!("{e:#}"),
+            message: quiet(&e.root_cause().to_string()),
         })?;
         match component.serialize() {
             Ok(art) => {

@@ -38,6 +38,10 @@ const OUT_QUEUE: usize = 256;
 /// Requests a process may leave unanswered before the oldest is forgotten
 /// (a response to a forgotten one is refused as having nothing to answer).
 const MAX_UNANSWERED: usize = 4096;
+/// Requests a process may await responses to at once; past this a request
+/// is refused `mailbox-full` (the awaited table holds no bodies, but it is
+/// the process's, and bounded).
+const MAX_AWAITED: usize = 4096;
 /// Capabilities that came with messages and may still be saved, per run; past
 /// this the oldest offer lapses (a process keeps what it means to keep soon
 /// after it arrives).
@@ -216,6 +220,9 @@ struct Reader {
     last_target: Option<(String, Arc<Address>)>,
 }
 
+/// Memory reserved for a raw blob before its bytes arrive.
+const RAW_BLOB_STEP: usize = 1 << 20;
+
 /// A blob from a frame, its raw bytes read from `input` if they follow it.
 async fn read_blob(
     blob: Option<BlobIn>,
@@ -225,8 +232,15 @@ async fn read_blob(
         None => None,
         Some(BlobIn::Inline { mime, bytes }) => Some(Arc::new(Blob { mime, bytes })),
         Some(BlobIn::Raw { mime, len }) => {
-            let mut bytes = vec![0; len];
-            input.read_exact(&mut bytes).await?;
+            // Memory follows the bytes that arrive, not the length declared.
+            let mut bytes = Vec::with_capacity(len.min(RAW_BLOB_STEP));
+            let got = (&mut *input)
+                .take(len as u64)
+                .read_to_end(&mut bytes)
+                .await?;
+            if got < len {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
             Some(Arc::new(Blob { mime, bytes }))
         }
     })
@@ -370,7 +384,8 @@ impl Reader {
                 let call = SpawnCall {
                     parent: (*self.me).clone(),
                     name: s.name,
-                    path: spawner.dir.join(&s.wasm),
+                    dir: spawner.dir.clone(),
+                    component: s.wasm,
                     on_exit: s.on_exit,
                     public: s.public,
                     capabilities: s.capabilities,
@@ -459,7 +474,31 @@ impl Reader {
                     None => self.bus.next_id(),
                 };
                 if let Some((id, ms)) = awaits {
-                    let deadline = Instant::now() + Duration::from_millis(ms);
+                    let deadline =
+                        Instant::from_std(spindle_bus::deadline_after(Duration::from_millis(ms)));
+                    let full = self
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .awaited
+                        .len()
+                        >= MAX_AWAITED;
+                    if full {
+                        let why = format!(
+                            "mailbox-full: this process already awaits {MAX_AWAITED} responses; wait for some before sending more"
+                        );
+                        let _ = self
+                            .out
+                            .send(frame::error(
+                                Some(id),
+                                SendErrorKind::MailboxFull.name(),
+                                Some(&target),
+                                &why,
+                                context.as_ref().map(Json::raw),
+                            ))
+                            .await;
+                        return;
+                    }
                     let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     st.awaited.insert(
                         number,
@@ -501,7 +540,7 @@ impl Reader {
                         .out
                         .send(frame::error(
                             id,
-                            kind_name(kind),
+                            kind.name(),
                             Some(&target),
                             &kind.to_string(),
                             context.as_ref().map(Json::raw),
@@ -572,17 +611,6 @@ impl Reader {
     }
 }
 
-/// The error kind as the protocol spells it.
-fn kind_name(k: SendErrorKind) -> &'static str {
-    match k {
-        SendErrorKind::Offline => "offline",
-        SendErrorKind::Timeout => "timeout",
-        SendErrorKind::NoCapability => "no-capability",
-        SendErrorKind::MailboxFull => "mailbox-full",
-        SendErrorKind::Invalid => "invalid",
-    }
-}
-
 struct Writer {
     me: Arc<Address>,
     bus: Arc<Bus>,
@@ -606,6 +634,40 @@ impl Writer {
         // per frame.
         let mut timer = Box::pin(tokio::time::sleep(Duration::from_secs(3600)));
         let mut armed = false;
+        self.serve(
+            &output,
+            &mut mailbox,
+            &mut queued,
+            &mut closed,
+            &mut timer,
+            &mut armed,
+        )
+        .await;
+        // Nothing the process held will be answered now: its requesters
+        // hear so at once.
+        let held: Vec<(u64, Arc<Address>)> = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.unanswered
+                .drain()
+                .filter_map(|(id, i)| Some((id, i.rsvp?)))
+                .collect()
+        };
+        for (id, rsvp) in held {
+            self.bus
+                .fail_request(&self.me, id, rsvp, SendErrorKind::Exited);
+        }
+        self.bus.drain_ended(&self.me, &mut mailbox);
+    }
+
+    async fn serve(
+        &mut self,
+        output: &ChannelWriter,
+        mailbox: &mut Mailbox,
+        queued: &mut mpsc::Receiver<Vec<u8>>,
+        closed: &mut watch::Receiver<bool>,
+        timer: &mut std::pin::Pin<Box<tokio::time::Sleep>>,
+        armed: &mut bool,
+    ) {
         loop {
             let (bytes, blob) = tokio::select! {
                 _ = closed.changed() => return,
@@ -621,16 +683,16 @@ impl Writer {
                     // Off the bus: the run is over.
                     None => return,
                 },
-                _ = timer.as_mut(), if armed => {
+                _ = timer.as_mut(), if *armed => {
                     let out = self.expire();
-                    armed = self.arm(&mut timer);
+                    *armed = self.arm(timer);
                     if out.is_empty() {
                         continue;
                     }
                     (out, None)
                 }
                 _ = self.deadlines.notified() => {
-                    armed = self.arm(&mut timer);
+                    *armed = self.arm(timer);
                     continue;
                 }
             };
@@ -692,6 +754,16 @@ impl Writer {
                 }
                 st.offered.add(&r.capabilities);
                 frame::request(env.id, &source, &r, expects, out, raw)
+            }
+            Message::Failed(kind) => {
+                let a = st.awaited.remove(&env.id)?;
+                frame::error(
+                    Some(a.id),
+                    kind.name(),
+                    Some(&a.target),
+                    &kind.to_string(),
+                    a.context.as_ref().map(Json::raw),
+                )
             }
             Message::Response(r, _) => match st.awaited.remove(&env.id) {
                 Some(a) => {

@@ -303,6 +303,7 @@ impl fmt::Display for SendErrorKind {
             SendErrorKind::NoCapability => "no-capability",
             SendErrorKind::MailboxFull => "mailbox-full",
             SendErrorKind::Invalid => "invalid",
+            SendErrorKind::Exited => "exited",
         })
     }
 }

@@ -381,6 +381,7 @@ fn kind_of(name: &str) -> wit::SendErrorKind {
         "timeout" => wit::SendErrorKind::Timeout,
         "no-capability" => wit::SendErrorKind::NoCapability,
         "mailbox-full" => wit::SendErrorKind::MailboxFull,
+        "exited" => wit::SendErrorKind::Exited,
         _ => wit::SendErrorKind::Invalid,
     }
 }

@@ -125,6 +125,8 @@ pub enum ErrorKind {
     Timeout,
     /// `send`: the target's mailbox stayed full.
     MailboxFull,
+    /// `send`: the target ended before it responded.
+    Exited,
 }
 
 /// One row of `ls`.

@@ -22,6 +22,7 @@
 pub mod control;
 pub mod exit;
 pub mod id;
+pub mod limits;
 pub mod manifest;
 pub mod restart;
 pub mod spec;

@@ -318,7 +318,7 @@ impl RawProcess {
         if let Some(k) = self.log_keep {
             log.keep = k;
         }
-        Ok(ProcessSpec {
+        let spec = ProcessSpec {
             name: self.name,
             program,
             env: self.env,
@@ -329,7 +329,10 @@ impl RawProcess {
             stop_signal,
             max_memory,
             transient: false,
-        })
+            parent: None,
+        };
+        spec.check().map_err(|b| err(b.key, b.message))?;
+        Ok(spec)
     }
 }
 

@@ -4,7 +4,7 @@
 //! the spec was made.
 
 use crate::exit::OnExit;
-use crate::id::PackageId;
+use crate::id::{PackageId, ProcessId, validate_name};
 use crate::restart::RestartSchedule;
 use crate::units::serde_millis;
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,21 @@ pub const DEFAULT_GRACE: Duration = Duration::from_millis(200);
 pub const DEFAULT_LOG_MAX_SIZE: u64 = 64 << 20;
 /// Default number of rotated log files kept beside the live one.
 pub const DEFAULT_LOG_KEEP: u32 = 3;
+/// Smallest rotation size: a rotated file must hold whole lines.
+pub const MIN_LOG_MAX_SIZE: u64 = 4096;
+/// Largest linear memory a wasm process may have: the instance pool
+/// reserves this much address space for every slot.
+pub const MAX_WASM_MEMORY: u64 = 256 << 20;
+/// Longest grace a stop may give: a stop that waits longer is a hang.
+pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+/// Longest delay a restart schedule may name.
+pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(24 * 3600);
+/// Longest watchdog period.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(24 * 3600);
+/// Steps a restart schedule may have.
+pub const MAX_RESTART_STEPS: usize = 64;
+/// On-exit requests a process may leave (each is sent when it ends).
+pub const MAX_EXIT_REQUESTS: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessSpec {
@@ -37,9 +52,157 @@ pub struct ProcessSpec {
     /// another process), so short-lived children do not pile up.
     #[serde(default)]
     pub transient: bool,
+    /// The process that spawned it (its children count against its budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ProcessId>,
+}
+
+/// A rule a spec breaks: the manifest key at fault, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broken {
+    pub key: &'static str,
+    pub message: String,
+}
+
+fn broken(key: &'static str, message: impl Into<String>) -> Result<(), Broken> {
+    Err(Broken {
+        key,
+        message: message.into(),
+    })
+}
+
+fn plain_text(key: &'static str, what: &str, text: &str) -> Result<(), Broken> {
+    if text.contains('\0') {
+        return broken(key, format!("{what} {text:?} contains a NUL byte"));
+    }
+    Ok(())
 }
 
 impl ProcessSpec {
+    /// The rules every spec obeys however it was made (a manifest, flags, a
+    /// process's spawn, any client of the control socket): the daemon checks
+    /// each spec it is given, whoever built it.
+    pub fn check(&self) -> Result<(), Broken> {
+        if let Some(n) = &self.name {
+            validate_name(n).map_err(|e| Broken {
+                key: "name",
+                message: e.to_string(),
+            })?;
+        }
+        match &self.program {
+            Program::Native {
+                command,
+                args,
+                cwd,
+                ipc,
+            } => {
+                if command.trim().is_empty() {
+                    return broken("command", "empty: say what to run");
+                }
+                plain_text("command", "command", command)?;
+                for a in args {
+                    plain_text("args", "argument", a)?;
+                }
+                if !cwd.is_absolute() {
+                    return broken("cwd", format!("{} is not an absolute path", cwd.display()));
+                }
+                if let Some(h) = ipc.as_ref().and_then(Ipc::heartbeat)
+                    && !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&h)
+                {
+                    return broken(
+                        "heartbeat",
+                        format!(
+                            "{} ms: give 1s to {}h",
+                            h.as_millis(),
+                            MAX_HEARTBEAT.as_secs() / 3600
+                        ),
+                    );
+                }
+            }
+            Program::Wasm { path, .. } => {
+                if !path.is_absolute() {
+                    return broken(
+                        "wasm",
+                        format!("{} is not an absolute path", path.display()),
+                    );
+                }
+                if let Some(m) = self.max_memory
+                    && m > MAX_WASM_MEMORY
+                {
+                    return broken(
+                        "max_memory",
+                        format!(
+                            "{m} bytes is above a wasm process's {} MiB: give 256MiB or less",
+                            MAX_WASM_MEMORY >> 20
+                        ),
+                    );
+                }
+            }
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return broken(
+                    "env",
+                    format!("invalid variable name {key:?}: names cannot be empty or contain `=`"),
+                );
+            }
+            plain_text("env", "value", value)?;
+        }
+        if self.grace > MAX_GRACE {
+            return broken(
+                "grace",
+                format!(
+                    "{:?} is longer than the {}h a stop may wait",
+                    self.grace,
+                    MAX_GRACE.as_secs() / 3600
+                ),
+            );
+        }
+        if self.restart.delays.len() > MAX_RESTART_STEPS {
+            return broken(
+                "restart_at",
+                format!(
+                    "{} steps: give at most {MAX_RESTART_STEPS} (the last one repeats)",
+                    self.restart.delays.len()
+                ),
+            );
+        }
+        if let Some(d) = self.restart.delays.iter().find(|d| **d > MAX_RESTART_DELAY) {
+            return broken(
+                "restart_at",
+                format!("{d:?} is longer than a day: give at most 24h"),
+            );
+        }
+        if self.log.max_size < MIN_LOG_MAX_SIZE {
+            return broken(
+                "log_max_size",
+                format!(
+                    "{} bytes is below the 4KiB minimum: a rotated file must hold whole lines",
+                    self.log.max_size
+                ),
+            );
+        }
+        for (key, p) in [("log", &self.log.out), ("err_log", &self.log.err)] {
+            if let Some(p) = p
+                && !p.is_absolute()
+            {
+                return broken(key, format!("{} is not an absolute path", p.display()));
+            }
+        }
+        if let OnExit::Requests(list) = &self.on_exit
+            && list.len() > MAX_EXIT_REQUESTS
+        {
+            return broken(
+                "on_exit",
+                format!(
+                    "{} on-exit requests: at most {MAX_EXIT_REQUESTS}",
+                    list.len()
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// The files stdout and stderr go to, for the process numbered `num`,
     /// in the node's `logs_dir`.
     pub fn log_paths(&self, logs_dir: &Path, num: u64) -> (PathBuf, PathBuf) {

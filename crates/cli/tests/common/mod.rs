@@ -140,6 +140,18 @@ impl Node {
         std::fs::write(&p, text).unwrap();
         p
     }
+    /// Copies a test guest into the folder processes started here run in
+    /// (a process spawns only components inside its own folder); returns
+    /// the file name to spawn it by.
+    pub fn ship(&self, guest: &str) -> String {
+        let name = format!("{guest}.wasm");
+        std::fs::copy(
+            spindle_test_guests::path(guest),
+            self.dir.path().join(&name),
+        )
+        .unwrap();
+        name
+    }
 }
 
 impl Drop for Node {

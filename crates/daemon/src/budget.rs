@@ -1,0 +1,74 @@
+//! What processes may start on their own: children per parent, processes
+//! per package, and the room the node keeps for everyone else.
+//!
+//! Only spawns made by processes are counted against these budgets; the
+//! operator's starts are not, and a share of the wasm pool
+//! ([`OPERATOR_RESERVE`]) is kept out of processes' reach so one package
+//! spawning without end can never stop another package — or the operator
+//! — from starting processes. Exhausting a budget is an error to the
+//! process that asked, naming the budget.
+
+use spindle_kernel::{Desired, Kernel};
+use spindle_types::ProcessId;
+
+/// Children one process may have at once (running, starting or waiting to
+/// restart): a fan-out of workers fits; a spawn loop stops here.
+pub const MAX_CHILDREN: usize = 1_000;
+/// Processes spawned by the processes of one package, at once.
+pub const MAX_PACKAGE_SPAWNED: usize = 4_096;
+/// Wasm pool slots that processes' own spawns may never take: kept for
+/// the operator's starts and other packages' restarts.
+pub const OPERATOR_RESERVE: usize = 512;
+
+/// Why a process may not spawn now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BudgetError {
+    #[error(
+        "{parent} already has {MAX_CHILDREN} children (its budget): wait for some to end, or reuse them"
+    )]
+    Children { parent: ProcessId },
+    #[error(
+        "package {package} already runs {MAX_PACKAGE_SPAWNED} spawned processes (its budget): wait for some to end"
+    )]
+    Package { package: String },
+    #[error(
+        "the node is near its limit of {pool} wasm processes; the last {OPERATOR_RESERVE} are kept for the operator: try again later"
+    )]
+    Node { pool: usize },
+}
+
+/// Checks that `parent` may spawn one more child, given the table.
+pub fn admit(kernel: &Kernel, parent: &ProcessId, pool: usize) -> Result<(), BudgetError> {
+    let mut children = 0;
+    let mut package = 0;
+    let mut wasm = 0;
+    for e in kernel.entries() {
+        if !(e.state.is_live() || e.desired == Desired::Running) {
+            continue;
+        }
+        if matches!(e.spec.program, spindle_types::Program::Wasm { .. }) {
+            wasm += 1;
+        }
+        let Some(p) = &e.spec.parent else { continue };
+        if p == parent {
+            children += 1;
+        }
+        if p.package == parent.package {
+            package += 1;
+        }
+    }
+    if children >= MAX_CHILDREN {
+        return Err(BudgetError::Children {
+            parent: parent.clone(),
+        });
+    }
+    if package >= MAX_PACKAGE_SPAWNED {
+        return Err(BudgetError::Package {
+            package: parent.package.to_string(),
+        });
+    }
+    if wasm + OPERATOR_RESERVE >= pool {
+        return Err(BudgetError::Node { pool });
+    }
+    Ok(())
+}
