@@ -40,13 +40,19 @@ use persist::{CapsFileError, Persister};
 use spindle_types::{Address, ProcessId};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Messages a mailbox holds before senders have to wait.
 pub const MAILBOX_CAPACITY: usize = 1024;
+/// Bytes (bodies, metadata and blobs) one mailbox may hold: past it a
+/// sender gets `mailbox-full`, so a flood of large messages to a busy
+/// process is held back by its senders instead of growing the node.
+pub const MAILBOX_BYTES: usize = 64 << 20;
+/// Bytes all mailboxes of the node may hold together.
+pub const NODE_QUEUED_BYTES: usize = 1 << 30;
 // Mailboxes carry boxed envelopes: the channel allocates its slots in blocks
 // of 32, and 32 inline envelopes (144 bytes each) would cost every idle
 // process 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
@@ -75,14 +81,75 @@ pub trait Service: Send + Sync + 'static {
 
 /// Where an endpoint's messages go.
 enum Inbox {
-    Mailbox(mpsc::Sender<Box<Envelope>>),
+    Mailbox(mpsc::Sender<Box<Envelope>>, Arc<Queued>),
     Service(Arc<dyn Service>),
 }
+
+/// Bytes queued in one mailbox, and in all of the node's.
+#[derive(Debug)]
+struct Queued {
+    here: AtomicUsize,
+    node: Arc<AtomicUsize>,
+    /// A sender waits for bytes to drain ([`Bus::wait_for_room`]).
+    waiting: AtomicBool,
+    room: tokio::sync::Notify,
+}
+
+impl Queued {
+    /// Counts `n` more bytes in, if both budgets have room.
+    fn take(&self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let here = self.here.fetch_add(n, Ordering::AcqRel);
+        if here.saturating_add(n) > MAILBOX_BYTES {
+            self.here.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        let node = self.node.fetch_add(n, Ordering::AcqRel);
+        if node.saturating_add(n) > NODE_QUEUED_BYTES {
+            self.node.fetch_sub(n, Ordering::AcqRel);
+            self.here.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: usize) {
+        if n > 0 {
+            let before = self.here.fetch_sub(n, Ordering::AcqRel);
+            self.node.fetch_sub(n, Ordering::AcqRel);
+            if self.waiting.load(Ordering::Acquire) && before - n < ROOM_AGAIN {
+                self.waiting.store(false, Ordering::Release);
+                self.room.notify_waiters();
+            }
+        }
+    }
+
+    /// Waits (until `until`) for the mailbox to fall below [`ROOM_AGAIN`] bytes.
+    async fn drained(&self, until: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.waiting.store(true, Ordering::Release);
+            if self.here.load(Ordering::Acquire) < ROOM_AGAIN {
+                return true;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return self.here.load(Ordering::Acquire) < ROOM_AGAIN;
+            }
+        }
+    }
+}
+
+/// A mailbox full of bytes has room again once it holds less than this.
+const ROOM_AGAIN: usize = MAILBOX_BYTES / 2;
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Inbox::Mailbox(_) => "mailbox",
+            Inbox::Mailbox(..) => "mailbox",
             Inbox::Service(_) => "service",
         })
     }
@@ -111,22 +178,47 @@ impl Endpoint {
 
 /// The receiving side handed to the process's host.
 #[derive(Debug)]
-pub struct Mailbox(mpsc::Receiver<Box<Envelope>>);
+pub struct Mailbox {
+    rx: mpsc::Receiver<Box<Envelope>>,
+    queued: Arc<Queued>,
+}
 
 impl Mailbox {
+    fn taken(&self, env: Envelope) -> Envelope {
+        self.queued.give(env.weight());
+        env
+    }
+
     /// The next message; `None` once the process is off the bus.
     pub async fn recv(&mut self) -> Option<Envelope> {
-        self.0.recv().await.map(|b| *b)
+        let env = self.rx.recv().await?;
+        Some(self.taken(*env))
     }
 
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Envelope> {
-        self.0.try_recv().ok().map(|b| *b)
+        let env = self.rx.try_recv().ok()?;
+        Some(self.taken(*env))
     }
 
     /// Lets nothing more in; what is queued can still be taken.
     pub fn close(&mut self) {
-        self.0.close();
+        self.rx.close();
+    }
+
+    /// Bytes queued in it now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.here.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        // What is still queued leaves the node's count with it.
+        self.rx.close();
+        while let Ok(env) = self.rx.try_recv() {
+            self.queued.give(env.weight());
+        }
     }
 }
 
@@ -148,6 +240,8 @@ pub struct Bus {
     /// Keeps `caps` on disk, for a bus made with [`Bus::open`].
     persist: Option<Persister>,
     next_id: AtomicU64,
+    /// Bytes queued in all mailboxes ([`NODE_QUEUED_BYTES`]).
+    queued: Arc<AtomicUsize>,
     /// Responses that arrived after their request had timed out or been answered.
     pub late_responses: AtomicU64,
 }
@@ -161,6 +255,7 @@ impl Bus {
             caps: Arc::default(),
             persist: None,
             next_id: AtomicU64::new(1),
+            queued: Arc::default(),
             late_responses: AtomicU64::new(0),
         }
     }
@@ -233,16 +328,22 @@ impl Bus {
             return Err(BusError::AddressTaken(address));
         }
         let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
+        let queued = Arc::new(Queued {
+            here: AtomicUsize::new(0),
+            node: self.queued.clone(),
+            waiting: AtomicBool::new(false),
+            room: tokio::sync::Notify::new(),
+        });
         eps.insert(
             address.process.clone(),
             Arc::new(Endpoint {
                 address,
                 public,
-                inbox: Inbox::Mailbox(tx),
+                inbox: Inbox::Mailbox(tx, queued.clone()),
                 on_bus: std::sync::atomic::AtomicBool::new(true),
             }),
         );
-        Ok(Mailbox(rx))
+        Ok(Mailbox { rx, queued })
     }
 
     /// Puts a service of the node's own on the bus at `address`.
@@ -426,7 +527,7 @@ impl Bus {
             Err(Refused::Now(kind, env)) => Err((kind, *env)),
             // The rare slow path is boxed: awaited inline, its timer would
             // make every sender's future (moved on each host call) large.
-            Err(Refused::Full(tx, env)) => Box::pin(wait_for_room(tx, env)).await,
+            Err(Refused::Full(tx, queued, env)) => Box::pin(wait_for_room(tx, queued, env)).await,
         }
     }
 
@@ -450,7 +551,7 @@ impl Bus {
         match self.deliver(target, Box::new(env), privileged) {
             Ok(()) => Ok(()),
             Err(Refused::Now(kind, env)) => Err((kind, env)),
-            Err(Refused::Full(_, env)) => Err((SendErrorKind::MailboxFull, env)),
+            Err(Refused::Full(_, _, env)) => Err((SendErrorKind::MailboxFull, env)),
         }
     }
 
@@ -460,9 +561,14 @@ impl Bus {
         let Some(ep) = self.lookup(target) else {
             return false;
         };
-        let Inbox::Mailbox(tx) = &ep.inbox else {
+        let Inbox::Mailbox(tx, queued) = &ep.inbox else {
             return true;
         };
+        let until = tokio::time::Instant::now() + MAILBOX_WAIT;
+        // Full of bytes rather than messages: room comes as it is read.
+        if queued.here.load(Ordering::Acquire) >= ROOM_AGAIN && !queued.drained(until).await {
+            return false;
+        }
         // A permit reserves a slot; dropping it gives the slot back, so this
         // only learns that there is room.
         matches!(
@@ -500,19 +606,27 @@ impl Bus {
                 return Err(Refused::Now(SendErrorKind::NoCapability, env));
             }
         }
-        let tx = match &target.inbox {
-            Inbox::Mailbox(tx) => tx,
+        let (tx, queued) = match &target.inbox {
+            Inbox::Mailbox(tx, queued) => (tx, queued),
             Inbox::Service(s) => {
                 s.handle(*env);
                 return Ok(());
             }
         };
+        let weight = env.weight();
+        if !queued.take(weight) {
+            return Err(Refused::Now(SendErrorKind::MailboxFull, env));
+        }
         match tx.try_send(env) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(env)) => {
+                queued.give(weight);
                 Err(Refused::Now(SendErrorKind::Offline, env))
             }
-            Err(mpsc::error::TrySendError::Full(env)) => Err(Refused::Full(tx.clone(), env)),
+            Err(mpsc::error::TrySendError::Full(env)) => {
+                queued.give(weight);
+                Err(Refused::Full(tx.clone(), queued.clone(), env))
+            }
         }
     }
 }
@@ -525,19 +639,25 @@ pub type Undelivered = (SendErrorKind, Box<Envelope>);
 enum Refused {
     Now(SendErrorKind, Box<Envelope>),
     /// The mailbox is full: wait for room on this sender.
-    Full(mpsc::Sender<Box<Envelope>>, Box<Envelope>),
+    Full(mpsc::Sender<Box<Envelope>>, Arc<Queued>, Box<Envelope>),
 }
 
 /// Waits up to [`MAILBOX_WAIT`] for room in a full mailbox.
 async fn wait_for_room(
     tx: mpsc::Sender<Box<Envelope>>,
+    queued: Arc<Queued>,
     env: Box<Envelope>,
 ) -> Result<(), (SendErrorKind, Envelope)> {
-    match tx.send_timeout(env, MAILBOX_WAIT).await {
-        Ok(()) => Ok(()),
-        Err(mpsc::error::SendTimeoutError::Timeout(env)) => Err((SendErrorKind::MailboxFull, *env)),
-        Err(mpsc::error::SendTimeoutError::Closed(env)) => Err((SendErrorKind::Offline, *env)),
+    let permit = match tokio::time::timeout(MAILBOX_WAIT, tx.reserve()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => return Err((SendErrorKind::Offline, *env)),
+        Err(_) => return Err((SendErrorKind::MailboxFull, *env)),
+    };
+    if !queued.take(env.weight()) {
+        return Err((SendErrorKind::MailboxFull, *env));
     }
+    permit.send(env);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -89,6 +89,17 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// Bytes it holds on the sender's behalf while queued: what mailbox
+    /// budgets count.
+    pub fn weight(&self) -> usize {
+        let (body, meta) = match &self.message {
+            Message::Request(r) => (r.body.len(), r.metadata.as_ref().map_or(0, String::len)),
+            Message::Response(r, _) => (r.body.len(), r.metadata.as_ref().map_or(0, String::len)),
+            Message::Failed(_) => (0, 0),
+        };
+        body + meta + self.blob.as_ref().map_or(0, |b| b.bytes.len())
+    }
+
     /// A plain request: `body`, no metadata, capabilities or blob; responses
     /// (if `expects_response`) go to `rsvp`.
     pub fn request(

@@ -240,3 +240,77 @@ async fn a_failing_write_is_reported_and_the_table_keeps_working() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+fn big(source: &Address, target: &Address, bytes: usize) -> Envelope {
+    let mut env = request(source, target, vec![]);
+    env.blob = Some(Arc::new(Blob {
+        mime: None,
+        bytes: vec![7; bytes],
+    }));
+    env
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn queued_bytes_are_budgeted_per_mailbox_and_per_node() {
+    let bus = Bus::new("local");
+    let (a, busy, other) = (addr("a"), addr("busy"), addr("other"));
+    let _ra = bus.register(a.clone(), true).unwrap();
+    let mut rb = bus.register(busy.clone(), true).unwrap();
+    let mut ro = bus.register(other.clone(), true).unwrap();
+    let piece = 8 << 20;
+    let weight = big(&a, &busy, piece).weight();
+    let mut sent = 0;
+    let refused = loop {
+        match bus.send_now(big(&a, &busy, piece), false) {
+            Ok(()) => sent += 1,
+            Err((kind, _)) => break kind,
+        }
+        assert!(sent <= MAILBOX_BYTES / weight, "the budget did not hold");
+    };
+    assert_eq!(refused, SendErrorKind::MailboxFull);
+    assert_eq!(sent, MAILBOX_BYTES / weight);
+    assert!(rb.queued_bytes() <= MAILBOX_BYTES);
+    // Another mailbox has its own budget.
+    bus.send_now(big(&a, &other, piece), false).unwrap();
+    assert!(ro.try_recv().is_some());
+    // Reading makes room; a waiting sender learns of it.
+    let waiter = bus.wait_for_room(&busy.process);
+    let reader = async {
+        while rb.queued_bytes() >= MAILBOX_BYTES / 2 {
+            rb.recv().await.unwrap();
+        }
+    };
+    let (room, ()) = tokio::join!(waiter, reader);
+    assert!(room);
+    bus.send_now(big(&a, &busy, piece), false).unwrap();
+    // A mailbox dropped with mail in it gives its bytes back to the node.
+    drop(rb);
+    bus.unregister(&busy.process);
+    assert_eq!(bus.queued.load(Ordering::Acquire), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_node_budget_holds_across_mailboxes() {
+    let bus = Bus::new("local");
+    let a = addr("a");
+    let _ra = bus.register(a.clone(), true).unwrap();
+    let piece = 16 << 20;
+    let per = MAILBOX_BYTES / piece;
+    let mut boxes = vec![];
+    let mut sent = 0usize;
+    let mut refused = false;
+    for i in 0..(NODE_QUEUED_BYTES / MAILBOX_BYTES + 2) {
+        let t = addr(&format!("t{i}"));
+        boxes.push(bus.register(t.clone(), true).unwrap());
+        for _ in 0..per {
+            match bus.send_now(big(&a, &t, piece), false) {
+                Ok(()) => sent += piece,
+                Err((SendErrorKind::MailboxFull, _)) => refused = true,
+                Err((k, _)) => panic!("{k}"),
+            }
+        }
+    }
+    assert!(refused, "the node's budget never bit");
+    assert!(sent <= NODE_QUEUED_BYTES);
+    assert!(bus.queued.load(Ordering::Acquire) <= NODE_QUEUED_BYTES);
+}

@@ -17,20 +17,30 @@ use spindle_types::{Address, ProcessId};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Pairs one `scan` answers with, at most (and by default).
 pub const MAX_SCAN: usize = 10_000;
-/// Open transactions on the node; a process that leaves them open runs
-/// out, not the node's memory.
+/// Bytes of pairs one `scan` answers with, at most: past it the answer
+/// says `more` (page on from the last key).
+pub const MAX_SCAN_BYTES: usize = 16 << 20;
+/// Open transactions on the node, of all processes together.
 pub const MAX_OPEN_TX: usize = 4096;
-/// Bytes one transaction may hold before its commit.
+/// Open transactions one process may have.
+pub const MAX_TX_PER_PROCESS: usize = 16;
+/// Bytes the open transactions of one process may hold before their commits.
 pub const MAX_TX_BYTES: usize = 64 << 20;
+/// Bytes all open transactions on the node may hold together.
+pub const MAX_NODE_TX_BYTES: usize = 512 << 20;
+/// A transaction untouched this long is rolled back (its process forgot it).
+pub const TX_IDLE: Duration = Duration::from_secs(60);
 
 struct Tx {
     owner: ProcessId,
     db: Arc<Database>,
     ops: Vec<KvOp>,
     bytes: usize,
+    touched: Instant,
 }
 
 impl Tx {
@@ -45,6 +55,33 @@ impl Tx {
 pub(crate) struct Transactions {
     open: HashMap<u64, Tx>,
     next: u64,
+}
+
+impl Transactions {
+    /// Rolls back transactions idle past [`TX_IDLE`] and those of processes
+    /// that have left the bus (the node's own senders come and go per
+    /// request, so theirs only expire).
+    fn purge(&mut self, bus: &Bus, now: Instant) {
+        self.open.retain(|_, t| {
+            now.saturating_duration_since(t.touched) < TX_IDLE
+                && (t.owner.package.is_system() || bus.is_registered(&t.owner))
+        });
+    }
+
+    /// Bytes held by `owner`'s transactions, and by all.
+    fn held(&self, owner: &ProcessId) -> (usize, usize, usize) {
+        let mut mine = 0;
+        let mut count = 0;
+        let mut all = 0;
+        for t in self.open.values() {
+            all += t.bytes;
+            if t.owner == *owner {
+                mine += t.bytes;
+                count += 1;
+            }
+        }
+        (count, mine, all)
+    }
 }
 
 fn b64() -> base64::engine::GeneralPurpose {
@@ -230,8 +267,10 @@ impl Module {
                 match req.tx {
                     Some(id) => {
                         let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
-                        let tx = match txs.open.get_mut(&id) {
-                            Some(tx) if tx.may_use(source) && Arc::ptr_eq(&tx.db, &db) => tx,
+                        let owner = match txs.open.get(&id) {
+                            Some(tx) if tx.may_use(source) && Arc::ptr_eq(&tx.db, &db) => {
+                                tx.owner.clone()
+                            }
                             _ => {
                                 drop(txs);
                                 return Err((
@@ -250,18 +289,28 @@ impl Module {
                             KvOp::Set(k, v) => k.len() + v.len(),
                             KvOp::Delete(k) => k.len(),
                         };
-                        if tx.bytes + size > MAX_TX_BYTES {
+                        let (_, mine, all) = txs.held(&owner);
+                        if mine.saturating_add(size) > MAX_TX_BYTES
+                            || all.saturating_add(size) > MAX_NODE_TX_BYTES
+                        {
                             drop(txs);
                             return Err((
                                 reply,
-                                Refusal::bad(format!(
-                                    "transaction {id} would hold over {} MiB: commit in smaller transactions",
-                                    MAX_TX_BYTES >> 20
-                                )),
+                                Refusal {
+                                    kind: "over-budget",
+                                    message: format!(
+                                        "transaction {id} would take this process's open transactions over {} MiB (or the node's over {} MiB): commit in smaller transactions",
+                                        MAX_TX_BYTES >> 20,
+                                        MAX_NODE_TX_BYTES >> 20
+                                    ),
+                                },
                             ));
                         }
-                        tx.bytes += size;
-                        tx.ops.push(op);
+                        if let Some(tx) = txs.open.get_mut(&id) {
+                            tx.bytes += size;
+                            tx.touched = Instant::now();
+                            tx.ops.push(op);
+                        }
                         drop(txs);
                         reply.ok(json!({"ok": true}), None);
                     }
@@ -277,14 +326,20 @@ impl Module {
                 }
             }
             "begin" => {
+                let now = Instant::now();
                 let mut txs = self.txs.lock().unwrap_or_else(|p| p.into_inner());
-                if txs.open.len() >= MAX_OPEN_TX {
+                txs.purge(bus, now);
+                let (mine, _, _) = txs.held(&source.process);
+                if mine >= MAX_TX_PER_PROCESS || txs.open.len() >= MAX_OPEN_TX {
                     drop(txs);
                     return Err((
                         reply,
-                        Refusal::bad(format!(
-                            "{MAX_OPEN_TX} transactions are open on this node: commit or roll back some"
-                        )),
+                        Refusal {
+                            kind: "over-budget",
+                            message: format!(
+                                "{MAX_TX_PER_PROCESS} transactions of this process are open (or {MAX_OPEN_TX} on the node): commit or roll back some"
+                            ),
+                        },
                     ));
                 }
                 txs.next += 1;
@@ -296,6 +351,7 @@ impl Module {
                         db,
                         ops: Vec::new(),
                         bytes: 0,
+                        touched: now,
                     },
                 );
                 drop(txs);
@@ -321,7 +377,7 @@ impl Module {
                         let mut count = 0;
                         let mut more = false;
                         while let Some(r) = rows.next().map_err(fail)? {
-                            if count == limit {
+                            if count == limit || out.len() >= MAX_SCAN_BYTES {
                                 more = true;
                                 break;
                             }

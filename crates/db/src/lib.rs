@@ -25,7 +25,7 @@
 
 pub mod access;
 pub mod guard;
-mod kv;
+pub mod kv;
 mod sql;
 pub mod store;
 

@@ -458,3 +458,33 @@ async fn sql_is_confined_to_its_own_database() {
         .await;
     assert_eq!(r["changes"], 1, "{r}");
 }
+
+/// Transactions are a process's own budget: a few at a time, dropped when
+/// the process leaves the bus, never the node's to run out of.
+#[tokio::test(flavor = "current_thread")]
+async fn transactions_are_budgeted_per_process_and_end_with_it() {
+    use spindle_db::kv::MAX_TX_PER_PROCESS;
+    let dir = tempfile::tempdir().unwrap();
+    let bus = node(dir.path());
+    let mut a = Caller::new(&bus, "local@a:shop:acme");
+    let mut b = Caller::new(&bus, "local@b:shop:acme");
+    let begin = json!({"op": "begin", "db": "orders"});
+    let mut first = None;
+    for _ in 0..MAX_TX_PER_PROCESS {
+        let r = a.kv(begin.clone()).await;
+        first.get_or_insert(r["tx"].as_u64().expect("a transaction"));
+    }
+    let r = a.kv(begin.clone()).await;
+    assert_eq!(r["error"], "over-budget", "{r}");
+    // Another process of the same package is not hurt by it.
+    assert!(b.kv(begin.clone()).await["tx"].is_u64());
+    // When a's run ends (it leaves the bus), its transactions go with it.
+    bus.unregister(&a.me.process);
+    assert!(b.kv(begin.clone()).await["tx"].is_u64());
+    let mut a = Caller::new(&bus, "local@a:shop:acme");
+    let r = a
+        .kv(json!({"op": "set", "db": "orders", "tx": first.unwrap(), "key": "k", "value": "v"}))
+        .await;
+    assert_eq!(r["error"], "no-such-tx", "{r}");
+    assert!(a.kv(begin).await["tx"].is_u64(), "the budget is free again");
+}
