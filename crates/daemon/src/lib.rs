@@ -86,4 +86,6 @@ pub enum DaemonError {
     Capabilities(#[from] spindle_bus::persist::CapsFileError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the runtime modules could not start: {0}")]
+    Modules(#[from] spindle_db::StartError),
 }

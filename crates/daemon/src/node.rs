@@ -156,7 +156,7 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
     let bus = Arc::new(Bus::open(NODE_NAME, &paths.capabilities)?);
     // Runtime modules: their addresses are the node's own, on the bus first.
-    spindle_db::start(&paths.db, &bus).expect("a fresh bus has room for the modules");
+    spindle_db::start(&paths.db, &bus)?;
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
         &paths.home.join("cache"),
         spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,

@@ -46,8 +46,24 @@ pub const SQLITE: &str = "sqlite";
 /// Longest database name: it is a file name.
 pub const MAX_NAME: usize = 64;
 
+/// Databases one package may have open in one module; past it the
+/// package's least recently used idle one is closed (it reopens on use).
+pub const MAX_OPEN_PER_PACKAGE: usize = 32;
+/// Databases open in one module on the whole node, likewise.
+pub const MAX_OPEN: usize = 512;
+
+/// Why the modules could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Bus(#[from] spindle_bus::BusError),
+    #[error("no threads for the databases: {0}")]
+    Threads(#[from] std::io::Error),
+}
+
 /// Puts both modules on `bus`, their databases under `dir`.
-pub fn start(dir: &Path, bus: &Arc<Bus>) -> Result<(), spindle_bus::BusError> {
+pub fn start(dir: &Path, bus: &Arc<Bus>) -> Result<(), StartError> {
+    let pool = store::Pool::start()?;
     for (name, kind) in [(KV, Kind::Kv), (SQLITE, Kind::Sql)] {
         let me = bus.address(ProcessId {
             process: name.into(),
@@ -58,6 +74,7 @@ pub fn start(dir: &Path, bus: &Arc<Bus>) -> Result<(), spindle_bus::BusError> {
             me: Arc::new(me.clone()),
             dir: dir.join(kind.dir()),
             bus: Arc::downgrade(bus),
+            pool: pool.clone(),
             dbs: Mutex::default(),
             txs: Mutex::default(),
         });
@@ -72,9 +89,48 @@ pub(crate) struct Module {
     me: Arc<Address>,
     dir: PathBuf,
     bus: Weak<Bus>,
-    /// Open databases by package, then name (looked up without copying either).
-    dbs: Mutex<HashMap<PackageId, HashMap<String, Arc<Database>>>>,
+    pool: Arc<store::Pool>,
+    dbs: Mutex<OpenDbs>,
     txs: Mutex<kv::Transactions>,
+}
+
+/// Open databases by package, then name (looked up without copying
+/// either), with when each was last used.
+#[derive(Default)]
+struct OpenDbs {
+    by_package: HashMap<PackageId, HashMap<String, (Arc<Database>, u64)>>,
+    count: usize,
+    clock: u64,
+}
+
+impl OpenDbs {
+    /// Closes the least recently used idle database (of `package`, or of
+    /// any): one nobody else holds (no transaction, no queued work).
+    fn close_one(&mut self, package: Option<&PackageId>) -> bool {
+        let mut oldest: Option<(PackageId, String, u64)> = None;
+        for (p, m) in &self.by_package {
+            if package.is_some_and(|want| want != p) {
+                continue;
+            }
+            for (name, (db, used)) in m {
+                let idle = Arc::strong_count(db) == 1 && db.is_idle();
+                if idle && oldest.as_ref().is_none_or(|o| *used < o.2) {
+                    oldest = Some((p.clone(), name.clone(), *used));
+                }
+            }
+        }
+        let Some((p, name, _)) = oldest else {
+            return false;
+        };
+        if let Some(m) = self.by_package.get_mut(&p) {
+            m.remove(&name);
+            if m.is_empty() {
+                self.by_package.remove(&p);
+            }
+        }
+        self.count -= 1;
+        true
+    }
 }
 
 /// A request's fields (each op reads the ones it needs), borrowed from the
@@ -248,26 +304,52 @@ impl Module {
     /// The open database (opened now if need be; created only if `create`).
     pub fn database(&self, t: &Target, create: bool) -> Result<Arc<Database>, Refusal> {
         let mut dbs = self.dbs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(db) = dbs.get(&*t.package).and_then(|m| m.get(t.name)) {
+        dbs.clock += 1;
+        let now = dbs.clock;
+        if let Some((db, used)) = dbs
+            .by_package
+            .get_mut(&*t.package)
+            .and_then(|m| m.get_mut(t.name))
+        {
+            *used = now;
             return Ok(db.clone());
         }
-        let db = Database::open(self.kind, &self.path(t), create).map_err(|e| match e {
-            DbError::NoSuchDb(_) => {
-                Refusal::from(DbError::NoSuchDb(format!("{} of {}", t.name, t.package)))
-            }
-            e => {
-                tracing::warn!(
-                    "{} database {} of {}: {e}",
-                    self.kind.dir(),
-                    t.name,
-                    t.package
-                );
-                Refusal::from(e)
-            }
-        })?;
-        dbs.entry(t.package.clone().into_owned())
+        let mine = dbs.by_package.get(&*t.package).map_or(0, HashMap::len);
+        let room = (mine < MAX_OPEN_PER_PACKAGE || dbs.close_one(Some(&t.package)))
+            && (dbs.count < MAX_OPEN || dbs.close_one(None));
+        if !room {
+            return Err(Refusal {
+                kind: "over-budget",
+                message: format!(
+                    "package {} has {MAX_OPEN_PER_PACKAGE} {} databases busy (or the node {MAX_OPEN}): finish transactions and work on some first",
+                    t.package,
+                    self.kind.dir()
+                ),
+            });
+        }
+        let group = t.package.to_string();
+        let db =
+            Database::open(self.kind, &self.path(t), create, &group, &self.pool).map_err(|e| {
+                match e {
+                    DbError::NoSuchDb(_) => {
+                        Refusal::from(DbError::NoSuchDb(format!("{} of {}", t.name, t.package)))
+                    }
+                    e => {
+                        tracing::warn!(
+                            "{} database {} of {}: {e}",
+                            self.kind.dir(),
+                            t.name,
+                            t.package
+                        );
+                        Refusal::from(e)
+                    }
+                }
+            })?;
+        dbs.by_package
+            .entry(t.package.clone().into_owned())
             .or_default()
-            .insert(t.name.to_string(), db.clone());
+            .insert(t.name.to_string(), (db.clone(), now));
+        dbs.count += 1;
         Ok(db)
     }
 

@@ -1,15 +1,17 @@
 //! One database: a SQLite file in WAL mode with `synchronous = FULL` (a
-//! commit is on disk before it returns), a writer thread that commits every
-//! write waiting for it in one transaction (group commit: one fsync for
-//! many writers), a reader thread for reads that miss the cache and for
-//! scans and queries, and for kv a cache of values by key.
+//! commit is on disk before it returns), a write connection that commits
+//! every write waiting for it in one transaction (group commit: one fsync
+//! for many writers), a read connection for reads that miss the cache and
+//! for scans and queries, and for kv a cache of values by key. No database
+//! has threads of its own: all of them share one [`Pool`] of
+//! [`POOL_THREADS`], taken in turn, at most [`THREADS_PER_GROUP`] per
+//! package, so opening many databases costs file handles, not threads.
 
 use crate::guard::{Guard, GuestError, MAX_STATEMENT_TIME};
 use rusqlite::{Connection, OpenFlags, params};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// Writes one commit takes at most: a bound on how long one batch keeps
 /// later writers waiting.
@@ -173,18 +175,41 @@ impl Cache {
     }
 }
 
-/// An open database.
+/// An open database. Its work runs on the shared [`Pool`]: at most one
+/// task writes it at a time (so writes stay in order and batch into one
+/// commit) and at most one reads it.
 pub struct Database {
     pub kind: Kind,
     pub path: PathBuf,
-    writes: Mutex<mpsc::Sender<Write>>,
-    reads: Mutex<mpsc::Sender<ReadJob>>,
+    /// Whose it is: the pool's fairness counts tasks per group (package).
+    group: Arc<str>,
+    pool: Arc<Pool>,
+    queues: Mutex<Queues>,
+    writer: Mutex<Conn>,
+    /// Opened with the first read.
+    reader: Mutex<Option<Result<Conn, DbError>>>,
     cache: RwLock<Cache>,
 }
 
+/// Work waiting for a database, and whether a pool task is on it.
+#[derive(Default)]
+struct Queues {
+    writes: VecDeque<Write>,
+    reads: VecDeque<ReadJob>,
+    writing: bool,
+    reading: bool,
+}
+
 impl Database {
-    /// Opens (with `create`, creates) the database at `path`.
-    pub fn open(kind: Kind, path: &Path, create: bool) -> Result<Arc<Database>, DbError> {
+    /// Opens (with `create`, creates) the database at `path`, its work to
+    /// run on `pool` counted against `group`.
+    pub fn open(
+        kind: Kind,
+        path: &Path,
+        create: bool,
+        group: &str,
+        pool: &Arc<Pool>,
+    ) -> Result<Arc<Database>, DbError> {
         if !create && !path.exists() {
             return Err(DbError::NoSuchDb(path.display().to_string()));
         }
@@ -201,33 +226,22 @@ impl Database {
             })?;
         }
         let writer = open_writer(kind, path)?;
-        let (wtx, wrx) = mpsc::channel();
-        let (rtx, rrx) = mpsc::channel();
-        let db = Arc::new(Database {
+        Ok(Arc::new(Database {
             kind,
             path: path.into(),
-            writes: Mutex::new(wtx),
-            reads: Mutex::new(rtx),
+            group: group.into(),
+            pool: pool.clone(),
+            queues: Mutex::default(),
+            writer: Mutex::new(writer),
+            reader: Mutex::new(None),
             cache: RwLock::default(),
-        });
-        let weak = Arc::downgrade(&db);
-        let name = format!("db-w {}", path.display());
-        std::thread::Builder::new()
-            .name(name)
-            .spawn(move || write_loop(writer, wrx, weak))
-            .map_err(|e| DbError::Storage {
-                path: path.into(),
-                why: format!("no writer thread: {e}"),
-            })?;
-        let reader_path = path.to_path_buf();
-        std::thread::Builder::new()
-            .name(format!("db-r {}", path.display()))
-            .spawn(move || read_loop(&reader_path, rrx))
-            .map_err(|e| DbError::Storage {
-                path: path.into(),
-                why: format!("no reader thread: {e}"),
-            })?;
-        Ok(db)
+        }))
+    }
+
+    /// Nothing waits for it and no task is on it.
+    pub fn is_idle(&self) -> bool {
+        let q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        !q.writing && !q.reading && q.writes.is_empty() && q.reads.is_empty()
     }
 
     /// A cached kv value: `Some(None)` is a key known to be absent.
@@ -269,45 +283,209 @@ impl Database {
             .generation
     }
 
-    /// Runs `job` on the reader thread with its read-only connection.
-    pub fn read(&self, job: ReadJob) {
-        let sent = self
-            .reads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(job);
-        if let Err(mpsc::SendError(job)) = sent {
-            job(Err(&DbError::Storage {
-                path: self.path.clone(),
-                why: "its reader has stopped".into(),
-            }));
+    /// Runs `job` on a pool thread with the database's read-only connection.
+    pub fn read(self: &Arc<Self>, job: ReadJob) {
+        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        q.reads.push_back(job);
+        if !std::mem::replace(&mut q.reading, true) {
+            drop(q);
+            self.pool.submit(Task {
+                db: self.clone(),
+                lane: Lane::Read,
+            });
         }
     }
 
     /// Applies `ops` atomically and durably; `done` hears when they are on disk.
-    pub fn write_kv(&self, ops: Vec<KvOp>, done: Done<()>) {
+    pub fn write_kv(self: &Arc<Self>, ops: Vec<KvOp>, done: Done<()>) {
         self.write(Write::Kv(ops, done));
     }
 
-    pub fn write_sql(&self, sql: String, params: Vec<rusqlite::types::Value>, done: Done<Changed>) {
+    pub fn write_sql(
+        self: &Arc<Self>,
+        sql: String,
+        params: Vec<rusqlite::types::Value>,
+        done: Done<Changed>,
+    ) {
         self.write(Write::Sql(sql, params, done));
     }
 
-    fn write(&self, w: Write) {
-        let sent = self
-            .writes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(w);
-        if let Err(mpsc::SendError(w)) = sent {
-            let e = DbError::Storage {
-                path: self.path.clone(),
-                why: "its writer has stopped".into(),
-            };
-            match w {
-                Write::Kv(_, done) => done(Err(e)),
-                Write::Sql(_, _, done) => done(Err(e)),
+    fn write(self: &Arc<Self>, w: Write) {
+        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        q.writes.push_back(w);
+        if !std::mem::replace(&mut q.writing, true) {
+            drop(q);
+            self.pool.submit(Task {
+                db: self.clone(),
+                lane: Lane::Write,
+            });
+        }
+    }
+
+    /// One turn of a pool task on this database: a batch of writes (one
+    /// commit), or of reads. More work left queues the task again, behind
+    /// other databases' work.
+    fn turn(self: &Arc<Self>, lane: Lane) {
+        match lane {
+            Lane::Write => {
+                let batch: Vec<Write> = {
+                    let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = q.writes.len().min(MAX_BATCH);
+                    q.writes.drain(..n).collect()
+                };
+                if !batch.is_empty() {
+                    let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                    commit(&conn, self, batch);
+                }
             }
+            Lane::Read => {
+                let jobs: Vec<ReadJob> = {
+                    let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    let n = q.reads.len().min(READS_PER_TURN);
+                    q.reads.drain(..n).collect()
+                };
+                let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+                let conn = reader.get_or_insert_with(|| open_reader(&self.path));
+                for job in jobs {
+                    match &*conn {
+                        Ok(c) => job(Ok(c)),
+                        Err(e) => job(Err(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a turn: queue the task again if work is left, else stand down.
+    fn after_turn(self: &Arc<Self>, lane: Lane) {
+        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let more = match lane {
+            Lane::Write => !q.writes.is_empty(),
+            Lane::Read => !q.reads.is_empty(),
+        };
+        if !more {
+            match lane {
+                Lane::Write => q.writing = false,
+                Lane::Read => q.reading = false,
+            }
+            return;
+        }
+        drop(q);
+        self.pool.submit(Task {
+            db: self.clone(),
+            lane,
+        });
+    }
+}
+
+/// Reads one turn of a pool task takes before other databases get a go.
+const READS_PER_TURN: usize = 64;
+/// Threads of the pool all databases share: enough for several fsyncs
+/// to overlap on different files, few enough to cost nothing per database.
+pub const POOL_THREADS: usize = 8;
+/// Pool threads one group (package) may hold at once: its slow statements
+/// never take the whole pool from the others.
+pub const THREADS_PER_GROUP: usize = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Write,
+    Read,
+}
+
+/// A database with work on one lane.
+struct Task {
+    db: Arc<Database>,
+    lane: Lane,
+}
+
+#[derive(Default)]
+struct Sched {
+    queue: VecDeque<Task>,
+    /// Tasks running now, per group.
+    running: HashMap<Arc<str>, usize>,
+}
+
+/// The threads every database's work runs on ([`POOL_THREADS`]), taken in
+/// turn with at most [`THREADS_PER_GROUP`] per package.
+pub struct Pool {
+    sched: Mutex<Sched>,
+    ready: Condvar,
+}
+
+impl Pool {
+    /// Starts the pool's threads; fails only if none could be started.
+    pub fn start() -> Result<Arc<Pool>, std::io::Error> {
+        let pool = Arc::new(Pool {
+            sched: Mutex::default(),
+            ready: Condvar::new(),
+        });
+        let mut started = 0;
+        let mut failed = None;
+        for i in 0..POOL_THREADS {
+            let me = pool.clone();
+            match std::thread::Builder::new()
+                .name(format!("spindle-db-{i}"))
+                .spawn(move || me.work())
+            {
+                Ok(_) => started += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+        match (started, failed) {
+            (0, Some(e)) => Err(e),
+            (_, Some(e)) => {
+                tracing::warn!("database pool: {started} of {POOL_THREADS} threads ({e})");
+                Ok(pool)
+            }
+            _ => Ok(pool),
+        }
+    }
+
+    fn submit(&self, task: Task) {
+        let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        s.queue.push_back(task);
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    fn work(&self) {
+        let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let next = s
+                .queue
+                .iter()
+                .position(|t| s.running.get(&t.db.group).copied().unwrap_or(0) < THREADS_PER_GROUP);
+            let Some(at) = next else {
+                s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let Some(task) = s.queue.remove(at) else {
+                continue;
+            };
+            *s.running.entry(task.db.group.clone()).or_default() += 1;
+            drop(s);
+            // A panic in one job must cost neither the thread nor the
+            // database: the job's caller hears nothing (and times out),
+            // everything else goes on.
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.db.turn(task.lane)));
+            if ran.is_err() {
+                tracing::error!(
+                    "{}: a database job panicked; its caller gets no answer",
+                    task.db.path.display()
+                );
+            }
+            task.db.after_turn(task.lane);
+            s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = s.running.get_mut(&task.db.group) {
+                *n -= 1;
+                if *n == 0 {
+                    s.running.remove(&task.db.group);
+                }
+            }
+            // A task of that group may run now.
+            self.ready.notify_all();
         }
     }
 }
@@ -348,30 +526,6 @@ fn open_reader(path: &Path) -> Result<Conn, DbError> {
     conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
         .map_err(|e| DbError::of(path, e))?;
     Conn::guarded(conn, path)
-}
-
-fn read_loop(path: &Path, jobs: mpsc::Receiver<ReadJob>) {
-    let conn = open_reader(path);
-    for job in jobs {
-        match &conn {
-            Ok(c) => job(Ok(c)),
-            Err(e) => job(Err(e)),
-        }
-    }
-}
-
-/// Takes every write waiting (up to `MAX_BATCH`) and commits them together.
-fn write_loop(conn: Conn, jobs: mpsc::Receiver<Write>, db: std::sync::Weak<Database>) {
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH
-            && let Ok(w) = jobs.try_recv()
-        {
-            batch.push(w);
-        }
-        let Some(db) = db.upgrade() else { return };
-        commit(&conn, &db, batch);
-    }
 }
 
 /// What a write that never ran changed (its outcome is replaced by the

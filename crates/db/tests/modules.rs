@@ -2,85 +2,10 @@
 //! responses (and blobs) back, files on disk.
 
 use serde_json::{Value, json};
-use spindle_bus::{Blob, Bus, Envelope, Mailbox, Message, Request};
-use spindle_types::Address;
-use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-const DEADLINE: Duration = Duration::from_secs(10);
-
-struct Caller {
-    bus: Arc<Bus>,
-    me: Arc<Address>,
-    inbox: Mailbox,
-}
-
-impl Caller {
-    fn new(bus: &Arc<Bus>, addr: &str) -> Caller {
-        let me: Address = addr.parse().unwrap();
-        let inbox = bus.register(me.clone(), false).unwrap();
-        Caller {
-            bus: bus.clone(),
-            me: Arc::new(me),
-            inbox,
-        }
-    }
-
-    /// Sends `body` (and `blob`) to `module`; the response body and blob.
-    async fn ask(
-        &mut self,
-        module: &str,
-        body: Value,
-        blob: Option<&[u8]>,
-    ) -> (Value, Option<Vec<u8>>) {
-        let id = self.bus.next_id();
-        let env = Envelope {
-            id,
-            source: self.me.clone(),
-            target: Arc::new(format!("local@{module}:sys:spindle").parse().unwrap()),
-            rsvp: Some(self.me.clone()),
-            message: Message::Request(Request {
-                inherit: false,
-                expects_response: Some(DEADLINE),
-                body: serde_json::to_vec(&body).unwrap(),
-                metadata: None,
-                capabilities: vec![],
-            }),
-            blob: blob.map(|b| {
-                Arc::new(Blob {
-                    mime: None,
-                    bytes: b.to_vec(),
-                })
-            }),
-        };
-        self.bus.send(env, false).await.map_err(|(k, _)| k).unwrap();
-        loop {
-            let env = tokio::time::timeout(DEADLINE, self.inbox.recv())
-                .await
-                .expect("an answer in time")
-                .unwrap();
-            if env.id == id
-                && let Message::Response(r, _) = env.message
-            {
-                return (
-                    serde_json::from_slice(&r.body).unwrap(),
-                    env.blob.map(|b| b.bytes.clone()),
-                );
-            }
-        }
-    }
-
-    async fn kv(&mut self, body: Value) -> Value {
-        self.ask("kv", body, None).await.0
-    }
-}
-
-fn node(dir: &Path) -> Arc<Bus> {
-    let bus = Arc::new(Bus::new("local"));
-    spindle_db::start(dir, &bus).unwrap();
-    bus
-}
+mod common;
+use common::*;
 
 #[tokio::test(flavor = "current_thread")]
 async fn kv_sets_gets_scans_and_transactions_survive_a_restart() {
@@ -487,4 +412,61 @@ async fn transactions_are_budgeted_per_process_and_end_with_it() {
         .await;
     assert_eq!(r["error"], "no-such-tx", "{r}");
     assert!(a.kv(begin).await["tx"].is_u64(), "the budget is free again");
+}
+
+/// One package's slow statements hold at most its share of the threads:
+/// another package's query is answered while they run.
+#[tokio::test(flavor = "current_thread")]
+async fn slow_statements_of_one_package_do_not_stall_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = node(dir.path());
+    // Long enough to outlast the other package's query by far; each ends by itself.
+    let runaway = json!({"op": "query", "db": "slow", "sql": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c"});
+    let mut slow = vec![];
+    for i in 0..spindle_db::store::POOL_THREADS {
+        let mut c = Caller::new(&bus, &format!("local@s{i}:slow:acme"));
+        let r = c
+            .ask("sqlite", json!({"op": "open", "db": "slow"}), None)
+            .await
+            .0;
+        assert_eq!(r, json!({"ok": true}));
+        slow.push(c);
+    }
+    let mut fast = Caller::new(&bus, "local@f:fast:acme");
+    assert_eq!(
+        fast.ask("sqlite", json!({"op": "open", "db": "quick"}), None)
+            .await
+            .0,
+        json!({"ok": true})
+    );
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for mut c in slow {
+        let (q, done) = (runaway.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c.ask("sqlite", q, None).await.0;
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            r
+        }));
+    }
+    // Give the runaways the pool first.
+    tokio::task::yield_now().await;
+    let r = fast
+        .ask(
+            "sqlite",
+            json!({"op": "query", "db": "quick", "sql": "SELECT 42"}),
+            None,
+        )
+        .await
+        .0;
+    assert_eq!(r["rows"], json!([[42]]));
+    assert_eq!(
+        done.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other package's query waited for the runaways"
+    );
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r["rows"], json!([[3000000]]), "{r}");
+    }
 }
