@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 fn start_ls_stop_by_name() {
     let n = Node::new();
     let tb = testbin();
-    let out = n.ok(&["start", "--name", "api", "--", &tb, "ignore-term"]);
+    let out = n.ok(&["start", "--name", "api", "--", &tb, "catch-term"]);
     assert!(out.contains("started process 1"), "{out}");
     let p = until("running", || {
         let p = n.get(1);
@@ -34,12 +34,15 @@ fn start_ls_stop_by_name() {
     let json: serde_json::Value = serde_json::from_str(&n.ok(&["ls", "--json"])).unwrap();
     assert_eq!(json[0]["name"], "api");
 
-    // Ignores SIGTERM: stop returns once SIGKILL after the grace has done it.
+    // Shrugs off SIGTERM: stop returns once SIGKILL after the grace has
+    // done it — and the polite signal did come first.
     let t = Instant::now();
     n.ok(&["stop", "api"]);
     assert!(t.elapsed() >= Duration::from_millis(200), "grace honoured");
     assert!(!alive(pid));
     let p = n.get(1);
+    let said = std::fs::read_to_string(&p.log_out).unwrap();
+    assert_eq!(said, "ready\nterm\n", "SIGTERM before the kill");
     assert_eq!(p.state, StateLabel::Stopped);
     assert_eq!(p.last_exit.unwrap().reason, ExitReason::Killed);
     // Socket is private.
@@ -212,9 +215,7 @@ fn daemon_kill_leaves_no_orphans_and_no_duplicates() {
     });
     until("restarted", || {
         let l = n.list();
-        l.iter()
-            .all(|p| p.state == StateLabel::Running)
-            .then_some(())
+        (l.len() == 2 && l.iter().all(|p| p.state == StateLabel::Running)).then_some(())
     });
     until("exactly one copy of each", || {
         let t = std::fs::read_to_string(&pidfile).unwrap_or_default();

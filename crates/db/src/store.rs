@@ -11,6 +11,7 @@ use crate::guard::{Guard, GuestError, MAX_STATEMENT_TIME};
 use rusqlite::{Connection, OpenFlags, params};
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 /// Writes one commit takes at most: a bound on how long one batch keeps
@@ -18,6 +19,9 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 const MAX_BATCH: usize = 1024;
 /// Cached kv values per database; past this the cache starts afresh.
 const MAX_CACHE_BYTES: usize = 16 << 20;
+/// Cached kv values of all databases together: open databases are many,
+/// the node's memory is one.
+pub const MAX_NODE_CACHE_BYTES: usize = 256 << 20;
 /// Values larger than this are read from the file each time.
 const MAX_CACHED_VALUE: usize = 256 << 10;
 /// How long a connection waits for a lock held by another connection
@@ -159,19 +163,40 @@ struct Cache {
     generation: u64,
 }
 
+fn entry_size(key: &[u8], value: &Option<Arc<[u8]>>) -> usize {
+    key.len() + value.as_ref().map_or(0, |v| v.len())
+}
+
 impl Cache {
-    fn put(&mut self, key: Vec<u8>, value: Option<Arc<[u8]>>) {
-        let size = key.len() + value.as_ref().map_or(0, |v| v.len());
+    /// Caches `value` for `key`, counting its bytes here and in the node's
+    /// `total`; past either budget this cache starts afresh.
+    fn put(&mut self, key: Vec<u8>, value: Option<Arc<[u8]>>, total: &AtomicUsize) {
+        if let Some(old) = self.values.remove(&key) {
+            let n = entry_size(&key, &old);
+            self.bytes -= n;
+            total.fetch_sub(n, Ordering::AcqRel);
+        }
         if value.as_ref().is_some_and(|v| v.len() > MAX_CACHED_VALUE) {
-            self.values.remove(&key);
             return;
         }
-        if self.bytes + size > MAX_CACHE_BYTES {
-            self.values.clear();
-            self.bytes = 0;
+        let size = entry_size(&key, &value);
+        if self.bytes + size > MAX_CACHE_BYTES
+            || total.load(Ordering::Acquire) + size > MAX_NODE_CACHE_BYTES
+        {
+            self.clear(total);
+            if total.load(Ordering::Acquire) + size > MAX_NODE_CACHE_BYTES {
+                return;
+            }
         }
         self.bytes += size;
+        total.fetch_add(size, Ordering::AcqRel);
         self.values.insert(key, value);
+    }
+
+    fn clear(&mut self, total: &AtomicUsize) {
+        total.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.bytes = 0;
+        self.values.clear();
     }
 }
 
@@ -269,7 +294,7 @@ impl Database {
             if let Ok(v) = &got {
                 let mut c = db.cache.write().unwrap_or_else(|p| p.into_inner());
                 if c.generation == generation {
-                    c.put(key, v.clone());
+                    c.put(key, v.clone(), &db.pool.cached);
                 }
             }
             done(got)
@@ -378,6 +403,13 @@ impl Database {
     }
 }
 
+impl Drop for Database {
+    fn drop(&mut self) {
+        let mut c = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        c.clear(&self.pool.cached);
+    }
+}
+
 /// Reads one turn of a pool task takes before other databases get a go.
 const READS_PER_TURN: usize = 64;
 /// Threads of the pool all databases share: enough for several fsyncs
@@ -411,6 +443,8 @@ struct Sched {
 pub struct Pool {
     sched: Mutex<Sched>,
     ready: Condvar,
+    /// Bytes cached by all databases ([`MAX_NODE_CACHE_BYTES`]).
+    cached: AtomicUsize,
 }
 
 impl Pool {
@@ -419,6 +453,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             sched: Mutex::default(),
             ready: Condvar::new(),
+            cached: AtomicUsize::new(0),
         });
         let mut started = 0;
         let mut failed = None;
@@ -622,8 +657,8 @@ fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
             if let Outcome::Kv(ops, _) = o {
                 for op in ops {
                     match op {
-                        KvOp::Set(k, v) => c.put(k.clone(), Some(v.clone())),
-                        KvOp::Delete(k) => c.put(k.clone(), None),
+                        KvOp::Set(k, v) => c.put(k.clone(), Some(v.clone()), &db.pool.cached),
+                        KvOp::Delete(k) => c.put(k.clone(), None, &db.pool.cached),
                     }
                 }
             }

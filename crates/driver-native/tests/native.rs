@@ -191,7 +191,7 @@ async fn missing_executables_are_clear_errors() {
 async fn sigterm_ignorer_needs_the_kill() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut rig = Rig::new("t4");
-    let s = spec(rig.dir.path(), &["ignore-term"]);
+    let s = spec(rig.dir.path(), &["catch-term"]);
     let num = ProcessNum(2);
     let pid = rig.driver.spawn(num, 1, &s, None, None).unwrap().pid as i32;
     let (out, _) = rig.driver.log_paths(num, &s);
@@ -200,11 +200,9 @@ async fn sigterm_ignorer_needs_the_kill() {
     })
     .await;
     rig.driver.ask_stop(&[(num, 1, StopSignal::SIGTERM)]);
-    // It ignores SIGTERM: still there once the signal has surely arrived.
-    until("SIGTERM delivered", || {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map(|s| s.lines().any(|l| l == "SigPnd:\t0000000000000000"))
-            .unwrap_or(false)
+    // It got the SIGTERM (it says so) and carried on: only the kill ends it.
+    until("SIGTERM handled", || {
+        std::fs::read_to_string(&out).unwrap_or_default() == "ready\nterm\n"
     })
     .await;
     assert!(alive(pid));
@@ -328,6 +326,7 @@ async fn a_later_daemon_kills_what_an_earlier_one_left() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+#[ignore = "needs a writable cgroup v2 hierarchy (root; .ci/run runs it with --ignored)"]
 async fn cgroups_catch_what_leaves_session_and_environment() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut rig = Rig::new("t10");
@@ -341,20 +340,20 @@ async fn cgroups_catch_what_leaves_session_and_environment() {
         None,
         "no tag to find it by"
     );
-    rig.driver.kill(&[(num, 1)]);
-    assert_eq!(rig.next_exit().await.1, ExitStatus::Signal(9));
-    if rig.driver.has_cgroups() {
-        until("hidden grandchild gone", || {
-            rig.driver.reap();
-            !alive(hidden)
-        })
-        .await;
-    } else {
-        // Without cgroups nothing can attribute it; clean up by hand.
-        eprintln!("no writable cgroup v2 here: the escapee is out of reach, as documented");
+    let cgroups = rig.driver.has_cgroups();
+    if !cgroups {
+        // Nothing else can attribute it: clean up before failing.
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(hidden),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    assert!(cgroups, "no writable cgroup v2 here");
+    rig.driver.kill(&[(num, 1)]);
+    assert_eq!(rig.next_exit().await.1, ExitStatus::Signal(9));
+    until("hidden grandchild gone", || {
+        rig.driver.reap();
+        !alive(hidden)
+    })
+    .await;
 }

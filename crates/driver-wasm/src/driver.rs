@@ -540,3 +540,77 @@ async fn run_process(
     let _ = h.out.lock().unwrap_or_else(|p| p.into_inner()).finish();
     report.send(status, detail, on_exit);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(bus: &Arc<Bus>) -> (EndReport, mpsc::UnboundedReceiver<WasmEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let process: ProcessId = "p:demo:spindle".parse().unwrap();
+        let _mailbox = bus.register(bus.address(process.clone()), false).unwrap();
+        (
+            EndReport {
+                events,
+                num: ProcessNum(7),
+                run: 3,
+                bus: bus.clone(),
+                process,
+                on_exit: OnExit::Restart,
+                sent: false,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_run_that_unwinds_still_reports_its_end() {
+        let bus = Arc::new(Bus::new("local"));
+        let (r, mut rx) = report(&bus);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _r = r;
+            panic!("host code failed");
+        }));
+        assert!(unwound.is_err());
+        let Ok(WasmEvent::Exited {
+            num,
+            run,
+            status,
+            detail,
+            on_exit,
+        }) = rx.try_recv()
+        else {
+            panic!("no exit reported");
+        };
+        assert_eq!((num, run, status), (ProcessNum(7), 3, ExitStatus::Trap));
+        assert!(detail.unwrap().starts_with("host error"));
+        assert_eq!(on_exit, OnExit::Restart, "restarted by its schedule");
+        assert!(!bus.is_registered(&"p:demo:spindle".parse().unwrap()));
+        assert!(rx.try_recv().is_err(), "exactly one report");
+    }
+
+    #[test]
+    fn a_finished_run_reports_once() {
+        let bus = Arc::new(Bus::new("local"));
+        let (r, mut rx) = report(&bus);
+        r.send(ExitStatus::Code(0), None, OnExit::None);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(WasmEvent::Exited {
+                status: ExitStatus::Code(0),
+                ..
+            })
+        ));
+        assert!(rx.try_recv().is_err(), "exactly one report");
+    }
+
+    #[test]
+    fn panic_messages() {
+        let s: Box<dyn std::any::Any + Send> = Box::new("text");
+        assert_eq!(panic_text(&*s), "text");
+        let s: Box<dyn std::any::Any + Send> = Box::new(String::from("owned"));
+        assert_eq!(panic_text(&*s), "owned");
+        let s: Box<dyn std::any::Any + Send> = Box::new(5u8);
+        assert_eq!(panic_text(&*s), "a panic without a message");
+    }
+}

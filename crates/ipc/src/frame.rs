@@ -65,8 +65,9 @@ use std::borrow::Cow;
 /// Longest frame accepted from a process; a longer one ends the channel
 /// (there is no telling where the next frame starts).
 pub const MAX_FRAME: usize = 16 << 20;
-/// Largest raw blob accepted from a process (the largest wasm memory is 256 MiB).
-pub const MAX_BLOB: usize = 256 << 20;
+/// Largest raw blob accepted from a process: no mailbox could hold a
+/// larger one ([`spindle_bus::MAILBOX_BYTES`]).
+pub const MAX_BLOB: usize = spindle_bus::MAILBOX_BYTES;
 
 /// A blob a frame carries or announces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -834,5 +835,93 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(back, FromProcess::Response { body, .. } if body == [0xff, 0x00]));
+    }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A JSON value of any shape, a few levels deep.
+        fn any_json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<u64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                "\\PC{0,12}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map(
+                        prop_oneof![
+                            Just("type".to_string()),
+                            Just("id".to_string()),
+                            Just("target".to_string()),
+                            Just("body".to_string()),
+                            Just("body_base64".to_string()),
+                            Just("timeout_ms".to_string()),
+                            Just("blob_bytes".to_string()),
+                            Just("blob_base64".to_string()),
+                            Just("inherit".to_string()),
+                            Just("capabilities".to_string()),
+                            Just("context".to_string()),
+                            "[a-z_]{1,8}",
+                        ],
+                        inner,
+                        0..6,
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn frame_type() -> impl Strategy<Value = &'static str> {
+            prop_oneof![
+                Just("request"),
+                Just("response"),
+                Just("heartbeat"),
+                Just("hello"),
+                Just("capabilities"),
+                Just("save_capabilities"),
+                Just("drop_capabilities"),
+                Just("spawn"),
+                Just("other"),
+            ]
+        }
+
+        proptest! {
+            /// Any bytes at all: an answer (a frame or an error), never a panic.
+            #[test]
+            fn any_bytes_are_answered(line in prop::collection::vec(any::<u8>(), 0..256)) {
+                let _ = parse(&line, ME);
+            }
+
+            /// Frames shaped like real ones, with every field any value.
+            #[test]
+            fn any_frame_shape_is_answered(kind in frame_type(), mut fields in any_json()) {
+                if let serde_json::Value::Object(m) = &mut fields {
+                    m.insert("type".into(), kind.into());
+                }
+                let line = serde_json::to_vec(&fields).unwrap();
+                let _ = parse(&line, ME);
+            }
+
+            /// Numbers at their extremes where sizes, ids and timeouts go.
+            #[test]
+            fn extreme_numbers_are_answered(id in any::<u64>(), t in any::<u64>(), len in any::<u64>()) {
+                for line in [
+                    format!(r#"{{"type":"request","id":{id},"target":"local@a:b:c","body":1,"timeout_ms":{t}}}"#),
+                    format!(r#"{{"type":"request","target":"local@a:b:c","body":1,"blob_bytes":{len}}}"#),
+                    format!(r#"{{"type":"response","id":{id},"body":1,"blob_bytes":{len}}}"#),
+                    format!(r#"{{"type":"request","id":{id},"target":"local@a:b:c","body":1,"inherit":{t}}}"#),
+                ] {
+                    let _ = parse(line.as_bytes(), ME);
+                }
+            }
+        }
     }
 }

@@ -261,8 +261,23 @@ async fn a_flood_is_held_back_by_the_channel_not_by_memory() {
         *last = now;
         same
     };
-    let mut last = 0;
+    // First the real condition: the sink's mailbox is full.
+    let full = spindle_bus::MAILBOX_CAPACITY * 1002;
     let end = tokio::time::Instant::now() + DEADLINE;
+    while mailbox.queued_bytes() < full {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the mailbox never filled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        mailbox.queued_bytes(),
+        full,
+        "a mailbox holds its capacity, no more"
+    );
+    // Then the process's writes stall (a refused frame per wait at most).
+    let mut last = written.load(std::sync::atomic::Ordering::Relaxed);
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
         if stalled(&mut last) {

@@ -209,4 +209,28 @@ mod tests {
             Request::Hello { protocol: 1, .. }
         ));
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any line off the control socket: a request or an error, and
+            /// any spec in a request can be checked without a panic.
+            #[test]
+            fn any_frame_is_answered(line in prop::collection::vec(any::<u8>(), 0..300)) {
+                if let Ok(Request::Start { specs }) = serde_json::from_slice::<Request>(&line) {
+                    for s in specs {
+                        let _ = s.check();
+                    }
+                }
+            }
+
+            #[test]
+            fn any_text_frame_is_answered(op in "(start|list|stop|send|logs|status|hello)", rest in "\\PC{0,80}") {
+                let line = format!(r#"{{"op":"{op}",{rest}}}"#);
+                let _ = serde_json::from_str::<Request>(&line);
+            }
+        }
+    }
 }

@@ -499,4 +499,80 @@ on_exit = "none"
         let e = error_of("[[process]\n");
         assert!(!e.is_empty());
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        const KEYS: &[&str] = &[
+            "name",
+            "command",
+            "wasm",
+            "args",
+            "cwd",
+            "env",
+            "log",
+            "err_log",
+            "restart_at",
+            "restart_ok",
+            "on_exit",
+            "grace",
+            "stop_signal",
+            "strip_ansi",
+            "timestamps",
+            "max_memory",
+            "log_max_size",
+            "log_keep",
+            "package",
+            "public",
+            "ipc",
+            "heartbeat",
+        ];
+
+        /// A TOML value of the kinds a manifest may hold, or may wrongly hold.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\\PC{0,10}".prop_map(|s| format!("{s:?}")),
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                Just("\"18446744073709551615s\"".to_string()),
+                Just("\"99999999999GiB\"".to_string()),
+                Just("\"0\"".to_string()),
+                Just("[\"1ms\", 0, \"1h\"]".to_string()),
+                Just("{ A = \"b\" }".to_string()),
+                Just("[]".to_string()),
+            ]
+        }
+
+        proptest! {
+            /// Any text: a manifest or an error naming what is wrong.
+            #[test]
+            fn any_text_is_answered(text in "\\PC{0,200}") {
+                let _ = parse_manifest(&text, Path::new("/m"));
+            }
+
+            /// Entries with any keys and values: parsed specs obey every rule.
+            #[test]
+            fn every_parsed_spec_obeys_the_rules(
+                entries in prop::collection::vec(
+                    prop::collection::vec((prop::sample::select(KEYS), value()), 0..8), 1..3)
+            ) {
+                let mut text = String::new();
+                for e in &entries {
+                    text.push_str("[[process]]\ncommand = \"x\"\n");
+                    let mut seen = std::collections::HashSet::from(["command"]);
+                    for (k, v) in e {
+                        if seen.insert(*k) {
+                            text.push_str(&format!("{k} = {v}\n"));
+                        }
+                    }
+                }
+                if let Ok(specs) = parse_manifest(&text, Path::new("/m")) {
+                    for s in specs {
+                        prop_assert!(s.check().is_ok(), "{text}");
+                    }
+                }
+            }
+        }
+    }
 }

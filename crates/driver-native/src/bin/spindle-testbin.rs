@@ -36,6 +36,12 @@ fn sleep_forever() -> ! {
     }
 }
 
+/// Notes each SIGTERM on stdout (`term`) and carries on.
+extern "C" fn note_term(_: libc::c_int) {
+    // SAFETY: write(2) is async-signal-safe; the buffer is static.
+    unsafe { libc::write(1, b"term\n".as_ptr().cast(), 5) };
+}
+
 fn ignore_term() {
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
@@ -68,6 +74,15 @@ fn main() {
         }
         "ignore-term" => {
             ignore_term();
+            println!("ready");
+            std::io::stdout().flush().ok();
+            sleep_forever();
+        }
+        // Like ignore-term, but says `term` for each SIGTERM it gets, so a
+        // test can see the polite stop arrive before the kill.
+        "catch-term" => {
+            // SAFETY: installing a handler that only calls write(2).
+            unsafe { libc::signal(libc::SIGTERM, note_term as *const () as libc::sighandler_t) };
             println!("ready");
             std::io::stdout().flush().ok();
             sleep_forever();

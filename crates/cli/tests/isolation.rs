@@ -1,0 +1,148 @@
+//! One process can never hurt another: a hostile guest (written against
+//! the public guest library only) tries each way in, through the real
+//! daemon, and each is refused or bounded — while other processes go on
+//! answering and the daemon stops cleanly at the end.
+
+mod common;
+
+use common::*;
+use std::process::{Command, Stdio};
+
+fn send(n: &Node, to: &str, body: &str) -> String {
+    n.ok(&["send", to, body, "--timeout", "60s"])
+        .trim()
+        .to_string()
+}
+
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the daemon's threads in /proc")
+        .count()
+}
+
+/// Starts a copy of `guest` (shipped into the test's folder) as a public
+/// process of `package`.
+fn start(n: &Node, guest: &str, name: &str, package: &str) -> String {
+    let file = n.ship(guest);
+    n.ok(&[
+        "start",
+        &file,
+        "--name",
+        name,
+        "--package",
+        package,
+        "--public",
+    ]);
+    let addr = format!("local@{name}:{package}");
+    until("it answers", || {
+        let out = n.run(&["send", &addr, "ping", "--timeout", "1s"]);
+        out.status.success().then_some(())
+    });
+    addr
+}
+
+#[test]
+fn a_hostile_process_is_refused_or_bounded_and_hurts_nobody() {
+    let n = Node::new();
+    let evil = start(&n, "hostile", "evil", "evil:test");
+    let victim = start(&n, "echo", "victim", "good:test");
+    let pid = n.client().status().unwrap().pid;
+
+    // Another package's database, made by the operator.
+    let made = n.ok(&[
+        "send",
+        "local@sqlite:sys:spindle",
+        r#"{"op":"write","db":"vault","package":"good:test","sql":"CREATE TABLE t (x)"}"#,
+    ]);
+    assert!(!made.contains("error"), "{made}");
+    n.ok(&[
+        "send",
+        "local@sqlite:sys:spindle",
+        r#"{"op":"write","db":"vault","package":"good:test","sql":"INSERT INTO t VALUES ('gold')"}"#,
+    ]);
+    let vault = n.home().join("db/sqlite/good:test/vault.sqlite");
+    assert!(vault.exists());
+
+    // SQL reaches only its own database, and only as one statement.
+    assert_eq!(
+        send(&n, &evil, &format!("attach {}", vault.display())),
+        "refused refused"
+    );
+    assert_eq!(send(&n, &evil, "commit"), "refused");
+    // A hostile parameter is a bad request, not a panic of the daemon.
+    assert_eq!(send(&n, &evil, "blob-range"), "bad-request");
+    assert_eq!(send(&n, &evil, "ping"), "pong");
+    let dump = n.ok(&["db", "dump", "good:test", "vault"]);
+    assert!(dump.contains("'gold'") && !dump.contains("y2"), "{dump}");
+
+    // A flood of large messages to a busy process is held back by its
+    // mailbox's budget; the daemon does not grow with it.
+    // (The victim sleeps through the flood; this send's own wait ends at once.)
+    let _ = n.run(&["send", &victim, "sleep 10000", "--timeout", "1ms"]);
+    let flood = send(&n, &evil, &format!("flood {victim} 16 8388608"));
+    let sent: usize = flood.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(sent <= 8, "{flood}: more than the mailbox's 64 MiB queued");
+    assert!(
+        flood.ends_with(&format!("refused {}", 16 - sent)),
+        "{flood}"
+    );
+    let rss = n
+        .client()
+        .status()
+        .unwrap()
+        .rss_bytes
+        .expect("the daemon reports its RSS");
+    assert!(rss < 400 << 20, "daemon RSS {} MiB", rss >> 20);
+
+    // Databases cost handles, bounded, and no threads of their own.
+    let before = threads_of(pid);
+    assert_eq!(send(&n, &evil, "dbs 300"), "opened 300");
+    let grew = threads_of(pid).saturating_sub(before);
+    assert!(grew <= 8, "{grew} more threads for 300 databases");
+
+    // Spawn stays inside the package's folder and never shows a file.
+    let abs = send(&n, &evil, "spawn-path /etc/passwd");
+    assert!(
+        abs.starts_with("refused") && abs.contains("absolute"),
+        "{abs}"
+    );
+    assert!(!abs.contains("root") && !abs.contains("0x72"), "{abs}");
+    let up = send(&n, &evil, "spawn-path ../echo.wasm");
+    assert!(up.contains("leaves the parent's folder"), "{up}");
+    n.write("notes.wasm", "root:x:0:0:root:/root:/bin/bash");
+    let junk = send(&n, &evil, "spawn-path notes.wasm");
+    assert!(junk.contains("not a WebAssembly file"), "{junk}");
+    assert!(!junk.contains("root:x") && !junk.contains("0x72"), "{junk}");
+
+    // A spawn loop stops at the parent's budget, and the operator (and
+    // any other package) can still start processes.
+    let many = send(&n, &evil, "spawn-many 1100");
+    assert!(
+        many.starts_with("spawned 1000 ") && many.contains("budget"),
+        "{many}"
+    );
+    let other = start(&n, "echo", "late", "other:test");
+    assert_eq!(send(&n, &other, "hi"), "hi");
+
+    // A timeout at the very end of the range is a long wait, not a panic.
+    assert_eq!(
+        send(&n, &evil, &format!("await-forever {victim}")),
+        "ok hello"
+    );
+
+    // Everyone else still answers.
+    assert_eq!(send(&n, &victim, "still here"), "still here");
+    assert_eq!(send(&n, &evil, "ping"), "pong");
+
+    // And the daemon stops, children and all, within the helper's deadline.
+    let mut stop = Command::new(spindle_bin())
+        .arg("--home")
+        .arg(n.home())
+        .args(["daemon", "stop"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = until("daemon stop returns", || stop.try_wait().unwrap());
+    assert!(status.success());
+    until("the daemon is gone", || (!alive(pid as i32)).then_some(()));
+}
