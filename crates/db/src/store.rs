@@ -353,14 +353,23 @@ impl Database {
     fn turn(self: &Arc<Self>, lane: Lane) {
         match lane {
             Lane::Write => {
-                let batch: Vec<Write> = {
-                    let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                    let n = q.writes.len().min(MAX_BATCH);
-                    q.writes.drain(..n).collect()
-                };
-                if !batch.is_empty() {
-                    let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+                // Batch after batch while writes keep coming and no other
+                // database waits for a thread: the next commit starts
+                // without a hop through the pool.
+                loop {
+                    let batch: Vec<Write> = {
+                        let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                        let n = q.writes.len().min(MAX_BATCH);
+                        q.writes.drain(..n).collect()
+                    };
+                    if batch.is_empty() {
+                        break;
+                    }
                     commit(&conn, self, batch);
+                    if self.pool.others_wait() {
+                        break;
+                    }
                 }
             }
             Lane::Read => {
@@ -475,6 +484,16 @@ impl Pool {
             }
             _ => Ok(pool),
         }
+    }
+
+    /// Whether any task waits for a thread.
+    fn others_wait(&self) -> bool {
+        !self
+            .sched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .queue
+            .is_empty()
     }
 
     fn submit(&self, task: Task) {

@@ -264,7 +264,7 @@ impl WasmDriver {
         };
         let runtime = self.runtime().map_err(|e| e.to_string())?;
         let pre: ProcessPre<ProcessHost> = runtime.load(path).map_err(|e| e.to_string())?;
-        let our = self.address(num, spec).expect("wasm spec");
+        let our = Arc::new(self.address(num, spec).expect("wasm spec"));
         let (out_path, err_path) = spec.log_paths(&self.logs_dir, num.0);
         let open = |p: &Path| self.hub.open(p, spec.log.max_size, spec.log.keep);
         let shaping = Shaping {
@@ -286,7 +286,7 @@ impl WasmDriver {
         let mailbox = self
             .shared
             .bus
-            .register(our.clone(), *public)
+            .register((*our).clone(), *public)
             .map_err(|e| e.to_string())?;
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stdout(LogOut(out.clone()))
@@ -306,7 +306,7 @@ impl WasmDriver {
             limits,
             self.shared.clone(),
             num,
-            Arc::new(our.clone()),
+            our.clone(),
             mailbox,
             on_exit_to_wit(&spec.on_exit),
             out,
@@ -331,7 +331,7 @@ impl WasmDriver {
             num,
             run,
             bus: self.shared.bus.clone(),
-            process: our.process.clone(),
+            our: our.clone(),
             on_exit: spec.on_exit.clone(),
             sent: false,
         };
@@ -344,7 +344,7 @@ impl WasmDriver {
                 process: our.process.clone(),
             },
         );
-        Ok(our)
+        Ok((*our).clone())
     }
 
     /// Asks a run to stop: a request from the node (`local@kernel:sys:spindle`,
@@ -421,7 +421,7 @@ struct EndReport {
     num: ProcessNum,
     run: RunId,
     bus: Arc<Bus>,
-    process: ProcessId,
+    our: Arc<Address>,
     /// The spec's policy, for an end the run could not report itself.
     on_exit: OnExit,
     sent: bool,
@@ -445,7 +445,7 @@ impl Drop for EndReport {
         if self.sent {
             return;
         }
-        self.bus.unregister(&self.process);
+        self.bus.unregister(&self.our.process);
         let why = "host error: the process's task ended without finishing its run";
         tracing::error!("process {}: {why}", self.num);
         let _ = self.events.send(WasmEvent::Exited {
@@ -547,15 +547,15 @@ mod tests {
 
     fn report(bus: &Arc<Bus>) -> (EndReport, mpsc::UnboundedReceiver<WasmEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
-        let process: ProcessId = "p:demo:spindle".parse().unwrap();
-        let _mailbox = bus.register(bus.address(process.clone()), false).unwrap();
+        let our = Arc::new(bus.address("p:demo:spindle".parse().unwrap()));
+        let _mailbox = bus.register((*our).clone(), false).unwrap();
         (
             EndReport {
                 events,
                 num: ProcessNum(7),
                 run: 3,
                 bus: bus.clone(),
-                process,
+                our,
                 on_exit: OnExit::Restart,
                 sent: false,
             },
