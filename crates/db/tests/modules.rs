@@ -470,3 +470,98 @@ async fn slow_statements_of_one_package_do_not_stall_another() {
         assert_eq!(r["rows"], json!([[3000000]]), "{r}");
     }
 }
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn field() -> impl Strategy<Value = (String, Value)> {
+        let key = prop::sample::select(vec![
+            "op",
+            "db",
+            "package",
+            "key",
+            "key_base64",
+            "value",
+            "prefix",
+            "prefix_base64",
+            "limit",
+            "tx",
+            "to",
+            "access",
+            "text",
+            "sql",
+            "params",
+        ]);
+        let value = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            prop::sample::select(vec![
+                "get",
+                "set",
+                "delete",
+                "scan",
+                "begin",
+                "commit",
+                "rollback",
+                "open",
+                "grant",
+                "revoke",
+                "write",
+                "query",
+                "mine",
+                "read",
+                "write",
+                "local@x:y:z",
+                "a:b",
+                "SELECT 1",
+                "ATTACH 'x' AS y",
+                "/**/COMMIT",
+                "AA==",
+                "!!",
+            ])
+            .prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+            prop::collection::vec(
+                prop_oneof![
+                    any::<i64>().prop_map(Value::from),
+                    Just(json!({"blob": [u64::MAX, 1]})),
+                    Just(json!({"blob": [0, 2]})),
+                    Just(json!({"base64": "%%"})),
+                    Just(json!({"x": 1})),
+                ],
+                0..3
+            )
+            .prop_map(Value::from),
+        ];
+        (key.prop_map(String::from), value)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        /// Any request body, to either module: an answer, never a panic
+        /// or silence, and the module answers the next request.
+        #[test]
+        fn any_request_is_answered(
+            fields in prop::collection::vec(field(), 0..6),
+            module in prop::sample::select(vec!["kv", "sqlite"]),
+            raw in prop::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let bus = node(dir.path());
+                let mut p = Caller::new(&bus, "local@fuzz:shop:acme");
+                let body: serde_json::Map<String, Value> = fields.into_iter().collect();
+                let (r, _) = p.ask(module, Value::Object(body), Some(&[1, 2, 3])).await;
+                assert!(r.is_object(), "{r}");
+                let (r, _) = p.ask_raw(module, raw.clone()).await;
+                assert!(r.is_object(), "{r}");
+                let ok = p.kv(json!({"op": "set", "db": "after", "key": "k", "value": "v"})).await;
+                assert_eq!(ok, json!({"ok": true}));
+            });
+        }
+    }
+}

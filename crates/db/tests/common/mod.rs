@@ -35,6 +35,21 @@ impl Caller {
         body: Value,
         blob: Option<&[u8]>,
     ) -> (Value, Option<Vec<u8>>) {
+        self.ask_bytes(module, serde_json::to_vec(&body).unwrap(), blob)
+            .await
+    }
+
+    /// Sends a body that may not be JSON at all.
+    pub async fn ask_raw(&mut self, module: &str, body: Vec<u8>) -> (Value, Option<Vec<u8>>) {
+        self.ask_bytes(module, body, None).await
+    }
+
+    async fn ask_bytes(
+        &mut self,
+        module: &str,
+        body: Vec<u8>,
+        blob: Option<&[u8]>,
+    ) -> (Value, Option<Vec<u8>>) {
         let id = self.bus.next_id();
         let env = Envelope {
             id,
@@ -44,7 +59,7 @@ impl Caller {
             message: Message::Request(Request {
                 inherit: false,
                 expects_response: Some(DEADLINE),
-                body: serde_json::to_vec(&body).unwrap(),
+                body,
                 metadata: None,
                 capabilities: vec![],
             }),

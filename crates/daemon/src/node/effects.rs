@@ -1,0 +1,151 @@
+//! Carrying out the kernel's effects, and the once-a-second sample
+//! (watchdogs, memory caps).
+
+use super::*;
+
+impl Node {
+    /// Carries out the kernel's effects until it has none left, then persists.
+    pub(super) fn apply(&mut self) {
+        let mut dirty = false;
+        loop {
+            let effects = self.kernel.take_effects();
+            if effects.is_empty() {
+                break;
+            }
+            let mut asks = vec![];
+            let mut kills = vec![];
+            for effect in effects {
+                match effect {
+                    Effect::Spawn { num, run, spec } => {
+                        let tap = self.attached(num).tap.clone();
+                        let result = match &spec.program {
+                            Program::Native { .. } => self.spawn_native(num, run, &spec, tap),
+                            Program::Wasm { .. } => {
+                                self.wasm.spawn(num, run, &spec, Some(tap)).map(|addr| {
+                                    self.attached(num).bus = Some(OnBus::Wasm(addr));
+                                    None
+                                })
+                            }
+                        };
+                        if let Err(e) = &result {
+                            tracing::error!("process {num}: {e}");
+                        }
+                        self.kernel
+                            .spawned(num, run, result, Instant::now(), wall_ms());
+                    }
+                    // A wasm process has no signals: it is asked by message,
+                    // and killed when the grace is over.
+                    Effect::AskStop { num, run, signal } => {
+                        let a = self.procs.get(&num);
+                        if let Some(addr) = a.and_then(Attached::wasm) {
+                            self.wasm.ask_stop(num, run, addr)
+                        } else if !a.and_then(Attached::bridge).is_some_and(Bridge::ask_stop) {
+                            // A process with an IPC channel is asked by message first.
+                            asks.push((num, run, signal))
+                        }
+                    }
+                    Effect::Kill { num, run }
+                        if self.procs.get(&num).and_then(Attached::wasm).is_some() =>
+                    {
+                        self.wasm.kill(num, run)
+                    }
+                    Effect::Kill { num, run } => kills.push((num, run)),
+                    Effect::Exited {
+                        num,
+                        info,
+                        restart_in,
+                    } => {
+                        let bus = self.wasm.bus().clone();
+                        let killed = info.reason == spindle_types::ExitReason::Killed;
+                        match self.procs.get_mut(&num).and_then(|a| a.bus.as_mut()) {
+                            Some(OnBus::Native { address, bridge }) => {
+                                if bridge.take().is_some() {
+                                    // Its mailbox closes; its bridge ends.
+                                    bus.unregister(&address.process);
+                                }
+                                if killed {
+                                    bus.revoke_issued_by(address);
+                                }
+                            }
+                            // What a killed process issued dies with it.
+                            Some(OnBus::Wasm(address)) if killed => bus.revoke_issued_by(address),
+                            _ => {}
+                        }
+                        match restart_in {
+                            Some(d) => tracing::info!(
+                                "process {num}: {info}; restarting in {}",
+                                spindle_types::units::format_duration(d)
+                            ),
+                            None => tracing::info!("process {num}: {info}"),
+                        }
+                    }
+                    Effect::Removed { num } => {
+                        if let Some(addr) =
+                            self.procs.remove(&num).as_ref().and_then(Attached::address)
+                        {
+                            // Gone for good: nothing it held or issued may
+                            // pass to a later process of the same name.
+                            self.wasm.bus().forget(&addr.process);
+                            self.wasm.bus().revoke_issued_by(addr);
+                        }
+                    }
+                    Effect::Persist => dirty = true,
+                }
+            }
+            self.driver.ask_stop(&asks);
+            self.driver.kill(&kills);
+        }
+        if dirty && let Err(e) = table::save(&self.paths.table, &self.kernel.snapshot()) {
+            tracing::error!("{e}");
+        }
+    }
+
+    pub(super) fn sample(&mut self) {
+        if self.driver.live_runs() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        // Watchdogs: a process on the bus that has sent nothing for its
+        // heartbeat period is hung.
+        for (num, bridge) in self
+            .procs
+            .iter()
+            .filter_map(|(n, a)| Some((n, a.bridge()?)))
+        {
+            let Some(e) = self.kernel.get(*num) else {
+                continue;
+            };
+            let (Program::Native { ipc: Some(ipc), .. }, Some(run)) =
+                (&e.spec.program, e.state.run())
+            else {
+                continue;
+            };
+            if let Some(period) = ipc.heartbeat()
+                && matches!(e.state, State::Starting { .. } | State::Running { .. })
+                && bridge.silent_for() > period
+            {
+                let detail = format!(
+                    "heartbeat lost: nothing on its IPC channel for {} (heartbeat {})",
+                    spindle_types::units::format_duration(bridge.silent_for()),
+                    spindle_types::units::format_duration(period)
+                );
+                tracing::warn!("process {num}: {detail}");
+                self.kernel.hung(*num, run, detail, now);
+            }
+        }
+        for (num, run, rss) in self.driver.sample(now) {
+            let Some(cap) = self.kernel.get(num).and_then(|e| e.spec.max_memory) else {
+                continue;
+            };
+            if rss > cap {
+                let detail = format!(
+                    "memory limit {} exceeded ({} resident)",
+                    spindle_types::units::format_size(cap),
+                    spindle_types::units::format_size(rss)
+                );
+                tracing::warn!("process {num}: {detail}");
+                self.kernel.fault(num, run, detail, now);
+            }
+        }
+    }
+}

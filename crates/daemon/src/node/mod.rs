@@ -1,0 +1,291 @@
+//! Boot and the control loop. See the crate docs.
+
+mod attached;
+mod control;
+mod effects;
+mod spawning;
+
+use attached::{Attached, OnBus};
+
+use crate::server::{self, Call, Follow, Reply};
+use crate::{DaemonError, Paths, table};
+use spindle_bus::Bus;
+use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
+use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
+use spindle_ipc::{Bridge, Spawner};
+use spindle_kernel::{Effect, Kernel, State};
+use spindle_logs::{LogChunk, LogHub, tail_lines};
+use spindle_types::control::{
+    DaemonStatus, ErrorKind, LogStream, PROTOCOL_VERSION, ProcessInfo, Request, Response,
+    StateLabel,
+};
+use spindle_types::{Address, ProcessId, ProcessNum, ProcessSpec, Program, Selector};
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// How often CPU and memory are sampled (for `ls` and memory caps).
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// Control requests queued for the loop; connections wait when it is full.
+const CALL_QUEUE: usize = 256;
+/// Bytes read from the end of a log file to serve `logs --lines N`.
+const TAIL_BYTES: u64 = 4 << 20;
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_node_tag() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// How long a starting daemon waits for the lock of one that is exiting.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Takes the home's lock, waiting a little for a daemon that is on its way out.
+fn take_lock(mut file: fs::File) -> Result<nix::fcntl::Flock<fs::File>, ()> {
+    let end = Instant::now() + LOCK_WAIT;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, _)) if Instant::now() < end => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return Err(()),
+        }
+    }
+}
+
+/// Marks every descriptor the daemon inherited above stderr close-on-exec,
+/// so none leaks into the processes it starts.
+fn close_inherited_fds() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(
+            "cannot mark inherited descriptors close-on-exec: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Raises the soft open-files limit to the hard one: every native process
+/// holds two pipes, and a node may run thousands of processes.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Boots the node in `home` and serves until SIGTERM/SIGINT or a `shutdown`
+/// request. Blocks; builds its own single-threaded runtime.
+pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
+    let paths = Paths::new(home);
+    let home_err = |source| DaemonError::Home {
+        path: paths.home.clone(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.home)
+        .map_err(home_err)?;
+    fs::create_dir_all(&paths.logs).map_err(home_err)?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&paths.lock)
+        .map_err(home_err)?;
+    let _lock = take_lock(lock).map_err(|_| DaemonError::AlreadyRunning(paths.home.clone()))?;
+
+    raise_fd_limit();
+    close_inherited_fds();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(paths))
+}
+
+async fn serve(paths: Paths) -> Result<(), DaemonError> {
+    let saved = table::load(&paths.table)?;
+    let node_tag = saved
+        .as_ref()
+        .map(|t| t.node_tag.clone())
+        .unwrap_or_else(new_node_tag);
+    let _ = fs::remove_file(&paths.socket);
+    let listener = UnixListener::bind(&paths.socket).map_err(|source| DaemonError::Socket {
+        path: paths.socket.clone(),
+        source,
+    })?;
+    fs::set_permissions(&paths.socket, fs::Permissions::from_mode(0o600))?;
+
+    // SIGCHLD must be watched before the first spawn.
+    let mut sigchld = child_signal()?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let hub = Arc::new(LogHub::new());
+    let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
+    let bus = Arc::new(Bus::open(NODE_NAME, &paths.capabilities)?);
+    // Runtime modules: their addresses are the node's own, on the bus first.
+    spindle_db::start(&paths.db, &bus)?;
+    let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
+        &paths.home.join("cache"),
+        spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
+        bus,
+        hub,
+        &paths.logs,
+        &paths.home.join("state"),
+    )?;
+    let leftovers = driver.kill_leftovers();
+    if leftovers > 0 {
+        tracing::warn!(
+            "killed {leftovers} processes left running by an earlier daemon of this node"
+        );
+    }
+    let now = Instant::now();
+    let kernel = match saved {
+        Some(t) => Kernel::restore(t, now),
+        None => {
+            let mut k = Kernel::new(node_tag);
+            k.take_effects();
+            k
+        }
+    };
+    // Capabilities of processes that are gone (removed while the previous
+    // daemon's last write was in flight) must not pass to a namesake.
+    let known: HashSet<ProcessId> = kernel
+        .entries()
+        .filter_map(|e| wasm.address(e.num, &e.spec))
+        .map(|a| a.process)
+        .collect();
+    wasm.bus()
+        .retain(|p| p.package.is_system() || known.contains(p));
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(CALL_QUEUE);
+    tokio::spawn(server::accept_loop(listener, calls_tx));
+
+    let mut node = Node {
+        paths,
+        kernel,
+        driver,
+        wasm,
+        procs: HashMap::new(),
+        started: now,
+        shutdown_waiters: vec![],
+    };
+    node.apply();
+    tracing::info!(
+        "spindle {} node up: pid {}, home {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        node.paths.home.display()
+    );
+
+    let mut sampler = tokio::time::interval(SAMPLE_EVERY);
+    sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    loop {
+        let deadline = node
+            .kernel
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(far);
+        tokio::select! {
+            Some((req, reply)) = calls.recv() => node.handle(req, reply),
+            _ = sigchld.recv() => {
+                let now = Instant::now();
+                for DriverEvent::Exited { num, run, status } in node.driver.reap() {
+                    node.kernel.exited(num, run, status, None, now, wall_ms());
+                }
+            }
+            Some(WasmEvent::Exited { num, run, status, detail, on_exit }) = wasm_events.recv() => {
+                node.wasm.ended(num, run);
+                node.kernel.set_on_exit(num, on_exit);
+                node.kernel.exited(num, run, status, detail, Instant::now(), wall_ms());
+            }
+            Some(call) = spawn_calls.recv() => node.spawn_for(call),
+            _ = tokio::time::sleep_until(deadline) => node.kernel.tick(Instant::now()),
+            _ = sampler.tick() => node.sample(),
+            _ = sigterm.recv() => node.begin_shutdown(None),
+            _ = sigint.recv() => node.begin_shutdown(None),
+        }
+        node.apply();
+        if node.kernel.is_shutting_down() && node.kernel.is_quiescent() {
+            break;
+        }
+    }
+    if let Err(why) = node.wasm.bus().persisted().await {
+        tracing::error!("capabilities may be out of date on disk: {why}");
+    }
+    let _ = fs::remove_file(&node.paths.socket);
+    for w in node.shutdown_waiters.drain(..) {
+        let _ = w.send(Reply::One(Response::Done { ids: vec![] }));
+    }
+    // Let the connection tasks write those answers before the runtime goes.
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+    tracing::info!("node stopped");
+    Ok(())
+}
+
+struct Node {
+    paths: Paths,
+    kernel: Kernel,
+    driver: NativeDriver,
+    wasm: WasmDriver,
+    /// One record per process: its log tap and its place on the bus.
+    procs: HashMap<ProcessNum, Attached>,
+    started: Instant,
+    shutdown_waiters: Vec<oneshot::Sender<Reply>>,
+}
+
+fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {
+    Reply::One(Response::Error {
+        kind,
+        message: message.into(),
+    })
+}
+
+/// The node's name in addresses.
+pub const NODE_NAME: &str = "local";
+
+impl Node {
+    /// The record of process `num`, made at its first use.
+    fn attached(&mut self, num: ProcessNum) -> &mut Attached {
+        self.procs.entry(num).or_insert_with(Attached::new)
+    }
+}

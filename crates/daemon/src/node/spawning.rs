@@ -1,0 +1,154 @@
+//! Starting runs: the checks before a start, native runs on the bus,
+//! and processes' own spawn calls.
+
+use super::*;
+
+impl Node {
+    /// A wasm spec can start: its component loads, and its address is free.
+    pub(super) fn check_wasm(
+        &mut self,
+        spec: &ProcessSpec,
+        earlier: &[ProcessSpec],
+    ) -> Result<(), String> {
+        self.wasm.preflight(spec).map_err(|e| e.to_string())?;
+        self.check_address(spec, earlier)
+    }
+
+    /// A process on the bus can start if its address is free (among running
+    /// processes and the other specs of the same request).
+    pub(super) fn check_address(
+        &self,
+        spec: &ProcessSpec,
+        earlier: &[ProcessSpec],
+    ) -> Result<(), String> {
+        let Some(name) = &spec.name else {
+            return Ok(());
+        };
+        let probe = ProcessNum(0);
+        let Some(addr) = self.wasm.address(probe, spec) else {
+            return Ok(());
+        };
+        format!("{}", addr.process)
+            .parse::<spindle_types::ProcessId>()
+            .map_err(|e| format!("name {name:?} cannot be part of an address: {e}"))?;
+        let taken = self
+            .kernel
+            .entries()
+            .filter(|e| e.state.is_live() || e.desired == spindle_kernel::Desired::Running)
+            .filter_map(|e| self.wasm.address(e.num, &e.spec))
+            .chain(earlier.iter().filter_map(|s| self.wasm.address(probe, s)))
+            .any(|a| a == addr);
+        if taken {
+            return Err(format!(
+                "address {addr} is already used by another process: choose another name"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Starts a native run; one with an IPC channel is put on the bus first
+    /// (so its address is taken and messages can wait for it) and bridged.
+    pub(super) fn spawn_native(
+        &mut self,
+        num: ProcessNum,
+        run: spindle_kernel::RunId,
+        spec: &ProcessSpec,
+        tap: broadcast::Sender<LogChunk>,
+    ) -> Result<Option<u32>, String> {
+        let Some(addr) = self.wasm.address(num, spec) else {
+            return self
+                .driver
+                .spawn(num, run, spec, Some(tap), None)
+                .map(|s| Some(s.pid))
+                .map_err(|e| e.to_string());
+        };
+        let bus = self.wasm.bus();
+        let public = spec.program.bus().is_some_and(|(_, p)| p);
+        let mailbox = bus
+            .register(addr.clone(), public)
+            .map_err(|e| e.to_string())?;
+        let spawned = match self.driver.spawn(num, run, spec, Some(tap), Some(&addr)) {
+            Ok(s) => s,
+            Err(e) => {
+                bus.unregister(&addr.process);
+                return Err(e.to_string());
+            }
+        };
+        let channel = spawned.channel.expect("a channel for a process on the bus");
+        let spawner = match &spec.program {
+            Program::Native { cwd, .. } => Some(Spawner {
+                calls: self.wasm.spawn_calls(),
+                dir: cwd.clone(),
+            }),
+            Program::Wasm { .. } => None,
+        };
+        let bridge = match Bridge::start(channel, addr.clone(), bus.clone(), mailbox, spawner) {
+            Ok(b) => Some(b),
+            // The process runs without the bus; it sees its channel closed.
+            Err(e) => {
+                bus.unregister(&addr.process);
+                tracing::error!("process {num}: its IPC channel could not be served: {e}");
+                None
+            }
+        };
+        self.attached(num).bus = Some(OnBus::Native {
+            address: addr,
+            bridge,
+        });
+        Ok(Some(spawned.pid))
+    }
+
+    /// A wasm process asked to spawn a child: start it through the kernel,
+    /// then hand out the capabilities that go with it.
+    pub(super) fn spawn_for(&mut self, call: SpawnCall) {
+        let answer = (|| {
+            let path = call.resolve().map_err(|e| e.to_string())?;
+            let spec = ProcessSpec {
+                name: call.name.clone(),
+                program: Program::Wasm {
+                    path,
+                    package: call.parent.process.package.clone(),
+                    public: call.public,
+                },
+                env: Default::default(),
+                log: Default::default(),
+                restart: Default::default(),
+                on_exit: call.on_exit.clone(),
+                grace: spindle_types::spec::DEFAULT_GRACE,
+                stop_signal: Default::default(),
+                max_memory: None,
+                transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
+                parent: Some(call.parent.process.clone()),
+            };
+            spec.check()
+                .map_err(|b| format!("the child's {}: {}", b.key, b.message))?;
+            crate::budget::admit(
+                &self.kernel,
+                &call.parent.process,
+                spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
+            )
+            .map_err(|e| e.to_string())?;
+            self.check_wasm(&spec, &[])?;
+            let num = self
+                .kernel
+                .start(spec, Instant::now())
+                .map_err(|e| e.to_string())?;
+            self.apply();
+            let child = self
+                .procs
+                .get(&num)
+                .and_then(Attached::wasm)
+                .cloned()
+                .ok_or_else(|| format!("the child did not start: see `spindle ls` (id {num})"))?;
+            let bus = self.wasm.bus();
+            let talk = spindle_bus::Capability::messaging(&child);
+            bus.grant(&call.parent.process, [talk.clone()]);
+            for g in &call.grant_to {
+                bus.grant(&g.process, [talk.clone()]);
+            }
+            bus.grant(&child.process, call.capabilities.iter().cloned());
+            Ok(child)
+        })();
+        let _ = call.reply.send(answer);
+    }
+}
