@@ -1,0 +1,387 @@
+//! The `spindle:process/host` imports for one process: its mailbox, the
+//! requests it awaits, the message it is handling, its blob, state and log.
+//!
+//! Two kinds of failure are kept apart (as in wasmtime's WASI): an error the
+//! guest can handle comes back as a WIT `result` (`send-error`, a state
+//! write that failed); only a kill, or a guest misusing the world, traps.
+
+mod calls;
+mod convert;
+mod pending;
+
+use crate::bindings::spindle::process::types as wit;
+use convert::*;
+pub(crate) use convert::{from_wit_addr, from_wit_blob, from_wit_request, to_wit_addr};
+use pending::{IdHasher, Pending};
+use spindle_bus::{
+    Blob, Bus, Capability, Envelope, Mailbox, Message, Request, Response, SendErrorKind,
+};
+use spindle_logs::LineSink;
+use spindle_types::{Address, ProcessNum};
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Error as TrapError, StoreLimits};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// What the host of every process shares.
+pub struct Shared {
+    pub bus: Arc<Bus>,
+    pub state_dir: PathBuf,
+    pub spawns: mpsc::Sender<crate::SpawnCall>,
+    /// Runs that have reached their first `receive` (are up and waiting).
+    pub ready: std::sync::atomic::AtomicU64,
+}
+
+/// The request being handled: where `send-response` goes, and what an
+/// inheriting request passes on. A response received (awaited or not) does
+/// not replace it.
+struct Handling {
+    id: u64,
+    rsvp: Option<Arc<Address>>,
+    blob: Option<Arc<Blob>>,
+}
+
+/// The last message received, of either kind: what `get-blob` and
+/// `save-capabilities` refer to.
+struct Last {
+    blob: Option<Arc<Blob>>,
+    caps: Vec<Capability>,
+}
+
+/// The store data of one wasm process.
+pub struct ProcessHost {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) num: ProcessNum,
+    pub(crate) our: Arc<Address>,
+    pub(crate) mailbox: Mailbox,
+    pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
+    deferred: VecDeque<Envelope>,
+    handling: Option<Handling>,
+    last: Option<Last>,
+    pub(crate) on_exit: wit::OnExit,
+    pub(crate) out: Arc<Mutex<LineSink>>,
+    pub(crate) panic: Option<String>,
+    /// Set when the run is killed. The driver also takes the process off the
+    /// bus, which closes its mailbox and so wakes a waiting `receive`.
+    pub(crate) kill: Arc<AtomicBool>,
+    /// Fires at the earliest deadline of an awaited response (created on
+    /// first use). It is moved only when an earlier deadline appears or it
+    /// fires, not on every request.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: Option<Instant>,
+    pub(crate) component_dir: PathBuf,
+    waited: bool,
+    /// The last target this process sent to, parsed, and its endpoint: a
+    /// process mostly talks to a few peers, and comparing the text is cheaper
+    /// than parsing it and looking it up again.
+    target_cache: Option<(String, Arc<Address>)>,
+    route: Option<(Arc<Address>, Arc<spindle_bus::Endpoint>)>,
+    /// The text of the last source handed to the guest, for the same reason.
+    source_cache: Option<(Arc<Address>, String)>,
+}
+
+impl WasiView for ProcessHost {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The trap that ends a killed process.
+pub(crate) fn killed() -> TrapError {
+    TrapError::msg("killed")
+}
+
+/// What ended a wait. Lives on the stack for one wait only: boxing the
+/// envelope would cost an allocation per message on the hot path.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Wake {
+    Killed,
+    Mail(Envelope),
+    Deadline,
+}
+
+/// What `receive` hands the guest.
+pub(super) type Received = Result<(wit::Address, wit::Message), wit::SendError>;
+
+impl ProcessHost {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        wasi: WasiCtx,
+        limits: StoreLimits,
+        shared: Arc<Shared>,
+        num: ProcessNum,
+        our: Arc<Address>,
+        mailbox: Mailbox,
+        on_exit: wit::OnExit,
+        out: Arc<Mutex<LineSink>>,
+        kill: Arc<AtomicBool>,
+        component_dir: PathBuf,
+    ) -> ProcessHost {
+        ProcessHost {
+            wasi,
+            table: ResourceTable::new(),
+            limits,
+            shared,
+            num,
+            our,
+            mailbox,
+            pending: HashMap::default(),
+            deferred: VecDeque::new(),
+            handling: None,
+            last: None,
+            on_exit,
+            out,
+            panic: None,
+            kill,
+            timer: None,
+            armed: None,
+            component_dir,
+            waited: false,
+            target_cache: None,
+            route: None,
+            source_cache: None,
+        }
+    }
+
+    /// The address a guest named as a target, if it is one.
+    pub(super) fn target(&mut self, text: &str) -> Option<Arc<Address>> {
+        if let Some((t, a)) = &self.target_cache
+            && t == text
+        {
+            return Some(a.clone());
+        }
+        let a = Arc::new(from_wit_addr(text)?);
+        self.target_cache = Some((text.to_owned(), a.clone()));
+        Some(a)
+    }
+
+    /// `a` as the guest sees it.
+    pub(super) fn source_text(&mut self, a: &Arc<Address>) -> wit::Address {
+        if let Some((cached, text)) = &self.source_cache
+            && Arc::ptr_eq(cached, a)
+        {
+            return text.clone();
+        }
+        let text = to_wit_addr(a);
+        self.source_cache = Some((a.clone(), text.clone()));
+        text
+    }
+
+    pub(crate) fn is_killed(&self) -> bool {
+        self.kill.load(Ordering::Acquire)
+    }
+
+    pub(super) fn check_alive(&self) -> Result<(), TrapError> {
+        if self.is_killed() {
+            Err(killed())
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn log_line(&self, text: &str) {
+        let mut sink = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut line = String::with_capacity(text.len() + 1);
+        line.push_str(text);
+        if !line.ends_with('\n') {
+            line.push('\n');
+        }
+        if let Err(e) = sink.feed(line.as_bytes()) {
+            tracing::warn!("process {}: log write failed: {e}", self.num);
+        }
+    }
+
+    /// Takes a delivered envelope: a response is matched to its pending
+    /// request (or dropped and counted as late), word that a request failed
+    /// becomes its send error; a request becomes the one being handled, and
+    /// any message the last one received.
+    pub(super) fn accept(&mut self, env: Envelope) -> Option<Received> {
+        let mut message = env.message;
+        if let Message::Failed(kind) = message {
+            // Word about a request no longer awaited (timed out) is late.
+            let p = self.pending.remove(&env.id)?;
+            return Some(Err(send_error(
+                kind,
+                &p.target,
+                Message::Request(p.request),
+                p.context,
+            )));
+        }
+        if let Message::Response(_, context) = &mut message {
+            match self.pending.remove(&env.id) {
+                Some(p) => *context = p.context,
+                None => {
+                    self.shared
+                        .bus
+                        .late_responses
+                        .fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        if matches!(message, Message::Request(_)) {
+            self.handling = Some(Handling {
+                id: env.id,
+                rsvp: env.rsvp,
+                blob: env.blob.clone(),
+            });
+        }
+        self.last = Some(Last {
+            blob: env.blob,
+            caps: message.capabilities().to_vec(),
+        });
+        Some(Ok((self.source_text(&env.source), to_wit_message(message))))
+    }
+
+    pub(super) fn mark_ready(&mut self) {
+        if !self.waited {
+            self.waited = true;
+            self.shared.ready.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// What can be returned without waiting: a set-aside message, an expired
+    /// request, or (if `mailbox`) queued mail.
+    pub(super) fn poll_now(&mut self, mailbox: bool) -> Option<Received> {
+        while let Some(env) = self.deferred.pop_front() {
+            if let Some(r) = self.accept(env) {
+                return Some(r);
+            }
+        }
+        if !self.pending.is_empty()
+            && let Some(e) = self.expire(Instant::now())
+        {
+            return Some(Err(e));
+        }
+        while mailbox && let Some(env) = self.mailbox.try_recv() {
+            if self.is_killed() {
+                return None;
+            }
+            if let Some(r) = self.accept(env) {
+                return Some(r);
+            }
+        }
+        None
+    }
+
+    /// Sends a request; returns its number when a response is expected.
+    /// Never waits: a full mailbox is `MailboxFull` at once.
+    // The error is handed to the guest as it is; boxing it would only add an
+    // allocation to the error path.
+    #[allow(clippy::result_large_err)]
+    pub(super) fn send(
+        &mut self,
+        target: Arc<Address>,
+        request: Request,
+        context: Option<Vec<u8>>,
+        blob: Option<wit::Blob>,
+    ) -> Result<Option<u64>, wit::SendError> {
+        let inherited = self.handling.as_ref().filter(|_| request.inherit);
+        let blob = blob
+            .map(|b| Arc::new(from_wit_blob(b)))
+            .or_else(|| inherited.and_then(|c| c.blob.clone()));
+        let (id, rsvp) = match (request.expects_response, inherited) {
+            (Some(_), _) => (self.shared.bus.next_id(), Some(self.our.clone())),
+            (None, Some(c)) => (c.id, c.rsvp.clone()),
+            (None, None) => (self.shared.bus.next_id(), None),
+        };
+        let awaits = request.expects_response;
+        if let Some(timeout) = awaits {
+            self.pending.insert(
+                id,
+                Pending {
+                    target: target.clone(),
+                    request: request.clone(),
+                    context: context.clone(),
+                    deadline: spindle_bus::deadline_after(timeout),
+                },
+            );
+        }
+        let env = Envelope {
+            id,
+            source: self.our.clone(),
+            target: target.clone(),
+            rsvp,
+            message: Message::Request(request),
+            blob,
+        };
+        match self.send_routed(env) {
+            Ok(()) => Ok(awaits.map(|_| id)),
+            Err((kind, env)) => {
+                if awaits.is_some() {
+                    self.pending.remove(&id);
+                }
+                Err(send_error(kind, &target, env.message, context))
+            }
+        }
+    }
+
+    /// Sends through the kept endpoint of the last target when it is the
+    /// same one (a new one is looked up and kept).
+    pub(super) fn send_routed(&mut self, env: Envelope) -> Result<(), spindle_bus::Undelivered> {
+        if let Some((to, ep)) = &self.route
+            && Arc::ptr_eq(to, &env.target)
+            && ep.is_on_bus()
+        {
+            return self.shared.bus.send_now_to(ep, env, false);
+        }
+        let Some(ep) = self.shared.bus.endpoint(&env.target.process) else {
+            return Err((SendErrorKind::Offline, Box::new(env)));
+        };
+        let to = env.target.clone();
+        let r = self.shared.bus.send_now_to(&ep, env, false);
+        self.route = Some((to, ep));
+        r
+    }
+
+    /// Waits until capability changes are on disk. A failed write is logged
+    /// by the writer and noted in this process's log; the change holds in
+    /// memory either way, so the process carries on.
+    pub(super) async fn caps_persisted(&mut self) {
+        if let Err(why) = self.shared.bus.persisted().await {
+            self.log_line(&format!("spindle: capabilities not saved: {why}"));
+        }
+    }
+
+    pub(super) fn state_path(&self) -> PathBuf {
+        self.shared
+            .state_dir
+            .join(format!("{}.state", self.our.process))
+    }
+}
+
+pub use spindle_bus::DEFAULT_AWAIT;
+/// Messages set aside while a process awaits one response: as many as its
+/// mailbox holds. Requests beyond it fail to their senders as `mailbox-full`.
+pub const MAX_DEFERRED: usize = spindle_bus::MAILBOX_CAPACITY;
+
+impl ProcessHost {
+    /// The run is over: every message it held and will never answer fails
+    /// to its requester as `exited` (the request being handled, those set
+    /// aside, those still queued), at once rather than at their timeouts.
+    pub(crate) fn release_held(&mut self) {
+        let bus = self.shared.bus.clone();
+        if let Some(h) = self.handling.take()
+            && let Some(rsvp) = h.rsvp
+        {
+            bus.fail_request(&self.our, h.id, rsvp, SendErrorKind::Exited);
+        }
+        for env in self.deferred.drain(..) {
+            bus.fail_held(&self.our, env, SendErrorKind::Exited);
+        }
+        bus.drain_ended(&self.our, &mut self.mailbox);
+    }
+}
