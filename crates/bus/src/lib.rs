@@ -34,7 +34,7 @@ mod spawn;
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
 };
-pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, confine};
+pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine};
 
 use persist::{CapsFileError, Persister};
 use spindle_types::{Address, ProcessId};
@@ -281,7 +281,7 @@ impl Bus {
     /// Waits until every capability change made so far is on disk (at once
     /// for an in-memory bus). An error says why the last write failed; the
     /// change is in effect in memory regardless.
-    pub async fn persisted(&self) -> Result<(), String> {
+    pub async fn persisted(&self) -> Result<(), persist::NotSaved> {
         match &self.persist {
             Some(p) => p.durable(p.latest()).await,
             None => Ok(()),

@@ -21,6 +21,12 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// Capability changes in effect in memory but not (yet) on disk: why the
+/// last write failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct NotSaved(pub String);
+
 /// Version of `capabilities.json`; a newer file is refused, not misread.
 pub const CAPS_VERSION: u32 = 1;
 /// How often a write that failed is tried again.
@@ -171,17 +177,17 @@ impl Persister {
 
     /// Waits until every change up to `generation` is on disk, or a write
     /// covering it failed.
-    pub(crate) async fn durable(&self, generation: u64) -> Result<(), String> {
+    pub(crate) async fn durable(&self, generation: u64) -> Result<(), NotSaved> {
         let mut rx = self.written.clone();
         loop {
             {
                 let w = rx.borrow_and_update();
                 if w.generation >= generation {
-                    return w.error.clone().map_or(Ok(()), Err);
+                    return w.error.clone().map_or(Ok(()), |why| Err(NotSaved(why)));
                 }
             }
             if rx.changed().await.is_err() {
-                return Err("the capability writer has stopped".into());
+                return Err(NotSaved("the capability writer has stopped".into()));
             }
         }
     }

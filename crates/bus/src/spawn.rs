@@ -31,7 +31,25 @@ pub struct SpawnCall {
     pub capabilities: Vec<Capability>,
     /// Processes that may message the child (the parent may anyway).
     pub grant_to: Vec<Address>,
-    pub reply: oneshot::Sender<Result<Address, String>>,
+    pub reply: oneshot::Sender<Result<Address, SpawnError>>,
+}
+
+/// Why a process's spawn did not start a child.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(transparent)]
+    Path(#[from] PathRefused),
+    /// The child's spec breaks a rule every spec obeys.
+    #[error("the child's `{key}`: {message}")]
+    Spec { key: &'static str, message: String },
+    /// A budget of the parent, its package or the node is spent.
+    #[error("{0}")]
+    Budget(String),
+    /// The component does not load, or the address is taken.
+    #[error("{0}")]
+    Refused(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
 }
 
 /// Why a component path was refused.

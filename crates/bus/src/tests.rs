@@ -226,7 +226,7 @@ async fn a_failing_write_is_reported_and_the_table_keeps_working() {
     // A directory where the writer's temporary file must go makes every write fail.
     std::fs::create_dir(dir.path().join("capabilities.json.tmp")).unwrap();
     bus.grant(&a.process, [Capability::messaging(&b)]);
-    let e = bus.persisted().await.unwrap_err();
+    let e = bus.persisted().await.unwrap_err().to_string();
     assert!(
         e.contains("capabilities.json") && e.contains("retrying"),
         "{e}"

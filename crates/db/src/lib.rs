@@ -504,6 +504,21 @@ pub fn list(dir: &Path) -> Vec<(Kind, String, String, u64)> {
     out
 }
 
+/// Why a dump could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    #[error("no {kind} database {name} of {package} (see `spindle db ls`)")]
+    NoSuchDb {
+        kind: &'static str,
+        package: String,
+        name: String,
+    },
+    #[error("{path}: {why}")]
+    Read { path: PathBuf, why: String },
+    #[error("writing the dump: {0}")]
+    Write(#[from] std::io::Error),
+}
+
 /// Writes a readable copy of a database to `out`: kv pairs one per line
 /// (text as JSON strings, other bytes as `base64:`), or SQL (schema and
 /// rows as INSERTs). Reads a consistent snapshot; the daemon may run.
@@ -513,27 +528,32 @@ pub fn dump(
     package: &str,
     name: &str,
     out: &mut dyn std::io::Write,
-) -> Result<(), String> {
+) -> Result<(), DumpError> {
     let path = dir
         .join(kind.dir())
         .join(package)
         .join(format!("{name}.sqlite"));
     if !path.exists() {
-        return Err(format!(
-            "no {} database {name} of {package} (see `spindle db ls`)",
-            kind.dir()
-        ));
+        return Err(DumpError::NoSuchDb {
+            kind: kind.dir(),
+            package: package.into(),
+            name: name.into(),
+        });
     }
+    let read = |why: String| DumpError::Read {
+        path: path.clone(),
+        why,
+    };
     let conn =
         rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    let fail = |e: rusqlite::Error| format!("{}: {e}", path.display());
-    let io = |e: std::io::Error| format!("writing the dump: {e}");
-    conn.execute_batch("BEGIN").map_err(fail)?;
+            .map_err(|e| read(e.to_string()))?;
+    conn.execute_batch("BEGIN")
+        .map_err(|e| read(e.to_string()))?;
     match kind {
-        Kind::Kv => kv::dump(&conn, out).map_err(|e| e.to_string()),
-        Kind::Sql => sql::dump(&conn, out).map_err(|e| e.to_string()),
+        Kind::Kv => kv::dump(&conn, out),
+        Kind::Sql => sql::dump(&conn, out),
     }
-    .map_err(|e| format!("{}: {e}", path.display()))?;
-    out.flush().map_err(io)
+    .map_err(|e| read(e.to_string()))?;
+    out.flush()?;
+    Ok(())
 }

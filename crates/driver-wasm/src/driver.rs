@@ -258,13 +258,15 @@ impl WasmDriver {
         run: RunId,
         spec: &ProcessSpec,
         tap: Option<broadcast::Sender<LogChunk>>,
-    ) -> Result<Address, String> {
-        let Program::Wasm { path, public, .. } = &spec.program else {
-            return Err("not a wasm process".into());
+    ) -> Result<Address, WasmError> {
+        let (Program::Wasm { path, public, .. }, Some(our)) =
+            (&spec.program, self.address(num, spec))
+        else {
+            return Err(WasmError::NotWasm);
         };
-        let runtime = self.runtime().map_err(|e| e.to_string())?;
-        let pre: ProcessPre<ProcessHost> = runtime.load(path).map_err(|e| e.to_string())?;
-        let our = Arc::new(self.address(num, spec).expect("wasm spec"));
+        let runtime = self.runtime()?;
+        let pre: ProcessPre<ProcessHost> = runtime.load(path)?;
+        let our = Arc::new(our);
         let (out_path, err_path) = spec.log_paths(&self.logs_dir, num.0);
         let open = |p: &Path| self.hub.open(p, spec.log.max_size, spec.log.keep);
         let shaping = Shaping {
@@ -283,11 +285,7 @@ impl WasmDriver {
             shaping,
             tap,
         )));
-        let mailbox = self
-            .shared
-            .bus
-            .register((*our).clone(), *public)
-            .map_err(|e| e.to_string())?;
+        let mailbox = self.shared.bus.register((*our).clone(), *public)?;
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stdout(LogOut(out.clone()))
             .stderr(LogOut(err))

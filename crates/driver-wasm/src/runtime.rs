@@ -45,6 +45,10 @@ pub enum WasmError {
     Link { path: PathBuf, message: String },
     #[error("the wasm engine could not be set up: {0}")]
     Engine(String),
+    #[error(transparent)]
+    Bus(#[from] spindle_bus::BusError),
+    #[error("not a wasm process")]
+    NotWasm,
 }
 
 /// Identifies a file's contents cheaply: a changed file is reloaded.

@@ -394,7 +394,10 @@ impl Reader {
                 };
                 let gone = || "the node is shutting down".to_string();
                 spawner.calls.send(call).await.map_err(|_| gone())?;
-                let child = answer.await.map_err(|_| gone())??;
+                let child = answer
+                    .await
+                    .map_err(|_| gone())?
+                    .map_err(|e| e.to_string())?;
                 // What came with the child is durable before the parent learns of it.
                 self.persisted().await?;
                 Ok(json!({ "address": child.to_string() }))

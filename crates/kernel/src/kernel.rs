@@ -372,11 +372,11 @@ impl Kernel {
 
     /// The driver's answer to `Spawn`: the OS pid, or why it could not start
     /// (which counts as a crash of a zero-length run).
-    pub fn spawned(
+    pub fn spawned<E: std::fmt::Display>(
         &mut self,
         num: ProcessNum,
         run: RunId,
-        result: Result<Option<u32>, String>,
+        result: Result<Option<u32>, E>,
         now: Instant,
         wall_ms: u64,
     ) {
@@ -396,10 +396,10 @@ impl Kernel {
                     *p = pid;
                 }
             }
-            (State::Starting { run: r, .. } | State::Stopping { run: r, .. }, Err(detail))
+            (State::Starting { run: r, .. } | State::Stopping { run: r, .. }, Err(why))
                 if *r == run =>
             {
-                self.finish_run(num, None, Some(detail), now, wall_ms);
+                self.finish_run(num, None, Some(why.to_string()), now, wall_ms);
             }
             _ => {}
         }

@@ -21,10 +21,13 @@ impl Node {
                         let result = match &spec.program {
                             Program::Native { .. } => self.spawn_native(num, run, &spec, tap),
                             Program::Wasm { .. } => {
-                                self.wasm.spawn(num, run, &spec, Some(tap)).map(|addr| {
-                                    self.attached(num).bus = Some(OnBus::Wasm(addr));
-                                    None
-                                })
+                                match self.wasm.spawn(num, run, &spec, Some(tap)) {
+                                    Ok(addr) => {
+                                        self.attached(num).bus = Some(OnBus::Wasm(addr));
+                                        Ok(None)
+                                    }
+                                    Err(e) => Err(e.to_string()),
+                                }
                             }
                         };
                         if let Err(e) = &result {

@@ -101,8 +101,9 @@ impl Node {
     /// A wasm process asked to spawn a child: start it through the kernel,
     /// then hand out the capabilities that go with it.
     pub(super) fn spawn_for(&mut self, call: SpawnCall) {
+        use spindle_bus::SpawnError;
         let answer = (|| {
-            let path = call.resolve().map_err(|e| e.to_string())?;
+            let path = call.resolve()?;
             let spec = ProcessSpec {
                 name: call.name.clone(),
                 program: Program::Wasm {
@@ -120,26 +121,32 @@ impl Node {
                 transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
                 parent: Some(call.parent.process.clone()),
             };
-            spec.check()
-                .map_err(|b| format!("the child's {}: {}", b.key, b.message))?;
+            spec.check().map_err(|b| SpawnError::Spec {
+                key: b.key,
+                message: b.message,
+            })?;
             crate::budget::admit(
                 &self.kernel,
                 &call.parent.process,
                 spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
             )
-            .map_err(|e| e.to_string())?;
-            self.check_wasm(&spec, &[])?;
+            .map_err(|e| SpawnError::Budget(e.to_string()))?;
+            self.check_wasm(&spec, &[]).map_err(SpawnError::Refused)?;
             let num = self
                 .kernel
                 .start(spec, Instant::now())
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| SpawnError::ShuttingDown)?;
             self.apply();
             let child = self
                 .procs
                 .get(&num)
                 .and_then(Attached::wasm)
                 .cloned()
-                .ok_or_else(|| format!("the child did not start: see `spindle ls` (id {num})"))?;
+                .ok_or_else(|| {
+                    SpawnError::Refused(format!(
+                        "the child did not start: see `spindle ls` (id {num})"
+                    ))
+                })?;
             let bus = self.wasm.bus();
             let talk = spindle_bus::Capability::messaging(&child);
             bus.grant(&call.parent.process, [talk.clone()]);

@@ -286,7 +286,7 @@ impl host::Host for ProcessHost {
         }
         let child = match answer.await {
             Ok(Ok(child)) => child,
-            Ok(Err(why)) => return Ok(Err(why)),
+            Ok(Err(why)) => return Ok(Err(why.to_string())),
             Err(_) => return Ok(Err("the node is shutting down".into())),
         };
         // The capabilities that came with the child are durable before the

@@ -70,7 +70,8 @@ impl Fake {
                         self.spawns.push((num, self.now));
                         self.next_pid += 1;
                         let (now, wall) = (self.now, self.wall());
-                        self.k.spawned(num, run, Ok(Some(self.next_pid)), now, wall);
+                        self.k
+                            .spawned(num, run, Ok::<_, String>(Some(self.next_pid)), now, wall);
                     }
                     Effect::AskStop { num, .. } => self.asked.push(num),
                     Effect::Kill { num, .. } => self.killed.push(num),
@@ -316,7 +317,13 @@ fn spawn_failure_is_a_crash_with_its_reason() {
         panic!("spawn first")
     };
     let (now, wall) = (f.now, f.wall());
-    f.k.spawned(n, run, Err("executable not found".into()), now, wall);
+    f.k.spawned(
+        n,
+        run,
+        Err::<Option<u32>, _>("executable not found"),
+        now,
+        wall,
+    );
     f.pump();
     let (_, info, restart_in) = f.last_exit();
     assert_eq!(info.reason, ExitReason::Crashed);
