@@ -47,12 +47,10 @@ use tokio::sync::mpsc;
 
 /// Messages a mailbox holds before senders have to wait.
 pub const MAILBOX_CAPACITY: usize = 1024;
-/// Bytes (bodies, metadata and blobs) one mailbox may hold: past it a
-/// sender gets `mailbox-full`, so a flood of large messages to a busy
-/// process is held back by its senders instead of growing the node.
-pub const MAILBOX_BYTES: usize = 64 << 20;
+/// Bytes one mailbox may hold by default ([`spindle_types::limits::MAILBOX_BYTES`]).
+pub const MAILBOX_BYTES: usize = spindle_types::limits::MAILBOX_BYTES as usize;
 /// Bytes all mailboxes of the node may hold together.
-pub const NODE_QUEUED_BYTES: usize = 1 << 30;
+pub const NODE_QUEUED_BYTES: usize = spindle_types::limits::NODE_QUEUED_BYTES as usize;
 // Mailboxes carry boxed envelopes: the channel allocates its slots in blocks
 // of 32, and 32 inline envelopes (144 bytes each) would cost every idle
 // process 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
@@ -89,6 +87,8 @@ enum Inbox {
 #[derive(Debug)]
 struct Queued {
     here: AtomicUsize,
+    /// This mailbox's budget.
+    cap: usize,
     node: Arc<AtomicUsize>,
     /// A sender waits for bytes to drain ([`Bus::wait_for_room`]).
     waiting: AtomicBool,
@@ -102,7 +102,7 @@ impl Queued {
             return true;
         }
         let here = self.here.fetch_add(n, Ordering::AcqRel);
-        if here.saturating_add(n) > MAILBOX_BYTES {
+        if here.saturating_add(n) > self.cap {
             self.here.fetch_sub(n, Ordering::AcqRel);
             return false;
         }
@@ -119,32 +119,35 @@ impl Queued {
         if n > 0 {
             let before = self.here.fetch_sub(n, Ordering::AcqRel);
             self.node.fetch_sub(n, Ordering::AcqRel);
-            if self.waiting.load(Ordering::Acquire) && before - n < ROOM_AGAIN {
+            if self.waiting.load(Ordering::Acquire) && before - n < self.room_again() {
                 self.waiting.store(false, Ordering::Release);
                 self.room.notify_waiters();
             }
         }
     }
 
-    /// Waits (until `until`) for the mailbox to fall below [`ROOM_AGAIN`] bytes.
+    /// A mailbox full of bytes has room again once it holds less than half.
+    fn room_again(&self) -> usize {
+        self.cap / 2
+    }
+
+    /// Waits (until `until`) for the mailbox to fall below half its budget.
     async fn drained(&self, until: tokio::time::Instant) -> bool {
         loop {
             let notified = self.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             self.waiting.store(true, Ordering::Release);
-            if self.here.load(Ordering::Acquire) < ROOM_AGAIN {
+            if self.here.load(Ordering::Acquire) < self.room_again() {
                 return true;
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
-                return self.here.load(Ordering::Acquire) < ROOM_AGAIN;
+                return self.here.load(Ordering::Acquire) < self.room_again();
             }
         }
     }
 }
 
-/// A mailbox full of bytes has room again once it holds less than this.
-const ROOM_AGAIN: usize = MAILBOX_BYTES / 2;
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -321,8 +324,18 @@ impl Bus {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Puts a process on the bus; returns its mailbox.
+    /// Puts a process on the bus; returns its mailbox (of [`MAILBOX_BYTES`]).
     pub fn register(&self, address: Address, public: bool) -> Result<Mailbox, BusError> {
+        self.register_sized(address, public, MAILBOX_BYTES)
+    }
+
+    /// [`Bus::register`] with a mailbox of `bytes` (at most the node's budget).
+    pub fn register_sized(
+        &self,
+        address: Address,
+        public: bool,
+        bytes: usize,
+    ) -> Result<Mailbox, BusError> {
         let mut eps = self.endpoints.write().unwrap_or_else(|p| p.into_inner());
         if eps.contains_key(&address.process) {
             return Err(BusError::AddressTaken(address));
@@ -330,6 +343,7 @@ impl Bus {
         let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
         let queued = Arc::new(Queued {
             here: AtomicUsize::new(0),
+            cap: bytes.min(NODE_QUEUED_BYTES),
             node: self.queued.clone(),
             waiting: AtomicBool::new(false),
             room: tokio::sync::Notify::new(),
@@ -566,7 +580,9 @@ impl Bus {
         };
         let until = tokio::time::Instant::now() + MAILBOX_WAIT;
         // Full of bytes rather than messages: room comes as it is read.
-        if queued.here.load(Ordering::Acquire) >= ROOM_AGAIN && !queued.drained(until).await {
+        if queued.here.load(Ordering::Acquire) >= queued.room_again()
+            && !queued.drained(until).await
+        {
             return false;
         }
         // A permit reserves a slot; dropping it gives the slot back, so this

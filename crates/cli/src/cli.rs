@@ -176,6 +176,12 @@ pub struct StartArgs {
     /// Rotated log files kept (default 3)
     #[arg(long)]
     pub log_keep: Option<u32>,
+    /// Children the process may have at once (default 1000)
+    #[arg(long)]
+    pub max_children: Option<u32>,
+    /// Bytes its mailbox may hold, e.g. 8MiB (default 64MiB)
+    #[arg(long)]
+    pub mailbox_size: Option<String>,
     /// The command to run and its arguments
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -338,6 +338,8 @@ fn from_flags(
                 max_memory: args.max_memory,
                 log_max_size: args.log_max_size,
                 log_keep: args.log_keep,
+                max_children: args.max_children,
+                mailbox_size: args.mailbox_size,
             };
             let spec = raw.into_spec(1, cwd).map_err(|e| {
                 // Flags, not manifest keys: `--restart-at` for `restart_at`.
@@ -368,6 +370,8 @@ fn has_process_flags(a: &StartArgs) -> bool {
         || a.timestamps
         || a.max_memory.is_some()
         || a.log_max_size.is_some()
+        || a.max_children.is_some()
+        || a.mailbox_size.is_some()
         || a.log_keep.is_some()
 }
 

@@ -146,3 +146,54 @@ fn a_hostile_process_is_refused_or_bounded_and_hurts_nobody() {
     assert!(status.success());
     until("the daemon is gone", || (!alive(pid as i32)).then_some(()));
 }
+
+/// Budgets are set per process in the manifest; each bites at its value.
+#[test]
+fn budgets_come_from_the_manifest() {
+    let n = Node::new();
+    n.ship("hostile");
+    n.ship("echo");
+    let manifest = n.write(
+        "app.toml",
+        r#"
+[[process]]
+name = "few"
+wasm = "hostile.wasm"
+package = "evil:test"
+public = true
+max_children = 3
+
+[[process]]
+name = "small"
+wasm = "echo.wasm"
+package = "good:test"
+public = true
+mailbox_size = "1MiB"
+"#,
+    );
+    n.ok(&["start", manifest.to_str().unwrap()]);
+    let (few, small) = ("local@few:evil:test", "local@small:good:test");
+    for a in [few, small] {
+        until("it answers", || {
+            n.run(&["send", a, "ping", "--timeout", "1s"])
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+    let many = send(&n, few, "spawn-many 5");
+    assert!(
+        many.starts_with("spawned 3 ") && many.contains("max_children"),
+        "{many}"
+    );
+    let _ = n.run(&["send", small, "sleep 10000", "--timeout", "1ms"]);
+    let flood = send(&n, few, &format!("flood {small} 6 400000"));
+    assert!(flood.starts_with("sent 2 "), "{flood}: a 1 MiB mailbox holds two");
+    // A budget beyond what the node allows is refused before anything starts.
+    let bad = n.write(
+        "bad.toml",
+        "[[process]]\nwasm = \"echo.wasm\"\nmailbox_size = \"2GiB\"\n",
+    );
+    let e = n.fails(&["start", bad.to_str().unwrap()]);
+    assert!(e.contains("mailbox_size"), "{e}");
+}

@@ -11,11 +11,7 @@
 use spindle_kernel::{Desired, Kernel};
 use spindle_types::ProcessId;
 
-/// Children one process may have at once (running, starting or waiting to
-/// restart): a fan-out of workers fits; a spawn loop stops here.
-pub const MAX_CHILDREN: usize = 1_000;
-/// Processes spawned by the processes of one package, at once.
-pub const MAX_PACKAGE_SPAWNED: usize = 4_096;
+pub use spindle_types::limits::{MAX_CHILDREN, MAX_PACKAGE_SPAWNED};
 /// Wasm pool slots that processes' own spawns may never take: kept for
 /// the operator's starts and other packages' restarts.
 pub const OPERATOR_RESERVE: usize = 512;
@@ -24,9 +20,9 @@ pub const OPERATOR_RESERVE: usize = 512;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BudgetError {
     #[error(
-        "{parent} already has {MAX_CHILDREN} children (its budget): wait for some to end, or reuse them"
+        "{parent} already has {limit} children (its budget, `max_children`): wait for some to end, or reuse them"
     )]
-    Children { parent: ProcessId },
+    Children { parent: ProcessId, limit: u32 },
     #[error(
         "package {package} already runs {MAX_PACKAGE_SPAWNED} spawned processes (its budget): wait for some to end"
     )]
@@ -37,8 +33,14 @@ pub enum BudgetError {
     Node { pool: usize },
 }
 
-/// Checks that `parent` may spawn one more child, given the table.
-pub fn admit(kernel: &Kernel, parent: &ProcessId, pool: usize) -> Result<(), BudgetError> {
+/// Checks that `parent` may spawn one more child (of at most
+/// `max_children`), given the table.
+pub fn admit(
+    kernel: &Kernel,
+    parent: &ProcessId,
+    max_children: u32,
+    pool: usize,
+) -> Result<(), BudgetError> {
     let mut children = 0;
     let mut package = 0;
     let mut wasm = 0;
@@ -57,12 +59,13 @@ pub fn admit(kernel: &Kernel, parent: &ProcessId, pool: usize) -> Result<(), Bud
             package += 1;
         }
     }
-    if children >= MAX_CHILDREN {
+    if children >= max_children as usize {
         return Err(BudgetError::Children {
             parent: parent.clone(),
+            limit: max_children,
         });
     }
-    if package >= MAX_PACKAGE_SPAWNED {
+    if package >= MAX_PACKAGE_SPAWNED as usize {
         return Err(BudgetError::Package {
             package: parent.package.to_string(),
         });

@@ -14,7 +14,6 @@ use spindle_types::{
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::{broadcast, mpsc};
@@ -148,7 +147,7 @@ impl tokio::io::AsyncWrite for LogOut {
 
 struct LiveWasm {
     run: RunId,
-    kill: Arc<AtomicBool>,
+    kill: Arc<host::Kill>,
     process: ProcessId,
 }
 
@@ -285,7 +284,11 @@ impl WasmDriver {
             shaping,
             tap,
         )));
-        let mailbox = self.shared.bus.register((*our).clone(), *public)?;
+        let mailbox = self.shared.bus.register_sized(
+            (*our).clone(),
+            *public,
+            spec.budgets.mailbox_bytes() as usize,
+        )?;
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .stdout(LogOut(out.clone()))
             .stderr(LogOut(err))
@@ -298,7 +301,7 @@ impl WasmDriver {
             .memory_size(cap)
             .trap_on_grow_failure(true)
             .build();
-        let kill = Arc::new(AtomicBool::new(false));
+        let kill = Arc::new(host::Kill::default());
         let host = ProcessHost::new(
             wasi,
             limits,
@@ -380,7 +383,7 @@ impl WasmDriver {
     /// off the bus closes its mailbox, which wakes it if it is waiting.
     pub fn kill(&mut self, num: ProcessNum, run: RunId) {
         if let Some(l) = self.runs.get(&num).filter(|l| l.run == run) {
-            l.kill.store(true, std::sync::atomic::Ordering::Release);
+            l.kill.kill();
             self.shared.bus.unregister(&l.process);
         }
     }
@@ -475,11 +478,15 @@ async fn run_process(
     let our = host::to_wit_addr(&store.data().our);
     // Host code runs inside these calls on the process's behalf: a panic in
     // it ends this process as crashed, not the daemon's task.
-    let ran = std::panic::AssertUnwindSafe(async {
-        match pre.instantiate_async(&mut store).await {
-            Ok(p) => p.call_init(&mut store, &our).await,
-            Err(e) => Err(e),
-        }
+    let kill = store.data().kill.clone();
+    let ran = std::panic::AssertUnwindSafe(host::Killable {
+        run: Box::pin(async {
+            match pre.instantiate_async(&mut store).await {
+                Ok(p) => p.call_init(&mut store, &our).await,
+                Err(e) => Err(e),
+            }
+        }),
+        kill,
     })
     .catch_unwind()
     .await;

@@ -51,6 +51,10 @@ pub struct RawProcess {
     pub max_memory: Option<String>,
     pub log_max_size: Option<String>,
     pub log_keep: Option<u32>,
+    /// Children the process may have at once.
+    pub max_children: Option<u32>,
+    /// Bytes its mailbox may hold, e.g. `8MiB`.
+    pub mailbox_size: Option<String>,
 }
 
 /// The package of a process on the message bus: as given, or the default;
@@ -330,6 +334,13 @@ impl RawProcess {
             max_memory,
             transient: false,
             parent: None,
+            budgets: crate::spec::Budgets {
+                max_children: self.max_children,
+                mailbox_bytes: match &self.mailbox_size {
+                    Some(m) => Some(parse_size(m).map_err(|e| err("mailbox_size", e.to_string()))?),
+                    None => None,
+                },
+            },
         };
         spec.check().map_err(|b| err(b.key, b.message))?;
         Ok(spec)

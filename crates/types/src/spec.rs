@@ -55,6 +55,34 @@ pub struct ProcessSpec {
     /// The process that spawned it (its children count against its budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ProcessId>,
+    #[serde(default, skip_serializing_if = "Budgets::is_default")]
+    pub budgets: Budgets,
+}
+
+/// A process's own budgets; `None` takes the node's default
+/// ([`crate::limits`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Budgets {
+    /// Children it may have at once (`max_children`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_children: Option<u32>,
+    /// Bytes its mailbox may hold (`mailbox_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox_bytes: Option<u64>,
+}
+
+impl Budgets {
+    pub fn is_default(&self) -> bool {
+        *self == Budgets::default()
+    }
+
+    pub fn max_children(&self) -> u32 {
+        self.max_children.unwrap_or(crate::limits::MAX_CHILDREN)
+    }
+
+    pub fn mailbox_bytes(&self) -> u64 {
+        self.mailbox_bytes.unwrap_or(crate::limits::MAILBOX_BYTES)
+    }
 }
 
 /// A rule a spec breaks: the manifest key at fault, and why.
@@ -188,6 +216,25 @@ impl ProcessSpec {
             {
                 return broken(key, format!("{} is not an absolute path", p.display()));
             }
+        }
+        use crate::limits::{MAX_PACKAGE_SPAWNED, MIN_MAILBOX_BYTES, NODE_QUEUED_BYTES};
+        if self.budgets.max_children() > MAX_PACKAGE_SPAWNED {
+            return broken(
+                "max_children",
+                format!(
+                    "{} is more than a package may spawn ({MAX_PACKAGE_SPAWNED})",
+                    self.budgets.max_children()
+                ),
+            );
+        }
+        if !(MIN_MAILBOX_BYTES..=NODE_QUEUED_BYTES).contains(&self.budgets.mailbox_bytes()) {
+            return broken(
+                "mailbox_size",
+                format!(
+                    "{} bytes: give 64KiB to 1GiB (the node's budget for all mailboxes)",
+                    self.budgets.mailbox_bytes()
+                ),
+            );
         }
         if let OnExit::Requests(list) = &self.on_exit
             && list.len() > MAX_EXIT_REQUESTS

@@ -65,7 +65,7 @@ impl Node {
         let bus = self.wasm.bus();
         let public = spec.program.bus().is_some_and(|(_, p)| p);
         let mailbox = bus
-            .register(addr.clone(), public)
+            .register_sized(addr.clone(), public, spec.budgets.mailbox_bytes() as usize)
             .map_err(|e| e.to_string())?;
         let spawned = match self.driver.spawn(num, run, spec, Some(tap), Some(&addr)) {
             Ok(s) => s,
@@ -120,14 +120,25 @@ impl Node {
                 max_memory: None,
                 transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
                 parent: Some(call.parent.process.clone()),
+                budgets: Default::default(),
             };
             spec.check().map_err(|b| SpawnError::Spec {
                 key: b.key,
                 message: b.message,
             })?;
+            let max_children = self
+                .kernel
+                .entries()
+                .find(|e| {
+                    self.wasm
+                        .address(e.num, &e.spec)
+                        .is_some_and(|a| a.process == call.parent.process)
+                })
+                .map_or(crate::budget::MAX_CHILDREN, |e| e.spec.budgets.max_children());
             crate::budget::admit(
                 &self.kernel,
                 &call.parent.process,
+                max_children,
                 spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
             )
             .map_err(|e| SpawnError::Budget(e.to_string()))?;

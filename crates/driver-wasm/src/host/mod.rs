@@ -73,7 +73,7 @@ pub struct ProcessHost {
     pub(crate) panic: Option<String>,
     /// Set when the run is killed. The driver also takes the process off the
     /// bus, which closes its mailbox and so wakes a waiting `receive`.
-    pub(crate) kill: Arc<AtomicBool>,
+    pub(crate) kill: Arc<Kill>,
     /// Fires at the earliest deadline of an awaited response (created on
     /// first use). It is moved only when an earlier deadline appears or it
     /// fires, not on every request.
@@ -96,6 +96,57 @@ impl WasiView for ProcessHost {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+/// A run's kill switch: a flag the host checks at every call and epoch
+/// tick, and a wakeup for a run parked in a host future that never calls
+/// back into the host (a WASI sleep, say), so a kill never waits for it.
+#[derive(Default)]
+pub(crate) struct Kill {
+    set: AtomicBool,
+    /// The run's task, woken by a kill.
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Kill {
+    pub fn kill(&self) {
+        self.set.store(true, Ordering::Release);
+        self.task.wake();
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+}
+
+/// A run's future that ends with the `killed` trap as soon as its kill
+/// switch is set, even while it waits in a host future that never returns
+/// to wasm (dropping the call unwinds its fiber). Costs an atomic load and
+/// a waker check per poll.
+pub(crate) struct Killable<F> {
+    pub run: Pin<Box<F>>,
+    pub kill: Arc<Kill>,
+}
+
+impl<F, T> std::future::Future for Killable<F>
+where
+    F: std::future::Future<Output = Result<T, TrapError>>,
+{
+    type Output = Result<T, TrapError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if self.kill.is_set() {
+            return std::task::Poll::Ready(Err(killed()));
+        }
+        self.kill.task.register(cx.waker());
+        if self.kill.is_set() {
+            return std::task::Poll::Ready(Err(killed()));
+        }
+        self.run.as_mut().poll(cx)
     }
 }
 
@@ -127,7 +178,7 @@ impl ProcessHost {
         mailbox: Mailbox,
         on_exit: wit::OnExit,
         out: Arc<Mutex<LineSink>>,
-        kill: Arc<AtomicBool>,
+        kill: Arc<Kill>,
         component_dir: PathBuf,
     ) -> ProcessHost {
         ProcessHost {
@@ -181,7 +232,7 @@ impl ProcessHost {
     }
 
     pub(crate) fn is_killed(&self) -> bool {
-        self.kill.load(Ordering::Acquire)
+        self.kill.is_set()
     }
 
     pub(super) fn check_alive(&self) -> Result<(), TrapError> {
