@@ -33,6 +33,7 @@ mod spawn;
 
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
+    UNCOUNTED_BYTES,
 };
 pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine};
 
@@ -51,12 +52,19 @@ pub const MAILBOX_CAPACITY: usize = 1024;
 pub const MAILBOX_BYTES: usize = spindle_types::limits::MAILBOX_BYTES as usize;
 /// Bytes all mailboxes of the node may hold together.
 pub const NODE_QUEUED_BYTES: usize = spindle_types::limits::NODE_QUEUED_BYTES as usize;
+/// Bytes the mailboxes of one package may hold together: a quarter of the
+/// node's, so one package filling its processes' mailboxes leaves the rest.
+pub const PACKAGE_QUEUED_BYTES: usize = NODE_QUEUED_BYTES / 4;
 // Mailboxes carry boxed envelopes: the channel allocates its slots in blocks
 // of 32, and 32 inline envelopes (144 bytes each) would cost every idle
 // process 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
 /// How long a sender waits for room in a full mailbox before `MailboxFull`.
 pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
 pub use spindle_types::limits::{DEFAULT_AWAIT, MAX_AWAIT};
+/// Requests one process may await responses to at once (a wasm process's
+/// awaited table, a native process's bridge): past it a send is refused
+/// `mailbox-full` until some are answered.
+pub const MAX_AWAITED: usize = 4096;
 
 /// When a response awaited for `timeout` from now is due: at most
 /// [`MAX_AWAIT`] away, whatever a process asked for.
@@ -89,6 +97,8 @@ struct Queued {
     here: AtomicUsize,
     /// This mailbox's budget.
     cap: usize,
+    /// Bytes queued in the mailboxes of its package ([`PACKAGE_QUEUED_BYTES`]).
+    package: Arc<AtomicUsize>,
     node: Arc<AtomicUsize>,
     /// A sender waits for bytes to drain ([`Bus::wait_for_room`]).
     waiting: AtomicBool,
@@ -96,28 +106,33 @@ struct Queued {
 }
 
 impl Queued {
-    /// Counts `n` more bytes in, if both budgets have room.
-    fn take(&self, n: usize) -> bool {
+    /// Counts `n` more bytes in, if the budgets have room: this mailbox's,
+    /// its package's and the node's. What the node itself sends (module
+    /// answers, stop requests) is held to the mailbox's alone, so a package
+    /// that fills the node's budget cannot silence the node.
+    fn take(&self, n: usize, from_node: bool) -> bool {
         if n == 0 {
             return true;
         }
         let here = self.here.fetch_add(n, Ordering::AcqRel);
-        if here.saturating_add(n) > self.cap {
-            self.here.fetch_sub(n, Ordering::AcqRel);
-            return false;
-        }
+        let package = self.package.fetch_add(n, Ordering::AcqRel);
         let node = self.node.fetch_add(n, Ordering::AcqRel);
-        if node.saturating_add(n) > NODE_QUEUED_BYTES {
-            self.node.fetch_sub(n, Ordering::AcqRel);
+        let over = here.saturating_add(n) > self.cap
+            || (!from_node
+                && (package.saturating_add(n) > PACKAGE_QUEUED_BYTES
+                    || node.saturating_add(n) > NODE_QUEUED_BYTES));
+        if over {
             self.here.fetch_sub(n, Ordering::AcqRel);
-            return false;
+            self.package.fetch_sub(n, Ordering::AcqRel);
+            self.node.fetch_sub(n, Ordering::AcqRel);
         }
-        true
+        !over
     }
 
     fn give(&self, n: usize) {
         if n > 0 {
             let before = self.here.fetch_sub(n, Ordering::AcqRel);
+            self.package.fetch_sub(n, Ordering::AcqRel);
             self.node.fetch_sub(n, Ordering::AcqRel);
             if self.waiting.load(Ordering::Acquire) && before - n < self.room_again() {
                 self.waiting.store(false, Ordering::Release);
@@ -147,7 +162,6 @@ impl Queued {
         }
     }
 }
-
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -209,7 +223,16 @@ impl Mailbox {
         self.rx.close();
     }
 
-    /// Bytes queued in it now.
+    /// Messages queued in it now.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Bytes queued in it now (of messages over [`UNCOUNTED_BYTES`]).
     pub fn queued_bytes(&self) -> usize {
         self.queued.here.load(Ordering::Acquire)
     }
@@ -245,6 +268,8 @@ pub struct Bus {
     next_id: AtomicU64,
     /// Bytes queued in all mailboxes ([`NODE_QUEUED_BYTES`]).
     queued: Arc<AtomicUsize>,
+    /// Bytes queued in the mailboxes of each package.
+    package_queued: std::sync::Mutex<HashMap<spindle_types::PackageId, Arc<AtomicUsize>>>,
     /// Responses that arrived after their request had timed out or been answered.
     pub late_responses: AtomicU64,
 }
@@ -259,6 +284,7 @@ impl Bus {
             persist: None,
             next_id: AtomicU64::new(1),
             queued: Arc::default(),
+            package_queued: Default::default(),
             late_responses: AtomicU64::new(0),
         }
     }
@@ -345,6 +371,13 @@ impl Bus {
             here: AtomicUsize::new(0),
             cap: bytes.min(NODE_QUEUED_BYTES),
             node: self.queued.clone(),
+            package: self
+                .package_queued
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(address.process.package.clone())
+                .or_default()
+                .clone(),
             waiting: AtomicBool::new(false),
             room: tokio::sync::Notify::new(),
         });
@@ -630,7 +663,7 @@ impl Bus {
             }
         };
         let weight = env.weight();
-        if !queued.take(weight) {
+        if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
             return Err(Refused::Now(SendErrorKind::MailboxFull, env));
         }
         match tx.try_send(env) {
@@ -669,7 +702,8 @@ async fn wait_for_room(
         Ok(Err(_)) => return Err((SendErrorKind::Offline, *env)),
         Err(_) => return Err((SendErrorKind::MailboxFull, *env)),
     };
-    if !queued.take(env.weight()) {
+    let weight = env.weight();
+    if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
         return Err((SendErrorKind::MailboxFull, *env));
     }
     permit.send(env);

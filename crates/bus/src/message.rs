@@ -88,16 +88,24 @@ pub struct Envelope {
     pub blob: Option<Arc<Blob>>,
 }
 
+/// Messages up to this size are not counted against byte budgets (see
+/// [`Envelope::weight`]).
+pub const UNCOUNTED_BYTES: usize = 4096;
+
 impl Envelope {
     /// Bytes it holds on the sender's behalf while queued: what mailbox
-    /// budgets count.
+    /// budgets count. A small message weighs nothing: the mailbox's count
+    /// of messages already bounds what small ones hold
+    /// ([`UNCOUNTED_BYTES`] × capacity), and it keeps the common message
+    /// off the counters.
     pub fn weight(&self) -> usize {
         let (body, meta) = match &self.message {
             Message::Request(r) => (r.body.len(), r.metadata.as_ref().map_or(0, String::len)),
             Message::Response(r, _) => (r.body.len(), r.metadata.as_ref().map_or(0, String::len)),
             Message::Failed(_) => (0, 0),
         };
-        body + meta + self.blob.as_ref().map_or(0, |b| b.bytes.len())
+        let total = body + meta + self.blob.as_ref().map_or(0, |b| b.bytes.len());
+        if total <= UNCOUNTED_BYTES { 0 } else { total }
     }
 
     /// A plain request: `body`, no metadata, capabilities or blob; responses

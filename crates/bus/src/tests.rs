@@ -314,3 +314,34 @@ async fn the_node_budget_holds_across_mailboxes() {
     assert!(sent <= NODE_QUEUED_BYTES);
     assert!(bus.queued.load(Ordering::Acquire) <= NODE_QUEUED_BYTES);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_package_cannot_spend_the_node_budget_nor_silence_the_node() {
+    let bus = Bus::new("local");
+    let piece = 16 << 20;
+    let a = addr("a");
+    let _ra = bus.register(a.clone(), true).unwrap();
+    // Many mailboxes of one package: together they stop at the package's share.
+    let mut boxes = vec![];
+    let mut held = 0usize;
+    for i in 0..(PACKAGE_QUEUED_BYTES / MAILBOX_BYTES + 2) {
+        let t = addr(&format!("p{i}"));
+        boxes.push(bus.register(t.clone(), true).unwrap());
+        while bus.send_now(big(&a, &t, piece), false).is_ok() {
+            held += piece;
+        }
+    }
+    assert!(held <= PACKAGE_QUEUED_BYTES, "{held}");
+    assert!(held >= PACKAGE_QUEUED_BYTES - 2 * piece, "{held}");
+    // Another package still has room.
+    let other: Address = "local@o:other:spindle".parse().unwrap();
+    let mut ro = bus.register(other.clone(), true).unwrap();
+    bus.send_now(big(&a, &other, piece), false).unwrap();
+    assert!(ro.try_recv().is_some());
+    // The node's own messages are held to the mailbox's budget only: the
+    // last mailbox is empty, but its package's share is spent.
+    let last = addr(&format!("p{}", boxes.len() - 1));
+    assert!(bus.send_now(big(&a, &last, piece), false).is_err());
+    let kernel: Address = "local@kernel:sys:spindle".parse().unwrap();
+    bus.send_now(big(&kernel, &last, piece), true).unwrap();
+}

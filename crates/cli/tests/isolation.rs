@@ -113,6 +113,13 @@ fn a_hostile_process_is_refused_or_bounded_and_hurts_nobody() {
     let junk = send(&n, &evil, "spawn-path notes.wasm");
     assert!(junk.contains("not a WebAssembly file"), "{junk}");
     assert!(!junk.contains("root:x") && !junk.contains("0x72"), "{junk}");
+    // A FIFO would block whoever reads it: it is not a component.
+    let fifo = n.dir.path().join("pipe.wasm");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let pipe = send(&n, &evil, "spawn-path pipe.wasm");
+    assert!(pipe.contains("not a regular file"), "{pipe}");
+    assert_eq!(send(&n, &victim, "after the pipe"), "after the pipe");
 
     // A spawn loop stops at the parent's budget, and the operator (and
     // any other package) can still start processes.
@@ -188,7 +195,10 @@ mailbox_size = "1MiB"
     );
     let _ = n.run(&["send", small, "sleep 10000", "--timeout", "1ms"]);
     let flood = send(&n, few, &format!("flood {small} 6 400000"));
-    assert!(flood.starts_with("sent 2 "), "{flood}: a 1 MiB mailbox holds two");
+    assert!(
+        flood.starts_with("sent 2 "),
+        "{flood}: a 1 MiB mailbox holds two"
+    );
     // A budget beyond what the node allows is refused before anything starts.
     let bad = n.write(
         "bad.toml",

@@ -1,6 +1,7 @@
 //! What processes may start on their own: children per parent, processes
 //! per package, and the room the node keeps for everyone else.
 //!
+//! Children count while they are in the table, whatever their state.
 //! Only spawns made by processes are counted against these budgets; the
 //! operator's starts are not, and a share of the wasm pool
 //! ([`OPERATOR_RESERVE`]) is kept out of processes' reach so one package
@@ -45,12 +46,12 @@ pub fn admit(
     let mut package = 0;
     let mut wasm = 0;
     for e in kernel.entries() {
-        if !(e.state.is_live() || e.desired == Desired::Running) {
-            continue;
-        }
-        if matches!(e.spec.program, spindle_types::Program::Wasm { .. }) {
+        let live = e.state.is_live() || e.desired == Desired::Running;
+        if live && matches!(e.spec.program, spindle_types::Program::Wasm { .. }) {
             wasm += 1;
         }
+        // Every child in the table counts, running or not: one that stopped
+        // itself for good still holds a row (transient ones leave).
         let Some(p) = &e.spec.parent else { continue };
         if p == parent {
             children += 1;

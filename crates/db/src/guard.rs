@@ -34,6 +34,9 @@ use std::time::{Duration, Instant};
 /// Longest a process's statement may run: it holds its database's writer
 /// (and a thread) meanwhile, so a runaway `WITH RECURSIVE` must end.
 pub const MAX_STATEMENT_TIME: Duration = Duration::from_secs(5);
+/// Largest string or blob a statement may make (`SQLITE_LIMIT_LENGTH`):
+/// whatever it makes must fit in an answer.
+pub const MAX_VALUE_BYTES: i32 = 16 << 20;
 /// VM steps between looks at the clock (about 100 µs of work).
 const PROGRESS_STEPS: i32 = 10_000;
 
@@ -43,7 +46,6 @@ pub const PRAGMAS: &[(&str, bool)] = &[
     ("application_id", true),
     ("collation_list", false),
     ("data_version", false),
-    ("defer_foreign_keys", true),
     ("foreign_key_check", false),
     ("foreign_key_list", false),
     ("freelist_count", false),
@@ -102,6 +104,8 @@ impl Guard {
     /// Puts the guard on `conn`.
     pub fn install(conn: &mut Connection) -> rusqlite::Result<Guard> {
         conn.set_limit(Limit::SQLITE_LIMIT_ATTACHED, 0)?;
+        // No string or blob a statement makes may be larger than a message.
+        conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
         let state = Arc::new(State::default());
@@ -172,7 +176,10 @@ impl Guard {
 fn judge(ctx: &AuthContext<'_>) -> Result<(), String> {
     let schema = ctx.database_name;
     let main_only = |what: &str| match schema {
-        None | Some("main") | Some("temp") => Ok(()),
+        None | Some("main") => Ok(()),
+        Some("temp") => Err(format!(
+            "{what} in the temp schema: temporary tables, views, triggers and indexes live outside the database's file; create ordinary ones"
+        )),
         Some(other) => Err(format!(
             "{what} in schema {other:?}: a statement reaches only its own database"
         )),
@@ -234,7 +241,11 @@ fn judge(ctx: &AuthContext<'_>) -> Result<(), String> {
 pub fn first_keyword(sql: &str) -> String {
     let mut rest = sql;
     loop {
-        rest = rest.trim_start();
+        // Empty statements before the first are skipped, as SQLite does.
+        rest = rest.trim_start().trim_start_matches(';');
+        if rest.starts_with(|c: char| c.is_whitespace() || c == ';') {
+            continue;
+        }
         if let Some(r) = rest.strip_prefix("--") {
             rest = r.split_once('\n').map_or("", |(_, after)| after);
         } else if let Some(r) = rest.strip_prefix("/*") {
@@ -382,6 +393,15 @@ mod tests {
             1
         );
         assert!(refused(exec(&conn, &g, "CREATE TEMP TABLE x (y)")).contains("temporary"));
+        assert!(
+            refused(exec(&conn, &g, "CREATE VIRTUAL TABLE temp.v USING fts5(a)")).contains("temp")
+        );
+        // Nothing a statement makes is larger than an answer may be.
+        let huge = "SELECT length(zeroblob(100000000))";
+        assert!(matches!(
+            g.guest(huge, || conn.query_row(huge, [], |r| r.get::<_, i64>(0))),
+            Err(GuestError::Sql(_))
+        ));
         exec(&conn, &g, "CREATE TABLE u (y)").unwrap();
     }
 
@@ -405,6 +425,7 @@ mod tests {
             "VACUUM"
         );
         assert_eq!(first_keyword("select 1"), "SELECT");
+        assert_eq!(first_keyword(" ;; ; VACUUM INTO 'x'"), "VACUUM");
         assert_eq!(first_keyword("/* unterminated"), "");
         assert_eq!(first_keyword("-- only"), "");
     }

@@ -24,6 +24,8 @@ pub const MAX_SCAN: usize = 10_000;
 /// Bytes of pairs one `scan` answers with, at most: past it the answer
 /// says `more` (page on from the last key).
 pub const MAX_SCAN_BYTES: usize = 16 << 20;
+/// Largest value a key may hold: a get answers with it whole.
+pub const MAX_VALUE: usize = crate::guard::MAX_VALUE_BYTES as usize;
 /// Open transactions on the node, of all processes together.
 pub const MAX_OPEN_TX: usize = 4096;
 /// Open transactions one process may have.
@@ -260,6 +262,16 @@ impl Module {
                             ));
                         }
                     };
+                    if value.len() > MAX_VALUE {
+                        return Err((
+                            reply,
+                            Refusal::bad(format!(
+                                "a value of {} bytes: at most {} MiB (it must fit in an answer); split it",
+                                value.len(),
+                                MAX_VALUE >> 20
+                            )),
+                        ));
+                    }
                     KvOp::Set(key, value)
                 } else {
                     KvOp::Delete(key)

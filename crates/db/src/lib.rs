@@ -106,7 +106,7 @@ struct OpenDbs {
 impl OpenDbs {
     /// Closes the least recently used idle database (of `package`, or of
     /// any): one nobody else holds (no transaction, no queued work).
-    fn close_one(&mut self, package: Option<&PackageId>) -> bool {
+    fn close_one(&mut self, package: Option<&PackageId>) -> Option<Arc<Database>> {
         let mut oldest: Option<(PackageId, String, u64)> = None;
         for (p, m) in &self.by_package {
             if package.is_some_and(|want| want != p) {
@@ -119,17 +119,14 @@ impl OpenDbs {
                 }
             }
         }
-        let Some((p, name, _)) = oldest else {
-            return false;
-        };
-        if let Some(m) = self.by_package.get_mut(&p) {
-            m.remove(&name);
-            if m.is_empty() {
-                self.by_package.remove(&p);
-            }
+        let (p, name, _) = oldest?;
+        let m = self.by_package.get_mut(&p)?;
+        let (db, _) = m.remove(&name)?;
+        if m.is_empty() {
+            self.by_package.remove(&p);
         }
         self.count -= 1;
-        true
+        Some(db)
     }
 }
 
@@ -223,8 +220,16 @@ impl Reply {
             ),
             blob: blob.map(|bytes| Arc::new(Blob { mime: None, bytes })),
         };
-        // A requester that is gone or swamped just does not hear back.
-        let _ = bus.send_now(env, true);
+        // A requester that is gone does not hear back; one whose mailbox
+        // has no room for the answer hears that, instead of waiting.
+        if let Err((spindle_bus::SendErrorKind::MailboxFull, env)) = bus.send_now(env, true) {
+            bus.fail_request(
+                &env.source,
+                env.id,
+                env.target,
+                spindle_bus::SendErrorKind::MailboxFull,
+            );
+        }
     }
 
     pub fn refuse(self, r: Refusal) {
@@ -303,6 +308,9 @@ impl Module {
 
     /// The open database (opened now if need be; created only if `create`).
     pub fn database(&self, t: &Target, create: bool) -> Result<Arc<Database>, Refusal> {
+        // Closed databases are dropped after the lock is released (closing
+        // checkpoints the file).
+        let mut closed = Vec::new();
         let mut dbs = self.dbs.lock().unwrap_or_else(|p| p.into_inner());
         dbs.clock += 1;
         let now = dbs.clock;
@@ -315,8 +323,16 @@ impl Module {
             return Ok(db.clone());
         }
         let mine = dbs.by_package.get(&*t.package).map_or(0, HashMap::len);
-        let room = (mine < MAX_OPEN_PER_PACKAGE || dbs.close_one(Some(&t.package)))
-            && (dbs.count < MAX_OPEN || dbs.close_one(None));
+        let mut make_room =
+            |dbs: &mut OpenDbs, package: Option<&PackageId>| match dbs.close_one(package) {
+                Some(db) => {
+                    closed.push(db);
+                    true
+                }
+                None => false,
+            };
+        let room = (mine < MAX_OPEN_PER_PACKAGE || make_room(&mut dbs, Some(&t.package)))
+            && (dbs.count < MAX_OPEN || make_room(&mut dbs, None));
         if !room {
             return Err(Refusal {
                 kind: "over-budget",

@@ -21,6 +21,8 @@ use std::sync::Arc;
 /// Rows one query may answer with: more is an error asking for a `LIMIT`
 /// (a silently cut result would be wrong).
 pub const MAX_ROWS: usize = 10_000;
+/// Bytes of blobs one query may answer with (an answer must fit a mailbox).
+pub const MAX_RESULT_BYTES: usize = 16 << 20;
 
 pub(crate) fn to_sql(v: &Value, blob: Option<&Blob>) -> Result<Sql, Refusal> {
     Ok(match v {
@@ -143,6 +145,13 @@ impl Module {
                             let mut out = Vec::new();
                             let mut bytes = Vec::new();
                             while let Some(r) = rows.next()? {
+                                if bytes.len() > MAX_RESULT_BYTES {
+                                    return Ok(Err(Refusal::bad(format!(
+                                        "more than {} MiB of blobs in the result: add a LIMIT and page through {}",
+                                        MAX_RESULT_BYTES >> 20,
+                                        path.display()
+                                    ))));
+                                }
                                 if out.len() == MAX_ROWS {
                                     return Ok(Err(Refusal::bad(format!(
                                         "more than {MAX_ROWS} rows: add a LIMIT and page through {}",

@@ -64,6 +64,9 @@ pub enum DbError {
     /// The guard refused the caller's statement ([`crate::guard`]): nothing of it ran.
     #[error("refused: {0}; nothing of the statement ran")]
     Refused(String),
+    /// The database's queue is full: nothing was done; slow down and retry.
+    #[error("{0}: nothing was done; wait for answers before sending more")]
+    OverBudget(String),
 }
 
 impl DbError {
@@ -77,6 +80,7 @@ impl DbError {
             DbError::Storage { .. } => "storage",
             DbError::Statement(_) => "statement",
             DbError::Refused(_) => "refused",
+            DbError::OverBudget(_) => "over-budget",
         }
     }
 
@@ -220,9 +224,52 @@ pub struct Database {
 #[derive(Default)]
 struct Queues {
     writes: VecDeque<Write>,
+    /// Bytes the queued writes hold ([`MAX_QUEUED_WRITE_BYTES`]).
+    write_bytes: usize,
     reads: VecDeque<ReadJob>,
     writing: bool,
     reading: bool,
+}
+
+/// Writes one database may have waiting: senders that do not wait for
+/// answers are told to, instead of the queue growing.
+pub const MAX_QUEUED_WRITES: usize = 16_384;
+/// Bytes the waiting writes of one database may hold.
+pub const MAX_QUEUED_WRITE_BYTES: usize = 128 << 20;
+/// Reads one database may have waiting.
+pub const MAX_QUEUED_READS: usize = 4_096;
+
+impl Write {
+    fn bytes(&self) -> usize {
+        match self {
+            Write::Kv(ops, _) => ops
+                .iter()
+                .map(|o| match o {
+                    KvOp::Set(k, v) => k.len() + v.len(),
+                    KvOp::Delete(k) => k.len(),
+                })
+                .sum(),
+            Write::Sql(sql, params, _) => {
+                use rusqlite::types::Value as V;
+                sql.len()
+                    + params
+                        .iter()
+                        .map(|p| match p {
+                            V::Text(t) => t.len(),
+                            V::Blob(b) => b.len(),
+                            _ => 8,
+                        })
+                        .sum::<usize>()
+            }
+        }
+    }
+
+    fn refuse(self, e: DbError) {
+        match self {
+            Write::Kv(_, done) => done(Err(e)),
+            Write::Sql(_, _, done) => done(Err(e)),
+        }
+    }
 }
 
 impl Database {
@@ -311,6 +358,13 @@ impl Database {
     /// Runs `job` on a pool thread with the database's read-only connection.
     pub fn read(self: &Arc<Self>, job: ReadJob) {
         let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if q.reads.len() >= MAX_QUEUED_READS {
+            drop(q);
+            return job(Err(&DbError::OverBudget(format!(
+                "{} has {MAX_QUEUED_READS} reads waiting",
+                self.path.display()
+            ))));
+        }
         q.reads.push_back(job);
         if !std::mem::replace(&mut q.reading, true) {
             drop(q);
@@ -337,6 +391,18 @@ impl Database {
 
     fn write(self: &Arc<Self>, w: Write) {
         let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let size = w.bytes();
+        if q.writes.len() >= MAX_QUEUED_WRITES
+            || q.write_bytes.saturating_add(size) > MAX_QUEUED_WRITE_BYTES
+        {
+            drop(q);
+            return w.refuse(DbError::OverBudget(format!(
+                "{} has {MAX_QUEUED_WRITES} writes or {} MiB waiting",
+                self.path.display(),
+                MAX_QUEUED_WRITE_BYTES >> 20
+            )));
+        }
+        q.write_bytes += size;
         q.writes.push_back(w);
         if !std::mem::replace(&mut q.writing, true) {
             drop(q);
@@ -361,7 +427,10 @@ impl Database {
                     let batch: Vec<Write> = {
                         let mut q = self.queues.lock().unwrap_or_else(|p| p.into_inner());
                         let n = q.writes.len().min(MAX_BATCH);
-                        q.writes.drain(..n).collect()
+                        let batch: Vec<Write> = q.writes.drain(..n).collect();
+                        let taken: usize = batch.iter().map(Write::bytes).sum();
+                        q.write_bytes = q.write_bytes.saturating_sub(taken);
+                        batch
                     };
                     if batch.is_empty() {
                         break;

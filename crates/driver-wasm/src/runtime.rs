@@ -64,6 +64,32 @@ pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
 /// What every WebAssembly file starts with.
 const WASM_MAGIC: &[u8] = b"\0asm";
 
+/// Reads a component file: a regular file (never a FIFO or a device, which
+/// could block or never end), at most [`MAX_COMPONENT_BYTES`] of it.
+fn read_component(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_COMPONENT_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_COMPONENT_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("larger than a component may be ({MAX_COMPONENT_BYTES} bytes)"),
+        ));
+    }
+    Ok(bytes)
+}
+
 /// A compiler's error without the bytes it quotes (`actual=[0x…]`).
 fn quiet(message: &str) -> String {
     match message.find("actual=") {
@@ -208,7 +234,7 @@ impl Runtime {
         {
             return Ok(pre.clone());
         }
-        let bytes = std::fs::read(path).map_err(read_err)?;
+        let bytes = read_component(path).map_err(read_err)?;
         let component = self.compile_cached(path, &bytes)?;
         let pre = self
             .linker

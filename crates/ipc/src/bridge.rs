@@ -38,10 +38,7 @@ const OUT_QUEUE: usize = 256;
 /// Requests a process may leave unanswered before the oldest is forgotten
 /// (a response to a forgotten one is refused as having nothing to answer).
 const MAX_UNANSWERED: usize = 4096;
-/// Requests a process may await responses to at once; past this a request
-/// is refused `mailbox-full` (the awaited table holds no bodies, but it is
-/// the process's, and bounded).
-const MAX_AWAITED: usize = 4096;
+use spindle_bus::MAX_AWAITED;
 /// Capabilities that came with messages and may still be saved, per run; past
 /// this the oldest offer lapses (a process keeps what it means to keep soon
 /// after it arrives).

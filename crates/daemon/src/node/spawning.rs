@@ -134,7 +134,9 @@ impl Node {
                         .address(e.num, &e.spec)
                         .is_some_and(|a| a.process == call.parent.process)
                 })
-                .map_or(crate::budget::MAX_CHILDREN, |e| e.spec.budgets.max_children());
+                .map_or(crate::budget::MAX_CHILDREN, |e| {
+                    e.spec.budgets.max_children()
+                });
             crate::budget::admit(
                 &self.kernel,
                 &call.parent.process,

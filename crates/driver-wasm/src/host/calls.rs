@@ -96,14 +96,8 @@ impl host::Host for ProcessHost {
                         if let Some(r) = self.accept(env) {
                             return Ok(r);
                         }
-                    } else if self.deferred.len() >= MAX_DEFERRED
-                        && matches!(env.message, Message::Request(_))
-                    {
-                        // No room to set it aside: its sender hears so now.
-                        let bus = self.shared.bus.clone();
-                        bus.fail_held(&self.our, env, SendErrorKind::MailboxFull);
                     } else {
-                        self.deferred.push_back(env);
+                        self.defer(env);
                     }
                 }
                 // The timer may have been set for an earlier request.
@@ -112,7 +106,7 @@ impl host::Host for ProcessHost {
                         .pending
                         .get(&id)
                         .is_some_and(|p| p.deadline <= Instant::now());
-                    if due && let Some(p) = self.pending.remove(&id) {
+                    if due && let Some(p) = self.take_pending(&id) {
                         return Ok(Err(send_error(
                             SendErrorKind::Timeout,
                             &p.target,

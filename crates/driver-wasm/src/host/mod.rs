@@ -65,7 +65,11 @@ pub struct ProcessHost {
     pub(crate) our: Arc<Address>,
     pub(crate) mailbox: Mailbox,
     pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
+    /// Bytes of the bodies `pending` keeps ([`MAX_AWAITED_BYTES`]).
+    pending_bytes: usize,
     deferred: VecDeque<Envelope>,
+    /// Bytes the set-aside messages hold ([`MAX_DEFERRED_BYTES`]).
+    deferred_bytes: usize,
     handling: Option<Handling>,
     last: Option<Last>,
     pub(crate) on_exit: wit::OnExit,
@@ -190,7 +194,9 @@ impl ProcessHost {
             our,
             mailbox,
             pending: HashMap::default(),
+            pending_bytes: 0,
             deferred: VecDeque::new(),
+            deferred_bytes: 0,
             handling: None,
             last: None,
             on_exit,
@@ -263,7 +269,7 @@ impl ProcessHost {
         let mut message = env.message;
         if let Message::Failed(kind) = message {
             // Word about a request no longer awaited (timed out) is late.
-            let p = self.pending.remove(&env.id)?;
+            let p = self.take_pending(&env.id)?;
             return Some(Err(send_error(
                 kind,
                 &p.target,
@@ -272,7 +278,7 @@ impl ProcessHost {
             )));
         }
         if let Message::Response(_, context) = &mut message {
-            match self.pending.remove(&env.id) {
+            match self.take_pending(&env.id) {
                 Some(p) => *context = p.context,
                 None => {
                     self.shared
@@ -307,7 +313,7 @@ impl ProcessHost {
     /// What can be returned without waiting: a set-aside message, an expired
     /// request, or (if `mailbox`) queued mail.
     pub(super) fn poll_now(&mut self, mailbox: bool) -> Option<Received> {
-        while let Some(env) = self.deferred.pop_front() {
+        while let Some(env) = self.undefer() {
             if let Some(r) = self.accept(env) {
                 return Some(r);
             }
@@ -341,6 +347,7 @@ impl ProcessHost {
         blob: Option<wit::Blob>,
     ) -> Result<Option<u64>, wit::SendError> {
         let inherited = self.handling.as_ref().filter(|_| request.inherit);
+        let inherits = inherited.is_some_and(|h| h.rsvp.is_some());
         let blob = blob
             .map(|b| Arc::new(from_wit_blob(b)))
             .or_else(|| inherited.and_then(|c| c.blob.clone()));
@@ -350,7 +357,20 @@ impl ProcessHost {
             (None, None) => (self.shared.bus.next_id(), None),
         };
         let awaits = request.expects_response;
+        if awaits.is_some()
+            && (self.pending.len() >= spindle_bus::MAX_AWAITED
+                || self.pending_bytes.saturating_add(request.body.len()) > MAX_AWAITED_BYTES)
+        {
+            // Its own budget of awaited requests is spent: slow down.
+            return Err(send_error(
+                SendErrorKind::MailboxFull,
+                &target,
+                Message::Request(request),
+                context,
+            ));
+        }
         if let Some(timeout) = awaits {
+            self.pending_bytes += request.body.len();
             self.pending.insert(
                 id,
                 Pending {
@@ -369,11 +389,20 @@ impl ProcessHost {
             message: Message::Request(request),
             blob,
         };
+        let forwarded = awaits.is_none() && inherits;
         match self.send_routed(env) {
-            Ok(()) => Ok(awaits.map(|_| id)),
+            Ok(()) => {
+                // The request handed on its response route: answering it
+                // is now the delegate's (and this process ending no longer
+                // fails it).
+                if forwarded && let Some(h) = self.handling.as_mut() {
+                    h.rsvp = None;
+                }
+                Ok(awaits.map(|_| id))
+            }
             Err((kind, env)) => {
                 if awaits.is_some() {
-                    self.pending.remove(&id);
+                    self.take_pending(&id);
                 }
                 Err(send_error(kind, &target, env.message, context))
             }
@@ -418,6 +447,43 @@ pub use spindle_bus::DEFAULT_AWAIT;
 /// Messages set aside while a process awaits one response: as many as its
 /// mailbox holds. Requests beyond it fail to their senders as `mailbox-full`.
 pub const MAX_DEFERRED: usize = spindle_bus::MAILBOX_CAPACITY;
+/// Bytes the messages set aside while a process awaits one response may
+/// hold: they left the mailbox's count, so they are counted here.
+pub const MAX_DEFERRED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
+
+impl ProcessHost {
+    /// Sets aside a message that arrived while the process awaits another
+    /// response. Past [`MAX_DEFERRED`] or [`MAX_DEFERRED_BYTES`] a request
+    /// fails to its sender as `mailbox-full`, and anything else is dropped
+    /// as late (an awaited response then times out).
+    pub(super) fn defer(&mut self, env: Envelope) {
+        let weight = env.weight();
+        let full = self.deferred.len() >= MAX_DEFERRED
+            || self.deferred_bytes.saturating_add(weight) > MAX_DEFERRED_BYTES;
+        if !full {
+            self.deferred_bytes += weight;
+            self.deferred.push_back(env);
+        } else if matches!(env.message, Message::Request(_)) {
+            let bus = self.shared.bus.clone();
+            bus.fail_held(&self.our, env, SendErrorKind::MailboxFull);
+        } else {
+            self.shared
+                .bus
+                .late_responses
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn undefer(&mut self) -> Option<Envelope> {
+        let env = self.deferred.pop_front()?;
+        self.deferred_bytes -= env.weight();
+        Some(env)
+    }
+}
+
+/// Bytes of request bodies a process's awaited requests keep (each comes
+/// back whole in its send error): past it a send is `mailbox-full`.
+pub const MAX_AWAITED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
 
 impl ProcessHost {
     /// The run is over: every message it held and will never answer fails
@@ -430,6 +496,7 @@ impl ProcessHost {
         {
             bus.fail_request(&self.our, h.id, rsvp, SendErrorKind::Exited);
         }
+        self.deferred_bytes = 0;
         for env in self.deferred.drain(..) {
             bus.fail_held(&self.our, env, SendErrorKind::Exited);
         }

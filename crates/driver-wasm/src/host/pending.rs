@@ -33,6 +33,13 @@ pub(super) struct Pending {
 }
 
 impl ProcessHost {
+    /// Takes an awaited request off the table (its bytes with it).
+    pub(super) fn take_pending(&mut self, id: &u64) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.pending_bytes -= p.request.body.len();
+        Some(p)
+    }
+
     /// A pending request whose time is up, returned as a timeout error.
     pub(super) fn expire(&mut self, now: Instant) -> Option<wit::SendError> {
         let id = *self
@@ -40,7 +47,7 @@ impl ProcessHost {
             .iter()
             .find(|(_, p)| p.deadline <= now)
             .map(|(id, _)| id)?;
-        let p = self.pending.remove(&id)?;
+        let p = self.take_pending(&id)?;
         Some(send_error(
             SendErrorKind::Timeout,
             &p.target,
