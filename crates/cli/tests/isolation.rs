@@ -207,3 +207,24 @@ mailbox_size = "1MiB"
     let e = n.fails(&["start", bad.to_str().unwrap()]);
     assert!(e.contains("mailbox_size"), "{e}");
 }
+
+/// A kill ends a wasm process at once, even one waiting in a host call that
+/// never comes back to wasm (a minute-long sleep).
+#[test]
+fn a_sleeping_process_is_stopped_within_its_grace() {
+    let n = Node::new();
+    let sleeper = start(&n, "echo", "sleeper", "good:test");
+    let _ = n.run(&["send", &sleeper, "sleep 60000", "--timeout", "1ms"]);
+    let mut stop = Command::new(spindle_bin())
+        .arg("--home")
+        .arg(n.home())
+        .args(["stop", "sleeper"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The helper's deadline (15 s) is far below the sleep.
+    let status = until("stop returns", || stop.try_wait().unwrap());
+    assert!(status.success());
+    let p = n.get(n.id_of("sleeper").0);
+    assert_eq!(p.state, spindle_types::control::StateLabel::Stopped);
+}

@@ -217,8 +217,8 @@ struct Reader {
     last_target: Option<(String, Arc<Address>)>,
 }
 
-/// Memory reserved for a raw blob before its bytes arrive.
-const RAW_BLOB_STEP: usize = 1 << 20;
+/// Bytes of a raw blob that must arrive before the whole of it is allocated.
+const RAW_BLOB_STEP: usize = 64 << 10;
 
 /// A blob from a frame, its raw bytes read from `input` if they follow it.
 async fn read_blob(
@@ -229,15 +229,20 @@ async fn read_blob(
         None => None,
         Some(BlobIn::Inline { mime, bytes }) => Some(Arc::new(Blob { mime, bytes })),
         Some(BlobIn::Raw { mime, len }) => {
-            // Memory follows the bytes that arrive, not the length declared.
-            let mut bytes = Vec::with_capacity(len.min(RAW_BLOB_STEP));
-            let got = (&mut *input)
-                .take(len as u64)
-                .read_to_end(&mut bytes)
-                .await?;
-            if got < len {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
+            // The whole blob is allocated only once its first bytes have
+            // come: a process that declares 64 MiB and sends nothing holds
+            // nothing. (The buffer is zeroed lazily by the allocator.)
+            let head_len = len.min(RAW_BLOB_STEP);
+            let mut head = vec![0; head_len];
+            input.read_exact(&mut head).await?;
+            let bytes = if head_len == len {
+                head
+            } else {
+                let mut all = vec![0; len];
+                all[..head_len].copy_from_slice(&head);
+                input.read_exact(&mut all[head_len..]).await?;
+                all
+            };
             Some(Arc::new(Blob { mime, bytes }))
         }
     })
