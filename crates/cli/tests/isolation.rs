@@ -14,6 +14,20 @@ fn send(n: &Node, to: &str, body: &str) -> String {
         .to_string()
 }
 
+/// Runs the CLI and waits for it within the helpers' deadline: a command
+/// that hangs fails the test.
+fn returns(n: &Node, args: &[&str]) -> std::process::ExitStatus {
+    let mut child = Command::new(spindle_bin())
+        .arg("--home")
+        .arg(n.home())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    until("the command returns", || child.try_wait().unwrap())
+}
+
 fn threads_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .expect("the daemon's threads in /proc")
@@ -142,15 +156,7 @@ fn a_hostile_process_is_refused_or_bounded_and_hurts_nobody() {
     assert_eq!(send(&n, &evil, "ping"), "pong");
 
     // And the daemon stops, children and all, within the helper's deadline.
-    let mut stop = Command::new(spindle_bin())
-        .arg("--home")
-        .arg(n.home())
-        .args(["daemon", "stop"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let status = until("daemon stop returns", || stop.try_wait().unwrap());
-    assert!(status.success());
+    assert!(returns(&n, &["daemon", "stop"]).success());
     until("the daemon is gone", || (!alive(pid as i32)).then_some(()));
 }
 
@@ -215,16 +221,8 @@ fn a_sleeping_process_is_stopped_within_its_grace() {
     let n = Node::new();
     let sleeper = start(&n, "echo", "sleeper", "good:test");
     let _ = n.run(&["send", &sleeper, "sleep 60000", "--timeout", "1ms"]);
-    let mut stop = Command::new(spindle_bin())
-        .arg("--home")
-        .arg(n.home())
-        .args(["stop", "sleeper"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
     // The helper's deadline (15 s) is far below the sleep.
-    let status = until("stop returns", || stop.try_wait().unwrap());
-    assert!(status.success());
+    assert!(returns(&n, &["stop", "sleeper"]).success());
     let p = n.get(n.id_of("sleeper").0);
     assert_eq!(p.state, spindle_types::control::StateLabel::Stopped);
 }
