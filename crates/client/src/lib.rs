@@ -29,6 +29,9 @@ pub const START_DEADLINE: Duration = Duration::from_secs(10);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a daemon that answered `shutdown` may take to exit.
 pub const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+/// Beyond the longest grace, what a daemon stop may take (closing files,
+/// the last writes to disk).
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(30);
 
 /// Whether `pid` names a live (not zombie) process.
 fn pid_alive(pid: u32) -> bool {
@@ -282,12 +285,29 @@ impl Client {
 
     /// Asks the daemon to stop every process and exit; returns once the
     /// daemon process is gone (so a new one can start at once).
+    /// Waits within the longest grace a process may have plus
+    /// [`SHUTDOWN_MARGIN`].
     pub fn shutdown(mut self) -> Result<(), ClientError> {
-        self.writer.set_read_timeout(None)?;
+        // Every process is stopped at once and none may take longer than
+        // the longest grace a spec can give: past that, the daemon is hung.
+        let deadline = spindle_types::spec::MAX_GRACE + SHUTDOWN_MARGIN;
+        self.writer.set_read_timeout(Some(deadline))?;
         self.write_request(&Request::Shutdown)?;
         // The answer comes when every process is down; the connection then
         // closes as the daemon exits. Either ends this part of the wait.
         match self.recv() {
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ClientError::Protocol(format!(
+                    "the daemon (pid {}) did not stop within {}s: look at its log, or kill it",
+                    self.daemon_pid,
+                    deadline.as_secs()
+                )));
+            }
             Ok(_) | Err(ClientError::Io(_)) => {}
             Err(e) => return Err(e),
         }
