@@ -661,7 +661,47 @@ const NOTHING: Changed = Changed {
 /// The outcome of one write in a batch, before the commit.
 enum Outcome {
     Kv(Vec<KvOp>, Done<()>),
-    Sql(Result<Changed, DbError>, Done<Changed>),
+    /// With the statement, should the batch have to run again.
+    Sql(
+        Result<Changed, DbError>,
+        Done<Changed>,
+        String,
+        Vec<rusqlite::types::Value>,
+    ),
+}
+
+impl Outcome {
+    /// The write again, to run in a fresh transaction.
+    fn again(self) -> Write {
+        match self {
+            Outcome::Kv(ops, done) => Write::Kv(ops, done),
+            Outcome::Sql(_, done, sql, params) => Write::Sql(sql, params, done),
+        }
+    }
+}
+
+/// Whether a statement's failure is the statement's doing (not the disk's,
+/// nor the file's): when it ends the batch's transaction, the others of the
+/// batch run again without it.
+fn statement_fault(e: &GuestError) -> Option<DbError> {
+    use rusqlite::ErrorCode as C;
+    match e {
+        GuestError::TooLong => Some(too_long()),
+        GuestError::Refused(why) => Some(DbError::Refused(why.clone())),
+        GuestError::Sql(e) => match e.sqlite_error_code() {
+            Some(
+                C::DiskFull
+                | C::ReadOnly
+                | C::DatabaseCorrupt
+                | C::NotADatabase
+                | C::CannotOpen
+                | C::PermissionDenied
+                | C::SystemIoFailure
+                | C::OutOfMemory,
+            ) => None,
+            _ => Some(DbError::Statement(e.to_string())),
+        },
+    }
 }
 
 fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
@@ -671,7 +711,7 @@ fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
         for o in outcomes {
             match o {
                 Outcome::Kv(_, done) => done(Err(e.clone())),
-                Outcome::Sql(_, done) => done(Err(e.clone())),
+                Outcome::Sql(_, done, ..) => done(Err(e.clone())),
             }
         }
     };
@@ -682,17 +722,18 @@ fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
             .into_iter()
             .map(|w| match w {
                 Write::Kv(ops, done) => Outcome::Kv(ops, done),
-                Write::Sql(_, _, done) => Outcome::Sql(Ok(NOTHING), done),
+                Write::Sql(sql, params, done) => Outcome::Sql(Ok(NOTHING), done, sql, params),
             })
             .collect();
         return fail_all(all, e);
     }
     let mut broken: Option<DbError> = None;
-    for w in batch {
+    let mut batch = batch.into_iter();
+    while let Some(w) = batch.next() {
         if broken.is_some() {
             outcomes.push(match w {
                 Write::Kv(ops, done) => Outcome::Kv(ops, done),
-                Write::Sql(_, _, done) => Outcome::Sql(Ok(NOTHING), done),
+                Write::Sql(sql, params, done) => Outcome::Sql(Ok(NOTHING), done, sql, params),
             });
             continue;
         }
@@ -708,12 +749,28 @@ fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
                 // a statement stopped for its time) fails the batch; a
                 // statement's own failure only it.
                 Err(e) if conn.is_autocommit() => {
+                    if let Some(own) = statement_fault(&e) {
+                        // The statement ended the transaction itself (`OR
+                        // ROLLBACK`, `RAISE(ROLLBACK)`, its time): it fails
+                        // alone, and the rest of the batch runs again.
+                        tracing::warn!("{}: a statement ended its batch: {own}", path.display());
+                        done(Err(own));
+                        let rest: Vec<Write> = outcomes
+                            .into_iter()
+                            .map(Outcome::again)
+                            .chain(batch)
+                            .collect();
+                        if !rest.is_empty() {
+                            commit(conn, db, rest);
+                        }
+                        return;
+                    }
                     broken = Some(match e {
                         GuestError::Sql(e) => DbError::of(path, e),
                         GuestError::TooLong => too_long(),
                         GuestError::Refused(why) => DbError::Refused(why),
                     });
-                    outcomes.push(Outcome::Sql(Ok(NOTHING), done));
+                    outcomes.push(Outcome::Sql(Ok(NOTHING), done, sql, params));
                 }
                 result => {
                     let result = result.map_err(|e| match e {
@@ -724,7 +781,7 @@ fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
                         GuestError::TooLong => too_long(),
                         GuestError::Refused(why) => DbError::Refused(why),
                     });
-                    outcomes.push(Outcome::Sql(result, done));
+                    outcomes.push(Outcome::Sql(result, done, sql, params));
                 }
             },
         }
@@ -755,7 +812,7 @@ fn commit(conn: &Conn, db: &Database, batch: Vec<Write>) {
     for o in outcomes {
         match o {
             Outcome::Kv(_, done) => done(Ok(())),
-            Outcome::Sql(r, done) => done(r),
+            Outcome::Sql(r, done, ..) => done(r),
         }
     }
 }
@@ -813,5 +870,62 @@ fn apply_sql(
             }
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A statement that ends the batch's transaction itself fails alone:
+    /// the writes around it still commit.
+    #[test]
+    fn a_statement_that_rolls_the_batch_back_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::start().unwrap();
+        let db =
+            Database::open(Kind::Sql, &dir.path().join("a.sqlite"), true, "p:q", &pool).unwrap();
+        {
+            let conn = db.writer.lock().unwrap();
+            conn.execute_batch(
+                "CREATE TABLE t (x); CREATE TABLE u (x UNIQUE); INSERT INTO u VALUES (1)",
+            )
+            .unwrap();
+        }
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let write = |sql: &str| {
+            let heard = heard.clone();
+            let sql = sql.to_string();
+            let tag = sql.clone();
+            Write::Sql(
+                sql,
+                vec![],
+                Box::new(move |r| heard.lock().unwrap().push((tag, r.is_ok()))),
+            )
+        };
+        let batch = vec![
+            write("INSERT INTO t VALUES (1)"),
+            write("INSERT OR ROLLBACK INTO u VALUES (1)"),
+            write("INSERT INTO t VALUES (2)"),
+        ];
+        {
+            let conn = db.writer.lock().unwrap();
+            commit(&conn, &db, batch);
+        }
+        let mut got = heard.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                ("INSERT INTO t VALUES (1)".to_string(), true),
+                ("INSERT INTO t VALUES (2)".to_string(), true),
+                ("INSERT OR ROLLBACK INTO u VALUES (1)".to_string(), false),
+            ]
+        );
+        let conn = db.writer.lock().unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2, "both innocent writes are on disk");
     }
 }
