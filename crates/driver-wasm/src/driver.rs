@@ -459,15 +459,6 @@ impl Drop for EndReport {
     }
 }
 
-/// A panic's message, as far as it has one.
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
-
 async fn run_process(
     pre: ProcessPre<ProcessHost>,
     mut store: Store<ProcessHost>,
@@ -493,7 +484,10 @@ async fn run_process(
     let h = store.data_mut();
     let (status, detail) = match ran {
         Err(payload) => {
-            let why = format!("host error: {}", panic_text(&*payload));
+            let why = format!(
+                "host error: {}",
+                spindle_types::fault::panic_text(&*payload)
+            );
             tracing::error!("process {} ({}): {why}", report.num, h.our);
             h.log_line(&format!("[spindle] process ended by a {why}"));
             (ExitStatus::Trap, Some(why))
@@ -607,15 +601,5 @@ mod tests {
             })
         ));
         assert!(rx.try_recv().is_err(), "exactly one report");
-    }
-
-    #[test]
-    fn panic_messages() {
-        let s: Box<dyn std::any::Any + Send> = Box::new("text");
-        assert_eq!(panic_text(&*s), "text");
-        let s: Box<dyn std::any::Any + Send> = Box::new(String::from("owned"));
-        assert_eq!(panic_text(&*s), "owned");
-        let s: Box<dyn std::any::Any + Send> = Box::new(5u8);
-        assert_eq!(panic_text(&*s), "a panic without a message");
     }
 }

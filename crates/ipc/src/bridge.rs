@@ -111,6 +111,29 @@ pub struct Bridge {
     out: mpsc::Sender<Vec<u8>>,
     connected: Arc<AtomicBool>,
     heard: Arc<Heard>,
+    fault: Arc<Mutex<Option<String>>>,
+}
+
+/// Runs one of the bridge's tasks; a panic in it is recorded as the
+/// bridge's fault (the daemon then ends the process as crashed) and the
+/// channel counts as gone, instead of the task vanishing unseen.
+async fn guarded(
+    me: Arc<Address>,
+    fault: Arc<Mutex<Option<String>>>,
+    connected: Arc<AtomicBool>,
+    task: impl std::future::Future<Output = ()>,
+) {
+    use futures_util::FutureExt as _;
+    if let Err(payload) = std::panic::AssertUnwindSafe(task).catch_unwind().await {
+        let text = spindle_types::fault::panic_text(&*payload);
+        let why = format!("host error: its IPC bridge failed ({text})");
+        tracing::error!("{me}: {why}");
+        connected.store(false, Ordering::Release);
+        fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(why);
+    }
 }
 
 /// When the process last sent a frame, for the watchdog.
@@ -150,7 +173,11 @@ impl Bridge {
             last: 0.into(),
         });
         let me = Arc::new(me);
-        tokio::spawn(
+        let fault: Arc<Mutex<Option<String>>> = Arc::default();
+        tokio::spawn(guarded(
+            me.clone(),
+            fault.clone(),
+            connected.clone(),
             Reader {
                 me: me.clone(),
                 bus: bus.clone(),
@@ -164,8 +191,11 @@ impl Bridge {
                 last_target: None,
             }
             .run(BufReader::new(read), closed_tx),
-        );
-        tokio::spawn(
+        ));
+        tokio::spawn(guarded(
+            me.clone(),
+            fault.clone(),
+            connected.clone(),
             Writer {
                 me,
                 bus,
@@ -175,12 +205,19 @@ impl Bridge {
                 last_source: None,
             }
             .run(write, mailbox, out_rx, closed),
-        );
+        ));
         Ok(Bridge {
             out,
             connected,
             heard,
+            fault,
         })
+    }
+
+    /// Why the bridge failed, if host code serving it panicked: the
+    /// process is to end as crashed with this detail.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// How long since the process last sent anything (or since the run
@@ -816,5 +853,31 @@ impl Writer {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panicking_bridge_task_is_a_fault_not_a_silence() {
+        let fault: Arc<Mutex<Option<String>>> = Arc::default();
+        let connected = Arc::new(AtomicBool::new(true));
+        let me = Arc::new("local@n:t:spindle".parse().unwrap());
+        guarded(me, fault.clone(), connected.clone(), async {
+            panic!("a frame the code did not expect");
+        })
+        .await;
+        let why = fault
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the fault is recorded");
+        assert!(
+            why.starts_with("host error") && why.contains("did not expect"),
+            "{why}"
+        );
+        assert!(!connected.load(Ordering::Acquire));
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod control;
 pub mod exit;
+pub mod fault;
 pub mod id;
 pub mod limits;
 pub mod manifest;

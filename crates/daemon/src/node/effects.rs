@@ -123,6 +123,11 @@ impl Node {
             else {
                 continue;
             };
+            if let Some(why) = bridge.fault() {
+                tracing::warn!("process {num}: {why}");
+                self.kernel.fault(*num, run, why, now);
+                continue;
+            }
             if let Some(period) = ipc.heartbeat()
                 && matches!(e.state, State::Starting { .. } | State::Running { .. })
                 && bridge.silent_for() > period
