@@ -245,7 +245,10 @@ impl WasmDriver {
     /// an error before anything starts.
     pub fn preflight(&mut self, spec: &ProcessSpec) -> Result<(), WasmError> {
         match &spec.program {
-            Program::Wasm { path, .. } => self.runtime()?.load(path).map(|_| ()),
+            Program::Wasm { path, .. } => self
+                .runtime()?
+                .load(path, spec.parent.is_some())
+                .map(|_| ()),
             Program::Native { .. } => Ok(()),
         }
     }
@@ -264,7 +267,7 @@ impl WasmDriver {
             return Err(WasmError::NotWasm);
         };
         let runtime = self.runtime()?;
-        let pre: ProcessPre<ProcessHost> = runtime.load(path)?;
+        let pre: ProcessPre<ProcessHost> = runtime.load(path, spec.parent.is_some())?;
         let our = Arc::new(our);
         let (out_path, err_path) = spec.log_paths(&self.logs_dir, num.0);
         let open = |p: &Path| self.hub.open(p, spec.log.max_size, spec.log.keep);

@@ -66,13 +66,19 @@ const WASM_MAGIC: &[u8] = b"\0asm";
 
 /// Reads a component file: a regular file (never a FIFO or a device, which
 /// could block or never end), at most [`MAX_COMPONENT_BYTES`] of it.
-fn read_component(path: &Path) -> std::io::Result<Vec<u8>> {
+fn read_component(path: &Path, confined: bool) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)?;
+    let file = match confined.then(|| open_without_links(path)) {
+        Some(Ok(f)) => f,
+        // A kernel without openat2 (before 5.6): the last component still
+        // may not be a link.
+        Some(Err(e)) if e.raw_os_error() != Some(libc::ENOSYS) => return Err(e),
+        _ => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)?,
+    };
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -88,6 +94,16 @@ fn read_component(path: &Path) -> std::io::Result<Vec<u8>> {
         ));
     }
     Ok(bytes)
+}
+
+/// Opens `path` for reading, refusing a symbolic link anywhere on it.
+fn open_without_links(path: &Path) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = openat2(AT_FDCWD, path, how).map_err(std::io::Error::from)?;
+    Ok(std::fs::File::from(fd))
 }
 
 /// A compiler's error without the bytes it quotes (`actual=[0x…]`).
@@ -205,8 +221,10 @@ impl Runtime {
 
     /// The linked, ready-to-instantiate form of the component at `path`:
     /// from memory if the file is unchanged, else from the disk cache, else
-    /// compiled (and cached).
-    pub fn load(&self, path: &Path) -> Result<ProcessPre<ProcessHost>, WasmError> {
+    /// compiled (and cached). A `confined` path (a process's spawn, already
+    /// resolved inside its folder) is opened without following any
+    /// symbolic link, so a link swapped in since cannot lead outside.
+    pub fn load(&self, path: &Path, confined: bool) -> Result<ProcessPre<ProcessHost>, WasmError> {
         let read_err = |source| WasmError::Read {
             path: path.into(),
             source,
@@ -234,7 +252,7 @@ impl Runtime {
         {
             return Ok(pre.clone());
         }
-        let bytes = read_component(path).map_err(read_err)?;
+        let bytes = read_component(path, confined).map_err(read_err)?;
         let component = self.compile_cached(path, &bytes)?;
         let pre = self
             .linker
@@ -299,5 +317,36 @@ impl Runtime {
             Err(e) => tracing::warn!("cannot serialise {}: {e}", path.display()),
         }
         Ok(component)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confined_component_is_read_through_no_link() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("real")).unwrap();
+        std::fs::write(dir.path().join("real/x.wasm"), b"\0asm").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("swapped")).unwrap();
+        let direct = dir.path().join("real/x.wasm");
+        let linked = dir.path().join("swapped/x.wasm");
+        assert_eq!(read_component(&direct, true).unwrap(), b"\0asm");
+        // A directory swapped for a link after the check leads nowhere.
+        assert!(read_component(&linked, true).is_err());
+        // The operator's own paths may go through links.
+        assert_eq!(read_component(&linked, false).unwrap(), b"\0asm");
+        // Never a FIFO.
+        let fifo = dir.path().join("real/pipe.wasm");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(read_component(&fifo, true).is_err());
+        assert!(read_component(&fifo, false).is_err());
     }
 }
