@@ -91,7 +91,7 @@ enum Inbox {
     Service(Arc<dyn Service>),
 }
 
-/// Bytes queued in one mailbox, and in all of the node's.
+/// Bytes queued in one mailbox, in its package's and in all of the node's.
 #[derive(Debug)]
 struct Queued {
     here: AtomicUsize,

@@ -9,6 +9,7 @@
 //! — from starting processes. Exhausting a budget is an error to the
 //! process that asked, naming the budget.
 
+use spindle_driver_wasm::driver::address_of;
 use spindle_kernel::{Desired, Kernel};
 use spindle_types::ProcessId;
 
@@ -34,18 +35,23 @@ pub enum BudgetError {
     Node { pool: usize },
 }
 
-/// Checks that `parent` may spawn one more child (of at most
-/// `max_children`), given the table.
+/// Checks that `parent` (on node `node`) may spawn one more child, given
+/// the table: one pass counts its children, its package's, the live wasm
+/// processes, and finds its own budget (`max_children`).
 pub fn admit(
     kernel: &Kernel,
+    node: &str,
     parent: &ProcessId,
-    max_children: u32,
     pool: usize,
 ) -> Result<(), BudgetError> {
     let mut children = 0;
     let mut package = 0;
     let mut wasm = 0;
+    let mut max_children = MAX_CHILDREN;
     for e in kernel.entries() {
+        if address_of(node, e.num, &e.spec).is_some_and(|a| a.process == *parent) {
+            max_children = e.spec.budgets.max_children();
+        }
         let live = e.state.is_live() || e.desired == Desired::Running;
         if live && matches!(e.spec.program, spindle_types::Program::Wasm { .. }) {
             wasm += 1;

@@ -126,21 +126,10 @@ impl Node {
                 key: b.key,
                 message: b.message,
             })?;
-            let max_children = self
-                .kernel
-                .entries()
-                .find(|e| {
-                    self.wasm
-                        .address(e.num, &e.spec)
-                        .is_some_and(|a| a.process == call.parent.process)
-                })
-                .map_or(crate::budget::MAX_CHILDREN, |e| {
-                    e.spec.budgets.max_children()
-                });
             crate::budget::admit(
                 &self.kernel,
+                &call.parent.node,
                 &call.parent.process,
-                max_children,
                 spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
             )
             .map_err(|e| SpawnError::Budget(e.to_string()))?;
