@@ -87,8 +87,44 @@ pub trait Service: Send + Sync + 'static {
 
 /// Where an endpoint's messages go.
 enum Inbox {
-    Mailbox(mpsc::Sender<Box<Envelope>>, Arc<Queued>),
+    Mailbox(mpsc::Sender<Slot>, Arc<Queued>),
     Service(Arc<dyn Service>),
+}
+
+/// A message in a mailbox's channel. One whose bytes are counted gives them
+/// back when it leaves the channel by any way — read, drained, or dropped
+/// with the channel after the mailbox is gone (a sender holding a permit can
+/// still put one in after the mailbox's last drain).
+struct Slot {
+    env: Option<Box<Envelope>>,
+    refund: Option<(Arc<Queued>, usize)>,
+}
+
+impl Slot {
+    fn new(env: Box<Envelope>, weight: usize, queued: &Arc<Queued>) -> Slot {
+        Slot {
+            env: Some(env),
+            refund: (weight > 0).then(|| (queued.clone(), weight)),
+        }
+    }
+
+    /// The message, its bytes given back.
+    fn open(mut self) -> Box<Envelope> {
+        self.refund();
+        self.env.take().expect("a slot is opened once")
+    }
+
+    fn refund(&mut self) {
+        if let Some((queued, weight)) = self.refund.take() {
+            queued.give(weight);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.refund();
+    }
 }
 
 /// Bytes queued in one mailbox, in its package's and in all of the node's.
@@ -196,26 +232,19 @@ impl Endpoint {
 /// The receiving side handed to the process's host.
 #[derive(Debug)]
 pub struct Mailbox {
-    rx: mpsc::Receiver<Box<Envelope>>,
+    rx: mpsc::Receiver<Slot>,
     queued: Arc<Queued>,
 }
 
 impl Mailbox {
-    fn taken(&self, env: Envelope) -> Envelope {
-        self.queued.give(env.weight());
-        env
-    }
-
     /// The next message; `None` once the process is off the bus.
     pub async fn recv(&mut self) -> Option<Envelope> {
-        let env = self.rx.recv().await?;
-        Some(self.taken(*env))
+        Some(*self.rx.recv().await?.open())
     }
 
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Envelope> {
-        let env = self.rx.try_recv().ok()?;
-        Some(self.taken(*env))
+        Some(*self.rx.try_recv().ok()?.open())
     }
 
     /// Lets nothing more in; what is queued can still be taken.
@@ -240,11 +269,10 @@ impl Mailbox {
 
 impl Drop for Mailbox {
     fn drop(&mut self) {
-        // What is still queued leaves the node's count with it.
+        // What is still queued leaves the node's count with it now (each
+        // slot gives its bytes back as it drops).
         self.rx.close();
-        while let Ok(env) = self.rx.try_recv() {
-            self.queued.give(env.weight());
-        }
+        while self.rx.try_recv().is_ok() {}
     }
 }
 
@@ -666,16 +694,16 @@ impl Bus {
         if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
             return Err(Refused::Now(SendErrorKind::MailboxFull, env));
         }
-        match tx.try_send(env) {
+        match tx.try_send(Slot::new(env, weight, queued)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(env)) => {
-                queued.give(weight);
-                Err(Refused::Now(SendErrorKind::Offline, env))
+            Err(mpsc::error::TrySendError::Closed(slot)) => {
+                Err(Refused::Now(SendErrorKind::Offline, slot.open()))
             }
-            Err(mpsc::error::TrySendError::Full(env)) => {
-                queued.give(weight);
-                Err(Refused::Full(tx.clone(), queued.clone(), env))
-            }
+            Err(mpsc::error::TrySendError::Full(slot)) => Err(Refused::Full(
+                tx.clone(),
+                queued.clone(),
+                slot.open(),
+            )),
         }
     }
 }
@@ -688,12 +716,12 @@ pub type Undelivered = (SendErrorKind, Box<Envelope>);
 enum Refused {
     Now(SendErrorKind, Box<Envelope>),
     /// The mailbox is full: wait for room on this sender.
-    Full(mpsc::Sender<Box<Envelope>>, Arc<Queued>, Box<Envelope>),
+    Full(mpsc::Sender<Slot>, Arc<Queued>, Box<Envelope>),
 }
 
 /// Waits up to [`MAILBOX_WAIT`] for room in a full mailbox.
 async fn wait_for_room(
-    tx: mpsc::Sender<Box<Envelope>>,
+    tx: mpsc::Sender<Slot>,
     queued: Arc<Queued>,
     env: Box<Envelope>,
 ) -> Result<(), (SendErrorKind, Envelope)> {
@@ -706,7 +734,7 @@ async fn wait_for_room(
     if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
         return Err((SendErrorKind::MailboxFull, *env));
     }
-    permit.send(env);
+    permit.send(Slot::new(env, weight, &queued));
     Ok(())
 }
 

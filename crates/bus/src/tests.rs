@@ -345,3 +345,27 @@ async fn one_package_cannot_spend_the_node_budget_nor_silence_the_node() {
     let kernel: Address = "local@kernel:sys:spindle".parse().unwrap();
     bus.send_now(big(&kernel, &last, piece), true).unwrap();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_message_sent_after_its_mailbox_is_gone_gives_its_bytes_back() {
+    let bus = Bus::new("local");
+    let (a, t) = (addr("a"), addr("t"));
+    let _ra = bus.register(a.clone(), true).unwrap();
+    let rt = bus.register(t.clone(), true).unwrap();
+    let ep = bus.lookup(&t.process).unwrap();
+    let Inbox::Mailbox(tx, queued) = &ep.inbox else {
+        unreachable!()
+    };
+    // A sender that won a slot (a permit) as the mailbox went away: its
+    // message enters a channel nobody will read again.
+    let permit = tx.clone().reserve_owned().await.unwrap();
+    drop(rt);
+    let env = Box::new(big(&a, &t, 1 << 20));
+    let weight = env.weight();
+    assert!(queued.take(weight, false));
+    assert_eq!(bus.queued.load(Ordering::Acquire), weight);
+    permit.send(Slot::new(env, weight, queued));
+    bus.unregister(&t.process);
+    drop(ep);
+    assert_eq!(bus.queued.load(Ordering::Acquire), 0);
+}
