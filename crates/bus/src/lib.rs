@@ -699,11 +699,9 @@ impl Bus {
             Err(mpsc::error::TrySendError::Closed(slot)) => {
                 Err(Refused::Now(SendErrorKind::Offline, slot.open()))
             }
-            Err(mpsc::error::TrySendError::Full(slot)) => Err(Refused::Full(
-                tx.clone(),
-                queued.clone(),
-                slot.open(),
-            )),
+            Err(mpsc::error::TrySendError::Full(slot)) => {
+                Err(Refused::Full(tx.clone(), queued.clone(), slot.open()))
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Control connections: greet, parse, forward to the control loop, write back.
 //! A connection never touches the kernel itself, and a misbehaving client
 //! (garbage, a giant frame, a hang-up mid-stream) only ends its own connection.
+//! A start's components are compiled here, before the loop sees the start.
 
+use spindle_driver_wasm::runtime::Loader;
 use spindle_logs::{LogChunk, Stream};
 use spindle_types::ProcessNum;
 use spindle_types::control::{
@@ -37,16 +39,27 @@ pub struct Follow {
 /// A request on its way to the control loop, with where to send the answer.
 pub type Call = (Request, oneshot::Sender<Reply>);
 
-pub async fn accept_loop(listener: UnixListener, calls: mpsc::Sender<Call>) {
+pub async fn accept_loop(listener: UnixListener, calls: mpsc::Sender<Call>, loader: Loader) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, calls.clone()));
+                tokio::spawn(connection(stream, calls.clone(), loader.clone()));
             }
             Err(e) => {
                 tracing::warn!("control socket accept failed: {e}");
                 tokio::task::yield_now().await;
             }
+        }
+    }
+}
+
+/// Compiles the components of a start here, so the control loop, which
+/// checks the start, finds them loaded and never compiles one itself. (A
+/// component that fails is reported by the loop's check.)
+async fn warm(loader: &Loader, specs: &[spindle_types::ProcessSpec]) {
+    for spec in specs.iter().filter(|s| s.check().is_ok()) {
+        if let spindle_types::Program::Wasm { path, .. } = &spec.program {
+            let _ = loader.warm(path, spec.parent.is_some()).await;
         }
     }
 }
@@ -85,10 +98,10 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     }
 }
 
-async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>) {
+async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>, loader: Loader) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    if let Err(e) = serve(&mut r, &mut w, &calls).await {
+    if let Err(e) = serve(&mut r, &mut w, &calls, &loader).await {
         let _ = write(&mut w, &error(ErrorKind::BadRequest, e.to_string())).await;
     }
 }
@@ -97,6 +110,7 @@ async fn serve(
     r: &mut BufReader<OwnedReadHalf>,
     w: &mut OwnedWriteHalf,
     calls: &mpsc::Sender<Call>,
+    loader: &Loader,
 ) -> io::Result<()> {
     let mut greeted = false;
     while let Some(frame) = read_frame(r).await? {
@@ -140,6 +154,9 @@ async fn serve(
             )
             .await?;
             return Ok(());
+        }
+        if let Request::Start { specs } = &req {
+            warm(loader, specs).await;
         }
         let (tx, rx) = oneshot::channel();
         if calls.send((req, tx)).await.is_err() {

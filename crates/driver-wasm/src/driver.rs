@@ -4,7 +4,7 @@ use crate::bindings::ProcessPre;
 use crate::bindings::spindle::process::types as wit;
 use crate::host::{self, ProcessHost, Shared};
 pub use crate::runtime::MAX_WASM_PROCESSES;
-use crate::runtime::{Runtime, TickGuard, WasmError};
+use crate::runtime::{LazyRuntime, Loader, Runtime, TickGuard, WasmError};
 use spindle_bus::{Bus, Capability, Envelope, Message, SpawnCall};
 use spindle_kernel::RunId;
 use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
@@ -155,14 +155,48 @@ struct LiveWasm {
 /// the first wasm process: a node that runs none pays nothing for it (no
 /// pool reservations, no ticker thread).
 pub struct WasmDriver {
-    runtime: Option<Arc<Runtime>>,
-    cache_dir: PathBuf,
-    max_processes: u32,
+    runtime: Arc<LazyRuntime>,
+    loader: Loader,
     shared: Arc<Shared>,
     hub: Arc<LogHub>,
     logs_dir: PathBuf,
     runs: HashMap<ProcessNum, LiveWasm>,
     events: mpsc::UnboundedSender<WasmEvent>,
+}
+
+/// Hands processes' spawn calls to the control loop once their component is
+/// compiled, so the loop never compiles one. A component that does not load
+/// is answered here, with the error the loop would give.
+async fn warm_spawns(
+    mut asked: mpsc::Receiver<SpawnCall>,
+    ready: mpsc::Sender<SpawnCall>,
+    loader: Loader,
+) {
+    while let Some(call) = asked.recv().await {
+        // A refused path is the loop's to report.
+        let path = match call.resolve() {
+            Ok(path) if !loader.is_ready(&path) => path,
+            _ => {
+                if ready.send(call).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let (ready, loader) = (ready.clone(), loader.clone());
+        tokio::spawn(async move {
+            match loader.warm(&path, true).await {
+                Ok(()) => {
+                    let _ = ready.send(call).await;
+                }
+                Err(e) => {
+                    let _ = call
+                        .reply
+                        .send(Err(spindle_bus::SpawnError::Refused(e.to_string())));
+                }
+            }
+        });
+    }
 }
 
 /// The address a process of `spec` numbered `num` has on the bus (a wasm
@@ -196,12 +230,15 @@ impl WasmDriver {
     )> {
         std::fs::create_dir_all(state_dir)?;
         let (events, events_rx) = mpsc::unbounded_channel();
-        let (spawns, spawns_rx) = mpsc::channel(SPAWN_QUEUE);
+        let (spawns, asked) = mpsc::channel(SPAWN_QUEUE);
+        let (ready, spawns_rx) = mpsc::channel(SPAWN_QUEUE);
+        let runtime = Arc::new(LazyRuntime::new(cache_dir, max_processes));
+        let loader = Loader::new(runtime.clone());
+        tokio::spawn(warm_spawns(asked, ready, loader.clone()));
         Ok((
             WasmDriver {
-                runtime: None,
-                cache_dir: cache_dir.into(),
-                max_processes,
+                runtime,
+                loader,
                 shared: Arc::new(Shared {
                     bus,
                     state_dir: state_dir.into(),
@@ -233,12 +270,13 @@ impl WasmDriver {
     }
 
     fn runtime(&mut self) -> Result<Arc<Runtime>, WasmError> {
-        if let Some(r) = &self.runtime {
-            return Ok(r.clone());
-        }
-        let r = Arc::new(Runtime::new(&self.cache_dir, self.max_processes)?);
-        self.runtime = Some(r.clone());
-        Ok(r)
+        self.runtime.get()
+    }
+
+    /// Compiles components off the control loop (for whoever hands the loop
+    /// a start: the control server).
+    pub fn loader(&self) -> Loader {
+        self.loader.clone()
     }
 
     /// Loads (compiles or fetches from cache) the component, so a bad file is

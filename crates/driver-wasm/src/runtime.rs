@@ -49,6 +49,92 @@ pub enum WasmError {
     Bus(#[from] spindle_bus::BusError),
     #[error("not a wasm process")]
     NotWasm,
+    #[error("the compiler failed on {path}: {message}")]
+    Compiler { path: PathBuf, message: String },
+}
+
+/// Components compiled at once, off the control loop: a package that spawns
+/// large components waits for its own compiles, and others' starts (of
+/// components already loaded) do not wait at all.
+pub const COMPILES_AT_ONCE: usize = 2;
+
+/// The node's engine, made when the first wasm process needs it, shared by
+/// the driver and its [`Loader`]s.
+pub(crate) struct LazyRuntime {
+    cache_dir: PathBuf,
+    max_processes: u32,
+    made: Mutex<Option<Arc<Runtime>>>,
+}
+
+impl LazyRuntime {
+    pub(crate) fn new(cache_dir: &Path, max_processes: u32) -> LazyRuntime {
+        LazyRuntime {
+            cache_dir: cache_dir.into(),
+            max_processes,
+            made: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn get(&self) -> Result<Arc<Runtime>, WasmError> {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = &*made {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Runtime::new(&self.cache_dir, self.max_processes)?);
+        *made = Some(r.clone());
+        Ok(r)
+    }
+
+    fn made(&self) -> Option<Arc<Runtime>> {
+        self.made.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Compiles components ahead of the control loop, on blocking threads, at
+/// most [`COMPILES_AT_ONCE`] at a time; the loop's own load then finds the
+/// component ready in memory.
+#[derive(Clone)]
+pub struct Loader {
+    runtime: Arc<LazyRuntime>,
+    compiling: Arc<tokio::sync::Semaphore>,
+}
+
+impl Loader {
+    /// Is the component at `path` loaded (and the file unchanged)?
+    pub fn is_ready(&self, path: &Path) -> bool {
+        self.runtime
+            .made()
+            .is_some_and(|r| r.cached(path).is_some())
+    }
+
+    pub(crate) fn new(runtime: Arc<LazyRuntime>) -> Loader {
+        Loader {
+            runtime,
+            compiling: Arc::new(tokio::sync::Semaphore::new(COMPILES_AT_ONCE)),
+        }
+    }
+
+    /// Makes the component at `path` ready to instantiate (see
+    /// [`Runtime::load`]); the error is the one a start would report.
+    pub async fn warm(&self, path: &Path, confined: bool) -> Result<(), WasmError> {
+        if self.is_ready(path) {
+            return Ok(());
+        }
+        let _turn = self.compiling.acquire().await;
+        let runtime = self.runtime.clone();
+        let owned = path.to_path_buf();
+        tokio::task::spawn_blocking(move || runtime.get()?.load(&owned, confined).map(drop))
+            .await
+            .unwrap_or_else(|e| {
+                Err(WasmError::Compiler {
+                    path: path.into(),
+                    message: match e.try_into_panic() {
+                        Ok(p) => spindle_types::fault::panic_text(&*p),
+                        Err(e) => e.to_string(),
+                    },
+                })
+            })
+    }
 }
 
 /// Identifies a file's contents cheaply: a changed file is reloaded.
@@ -58,8 +144,17 @@ struct Stamp {
     modified: Option<SystemTime>,
 }
 
-/// Largest component file the node loads (it is read whole and compiled
-/// on the control loop): well above real guests (~60 KiB to a few MiB).
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        }
+    }
+}
+
+/// Largest component file the node loads (it is read whole and compiled):
+/// well above real guests (~60 KiB to a few MiB).
 pub const MAX_COMPONENT_BYTES: u64 = 64 << 20;
 /// What every WebAssembly file starts with.
 const WASM_MAGIC: &[u8] = b"\0asm";
@@ -239,18 +334,9 @@ impl Runtime {
                 ),
             });
         }
-        let stamp = Stamp {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        };
-        if let Some((s, pre)) = self
-            .loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(path)
-            && *s == stamp
-        {
-            return Ok(pre.clone());
+        let stamp = Stamp::of(&meta);
+        if let Some(pre) = self.cached_as(path, &stamp) {
+            return Ok(pre);
         }
         let bytes = read_component(path, confined).map_err(read_err)?;
         let component = self.compile_cached(path, &bytes)?;
@@ -267,6 +353,18 @@ impl Runtime {
             .unwrap_or_else(|p| p.into_inner())
             .insert(path.into(), (stamp, pre.clone()));
         Ok(pre)
+    }
+
+    /// The component at `path`, if it is loaded and the file unchanged.
+    pub fn cached(&self, path: &Path) -> Option<ProcessPre<ProcessHost>> {
+        let meta = std::fs::metadata(path).ok()?;
+        self.cached_as(path, &Stamp::of(&meta))
+    }
+
+    fn cached_as(&self, path: &Path, stamp: &Stamp) -> Option<ProcessPre<ProcessHost>> {
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, pre) = loaded.get(path)?;
+        (s == stamp).then(|| pre.clone())
     }
 
     fn cache_file(&self, bytes: &[u8]) -> PathBuf {

@@ -19,13 +19,15 @@ struct Rig {
     bus: Arc<Bus>,
     tester: Arc<Address>,
     inbox: spindle_bus::Mailbox,
+    /// Guests' spawn calls, as the control loop receives them.
+    spawns: mpsc::Receiver<spindle_bus::SpawnCall>,
 }
 
 impl Rig {
     fn new() -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(Bus::new("local"));
-        let (driver, events, _spawns) = WasmDriver::new(
+        let (driver, events, spawns) = WasmDriver::new(
             &dir.path().join("cache"),
             64,
             bus.clone(),
@@ -44,6 +46,7 @@ impl Rig {
             bus,
             tester,
             inbox,
+            spawns,
         }
     }
 
@@ -359,5 +362,64 @@ async fn middleware_inherits_the_route_and_never_touches_the_blob() {
     assert_eq!(
         String::from_utf8(r.body).unwrap(),
         format!("{} {sum} {{\"via\":\"middleware\"}}", 1 << 20)
+    );
+}
+
+/// A spawn call as a guest's host makes it, with a component in `dir`.
+fn spawn_call(
+    dir: &Path,
+    component: &str,
+) -> (
+    spindle_bus::SpawnCall,
+    tokio::sync::oneshot::Receiver<Result<Address, spindle_bus::SpawnError>>,
+) {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let call = spindle_bus::SpawnCall {
+        parent: "local@parent:demo:spindle".parse().unwrap(),
+        name: Some("child".into()),
+        dir: dir.into(),
+        component: component.into(),
+        on_exit: Default::default(),
+        public: false,
+        capabilities: vec![],
+        grant_to: vec![],
+        reply,
+    };
+    (call, answer)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn spawned_components_are_compiled_before_the_control_loop_sees_them() {
+    let mut rig = Rig::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
+    std::fs::copy(
+        spindle_test_guests::path("echo"),
+        dir.path().join("echo.wasm"),
+    )
+    .unwrap();
+    let calls = rig.driver.spawn_calls();
+    // One that does not compile is answered without reaching the loop.
+    let (call, answer) = spawn_call(dir.path(), "bad.wasm");
+    calls.send(call).await.unwrap();
+    let why = tokio::time::timeout(DEADLINE, answer)
+        .await
+        .expect("an answer in time")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(why.contains("not a valid WebAssembly component"), "{why}");
+    // One that compiles reaches the loop loaded: its start compiles nothing.
+    let (call, _answer) = spawn_call(dir.path(), "echo.wasm");
+    calls.send(call).await.unwrap();
+    let seen = tokio::time::timeout(DEADLINE, rig.spawns.recv())
+        .await
+        .expect("the call in time")
+        .unwrap();
+    assert_eq!(seen.component, "echo.wasm");
+    assert!(rig.driver.loader().is_ready(&dir.path().join("echo.wasm")));
+    assert!(
+        rig.spawns.try_recv().is_err(),
+        "the bad spawn reached the loop"
     );
 }

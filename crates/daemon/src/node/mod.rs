@@ -195,7 +195,7 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     wasm.bus()
         .retain(|p| p.package.is_system() || known.contains(p));
     let (calls_tx, mut calls) = mpsc::channel::<Call>(CALL_QUEUE);
-    tokio::spawn(server::accept_loop(listener, calls_tx));
+    tokio::spawn(server::accept_loop(listener, calls_tx, wasm.loader()));
 
     let mut node = Node {
         paths,

@@ -65,7 +65,7 @@ pub struct ProcessHost {
     pub(crate) our: Arc<Address>,
     pub(crate) mailbox: Mailbox,
     pending: HashMap<u64, Pending, BuildHasherDefault<IdHasher>>,
-    /// Bytes of the bodies `pending` keeps ([`MAX_AWAITED_BYTES`]).
+    /// Bytes `pending` keeps ([`MAX_AWAITED_BYTES`], [`pending::kept_bytes`]).
     pending_bytes: usize,
     deferred: VecDeque<Envelope>,
     /// Bytes the set-aside messages hold ([`MAX_DEFERRED_BYTES`]).
@@ -357,9 +357,10 @@ impl ProcessHost {
             (None, None) => (self.shared.bus.next_id(), None),
         };
         let awaits = request.expects_response;
+        let kept = pending::kept_bytes(&request, context.as_deref());
         if awaits.is_some()
             && (self.pending.len() >= spindle_bus::MAX_AWAITED
-                || self.pending_bytes.saturating_add(request.body.len()) > MAX_AWAITED_BYTES)
+                || self.pending_bytes.saturating_add(kept) > MAX_AWAITED_BYTES)
         {
             // Its own budget of awaited requests is spent: slow down.
             return Err(send_error(
@@ -370,7 +371,7 @@ impl ProcessHost {
             ));
         }
         if let Some(timeout) = awaits {
-            self.pending_bytes += request.body.len();
+            self.pending_bytes += kept;
             self.pending.insert(
                 id,
                 Pending {
@@ -481,8 +482,9 @@ impl ProcessHost {
     }
 }
 
-/// Bytes of request bodies a process's awaited requests keep (each comes
-/// back whole in its send error): past it a send is `mailbox-full`.
+/// Bytes a process's awaited requests keep — bodies, metadata, capabilities
+/// and contexts (each comes back whole in its send error or response): past
+/// it a send is `mailbox-full`.
 pub const MAX_AWAITED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
 
 impl ProcessHost {

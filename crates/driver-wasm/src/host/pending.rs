@@ -32,11 +32,25 @@ pub(super) struct Pending {
     pub(super) deadline: Instant,
 }
 
+/// What an awaited request keeps in the host until it is answered: all of
+/// it but the blob (which travels and is not kept).
+pub(super) fn kept_bytes(request: &Request, context: Option<&[u8]>) -> usize {
+    let caps: usize = request
+        .capabilities
+        .iter()
+        .map(|c| c.params.len() + std::mem::size_of::<Capability>())
+        .sum();
+    request.body.len()
+        + request.metadata.as_ref().map_or(0, String::len)
+        + context.map_or(0, <[u8]>::len)
+        + caps
+}
+
 impl ProcessHost {
     /// Takes an awaited request off the table (its bytes with it).
     pub(super) fn take_pending(&mut self, id: &u64) -> Option<Pending> {
         let p = self.pending.remove(id)?;
-        self.pending_bytes -= p.request.body.len();
+        self.pending_bytes -= kept_bytes(&p.request, p.context.as_deref());
         Some(p)
     }
 
