@@ -55,9 +55,6 @@ pub const NODE_QUEUED_BYTES: usize = spindle_types::limits::NODE_QUEUED_BYTES as
 /// Bytes the mailboxes of one package may hold together: a quarter of the
 /// node's, so one package filling its processes' mailboxes leaves the rest.
 pub const PACKAGE_QUEUED_BYTES: usize = NODE_QUEUED_BYTES / 4;
-// Mailboxes carry boxed envelopes: the channel allocates its slots in blocks
-// of 32, and 32 inline envelopes (144 bytes each) would cost every idle
-// process 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
 /// How long a sender waits for room in a full mailbox before `MailboxFull`.
 pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
 pub use spindle_types::limits::{DEFAULT_AWAIT, MAX_AWAIT};
@@ -95,33 +92,40 @@ enum Inbox {
 /// back when it leaves the channel by any way — read, drained, or dropped
 /// with the channel after the mailbox is gone (a sender holding a permit can
 /// still put one in after the mailbox's last drain).
-struct Slot {
-    env: Option<Box<Envelope>>,
-    refund: Option<(Arc<Queued>, usize)>,
+///
+/// Boxed, pointer-sized: the channel allocates its slots in blocks of 32,
+/// and 32 inline envelopes (144 bytes each) would cost every idle process
+/// 4.5 KiB; boxed, the block is 256 bytes, for one allocation per message.
+type Slot = Box<Counted>;
+
+struct Counted {
+    /// Always there until [`Counted::open`] takes it.
+    env: Option<Envelope>,
+    refund: Option<Arc<Queued>>,
 }
 
-impl Slot {
-    fn new(env: Box<Envelope>, weight: usize, queued: &Arc<Queued>) -> Slot {
-        Slot {
+impl Counted {
+    fn slot(env: Envelope, weight: usize, queued: &Arc<Queued>) -> Slot {
+        Box::new(Counted {
             env: Some(env),
-            refund: (weight > 0).then(|| (queued.clone(), weight)),
-        }
+            refund: (weight > 0).then(|| queued.clone()),
+        })
     }
 
     /// The message, its bytes given back.
-    fn open(mut self) -> Box<Envelope> {
+    fn open(mut self) -> Envelope {
         self.refund();
         self.env.take().expect("a slot is opened once")
     }
 
     fn refund(&mut self) {
-        if let Some((queued, weight)) = self.refund.take() {
-            queued.give(weight);
+        if let (Some(queued), Some(env)) = (self.refund.take(), &self.env) {
+            queued.give(env.weight());
         }
     }
 }
 
-impl Drop for Slot {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.refund();
     }
@@ -239,12 +243,12 @@ pub struct Mailbox {
 impl Mailbox {
     /// The next message; `None` once the process is off the bus.
     pub async fn recv(&mut self) -> Option<Envelope> {
-        Some(*self.rx.recv().await?.open())
+        Some(self.rx.recv().await?.open())
     }
 
     /// The next message if one is waiting.
     pub fn try_recv(&mut self) -> Option<Envelope> {
-        Some(*self.rx.try_recv().ok()?.open())
+        Some(self.rx.try_recv().ok()?.open())
     }
 
     /// Lets nothing more in; what is queued can still be taken.
@@ -597,7 +601,7 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), (SendErrorKind, Envelope)> {
-        match self.try_send(Box::new(env), privileged) {
+        match self.try_send(env, privileged) {
             Ok(()) => Ok(()),
             Err(Refused::Now(kind, env)) => Err((kind, *env)),
             // The rare slow path is boxed: awaited inline, its timer would
@@ -623,7 +627,7 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), Undelivered> {
-        match self.deliver(target, Box::new(env), privileged) {
+        match self.deliver(target, env, privileged) {
             Ok(()) => Ok(()),
             Err(Refused::Now(kind, env)) => Err((kind, env)),
             Err(Refused::Full(_, _, env)) => Err((SendErrorKind::MailboxFull, env)),
@@ -655,53 +659,50 @@ impl Bus {
     }
 
     /// Everything of [`Bus::send`] that needs no waiting.
-    fn try_send(&self, env: Box<Envelope>, privileged: bool) -> Result<(), Refused> {
+    fn try_send(&self, env: Envelope, privileged: bool) -> Result<(), Refused> {
         let Some(target) = self.lookup(&env.target.process) else {
-            return Err(Refused::Now(SendErrorKind::Offline, env));
+            return Err(Refused::Now(SendErrorKind::Offline, Box::new(env)));
         };
         self.deliver(&target, env, privileged)
     }
 
-    fn deliver(
-        &self,
-        target: &Endpoint,
-        env: Box<Envelope>,
-        privileged: bool,
-    ) -> Result<(), Refused> {
+    fn deliver(&self, target: &Endpoint, env: Envelope, privileged: bool) -> Result<(), Refused> {
         if !target.is_on_bus() {
-            return Err(Refused::Now(SendErrorKind::Offline, env));
+            return Err(Refused::Now(SendErrorKind::Offline, Box::new(env)));
         }
         if !privileged {
             let caps = env.message.capabilities();
             if caps.iter().any(|c| !self.may_attach(&env.source, c)) {
-                return Err(Refused::Now(SendErrorKind::Invalid, env));
+                return Err(Refused::Now(SendErrorKind::Invalid, Box::new(env)));
             }
             if matches!(env.message, Message::Request(_))
                 && !target.public
                 && !self.holds(&env.source.process, &Capability::messaging(&target.address))
             {
-                return Err(Refused::Now(SendErrorKind::NoCapability, env));
+                return Err(Refused::Now(SendErrorKind::NoCapability, Box::new(env)));
             }
         }
         let (tx, queued) = match &target.inbox {
             Inbox::Mailbox(tx, queued) => (tx, queued),
             Inbox::Service(s) => {
-                s.handle(*env);
+                s.handle(env);
                 return Ok(());
             }
         };
         let weight = env.weight();
         if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
-            return Err(Refused::Now(SendErrorKind::MailboxFull, env));
+            return Err(Refused::Now(SendErrorKind::MailboxFull, Box::new(env)));
         }
-        match tx.try_send(Slot::new(env, weight, queued)) {
+        match tx.try_send(Counted::slot(env, weight, queued)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(slot)) => {
-                Err(Refused::Now(SendErrorKind::Offline, slot.open()))
+                Err(Refused::Now(SendErrorKind::Offline, Box::new(slot.open())))
             }
-            Err(mpsc::error::TrySendError::Full(slot)) => {
-                Err(Refused::Full(tx.clone(), queued.clone(), slot.open()))
-            }
+            Err(mpsc::error::TrySendError::Full(slot)) => Err(Refused::Full(
+                tx.clone(),
+                queued.clone(),
+                Box::new(slot.open()),
+            )),
         }
     }
 }
@@ -732,7 +733,7 @@ async fn wait_for_room(
     if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
         return Err((SendErrorKind::MailboxFull, *env));
     }
-    permit.send(Slot::new(env, weight, &queued));
+    permit.send(Counted::slot(*env, weight, &queued));
     Ok(())
 }
 

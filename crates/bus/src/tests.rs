@@ -360,11 +360,11 @@ async fn a_message_sent_after_its_mailbox_is_gone_gives_its_bytes_back() {
     // message enters a channel nobody will read again.
     let permit = tx.clone().reserve_owned().await.unwrap();
     drop(rt);
-    let env = Box::new(big(&a, &t, 1 << 20));
+    let env = big(&a, &t, 1 << 20);
     let weight = env.weight();
     assert!(queued.take(weight, false));
     assert_eq!(bus.queued.load(Ordering::Acquire), weight);
-    permit.send(Slot::new(env, weight, queued));
+    permit.send(Counted::slot(env, weight, queued));
     bus.unregister(&t.process);
     drop(ep);
     assert_eq!(bus.queued.load(Ordering::Acquire), 0);

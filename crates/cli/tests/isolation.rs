@@ -226,3 +226,74 @@ fn a_sleeping_process_is_stopped_within_its_grace() {
     let p = n.get(n.id_of("sleeper").0);
     assert_eq!(p.state, spindle_types::control::StateLabel::Stopped);
 }
+
+/// Every host import called with sizes, lengths and timeouts at or past
+/// its limits is an error for the caller alone: the daemon holds no more
+/// than the budgets allow, and everyone goes on answering.
+#[test]
+fn every_import_at_its_limits_is_an_error_for_the_caller_alone() {
+    let n = Node::new();
+    let evil = start(&n, "hostile", "evil", "evil:test");
+    let victim = start(&n, "echo", "victim", "good:test");
+    let out = send(&n, &evil, &format!("extremes {victim}"));
+    let got: std::collections::HashMap<&str, &str> =
+        out.split(';').filter_map(|kv| kv.split_once('=')).collect();
+    let said = |k: &str| {
+        *got.get(k)
+            .unwrap_or_else(|| panic!("no {k} in {out:.2000}"))
+    };
+    // Nothing a process hands the node is echoed back at its size.
+    assert!(out.len() < 8 << 10, "{} bytes of answers", out.len());
+    assert_eq!(said("send-empty-target"), "invalid");
+    assert_eq!(said("send-long-target"), "invalid");
+    assert_eq!(said("send-forged-caps"), "invalid");
+    // The host keeps the contexts of awaited requests: they are counted
+    // (64 MiB), so 1 MiB contexts stop short of 64.
+    let (kept, why) = said("await-contexts").split_once('/').unwrap();
+    assert!(kept.parse::<usize>().unwrap() < 64, "{kept}");
+    assert_eq!(why, "mailbox-full");
+    assert_eq!(said("await-offline"), "offline");
+    assert_eq!(said("room-garbage"), "false");
+    assert!(said("state-over").contains("more than a process may keep"));
+    assert_eq!(said("state-empty"), "ok");
+    assert_eq!(said("state-read"), "Some(0)");
+    assert!(said("spawn-long-name").contains("too long (102400 bytes"));
+    assert!(said("spawn-long-path").contains("more than 1024"));
+    assert!(said("spawn-forged-caps").contains("not an address"));
+    assert!(said("spawn-many-grants").contains("at most 256"));
+    // Forged capabilities cannot be saved.
+    assert_eq!(said("caps-held"), "0");
+    assert_eq!(said("print"), "ok");
+    assert_eq!(send(&n, &victim, "still here"), "still here");
+    assert_eq!(send(&n, &evil, "ping"), "pong");
+
+    // Its own faults end it alone, with a bounded report: a 1 MiB panic
+    // message is kept as a short exit detail (the log has it whole) ...
+    let id = n.id_of("evil").0;
+    let _ = n.run(&["send", &evil, "panic-huge", "--timeout", "5s"]);
+    let exit = until("the crash is recorded", || n.get(id).last_exit);
+    let detail = exit.detail.unwrap_or_default();
+    assert!(
+        detail.starts_with("pppp") && detail.len() < 8 << 10,
+        "{}",
+        detail.len()
+    );
+    // ... and an on-exit policy over its budget traps it, saying why.
+    until("it is back", || {
+        n.run(&["send", &evil, "ping", "--timeout", "1s"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let _ = n.run(&["send", &evil, "on-exit-flood", "--timeout", "5s"]);
+    let exit = until("the trap is recorded", || {
+        n.get(id)
+            .last_exit
+            .filter(|e| e.detail.as_deref().is_some_and(|d| d.contains("on-exit")))
+    });
+    assert!(
+        exit.detail.unwrap().contains("1000 requests: at most 64"),
+        "the trap names the budget"
+    );
+    assert_eq!(send(&n, &victim, "after"), "after");
+}

@@ -33,6 +33,7 @@ pub enum IdError {
     NumericName(String),
     #[error("name `all` is reserved for `--all`: choose another name")]
     ReservedName,
+    /// `name` is at most its beginning ([`shown`]).
     #[error("name {name:?} is too long ({len} bytes, at most {MAX_NAME_LEN})")]
     NameTooLong { name: String, len: usize },
     #[error(
@@ -50,6 +51,16 @@ pub enum IdError {
     },
 }
 
+/// Bytes of a rejected text an error quotes: enough to recognise it, and
+/// an error never grows with the input that caused it.
+pub const SHOWN_BYTES: usize = 256;
+
+/// A rejected text as an error quotes it: its first [`SHOWN_BYTES`], with
+/// `…` if it was cut.
+pub fn shown(text: &str) -> String {
+    crate::fault::cut(text, SHOWN_BYTES)
+}
+
 /// Checks a process name against the naming rules.
 pub fn validate_name(name: &str) -> Result<(), IdError> {
     if name.is_empty() {
@@ -57,7 +68,7 @@ pub fn validate_name(name: &str) -> Result<(), IdError> {
     }
     if name.len() > MAX_NAME_LEN {
         return Err(IdError::NameTooLong {
-            name: name.into(),
+            name: shown(name),
             len: name.len(),
         });
     }
@@ -129,7 +140,7 @@ fn segments<'a, const N: usize>(
 ) -> Result<[&'a str; N], IdError> {
     let bad = || IdError::BadId {
         what,
-        text: text.into(),
+        text: shown(text),
         shape,
         example,
     };
@@ -217,7 +228,7 @@ impl FromStr for Address {
     fn from_str(s: &str) -> Result<Self, IdError> {
         let bad = || IdError::BadId {
             what: "address",
-            text: s.into(),
+            text: shown(s),
             shape: "node@process:package:publisher",
             example: "`local.os@counter:demo:spindle.os`",
         };

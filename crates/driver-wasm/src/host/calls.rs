@@ -198,6 +198,12 @@ impl host::Host for ProcessHost {
 
     async fn set_state(&mut self, bytes: Vec<u8>) -> Result<Result<(), String>, TrapError> {
         self.check_alive()?;
+        if bytes.len() > MAX_STATE_BYTES {
+            return Ok(Err(format!(
+                "state of {} bytes is more than a process may keep ({MAX_STATE_BYTES}): keep large data in the kv or sqlite module",
+                bytes.len()
+            )));
+        }
         let path = self.state_path();
         let shown = path.display().to_string();
         let r = tokio::task::spawn_blocking(move || spindle_store::write_durable(&path, &bytes))
@@ -224,6 +230,9 @@ impl host::Host for ProcessHost {
     }
 
     fn set_on_exit(&mut self, on_exit: wit::OnExit) -> Result<(), TrapError> {
+        if let Some(why) = on_exit_over(&on_exit) {
+            return Err(TrapError::msg(format!("set-on-exit refused: {why}")));
+        }
         self.on_exit = on_exit;
         Ok(())
     }
@@ -238,6 +247,15 @@ impl host::Host for ProcessHost {
         public: bool,
     ) -> Result<Result<wit::Address, String>, TrapError> {
         self.check_alive()?;
+        if grant_to.len() > MAX_SPAWN_GRANTS {
+            return Ok(Err(format!(
+                "grant-to names {} processes: at most {MAX_SPAWN_GRANTS}",
+                grant_to.len()
+            )));
+        }
+        if let Some(why) = on_exit_over(&on_exit) {
+            return Ok(Err(format!("the child's on-exit: {why}")));
+        }
         let Some(caps) = from_wit_caps(&request_capabilities) else {
             return Ok(Err(
                 "a capability to give the child names an issuer that is not an address (node@process:package:publisher)".into(),
@@ -249,7 +267,8 @@ impl host::Host for ProcessHost {
                 Some(a) => grantees.push(a),
                 None => {
                     return Ok(Err(format!(
-                        "grant-to `{g}` is not an address (node@process:package:publisher)"
+                        "grant-to `{}` is not an address (node@process:package:publisher)",
+                        spindle_types::id::shown(g)
                     )));
                 }
             }
@@ -260,7 +279,8 @@ impl host::Host for ProcessHost {
         {
             return Ok(Err(format!(
                 "cannot give the child a capability this process does not hold: issuer {}, params {}",
-                c.issuer, c.params
+                c.issuer,
+                spindle_types::id::shown(&c.params)
             )));
         }
         let (reply, answer) = oneshot::channel();
@@ -331,7 +351,7 @@ impl host::Host for ProcessHost {
 
     fn report_panic(&mut self, message: String) -> Result<(), TrapError> {
         self.log_line(&format!("panic: {message}"));
-        self.panic = Some(message);
+        self.panic = Some(spindle_types::fault::cut(&message, MAX_PANIC_DETAIL));
         Ok(())
     }
 }

@@ -482,6 +482,49 @@ impl ProcessHost {
     }
 }
 
+/// Largest durable state a process keeps (`set-state`): it is written
+/// whole, synced, and read whole into the process at each start.
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+/// Requests an on-exit policy may hold, and their bytes (bodies, metadata,
+/// blobs): the host keeps them outside the process's memory, and the node's
+/// table keeps them on disk. A process that sets more traps (its own fault).
+pub const MAX_ON_EXIT_REQUESTS: usize = 64;
+pub const MAX_ON_EXIT_BYTES: usize = 1 << 20;
+/// Processes a spawn may let message the child (`grant-to`).
+pub const MAX_SPAWN_GRANTS: usize = 256;
+/// Longest panic message kept as a run's exit detail (shown by `ls`, kept
+/// in the table); the log has it whole.
+pub const MAX_PANIC_DETAIL: usize = 4 << 10;
+
+/// An on-exit policy over [`MAX_ON_EXIT_REQUESTS`] or [`MAX_ON_EXIT_BYTES`]:
+/// what it is over, for the trap.
+pub(super) fn on_exit_over(o: &wit::OnExit) -> Option<String> {
+    let wit::OnExit::Requests(list) = o else {
+        return None;
+    };
+    if list.len() > MAX_ON_EXIT_REQUESTS {
+        return Some(format!(
+            "an on-exit policy of {} requests: at most {MAX_ON_EXIT_REQUESTS}",
+            list.len()
+        ));
+    }
+    let bytes: usize = list
+        .iter()
+        .map(|(target, r, blob)| {
+            target.len()
+                + r.body.len()
+                + r.metadata.as_ref().map_or(0, String::len)
+                + r.capabilities
+                    .iter()
+                    .map(|c| c.issuer.len() + c.params.len())
+                    .sum::<usize>()
+                + blob.as_ref().map_or(0, |b| b.bytes.len())
+        })
+        .sum();
+    (bytes > MAX_ON_EXIT_BYTES)
+        .then(|| format!("an on-exit policy of {bytes} bytes: at most {MAX_ON_EXIT_BYTES}"))
+}
+
 /// Bytes a process's awaited requests keep — bodies, metadata, capabilities
 /// and contexts (each comes back whole in its send error or response): past
 /// it a send is `mailbox-full`.

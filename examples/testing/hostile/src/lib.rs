@@ -18,11 +18,19 @@
 //! - `spawn-path <path>`: one spawn of that path; the error (or address).
 //! - `await-forever <address>`: a request awaiting a response for
 //!   `u64::MAX` ms; `ok <body>` or `err <kind>`.
+//! - `extremes <address>`: calls each host import with sizes, lengths and
+//!   timeouts at or past their limits (raw bindings, so no library check
+//!   stands between it and the node); answers `name=result` pairs, `;`
+//!   between them.
+//! - `panic-huge`: panics with a 1 MiB message.
+//! - `on-exit-flood`: sets an on-exit policy of 1,000 requests.
 //! - `ping`: `pong` (it is still alive).
 
 use spindle_process::{
     Address, OnExit, Request, Response, Spawn, await_message, kv, spawn, sqlite,
 };
+use spindle_process::bindings::spindle::process::host;
+use spindle_process::wit;
 use std::time::Duration;
 
 spindle_process::init!(run);
@@ -53,6 +61,113 @@ fn raw_sql(body: serde_json::Value, blob: Option<Vec<u8>>) -> String {
         }
         Err(e) => format!("send {}", e.kind),
     }
+}
+
+/// `mailbox-full` for `SendErrorKind::MailboxFull`.
+fn kind(e: &wit::SendError) -> String {
+    let name = format!("{:?}", e.kind);
+    let name = name.rsplit("::").next().unwrap_or_default();
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+fn raw_request(expects: Option<u64>, body: Vec<u8>) -> wit::Request {
+    wit::Request {
+        inherit: false,
+        expects_response: expects,
+        body,
+        metadata: None,
+        capabilities: vec![],
+    }
+}
+
+fn garbage_caps(n: usize) -> Vec<wit::Capability> {
+    (0..n)
+        .map(|i| wit::Capability {
+            issuer: format!("nobody{i}"),
+            params: "\"messaging\"".into(),
+        })
+        .collect()
+}
+
+/// Each import with values at or past its limits; what each returned.
+fn extremes(target: &str) -> String {
+    let mut out: Vec<String> = vec![];
+    let mut note = |name: &str, what: String| out.push(format!("{name}={what}"));
+    let long = "x".repeat(100 << 10);
+    let one_way = |to: &str, r: &wit::Request| match host::send_request(to, r, None, None) {
+        Ok(()) => "ok".to_string(),
+        Err(e) => kind(&e),
+    };
+    note("send-empty-target", one_way("", &raw_request(None, vec![])));
+    note("send-long-target", one_way(&long, &raw_request(None, vec![])));
+    let mut forged = raw_request(None, vec![]);
+    forged.capabilities = garbage_caps(10_000);
+    forged.metadata = Some(long.clone());
+    note("send-forged-caps", one_way(target, &forged));
+    // Awaited requests with large contexts: the host keeps the contexts, so
+    // they count against the process's awaited budget.
+    let context = vec![0u8; 1 << 20];
+    let (mut kept, mut first) = (0, String::new());
+    for _ in 0..100 {
+        match host::send_request(
+            target,
+            &raw_request(Some(u64::MAX), b"ctx".to_vec()),
+            Some(&context),
+            None,
+        ) {
+            Ok(()) => kept += 1,
+            Err(e) => {
+                first = kind(&e);
+                break;
+            }
+        }
+    }
+    note("await-contexts", format!("{kept}/{first}"));
+    let awaited = |to: &str, ms| match host::send_and_await_response(
+        to,
+        &raw_request(Some(ms), b"hi".to_vec()),
+        None,
+    ) {
+        Ok(_) => "ok".to_string(),
+        Err(e) => kind(&e),
+    };
+    note("await-zero", awaited(target, 0));
+    note("await-offline", awaited("local@nobody:evil:test", u64::MAX));
+    note("room-garbage", host::wait_for_room(Some(&long)).to_string());
+    note("room-none", host::wait_for_room(None).to_string());
+    note("blob-none", format!("{}", host::get_blob().is_some()));
+    let state = |bytes: &[u8]| match host::set_state(bytes) {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e,
+    };
+    note("state-over", state(&vec![1u8; (16 << 20) + 1]));
+    note("state-empty", state(&[]));
+    note("state-read", format!("{:?}", host::get_state().map(|s| s.len())));
+    let _ = host::clear_state();
+    let spawn = |name: Option<&str>, path: &str, caps: &[wit::Capability], grants: &[String]| {
+        match host::spawn(name, path, &wit::OnExit::None, caps, grants, false) {
+            Ok(a) => format!("ok {a}"),
+            Err(e) => e,
+        }
+    };
+    note("spawn-long-name", spawn(Some(&long), "hostile.wasm", &[], &[]));
+    note("spawn-long-path", spawn(None, &long, &[], &[]));
+    note("spawn-forged-caps", spawn(None, "hostile.wasm", &garbage_caps(10_000), &[]));
+    let grants: Vec<String> = (0..1_000).map(|i| format!("local@g{i}:evil:test")).collect();
+    note("spawn-many-grants", spawn(None, "hostile.wasm", &[], &grants));
+    host::save_capabilities(&garbage_caps(100_000));
+    host::drop_capabilities(&garbage_caps(100_000));
+    note("caps-held", host::our_capabilities().len().to_string());
+    host::print(&"p".repeat(1 << 20));
+    note("print", "ok".into());
+    out.join(";")
 }
 
 fn run(_our: Address) {
@@ -171,6 +286,20 @@ fn run(_our: Address) {
                     Ok(m) => answer(format!("ok {}", String::from_utf8_lossy(m.body()))),
                     Err(e) => answer(format!("err {}", e.kind)),
                 }
+            }
+            "extremes" => {
+                let target = args.first().copied().unwrap_or_default().to_string();
+                answer(extremes(&target));
+            }
+            "panic-huge" => panic!("{}", "p".repeat(1 << 20)),
+            "on-exit-flood" => {
+                let one = (
+                    "local@nobody:evil:test".to_string(),
+                    raw_request(None, vec![]),
+                    None,
+                );
+                host::set_on_exit(&wit::OnExit::Requests(vec![one; 1_000]));
+                answer("set");
             }
             _ => answer("unknown"),
         }
