@@ -55,9 +55,7 @@ pub const NODE_QUEUED_BYTES: usize = spindle_types::limits::NODE_QUEUED_BYTES as
 /// Bytes the mailboxes of one package may hold together: a quarter of the
 /// node's, so one package filling its processes' mailboxes leaves the rest.
 pub const PACKAGE_QUEUED_BYTES: usize = NODE_QUEUED_BYTES / 4;
-/// How long a sender waits for room in a full mailbox before `MailboxFull`.
-pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
-pub use spindle_types::limits::{DEFAULT_AWAIT, MAX_AWAIT};
+pub use spindle_types::limits::{DEFAULT_AWAIT, MAILBOX_WAIT, MAX_AWAIT};
 /// Requests one process may await responses to at once (a wasm process's
 /// awaited table, a native process's bridge): past it a send is refused
 /// `mailbox-full` until some are answered.
@@ -72,7 +70,7 @@ pub fn deadline_after(timeout: Duration) -> std::time::Instant {
 }
 
 /// The `params` of a messaging capability.
-pub const MESSAGING: &str = "\"messaging\"";
+pub const MESSAGING: &str = spindle_abi::MESSAGING_PARAMS;
 
 /// Something in the node itself that takes messages (a runtime module such
 /// as `kv`): called on the sender's own task, after the bus's checks, with

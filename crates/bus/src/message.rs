@@ -150,13 +150,14 @@ impl SendErrorKind {
     /// The kind as every protocol of the node spells it (WIT, IPC frames,
     /// the control socket).
     pub fn name(self) -> &'static str {
+        use spindle_abi::kind;
         match self {
-            SendErrorKind::Offline => "offline",
-            SendErrorKind::Timeout => "timeout",
-            SendErrorKind::NoCapability => "no-capability",
-            SendErrorKind::MailboxFull => "mailbox-full",
-            SendErrorKind::Invalid => "invalid",
-            SendErrorKind::Exited => "exited",
+            SendErrorKind::Offline => kind::OFFLINE,
+            SendErrorKind::Timeout => kind::TIMEOUT,
+            SendErrorKind::NoCapability => kind::NO_CAPABILITY,
+            SendErrorKind::MailboxFull => kind::MAILBOX_FULL,
+            SendErrorKind::Invalid => kind::INVALID,
+            SendErrorKind::Exited => kind::EXITED,
         }
     }
 }

@@ -23,8 +23,7 @@ use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 /// services, small enough that a runaway one is stopped long before the node
 /// feels it.
 pub const DEFAULT_MEMORY_CAP: usize = 64 << 20;
-/// Metadata marking the node's request to stop (see `spindle_process::STOPPING`).
-pub const STOPPING_METADATA: &str = r#"{"spindle":"stopping"}"#;
+pub use spindle_abi::STOPPING_METADATA;
 /// Spawn calls from guests queued for the control loop.
 const SPAWN_QUEUE: usize = 256;
 
@@ -401,7 +400,7 @@ impl WasmDriver {
         let env = Envelope {
             id: bus.next_id(),
             source: Arc::new(bus.address(ProcessId {
-                process: "kernel".into(),
+                process: spindle_abi::KERNEL_PROCESS.into(),
                 package: PackageId::system(),
             })),
             target: Arc::new(address.clone()),

@@ -187,7 +187,7 @@ impl Capability {
     pub fn messaging(target: &Address) -> Capability {
         Capability {
             issuer: target.text.clone(),
-            params: "\"messaging\"".into(),
+            params: spindle_abi::MESSAGING_PARAMS.into(),
         }
     }
 
@@ -297,13 +297,14 @@ impl SendError {
 
 impl fmt::Display for SendErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use spindle_abi::kind;
         f.write_str(match self {
-            SendErrorKind::Offline => "offline",
-            SendErrorKind::Timeout => "timeout",
-            SendErrorKind::NoCapability => "no-capability",
-            SendErrorKind::MailboxFull => "mailbox-full",
-            SendErrorKind::Invalid => "invalid",
-            SendErrorKind::Exited => "exited",
+            SendErrorKind::Offline => kind::OFFLINE,
+            SendErrorKind::Timeout => kind::TIMEOUT,
+            SendErrorKind::NoCapability => kind::NO_CAPABILITY,
+            SendErrorKind::MailboxFull => kind::MAILBOX_FULL,
+            SendErrorKind::Invalid => kind::INVALID,
+            SendErrorKind::Exited => kind::EXITED,
         })
     }
 }
@@ -317,7 +318,7 @@ impl fmt::Display for SendError {
 impl std::error::Error for SendError {}
 
 /// Metadata of the message the node sends to ask a process to stop.
-pub const STOPPING: &str = r#"{"spindle":"stopping"}"#;
+pub const STOPPING: &str = spindle_abi::STOPPING_METADATA;
 
 static ON_STOPPING: std::sync::Mutex<Option<fn()>> = std::sync::Mutex::new(None);
 
@@ -330,7 +331,9 @@ pub fn on_stopping(hook: fn()) {
 fn is_stop_request(source: &str, m: &wit::Message) -> bool {
     matches!(m, wit::Message::Request(r) if r.metadata.as_deref() == Some(STOPPING))
         && Address::parse(source).is_some_and(|a| {
-            a.process() == "kernel" && a.package() == "sys" && a.publisher() == "spindle"
+            a.process() == spindle_abi::KERNEL_PROCESS
+                && a.package() == spindle_abi::SYSTEM_PACKAGE
+                && a.publisher() == spindle_abi::SYSTEM_PUBLISHER
         })
 }
 
@@ -478,10 +481,10 @@ impl Request {
 }
 
 /// Timeout for `send_and_await_response` when none was set.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TIMEOUT: Duration = spindle_abi::DEFAULT_AWAIT;
 
 /// How long the node lets a send wait for room in a full mailbox, per try.
-pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
+pub use spindle_abi::MAILBOX_WAIT;
 /// Tries at a full mailbox before a send gives up with `mailbox-full`.
 /// Each waits for room for up to [`MAILBOX_WAIT`]; more than one try is only
 /// needed when other senders take the room first.

@@ -22,16 +22,15 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::FromRawFd;
+use spindle_abi::kind;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// The node's own address for the stop request (as a wasm process sees it).
-const KERNEL: &str = "local@kernel:sys:spindle";
 /// Timeout reported on a received request that expects a response (the
 /// channel does not carry the requester's).
-const RECEIVED_TIMEOUT_MS: u64 = 5_000;
+const RECEIVED_TIMEOUT_MS: u64 = spindle_abi::DEFAULT_AWAIT.as_millis() as u64;
 
 struct Channel {
     writer: Mutex<UnixStream>,
@@ -377,11 +376,11 @@ fn caps_json(caps: &[wit::Capability]) -> Value {
 
 fn kind_of(name: &str) -> wit::SendErrorKind {
     match name {
-        "offline" => wit::SendErrorKind::Offline,
-        "timeout" => wit::SendErrorKind::Timeout,
-        "no-capability" => wit::SendErrorKind::NoCapability,
-        "mailbox-full" => wit::SendErrorKind::MailboxFull,
-        "exited" => wit::SendErrorKind::Exited,
+        kind::OFFLINE => wit::SendErrorKind::Offline,
+        kind::TIMEOUT => wit::SendErrorKind::Timeout,
+        kind::NO_CAPABILITY => wit::SendErrorKind::NoCapability,
+        kind::MAILBOX_FULL => wit::SendErrorKind::MailboxFull,
+        kind::EXITED => wit::SendErrorKind::Exited,
         _ => wit::SendErrorKind::Invalid,
     }
 }
@@ -443,7 +442,14 @@ fn interpret((mut f, blob): Frame) -> Option<Received> {
             }))
         }
         "stopping" => Some(Ok((
-            KERNEL.to_string(),
+            // The node's own address for the stop request, as a wasm
+            // process sees it.
+            format!(
+                "local@{}:{}:{}",
+                spindle_abi::KERNEL_PROCESS,
+                spindle_abi::SYSTEM_PACKAGE,
+                spindle_abi::SYSTEM_PUBLISHER
+            ),
             wit::Message::Request(wit::Request {
                 inherit: false,
                 expects_response: None,

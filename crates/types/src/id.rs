@@ -182,13 +182,13 @@ impl PackageId {
     /// runtime modules). No user process can be started in it.
     pub fn system() -> PackageId {
         PackageId {
-            package: "sys".into(),
-            publisher: "spindle".into(),
+            package: spindle_abi::SYSTEM_PACKAGE.into(),
+            publisher: spindle_abi::SYSTEM_PUBLISHER.into(),
         }
     }
 
     pub fn is_system(&self) -> bool {
-        self.package == "sys" && self.publisher == "spindle"
+        self.package == spindle_abi::SYSTEM_PACKAGE && self.publisher == spindle_abi::SYSTEM_PUBLISHER
     }
 }
 

@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-/// Timeout of a request that awaits a response and names none.
-pub const DEFAULT_AWAIT: Duration = Duration::from_secs(5);
+pub use spindle_abi::{DEFAULT_AWAIT, MAILBOX_WAIT};
 /// Longest a response may be awaited (a process's, or `spindle send`'s): a
 /// longer timeout a process asks for is taken as this; the CLI refuses one.
 pub const MAX_AWAIT: Duration = Duration::from_secs(7 * 24 * 3600);

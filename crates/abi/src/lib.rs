@@ -1,0 +1,48 @@
+//! # spindle-abi: what a process and its node agree on
+//!
+//! The names and numbers both sides of the process boundary use, defined
+//! once: the node's crates use them, and so does the guest library
+//! (`spindle_process`), which is built for wasm and must not depend on the
+//! node. Nothing here does I/O or has a dependency.
+
+use std::time::Duration;
+
+/// Metadata of the request the node sends a process to ask it to stop
+/// (before its grace runs out and it is killed).
+pub const STOPPING_METADATA: &str = r#"{"spindle":"stopping"}"#;
+
+/// `params` of the right to send requests to a process: the capability
+/// `{issuer: <that process>, params: "\"messaging\""}`.
+pub const MESSAGING_PARAMS: &str = "\"messaging\"";
+
+/// The node's kernel, as a process sees it: the source of the stop request.
+pub const KERNEL_PROCESS: &str = "kernel";
+/// The package (`sys:spindle`) of the node's own processes and modules.
+pub const SYSTEM_PACKAGE: &str = "sys";
+pub const SYSTEM_PUBLISHER: &str = "spindle";
+
+/// Timeout of a request that awaits a response and names none.
+pub const DEFAULT_AWAIT: Duration = Duration::from_secs(5);
+
+/// How long a send may wait for room in a full mailbox, per try, before it
+/// is `mailbox-full`.
+pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);
+
+/// Why a message was not delivered, as every protocol of the node spells it
+/// (WIT, IPC frames, the control socket, the clients).
+pub mod kind {
+    /// No process at that address (or it left the bus).
+    pub const OFFLINE: &str = "offline";
+    /// No response within the request's timeout.
+    pub const TIMEOUT: &str = "timeout";
+    /// The target is not public and the sender holds no messaging right to it.
+    pub const NO_CAPABILITY: &str = "no-capability";
+    /// The target's mailbox stayed full (or the sender's own budget is spent).
+    pub const MAILBOX_FULL: &str = "mailbox-full";
+    /// Nothing to respond to, a malformed message, or a forged capability.
+    pub const INVALID: &str = "invalid";
+    /// The target ended while it held the request, before it responded.
+    pub const EXITED: &str = "exited";
+    /// Every kind.
+    pub const ALL: [&str; 6] = [OFFLINE, TIMEOUT, NO_CAPABILITY, MAILBOX_FULL, INVALID, EXITED];
+}
