@@ -2,7 +2,7 @@
 // Spindle gives a process started with `ipc = true` (fd 3, the channel Node
 // opens for process.send). No dependencies.
 //
-//   const spindle = require('spindle-client');
+//   const spindle = require('spindle/process');
 //   spindle.onRequest(async (msg) => ({ hello: msg.body }));   // or respond(msg, …)
 //   const reply = await spindle.request('local@db:shop:acme', { get: 1 }, { timeout: 2000 });
 //   spindle.onStopping(async () => { await flush(); });

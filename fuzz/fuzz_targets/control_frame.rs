@@ -3,7 +3,7 @@
 #![no_main]
 use spindle_types::control::Request;
 libfuzzer_sys::fuzz_target!(|line: &[u8]| {
-    if let Ok(Request::Start { specs }) = serde_json::from_slice::<Request>(line) {
+    if let Ok(Request::Start { specs, .. }) = serde_json::from_slice::<Request>(line) {
         for s in specs {
             let _ = s.check();
         }

@@ -44,5 +44,12 @@ pub mod kind {
     /// The target ended while it held the request, before it responded.
     pub const EXITED: &str = "exited";
     /// Every kind.
-    pub const ALL: [&str; 6] = [OFFLINE, TIMEOUT, NO_CAPABILITY, MAILBOX_FULL, INVALID, EXITED];
+    pub const ALL: [&str; 6] = [
+        OFFLINE,
+        TIMEOUT,
+        NO_CAPABILITY,
+        MAILBOX_FULL,
+        INVALID,
+        EXITED,
+    ];
 }

@@ -99,7 +99,12 @@ pub enum DaemonCmd {
     /// Stop every process gracefully, then the daemon
     Stop,
     /// Run the daemon in the foreground (what the first client command starts)
-    Run,
+    Run {
+        /// An owned node: stop everything and exit when process PID ends
+        /// (the app that embeds Spindle); the node starts empty
+        #[arg(long, value_name = "PID")]
+        owner: Option<u32>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -18,8 +18,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     let home = cli.home.clone().unwrap_or_else(default_home);
     match cli.cmd {
         Cmd::Daemon {
-            cmd: DaemonCmd::Run,
-        } => daemon_run(&home),
+            cmd: DaemonCmd::Run { owner },
+        } => daemon_run(&home, owner),
         Cmd::Daemon {
             cmd: DaemonCmd::Status,
         } => match Client::connect(&home) {
@@ -133,13 +133,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn daemon_run(home: &Path) -> Result<(), Failure> {
+fn daemon_run(home: &Path, owner: Option<u32>) -> Result<(), Failure> {
     tracing_subscriber::fmt()
         .with_ansi(false)
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
-    spindle_daemon::run(home).map_err(|e| {
+    spindle_daemon::run(home, owner).map_err(|e| {
         tracing::error!("{e}");
         e.into()
     })

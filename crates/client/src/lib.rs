@@ -222,7 +222,10 @@ impl Client {
     }
 
     pub fn start(&mut self, specs: Vec<ProcessSpec>) -> Result<Vec<ProcessNum>, ClientError> {
-        match self.call(&Request::Start { specs })? {
+        match self.call(&Request::Start {
+            specs,
+            if_absent: false,
+        })? {
             Response::Started { ids } => Ok(ids),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }

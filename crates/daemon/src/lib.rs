@@ -26,6 +26,7 @@
 
 pub mod budget;
 pub mod node;
+pub mod owner;
 pub mod server;
 pub mod table;
 
@@ -88,4 +89,6 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error("the runtime modules could not start: {0}")]
     Modules(#[from] spindle_db::StartError),
+    #[error("cannot watch owner process {pid}: {source} (an owned node serves a running app)")]
+    Owner { pid: u32, source: std::io::Error },
 }

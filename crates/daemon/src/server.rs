@@ -53,6 +53,28 @@ pub async fn accept_loop(listener: UnixListener, calls: mpsc::Sender<Call>, load
     }
 }
 
+/// Manifest entries as specs, by the manifest's rules; the error names the
+/// entry and the key, as for a manifest file.
+fn entries_to_specs(
+    entries: Vec<spindle_types::manifest::RawProcess>,
+    base: &std::path::Path,
+) -> Result<Vec<spindle_types::ProcessSpec>, String> {
+    if !base.is_absolute() {
+        return Err(format!(
+            "base {} is not an absolute path: give the directory relative paths are taken from",
+            base.display()
+        ));
+    }
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            raw.into_spec(i + 1, base)
+                .map_err(|e| format!("{e}; nothing was started"))
+        })
+        .collect()
+}
+
 /// Compiles the components of a start here, so the control loop, which
 /// checks the start, finds them loaded and never compiles one itself. (A
 /// component that fails is reported by the loop's check.)
@@ -155,7 +177,21 @@ async fn serve(
             .await?;
             return Ok(());
         }
-        if let Request::Start { specs } = &req {
+        let req = match req {
+            Request::StartEntries {
+                processes,
+                base,
+                if_absent,
+            } => match entries_to_specs(processes, &base) {
+                Ok(specs) => Request::Start { specs, if_absent },
+                Err(e) => {
+                    write(w, &error(ErrorKind::InvalidSpec, e)).await?;
+                    continue;
+                }
+            },
+            req => req,
+        };
+        if let Request::Start { specs, .. } = &req {
             warm(loader, specs).await;
         }
         let (tx, rx) = oneshot::channel();

@@ -29,6 +29,19 @@ pub enum Request {
     },
     Start {
         specs: Vec<ProcessSpec>,
+        /// A spec whose name a process in the table already bears starts
+        /// nothing; the ids of those processes are answered with the new.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        if_absent: bool,
+    },
+    /// Starts processes given as manifest entries (`[[process]]` tables,
+    /// as JSON), checked and resolved against `base` by the manifest's own
+    /// rules: what the client libraries send. Otherwise as `start`.
+    StartEntries {
+        processes: Vec<crate::manifest::RawProcess>,
+        base: std::path::PathBuf,
+        #[serde(default)]
+        if_absent: bool,
     },
     List,
     Stop {
@@ -219,7 +232,7 @@ mod tests {
             /// any spec in a request can be checked without a panic.
             #[test]
             fn any_frame_is_answered(line in prop::collection::vec(any::<u8>(), 0..300)) {
-                if let Ok(Request::Start { specs }) = serde_json::from_slice::<Request>(&line) {
+                if let Ok(Request::Start { specs, .. }) = serde_json::from_slice::<Request>(&line) {
                     for s in specs {
                         let _ = s.check();
                     }

@@ -188,7 +188,8 @@ impl PackageId {
     }
 
     pub fn is_system(&self) -> bool {
-        self.package == spindle_abi::SYSTEM_PACKAGE && self.publisher == spindle_abi::SYSTEM_PUBLISHER
+        self.package == spindle_abi::SYSTEM_PACKAGE
+            && self.publisher == spindle_abi::SYSTEM_PUBLISHER
     }
 }
 

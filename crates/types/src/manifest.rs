@@ -12,13 +12,13 @@ use crate::id::{PackageId, validate_name};
 use crate::restart::RestartSchedule;
 use crate::spec::{DEFAULT_GRACE, DEFAULT_PACKAGE, LogSpec, ProcessSpec, Program, StopSignal};
 use crate::units::{parse_duration, parse_size};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// One `[[process]]` table as written, before validation. The CLI builds the
 /// same struct from its flags.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProcess {
     pub name: Option<String>,
@@ -73,7 +73,7 @@ fn bus_package(given: Option<&str>) -> Result<PackageId, String> {
 }
 
 /// A schedule entry: `"100ms"` or the bare integer `0`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum DelayValue {
     Text(String),

@@ -19,7 +19,12 @@ impl Node {
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
             }),
-            Request::Start { specs } => self.start(specs, now),
+            Request::Start { specs, if_absent } => self.start(specs, if_absent, now),
+            // The server turns entries into specs before they come here.
+            Request::StartEntries { .. } => err(
+                ErrorKind::Internal,
+                "manifest entries reached the control loop unconverted",
+            ),
             Request::List => Reply::One(Response::List {
                 processes: self.list(now),
             }),
@@ -56,7 +61,14 @@ impl Node {
         let _ = reply.send(answer);
     }
 
-    pub(super) fn start(&mut self, specs: Vec<ProcessSpec>, now: Instant) -> Reply {
+    /// Starts `specs`, all or nothing; with `if_absent`, those whose name a
+    /// process in the table bears are left out and its ids answered instead.
+    pub(super) fn start(
+        &mut self,
+        specs: Vec<ProcessSpec>,
+        if_absent: bool,
+        now: Instant,
+    ) -> Reply {
         if self.kernel.is_shutting_down() {
             return err(
                 ErrorKind::ShuttingDown,
@@ -66,6 +78,26 @@ impl Node {
         if specs.is_empty() {
             return err(ErrorKind::InvalidSpec, "nothing to start");
         }
+        let mut present = vec![];
+        let specs: Vec<ProcessSpec> = if if_absent {
+            specs
+                .into_iter()
+                .filter(|spec| {
+                    let Some(name) = &spec.name else { return true };
+                    let same: Vec<ProcessNum> = self
+                        .kernel
+                        .entries()
+                        .filter(|e| e.spec.name.as_ref() == Some(name))
+                        .map(|e| e.num)
+                        .collect();
+                    let absent = same.is_empty();
+                    present.extend(same);
+                    absent
+                })
+                .collect()
+        } else {
+            specs
+        };
         // All or nothing: every spec must be startable before any starts.
         for (i, spec) in specs.iter().enumerate() {
             let who = match &spec.name {
@@ -111,6 +143,7 @@ impl Node {
                 Err(e) => return err(ErrorKind::ShuttingDown, e.to_string()),
             }
         }
+        ids.extend(present);
         Reply::One(Response::Started { ids })
     }
 

@@ -110,9 +110,10 @@ fn raise_fd_limit() {
     }
 }
 
-/// Boots the node in `home` and serves until SIGTERM/SIGINT or a `shutdown`
-/// request. Blocks; builds its own single-threaded runtime.
-pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
+/// Boots the node in `home` and serves until SIGTERM/SIGINT, a `shutdown`
+/// request, or — for a node `owner` owns ([`crate::owner`]) — the end of
+/// that process. Blocks; builds its own single-threaded runtime.
+pub fn run(home: &std::path::Path, owner: Option<u32>) -> Result<(), DaemonError> {
     let paths = Paths::new(home);
     let home_err = |source| DaemonError::Home {
         path: paths.home.clone(),
@@ -137,10 +138,15 @@ pub fn run(home: &std::path::Path) -> Result<(), DaemonError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(paths))
+    runtime.block_on(serve(paths, owner))
 }
 
-async fn serve(paths: Paths) -> Result<(), DaemonError> {
+async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
+    let owner = owner
+        .map(|pid| {
+            crate::owner::Owner::watch(pid).map_err(|source| DaemonError::Owner { pid, source })
+        })
+        .transpose()?;
     let saved = table::load(&paths.table)?;
     let node_tag = saved
         .as_ref()
@@ -178,6 +184,12 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     }
     let now = Instant::now();
     let kernel = match saved {
+        // An owned node starts empty (its app starts its services).
+        Some(t) if owner.is_some() => {
+            let mut k = Kernel::new(t.node_tag);
+            k.take_effects();
+            k
+        }
         Some(t) => Kernel::restore(t, now),
         None => {
             let mut k = Kernel::new(node_tag);
@@ -217,6 +229,13 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
     let mut sampler = tokio::time::interval(SAMPLE_EVERY);
     sampler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let owner_gone = async {
+        match &owner {
+            Some(o) => o.gone().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(owner_gone);
     loop {
         let deadline = node
             .kernel
@@ -241,6 +260,12 @@ async fn serve(paths: Paths) -> Result<(), DaemonError> {
             _ = sampler.tick() => node.sample(),
             _ = sigterm.recv() => node.begin_shutdown(None),
             _ = sigint.recv() => node.begin_shutdown(None),
+            // Polled until the owner ends, never after (a shutdown is then under way).
+            () = &mut owner_gone, if !node.kernel.is_shutting_down() => {
+                let pid = owner.as_ref().map_or(0, |o| o.pid);
+                tracing::info!("owner {pid} ended: stopping every process, then the node");
+                node.begin_shutdown(None);
+            }
         }
         node.apply();
         if node.kernel.is_shutting_down() && node.kernel.is_quiescent() {

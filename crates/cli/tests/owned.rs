@@ -1,0 +1,243 @@
+//! Owned mode through the Node API: an app that owns its node never leaves
+//! a service behind, however it ends, and never gets a second set.
+//! Real `node` and `python3`, the real daemon.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The services' grace in the owner fixture.
+const GRACE: Duration = Duration::from_secs(5);
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Runs a Node fixture with `args`; its stdout is piped.
+fn node(script: &str, args: &[&str]) -> Child {
+    Command::new("node")
+        .arg(fixture(script))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node runs")
+}
+
+/// The first line `child` prints, as JSON, within the deadline.
+fn first_line(child: &mut Child) -> serde_json::Value {
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(DEADLINE * 2)
+        .expect("the fixture printed its line in time");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// One set of the owner fixture's services, by program: what `tagged`
+/// processes of one node must come to.
+fn one_set() -> std::collections::BTreeMap<String, usize> {
+    [
+        ("owned-service.js", 1),
+        ("owned-service.py", 1),
+        ("sh", 1),
+        ("sleep", 2),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The node's processes by program (a script's name for node and python).
+fn programs(tag: &str) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for pid in tagged(tag) {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let base = |s: &str| s.rsplit('/').next().unwrap_or_default().to_string();
+        let exe = base(args.first().map(String::as_str).unwrap_or_default());
+        let name = match exe.as_str() {
+            e if e.starts_with("node") || e.starts_with("python") => {
+                base(args.get(1).map(String::as_str).unwrap_or_default())
+            }
+            _ => exe,
+        };
+        *out.entry(name).or_default() += 1;
+    }
+    out
+}
+
+fn node_tag(home: &Path) -> String {
+    let t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(home.join("table.json")).unwrap()).unwrap();
+    t["node_tag"].as_str().unwrap().to_string()
+}
+
+struct App {
+    dir: tempfile::TempDir,
+}
+
+impl App {
+    fn new() -> App {
+        App {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+    fn owner(&self, mode: &str) -> (Owner, serde_json::Value) {
+        let home = self.home();
+        let mut child = node(
+            "owner.js",
+            &[
+                mode,
+                home.to_str().unwrap(),
+                spindle_bin(),
+                self.dir.path().to_str().unwrap(),
+            ],
+        );
+        let said = first_line(&mut child);
+        assert_eq!(said["running"], 3, "{said}");
+        (Owner(child), said)
+    }
+}
+
+/// The app's process; killed if a test ends early, so a failing test
+/// leaves no owner (and so no node) behind.
+struct Owner(Child);
+
+impl std::ops::Deref for Owner {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Owner {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill with a pid we started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[test]
+fn an_owned_node_ends_with_its_app_however_the_app_ends() {
+    for mode in ["sigkill", "sigterm", "exit", "throw"] {
+        let app = App::new();
+        let wait = if mode.starts_with("sig") {
+            "wait"
+        } else {
+            mode
+        };
+        let (mut owner, said) = app.owner(wait);
+        let daemon = said["daemon"].as_i64().unwrap() as i32;
+        let tag = node_tag(&app.home());
+        // node, python3, sh and its two sleeps.
+        until("the services and the grandchildren run", || {
+            (programs(&tag) == one_set()).then_some(())
+        });
+        let services = tagged(&tag);
+        match mode {
+            "sigkill" => signal(owner.id(), libc::SIGKILL),
+            "sigterm" => signal(owner.id(), libc::SIGTERM),
+            _ => {
+                use std::io::Write;
+                let mut go = owner.stdin.take().unwrap();
+                go.write_all(b"go\n").unwrap();
+            }
+        }
+        until("the app ends", || owner.try_wait().unwrap());
+        let ended = Instant::now();
+        until("every service and the daemon are gone", || {
+            (services.iter().all(|&p| !alive(p)) && !alive(daemon)).then_some(())
+        });
+        let took = ended.elapsed();
+        assert!(took <= GRACE + Duration::from_secs(1), "{mode}: {took:?}");
+        assert!(
+            tagged(&tag).is_empty(),
+            "{mode}: something of the node is left"
+        );
+        let mark = std::fs::read_to_string(app.dir.path().join("stopped")).unwrap_or_default();
+        assert!(
+            mark.contains("stopped cleanly"),
+            "{mode}: the Node service's stopping handler did not run"
+        );
+    }
+}
+
+#[test]
+fn an_app_started_again_after_its_node_crashed_runs_one_set() {
+    let app = App::new();
+    let (mut first, said) = app.owner("wait");
+    let tag = node_tag(&app.home());
+    until("the services and the grandchildren run", || {
+        (programs(&tag) == one_set()).then_some(())
+    });
+    let before = tagged(&tag);
+    // The node dies hard, and so does the app.
+    signal(said["daemon"].as_i64().unwrap() as u32, libc::SIGKILL);
+    signal(first.id(), libc::SIGKILL);
+    until("the app ends", || first.try_wait().unwrap());
+    // Started again: whatever the crash left is killed before anything starts.
+    let (mut second, said) = app.owner("wait");
+    assert!(
+        before.iter().all(|&p| !alive(p)),
+        "a leftover of the first run survives"
+    );
+    until("one set runs, not two", || {
+        (programs(&tag) == one_set()).then_some(())
+    });
+    signal(second.id(), libc::SIGKILL);
+    until("the app ends", || second.try_wait().unwrap());
+    let daemon = said["daemon"].as_i64().unwrap() as i32;
+    until("the node is gone", || {
+        (tagged(&tag).is_empty() && !alive(daemon)).then_some(())
+    });
+}
+
+#[test]
+fn bad_options_are_refused_with_the_clis_errors_and_nothing_starts() {
+    let app = App::new();
+    let home = app.home();
+    let mut child = node("owner-bad.js", &[home.to_str().unwrap(), spindle_bin()]);
+    let said = first_line(&mut child);
+    let text = |k: &str| said[k].as_str().unwrap_or_default().to_string();
+    assert!(
+        text("unknown").contains("unknown option `restartEvery`"),
+        "{said}"
+    );
+    assert!(
+        text("duration").contains("restart_at") && text("duration").contains("soon"),
+        "{said}"
+    );
+    assert!(text("missing").contains("/nonexistent/program"), "{said}");
+    assert!(text("half").contains("grace"), "{said}");
+    assert_eq!(said["count"], 0, "something started: {said}");
+    until("the app ends", || child.try_wait().unwrap());
+}
