@@ -241,3 +241,45 @@ fn bad_options_are_refused_with_the_clis_errors_and_nothing_starts() {
     assert_eq!(said["count"], 0, "something started: {said}");
     until("the app ends", || child.try_wait().unwrap());
 }
+
+#[test]
+fn a_python_owner_owns_its_node_the_same_way_blocking_or_asyncio() {
+    for how in ["blocking", "async"] {
+        let app = App::new();
+        let home = app.home();
+        let mut child = Owner(
+            Command::new("python3")
+                .arg(fixture("owner.py"))
+                .args([
+                    how,
+                    home.to_str().unwrap(),
+                    spindle_bin(),
+                    app.dir.path().to_str().unwrap(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3 runs"),
+        );
+        let said = first_line(&mut child);
+        assert_eq!(said["running"], 3, "{how}: {said}");
+        let daemon = said["daemon"].as_i64().unwrap() as i32;
+        let tag = node_tag(&home);
+        until("the services and the grandchildren run", || {
+            (programs(&tag) == one_set()).then_some(())
+        });
+        let services = tagged(&tag);
+        signal(child.id(), libc::SIGKILL);
+        until("the app ends", || child.try_wait().unwrap());
+        let ended = Instant::now();
+        until("every service and the daemon are gone", || {
+            (services.iter().all(|&p| !alive(p)) && !alive(daemon)).then_some(())
+        });
+        assert!(ended.elapsed() <= GRACE + Duration::from_secs(1), "{how}");
+        let mark = std::fs::read_to_string(app.dir.path().join("stopped")).unwrap_or_default();
+        assert!(
+            mark.contains("stopped cleanly"),
+            "{how}: no stopping handler ran"
+        );
+    }
+}

@@ -601,14 +601,22 @@ impl Pool {
             }
             task.db.after_turn(task.lane);
             s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+            let mut was_full = false;
             if let Some(n) = s.running.get_mut(&task.db.group) {
+                was_full = *n >= THREADS_PER_GROUP;
                 *n -= 1;
                 if *n == 0 {
                     s.running.remove(&task.db.group);
                 }
             }
-            // A task of that group may run now.
-            self.ready.notify_all();
+            // A task of that group that waited for its share may run now
+            // (this thread looks first; another is woken only if this one
+            // alone cannot take them all). Every other task was announced
+            // when it was submitted: waking every thread at each task's end
+            // would cost each point query a herd of wake-ups.
+            if was_full && s.queue.len() > 1 {
+                self.ready.notify_one();
+            }
         }
     }
 }
