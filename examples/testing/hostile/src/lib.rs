@@ -26,11 +26,11 @@
 //! - `on-exit-flood`: sets an on-exit policy of 1,000 requests.
 //! - `ping`: `pong` (it is still alive).
 
+use spindle_process::bindings::spindle::process::host;
+use spindle_process::wit;
 use spindle_process::{
     Address, OnExit, Request, Response, Spawn, await_message, kv, spawn, sqlite,
 };
-use spindle_process::bindings::spindle::process::host;
-use spindle_process::wit;
 use std::time::Duration;
 
 spindle_process::init!(run);
@@ -106,7 +106,10 @@ fn extremes(target: &str) -> String {
         Err(e) => kind(&e),
     };
     note("send-empty-target", one_way("", &raw_request(None, vec![])));
-    note("send-long-target", one_way(&long, &raw_request(None, vec![])));
+    note(
+        "send-long-target",
+        one_way(&long, &raw_request(None, vec![])),
+    );
     let mut forged = raw_request(None, vec![]);
     forged.capabilities = garbage_caps(10_000);
     forged.metadata = Some(long.clone());
@@ -149,7 +152,10 @@ fn extremes(target: &str) -> String {
     };
     note("state-over", state(&vec![1u8; (16 << 20) + 1]));
     note("state-empty", state(&[]));
-    note("state-read", format!("{:?}", host::get_state().map(|s| s.len())));
+    note(
+        "state-read",
+        format!("{:?}", host::get_state().map(|s| s.len())),
+    );
     let _ = host::clear_state();
     let spawn = |name: Option<&str>, path: &str, caps: &[wit::Capability], grants: &[String]| {
         match host::spawn(name, path, &wit::OnExit::None, caps, grants, false) {
@@ -157,11 +163,22 @@ fn extremes(target: &str) -> String {
             Err(e) => e,
         }
     };
-    note("spawn-long-name", spawn(Some(&long), "hostile.wasm", &[], &[]));
+    note(
+        "spawn-long-name",
+        spawn(Some(&long), "hostile.wasm", &[], &[]),
+    );
     note("spawn-long-path", spawn(None, &long, &[], &[]));
-    note("spawn-forged-caps", spawn(None, "hostile.wasm", &garbage_caps(10_000), &[]));
-    let grants: Vec<String> = (0..1_000).map(|i| format!("local@g{i}:evil:test")).collect();
-    note("spawn-many-grants", spawn(None, "hostile.wasm", &[], &grants));
+    note(
+        "spawn-forged-caps",
+        spawn(None, "hostile.wasm", &garbage_caps(10_000), &[]),
+    );
+    let grants: Vec<String> = (0..1_000)
+        .map(|i| format!("local@g{i}:evil:test"))
+        .collect();
+    note(
+        "spawn-many-grants",
+        spawn(None, "hostile.wasm", &[], &grants),
+    );
     host::save_capabilities(&garbage_caps(100_000));
     host::drop_capabilities(&garbage_caps(100_000));
     note("caps-held", host::our_capabilities().len().to_string());
