@@ -31,6 +31,9 @@ const VERSION = require('./package.json').version;
 const START_DEADLINE_MS = 10_000;
 // How long an owned node's leftover daemon may take to stop (its grace).
 const LEFTOVER_DEADLINE_MS = 120_000;
+// Frames read ahead of the reader (a slow log follower): past it the socket
+// is paused, so the daemon's own gap reporting takes over.
+const READ_AHEAD = 1024;
 
 /** An error the daemon answered (`kind`: `invalid_spec`, `not_found`, …)
  *  or one of the client's own (`kind`: `bad_option`, `no_daemon`). */
@@ -148,11 +151,15 @@ class Connection {
   push(frame) {
     const w = this.waiters.shift();
     if (w) w.resolve(frame);
-    else this.lines.push(frame);
+    else if (this.lines.push(frame) >= READ_AHEAD) this.socket.pause();
   }
 
   next() {
-    if (this.lines.length) return Promise.resolve(this.lines.shift());
+    if (this.lines.length) {
+      const frame = this.lines.shift();
+      if (this.lines.length < READ_AHEAD / 2) this.socket.resume();
+      return Promise.resolve(frame);
+    }
     if (this.ended) return Promise.reject(this.ended);
     return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
@@ -172,6 +179,7 @@ class Connection {
           const hello = await c.next();
           if (hello.type === 'error') throw new SpindleError(hello.kind, hello.message);
           c.pid = hello.pid;
+          c.owner = hello.owner;
           resolve(c);
         } catch (e) {
           s.destroy();
@@ -189,6 +197,15 @@ class Connection {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function alive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return e.code === 'EPERM';
+  }
+}
 
 function defaultHome(owned) {
   if (!owned) return process.env.SPINDLE_HOME || path.join(os.homedir(), '.spindle');
@@ -352,11 +369,21 @@ async function connect({ owned = false, home, bin } = {}) {
   bin = bin || process.env.SPINDLE_BIN || 'spindle';
   const sock = path.join(home, 'spindle.sock');
   let conn = await tryOpen(sock);
+  if (conn && owned && conn.owner === process.pid) {
+    // This process's own node (a second connect): use it.
+    return new Manager(conn, { home, owned });
+  }
+  if (conn && owned && conn.owner && alive(conn.owner)) {
+    conn.close();
+    throw new SpindleError('owned_elsewhere',
+      `the node at ${home} is owned by process ${conn.owner}, another run of this app: give this one a home of its own (connect({ owned: true, home }))`);
+  }
   if (conn && owned) {
-    // A daemon of an earlier run of this app (or of a run that is ending):
-    // stop it, set and all, so there is never a second set.
+    // A daemon of an earlier run of this app (its owner is gone, and it is
+    // stopping), or one nobody owns: stop it, set and all, so there is
+    // never a second set.
     conn.write({ op: 'shutdown' });
-    await conn.next().catch(() => {});
+    await Promise.race([conn.next().catch(() => {}), sleep(LEFTOVER_DEADLINE_MS)]);
     conn.close();
     const end = Date.now() + LEFTOVER_DEADLINE_MS;
     while (fs.existsSync(sock) && (await tryOpen(sock).then((c) => (c && c.close(), c !== null)))) {

@@ -147,6 +147,7 @@ class _Conn:
         if hello.get("type") == "error":
             raise SpindleError(hello["kind"], hello["message"])
         self.pid = hello["pid"]
+        self.owner = hello.get("owner")
 
     def write(self, req):
         self.sock.sendall(json.dumps(req).encode() + b"\n")
@@ -203,11 +204,22 @@ def _start_daemon(binary, home, owned):
         time.sleep(0.002)
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+
+
 def _stop_leftover(conn, sock, home):
+    conn.sock.settimeout(LEFTOVER_DEADLINE)
     conn.write({"op": "shutdown"})
     try:
         conn.read()
-    except SpindleError:
+    except (SpindleError, OSError):
         pass
     conn.close()
     end = time.monotonic() + LEFTOVER_DEADLINE
@@ -308,8 +320,18 @@ def connect(owned=False, home=None, bin=None):
     binary = bin or os.environ.get("SPINDLE_BIN") or "spindle"
     sock = os.path.join(home, "spindle.sock")
     conn = _try_open(sock)
+    if conn and owned and conn.owner == os.getpid():
+        return Manager(conn, home, owned)  # this process's own node
+    if conn and owned and conn.owner and _alive(conn.owner):
+        conn.close()
+        raise SpindleError(
+            "owned_elsewhere",
+            f"the node at {home} is owned by process {conn.owner}, another run of this app: "
+            "give this one a home of its own (connect(owned=True, home=...))",
+        )
     if conn and owned:
-        # A daemon of an earlier run of this app: stop it, set and all.
+        # A daemon of an earlier run of this app (its owner is gone): stop
+        # it, set and all, so there is never a second set.
         _stop_leftover(conn, sock, home)
         conn = None
     if conn is None:

@@ -731,6 +731,13 @@ async fn wait_for_room(
     if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
         return Err((SendErrorKind::MailboxFull, *env));
     }
+    // The mailbox went away while this sender waited: its process is gone.
+    // (Should it go in the instant after this look, the message's bytes
+    // come back when the channel drops it.)
+    if tx.is_closed() {
+        queued.give(weight);
+        return Err((SendErrorKind::Offline, *env));
+    }
     permit.send(Counted::slot(*env, weight, &queued));
     Ok(())
 }

@@ -113,6 +113,10 @@ impl App {
         );
         let said = first_line(&mut child);
         assert_eq!(said["running"], 3, "{said}");
+        assert_eq!(
+            said["again"], 3,
+            "a second connect saw another node: {said}"
+        );
         (Owner(child), said)
     }
 }
@@ -200,6 +204,23 @@ fn an_app_started_again_after_its_node_crashed_runs_one_set() {
         (programs(&tag) == one_set()).then_some(())
     });
     let before = tagged(&tag);
+    // Another instance of the app is refused the node, and stops nothing.
+    let home = app.home();
+    let mut other = Owner(node(
+        "owner.js",
+        &[
+            "wait",
+            home.to_str().unwrap(),
+            spindle_bin(),
+            app.dir.path().to_str().unwrap(),
+        ],
+    ));
+    let refused = first_line(&mut other);
+    assert_eq!(refused["kind"], "owned_elsewhere", "{refused}");
+    assert!(
+        before.iter().all(|&p| alive(p)),
+        "the other instance stopped something"
+    );
     // The node dies hard, and so does the app.
     signal(said["daemon"].as_i64().unwrap() as u32, libc::SIGKILL);
     signal(first.id(), libc::SIGKILL);

@@ -39,11 +39,16 @@ pub struct Follow {
 /// A request on its way to the control loop, with where to send the answer.
 pub type Call = (Request, oneshot::Sender<Reply>);
 
-pub async fn accept_loop(listener: UnixListener, calls: mpsc::Sender<Call>, loader: Loader) {
+pub async fn accept_loop(
+    listener: UnixListener,
+    calls: mpsc::Sender<Call>,
+    loader: Loader,
+    owner: Option<u32>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(connection(stream, calls.clone(), loader.clone()));
+                tokio::spawn(connection(stream, calls.clone(), loader.clone(), owner));
             }
             Err(e) => {
                 tracing::warn!("control socket accept failed: {e}");
@@ -120,10 +125,15 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     }
 }
 
-async fn connection(stream: UnixStream, calls: mpsc::Sender<Call>, loader: Loader) {
+async fn connection(
+    stream: UnixStream,
+    calls: mpsc::Sender<Call>,
+    loader: Loader,
+    owner: Option<u32>,
+) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
-    if let Err(e) = serve(&mut r, &mut w, &calls, &loader).await {
+    if let Err(e) = serve(&mut r, &mut w, &calls, &loader, owner).await {
         let _ = write(&mut w, &error(ErrorKind::BadRequest, e.to_string())).await;
     }
 }
@@ -133,6 +143,7 @@ async fn serve(
     w: &mut OwnedWriteHalf,
     calls: &mpsc::Sender<Call>,
     loader: &Loader,
+    owner: Option<u32>,
 ) -> io::Result<()> {
     let mut greeted = false;
     while let Some(frame) = read_frame(r).await? {
@@ -162,6 +173,7 @@ async fn serve(
                 protocol: PROTOCOL_VERSION,
                 version: env!("CARGO_PKG_VERSION").into(),
                 pid: std::process::id(),
+                owner,
             };
             write(w, &hello).await?;
             continue;

@@ -77,6 +77,7 @@ mod tests {
 
     fn table() -> TableSnapshot {
         TableSnapshot {
+            owned: false,
             version: TABLE_VERSION,
             node_tag: "abc".into(),
             next_num: 7,

@@ -148,6 +148,9 @@ pub struct Kernel {
     next_num: u64,
     next_run: RunId,
     node_tag: String,
+    /// A node owned by an app (see the daemon's `owner`): its table is
+    /// never restored, by it or by any later daemon of its home.
+    owned: bool,
     shutting_down: bool,
     effects: Vec<Effect>,
 }
@@ -159,9 +162,30 @@ impl Kernel {
             next_num: 1,
             next_run: 1,
             node_tag: node_tag.into(),
+            owned: false,
             shutting_down: false,
             effects: Vec::new(),
         }
+    }
+
+    /// The table of an owned node after a daemon start: empty, but with the
+    /// saved node tag (so the previous run's leftovers are found) and ids
+    /// that continue (so logs and state of earlier runs are not reused).
+    pub fn fresh(snapshot: &TableSnapshot, owned: bool) -> Self {
+        let mut k = Kernel::new(snapshot.node_tag.clone());
+        k.next_num = snapshot
+            .processes
+            .iter()
+            .map(|p| p.num.0 + 1)
+            .fold(snapshot.next_num, u64::max);
+        k.owned = owned;
+        k.effects.push(Effect::Persist);
+        k
+    }
+
+    /// Marks the node as owned by an app ([`Kernel::fresh`]).
+    pub fn set_owned(&mut self, owned: bool) {
+        self.owned = owned;
     }
 
     /// Rebuilds the table after a daemon start: what was meant to run and
@@ -205,6 +229,7 @@ impl Kernel {
         TableSnapshot {
             version: TABLE_VERSION,
             node_tag: self.node_tag.clone(),
+            owned: self.owned,
             next_num: self.next_num,
             processes: self
                 .procs

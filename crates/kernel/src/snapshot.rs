@@ -31,6 +31,9 @@ pub struct TableSnapshot {
     /// Random tag of this node; marks every process it spawns so a later
     /// daemon can find leftovers of an earlier one.
     pub node_tag: String,
+    /// Written by a node an app owns: no daemon restores its processes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owned: bool,
     pub next_num: u64,
     pub processes: Vec<SavedProcess>,
 }

@@ -86,6 +86,9 @@ pub enum Response {
         protocol: u32,
         version: String,
         pid: u32,
+        /// The app that owns this node, if an app does (`daemon run --owner`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<u32>,
     },
     Started {
         ids: Vec<ProcessNum>,

@@ -14,11 +14,10 @@ impl Node {
     pub(super) fn handle(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let now = Instant::now();
         let answer = match req {
-            Request::Hello { .. } => Reply::One(Response::Hello {
-                protocol: PROTOCOL_VERSION,
-                version: env!("CARGO_PKG_VERSION").into(),
-                pid: std::process::id(),
-            }),
+            // The server answers greetings itself.
+            Request::Hello { .. } => {
+                err(ErrorKind::Internal, "a greeting reached the control loop")
+            }
             Request::Start { specs, if_absent } => self.start(specs, if_absent, now),
             // The server turns entries into specs before they come here.
             Request::StartEntries { .. } => err(

@@ -183,13 +183,10 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         );
     }
     let now = Instant::now();
-    let kernel = match saved {
-        // An owned node starts empty (its app starts its services).
-        Some(t) if owner.is_some() => {
-            let mut k = Kernel::new(t.node_tag);
-            k.take_effects();
-            k
-        }
+    let mut kernel = match saved {
+        // An owned node starts empty (its app starts its services), and so
+        // does any daemon that finds an owned node's table.
+        Some(t) if owner.is_some() || t.owned => Kernel::fresh(&t, owner.is_some()),
         Some(t) => Kernel::restore(t, now),
         None => {
             let mut k = Kernel::new(node_tag);
@@ -197,6 +194,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
             k
         }
     };
+    kernel.set_owned(owner.is_some());
     // Capabilities of processes that are gone (removed while the previous
     // daemon's last write was in flight) must not pass to a namesake.
     let known: HashSet<ProcessId> = kernel
@@ -207,7 +205,12 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     wasm.bus()
         .retain(|p| p.package.is_system() || known.contains(p));
     let (calls_tx, mut calls) = mpsc::channel::<Call>(CALL_QUEUE);
-    tokio::spawn(server::accept_loop(listener, calls_tx, wasm.loader()));
+    tokio::spawn(server::accept_loop(
+        listener,
+        calls_tx,
+        wasm.loader(),
+        owner.as_ref().map(|o| o.pid),
+    ));
 
     let mut node = Node {
         paths,

@@ -488,3 +488,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_owned_table_is_never_restored_and_its_ids_go_on() {
+    let mut f = Fake::new();
+    f.k.set_owned(true);
+    let a = f.start(spec("a"));
+    let b = f.start(spec("b"));
+    let snap: TableSnapshot =
+        serde_json::from_str(&serde_json::to_string(&f.k.snapshot()).unwrap()).unwrap();
+    assert!(snap.owned, "the table says it is an owned node's");
+    // Whoever boots on it next (owned again or not) starts nothing of it.
+    let mut k = Kernel::fresh(&snap, false);
+    assert_eq!(k.entries().count(), 0);
+    assert!(
+        !k.take_effects()
+            .iter()
+            .any(|e| matches!(e, Effect::Spawn { .. })),
+        "an owned node's process was started again"
+    );
+    assert_eq!(
+        k.node_tag(),
+        snap.node_tag,
+        "leftovers are still found by tag"
+    );
+    let c = k.start(spec("c"), Instant::now()).unwrap();
+    assert!(c > a && c > b, "ids are not reused: {c:?}");
+    assert!(!k.snapshot().owned);
+}
