@@ -31,6 +31,8 @@ import time
 PROTOCOL = 1
 VERSION = "0.1.0"
 START_DEADLINE = 10.0
+# Longest frame the daemon sends (control::MAX_FRAME).
+MAX_FRAME = 16 << 20
 LEFTOVER_DEADLINE = 120.0
 
 KEYS = {
@@ -233,6 +235,29 @@ def _stop_leftover(conn, sock, home):
         time.sleep(0.005)
 
 
+_LOG_END = object()
+
+
+def _logs_request(target, follow, lines, stream):
+    return {"op": "logs", "target": selector(target), "lines": lines,
+            "follow": follow, "stream": stream}
+
+
+def _log_item(f):
+    """A log frame as what `logs` yields; `_LOG_END` at the end."""
+    kind = f.get("type")
+    if kind == "error":
+        raise SpindleError(f["kind"], f["message"])
+    if kind == "log_end":
+        return _LOG_END
+    if kind == "log_line":
+        return {"id": f["id"], "name": f.get("name"), "stream": f["stream"],
+                "line": f["line"], "time": time.time()}
+    if kind == "log_gap":
+        return {"id": f["id"], "gap": f["missed"], "time": time.time()}
+    return None
+
+
 class Manager:
     """The services of one node (blocking)."""
 
@@ -289,20 +314,13 @@ class Manager:
         """Whole log lines as dicts ``{id, name, stream, line, time}``."""
         conn = _Conn(self.sock)
         try:
-            conn.write({"op": "logs", "target": selector(target), "lines": lines,
-                        "follow": follow, "stream": stream})
+            conn.write(_logs_request(target, follow, lines, stream))
             while True:
-                f = conn.read()
-                kind = f.get("type")
-                if kind == "error":
-                    raise SpindleError(f["kind"], f["message"])
-                if kind == "log_end":
+                item = _log_item(conn.read())
+                if item is _LOG_END:
                     return
-                if kind == "log_line":
-                    yield {"id": f["id"], "name": f.get("name"), "stream": f["stream"],
-                           "line": f["line"], "time": time.time()}
-                if kind == "log_gap":
-                    yield {"id": f["id"], "gap": f["missed"], "time": time.time()}
+                if item is not None:
+                    yield item
         finally:
             conn.close()
 
@@ -340,8 +358,9 @@ def connect(owned=False, home=None, bin=None):
 
 
 class AsyncManager:
-    """The same API for asyncio; each call runs the blocking one in a thread,
-    one at a time, so the event loop never blocks on the socket."""
+    """The same API for asyncio: each call runs the blocking one in a
+    thread, one at a time, so the event loop never blocks on the socket;
+    `logs` is an asyncio stream of its own."""
 
     def __init__(self, manager):
         self._m = manager
@@ -377,14 +396,29 @@ class AsyncManager:
         return await self._run(self._m.send, target, body, timeout)
 
     async def logs(self, target, follow=False, lines=10, stream="both"):
-        """Log lines as an async iterator (its own connection)."""
-        it = self._m.logs(target, follow=follow, lines=lines, stream=stream)
-        done = object()
-        while True:
-            line = await asyncio.to_thread(next, it, done)
-            if line is done:
-                return
-            yield line
+        """Log lines as an async iterator, on a connection of its own (an
+        asyncio stream: a cancelled reader closes it, and holds no thread)."""
+        reader, writer = await asyncio.open_unix_connection(self._m.sock, limit=MAX_FRAME)
+        try:
+            writer.write(json.dumps({"op": "hello", "protocol": PROTOCOL, "version": VERSION}).encode() + b"\n")
+            writer.write(json.dumps(_logs_request(target, follow, lines, stream)).encode() + b"\n")
+            await writer.drain()
+            hello = json.loads(await reader.readline() or b"{}")
+            if hello.get("type") != "hello":
+                raise SpindleError(hello.get("kind", "no_daemon"), hello.get("message", "no greeting"))
+            while True:
+                line = await reader.readline()
+                if not line:
+                    if follow:
+                        return
+                    raise SpindleError("no_daemon", "the daemon closed the connection")
+                item = _log_item(json.loads(line))
+                if item is _LOG_END:
+                    return
+                if item is not None:
+                    yield item
+        finally:
+            writer.close()
 
     async def shutdown(self):
         return await self._run(self._m.shutdown)
