@@ -80,8 +80,28 @@ export class SpindleError extends Error {
   kind: string;
 }
 
+export interface ProcessEventRecord {
+  event: 'started' | 'stopping' | 'exited' | 'restarting' | 'stopped' | 'deleted' | 'gap';
+  id: number;
+  name?: string | null;
+  time: Date;
+  pid?: number;
+  /** `exited`: completed, crashed, killed or shutdown. */
+  reason?: string;
+  code?: number;
+  signal?: number;
+  /** `exited`: e.g. "heartbeat lost: …", a panic message. */
+  detail?: string | null;
+  /** `restarting`: milliseconds until the restart. */
+  delay?: number;
+  /** `gap`: events this listener missed (it was too slow). */
+  missed?: number;
+}
+
 export interface Manager {
   readonly home: string;
+  on(what: 'event', listener: (e: ProcessEventRecord) => void): this;
+  subscribe(): Promise<void>;
   readonly owned: boolean;
   start(opts: StartOptions | StartOptions[], how?: { ifAbsent?: boolean }): Promise<number[]>;
   stop(target: Target): Promise<number[]>;

@@ -24,6 +24,7 @@ const os = require('os');
 const path = require('path');
 const crypto = require('crypto');
 const { spawn } = require('child_process');
+const { EventEmitter } = require('events');
 
 const PROTOCOL = 1;
 const VERSION = require('./package.json').version;
@@ -259,9 +260,28 @@ async function startDaemon(bin, home, owner) {
   }
 }
 
-/** The services of one node. */
-class Manager {
+// A lifecycle frame as the `event` listeners get it.
+function eventOf(f) {
+  const exit = f.exit || null;
+  const status = exit && exit.status;
+  return {
+    event: f.event, id: f.id, name: f.name, time: new Date(f.at_ms), pid: f.pid,
+    reason: exit ? String(exit.reason).toLowerCase() : undefined,
+    code: status && status.code, signal: status && status.signal,
+    detail: exit ? exit.detail : undefined, delay: f.delay_ms, exit,
+  };
+}
+
+/** The services of one node. Emits `event` for every lifecycle change
+ *  (started, stopping, exited — with reason, code or signal, and detail such
+ *  as "heartbeat lost" —, restarting with its delay, stopped, deleted) once
+ *  a listener is added; `await pm.subscribe()` waits until they flow. */
+class Manager extends EventEmitter {
   constructor(conn, opts) {
+    super();
+    this.on('newListener', (what) => {
+      if (what === 'event') this.subscribe().catch((e) => this.emit('error', e));
+    });
     this.conn = conn;
     this.home = opts.home;
     this.owned = opts.owned;
@@ -343,6 +363,27 @@ class Manager {
       this.followers.delete(conn);
       conn.close();
     }
+  }
+
+  /** Starts the event stream (once); resolves when events flow. */
+  subscribe() {
+    if (this.subscribed) return this.subscribed;
+    this.subscribed = (async () => {
+      const conn = await Connection.open(this.sock);
+      this.followers.add(conn);
+      conn.write({ op: 'events' });
+      const first = await conn.next();
+      if (first.type === 'error') throw new SpindleError(first.kind, first.message);
+      (async () => {
+        for (;;) {
+          let f;
+          try { f = await conn.next(); } catch (_) { return; }
+          if (f.type === 'event') this.emit('event', eventOf(f));
+          else if (f.type === 'event_gap') this.emit('event', { event: 'gap', missed: f.missed, time: new Date() });
+        }
+      })();
+    })();
+    return this.subscribed;
   }
 
   /** Stops every service and the daemon, and waits for it to be gone. */

@@ -304,3 +304,52 @@ fn a_python_owner_owns_its_node_the_same_way_blocking_or_asyncio() {
         );
     }
 }
+
+#[test]
+fn events_arrive_in_order_with_their_reasons() {
+    let app = App::new();
+    let home = app.home();
+    let mut child = Owner(node("events.js", &[home.to_str().unwrap(), spindle_bin()]));
+    let said = first_line(&mut child);
+    let events = said.as_array().unwrap_or_else(|| panic!("{said}"));
+    let of = |name: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["name"] == name).collect()
+    };
+    // A crash, the schedule's delay, the next start: in that order.
+    let crash: Vec<&str> = of("crash")
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        &crash[..4],
+        ["started", "exited", "restarting", "started"],
+        "{crash:?}"
+    );
+    let exit = of("crash")[1];
+    assert_eq!(exit["reason"], "crashed", "{exit}");
+    assert_eq!(exit["code"], 3, "{exit}");
+    assert_eq!(of("crash")[2]["delay"], 50);
+    // A stop: asked, ended as killed, stays stopped; then deleted (by id).
+    let calm: Vec<&str> = of("calm")
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        calm,
+        ["started", "stopping", "exited", "stopped"],
+        "{calm:?}"
+    );
+    assert_eq!(of("calm")[2]["reason"], "killed");
+    assert!(
+        of("calm")[0]["pid"].as_u64().is_some(),
+        "started carries the pid"
+    );
+    let id = of("calm")[0]["id"].clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "deleted" && e["id"] == id),
+        "{said}"
+    );
+    until("the app ends", || child.try_wait().unwrap());
+}

@@ -26,6 +26,8 @@ pub enum Reply {
         backlog: Vec<Response>,
         follow: Vec<Follow>,
     },
+    /// Lifecycle events, as they happen.
+    Events(broadcast::Receiver<spindle_types::control::ProcessEvent>),
 }
 
 /// A live log subscription for one process.
@@ -223,10 +225,37 @@ async fn serve(
                     return stream_logs(r, w, follow).await;
                 }
             }
+            Ok(Reply::Events(rx)) => return stream_events(r, w, rx).await,
             Err(_) => write(w, &error(ErrorKind::ShuttingDown, "the daemon is stopping")).await?,
         }
     }
     Ok(())
+}
+
+/// Streams events until the client hangs up (or the daemon ends); a
+/// subscriber too slow for them hears how many it missed.
+async fn stream_events(
+    r: &mut BufReader<OwnedReadHalf>,
+    w: &mut OwnedWriteHalf,
+    mut rx: broadcast::Receiver<spindle_types::control::ProcessEvent>,
+) -> io::Result<()> {
+    write(w, &Response::Subscribed).await?;
+    let mut probe = [0u8; 64];
+    loop {
+        tokio::select! {
+            got = rx.recv() => match got {
+                Ok(event) => write(w, &Response::Event(event)).await?,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    write(w, &Response::EventGap { missed }).await?
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            n = r.read(&mut probe) => match n {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+        }
+    }
 }
 
 /// Streams live lines until the client hangs up.

@@ -62,6 +62,8 @@ pub enum Request {
     },
     Status,
     Shutdown,
+    /// Streams lifecycle events (`event` frames) until the client hangs up.
+    Events,
     /// Sends a request to a process on the node's behalf and waits for its
     /// response (`spindle send`).
     Send {
@@ -113,6 +115,14 @@ pub enum Response {
         missed: u64,
     },
     LogEnd,
+    /// The first answer to `events`: every event from here on will come.
+    Subscribed,
+    /// A lifecycle event, to an `events` subscriber.
+    Event(ProcessEvent),
+    /// Events were dropped for a subscriber that read too slowly.
+    EventGap {
+        missed: u64,
+    },
     Status(DaemonStatus),
     /// The response to a `send`: its body (UTF-8, lossily) and metadata.
     Reply {
@@ -124,6 +134,43 @@ pub enum Response {
         kind: ErrorKind,
         message: String,
     },
+}
+
+/// What happened to a process, as an `events` subscriber hears it, in the
+/// order it happened.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEvent {
+    pub event: EventKind,
+    pub id: ProcessNum,
+    pub name: Option<String>,
+    /// Wall-clock time, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// `started`: the OS pid of a native process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// `exited`: why (reason, code or signal, detail — "heartbeat lost: …").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<crate::ExitInfo>,
+    /// `restarting`: in how many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A run began (a native process: spawned; a wasm one: instantiated).
+    Started,
+    /// It was asked to stop (its stop request or signal went out).
+    Stopping,
+    /// A run ended; `exit` says how. A crash is `exit.reason == "crashed"`.
+    Exited,
+    /// The schedule starts it again after `delay_ms`.
+    Restarting,
+    /// It ended and stays stopped.
+    Stopped,
+    /// It left the table.
+    Deleted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,7 @@ impl Node {
                 ErrorKind::Internal,
                 "manifest entries reached the control loop unconverted",
             ),
+            Request::Events => Reply::Events(self.events.subscribe()),
             Request::List => Reply::One(Response::List {
                 processes: self.list(now),
             }),

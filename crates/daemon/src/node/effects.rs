@@ -2,8 +2,34 @@
 //! (watchdogs, memory caps).
 
 use super::*;
+use spindle_types::control::{EventKind, ProcessEvent};
+
+/// What an event carries besides its kind.
+#[derive(Default)]
+struct EventDetail {
+    pid: Option<u32>,
+    exit: Option<spindle_types::ExitInfo>,
+    delay: Option<Duration>,
+}
 
 impl Node {
+    /// Tells `events` subscribers what happened to `num` (nothing is built
+    /// while nobody listens).
+    fn tell(&self, event: EventKind, num: ProcessNum, detail: EventDetail) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.events.send(ProcessEvent {
+            event,
+            id: num,
+            name: self.kernel.get(num).and_then(|e| e.spec.name.clone()),
+            at_ms: wall_ms(),
+            pid: detail.pid,
+            exit: detail.exit,
+            delay_ms: detail.delay.map(|d| d.as_millis() as u64),
+        });
+    }
+
     /// Carries out the kernel's effects until it has none left, then persists.
     pub(super) fn apply(&mut self) {
         let mut dirty = false;
@@ -30,8 +56,16 @@ impl Node {
                                 }
                             }
                         };
-                        if let Err(e) = &result {
-                            tracing::error!("process {num}: {e}");
+                        match &result {
+                            Err(e) => tracing::error!("process {num}: {e}"),
+                            Ok(pid) => self.tell(
+                                EventKind::Started,
+                                num,
+                                EventDetail {
+                                    pid: *pid,
+                                    ..Default::default()
+                                },
+                            ),
                         }
                         self.kernel
                             .spawned(num, run, result, Instant::now(), wall_ms());
@@ -39,6 +73,7 @@ impl Node {
                     // A wasm process has no signals: it is asked by message,
                     // and killed when the grace is over.
                     Effect::AskStop { num, run, signal } => {
+                        self.tell(EventKind::Stopping, num, EventDetail::default());
                         let a = self.procs.get(&num);
                         if let Some(addr) = a.and_then(Attached::wasm) {
                             self.wasm.ask_stop(num, run, addr)
@@ -81,8 +116,35 @@ impl Node {
                             ),
                             None => tracing::info!("process {num}: {info}"),
                         }
+                        let stays = restart_in.is_none()
+                            && self
+                                .kernel
+                                .get(num)
+                                .is_some_and(|e| matches!(e.state, State::Stopped));
+                        self.tell(
+                            EventKind::Exited,
+                            num,
+                            EventDetail {
+                                exit: Some(info),
+                                ..Default::default()
+                            },
+                        );
+                        if let Some(d) = restart_in {
+                            let delay = Some(d);
+                            self.tell(
+                                EventKind::Restarting,
+                                num,
+                                EventDetail {
+                                    delay,
+                                    ..Default::default()
+                                },
+                            );
+                        } else if stays {
+                            self.tell(EventKind::Stopped, num, EventDetail::default());
+                        }
                     }
                     Effect::Removed { num } => {
+                        self.tell(EventKind::Deleted, num, EventDetail::default());
                         if let Some(addr) =
                             self.procs.remove(&num).as_ref().and_then(Attached::address)
                         {

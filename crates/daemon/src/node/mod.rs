@@ -218,6 +218,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         driver,
         wasm,
         procs: HashMap::new(),
+        events: broadcast::channel(EVENT_QUEUE).0,
         started: now,
         shutdown_waiters: vec![],
     };
@@ -290,6 +291,9 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Events kept for a slow `events` subscriber before it is told it missed some.
+const EVENT_QUEUE: usize = 1024;
+
 struct Node {
     paths: Paths,
     kernel: Kernel,
@@ -297,6 +301,8 @@ struct Node {
     wasm: WasmDriver,
     /// One record per process: its log tap and its place on the bus.
     procs: HashMap<ProcessNum, Attached>,
+    /// Lifecycle events for `events` subscribers (built only while one listens).
+    events: broadcast::Sender<spindle_types::control::ProcessEvent>,
     started: Instant,
     shutdown_waiters: Vec<oneshot::Sender<Reply>>,
 }
