@@ -258,6 +258,23 @@ def _log_item(f):
     return None
 
 
+def _event_item(f):
+    """An event frame as what `events` yields (None for others)."""
+    if f.get("type") == "event_gap":
+        return {"event": "gap", "missed": f["missed"], "time": time.time()}
+    if f.get("type") != "event":
+        return None
+    exit_ = f.get("exit") or {}
+    status = exit_.get("status") or {}
+    return {
+        "event": f["event"], "id": f["id"], "name": f.get("name"), "time": f["at_ms"] / 1000,
+        "pid": f.get("pid"), "reason": str(exit_["reason"]).lower() if exit_ else None,
+        "code": status.get("code") if isinstance(status, dict) else None,
+        "signal": status.get("signal") if isinstance(status, dict) else None,
+        "detail": exit_.get("detail"), "delay": f.get("delay_ms"), "exit": f.get("exit"),
+    }
+
+
 class Manager:
     """The services of one node (blocking)."""
 
@@ -323,6 +340,29 @@ class Manager:
                     yield item
         finally:
             conn.close()
+
+    def events(self):
+        """Lifecycle events as they happen (started, stopping, exited with
+        reason, code or signal and detail, restarting with its delay,
+        stopped, deleted), on a connection of its own: an iterator, returned
+        once the subscription is live (every later event will be in it)."""
+        conn = _Conn(self.sock)
+        conn.write({"op": "events"})
+        first = conn.read()
+        if first.get("type") != "subscribed":
+            conn.close()
+            raise SpindleError(first.get("kind", "no_daemon"), first.get("message", "no subscription"))
+
+        def stream():
+            try:
+                while True:
+                    item = _event_item(conn.read())
+                    if item is not None:
+                        yield item
+            finally:
+                conn.close()
+
+        return stream()
 
     def shutdown(self):
         self.call({"op": "shutdown"})
@@ -419,6 +459,36 @@ class AsyncManager:
                     yield item
         finally:
             writer.close()
+
+    async def events(self):
+        """Lifecycle events: an async iterator on an asyncio stream of its
+        own, returned once the subscription is live."""
+        reader, writer = await asyncio.open_unix_connection(self._m.sock, limit=MAX_FRAME)
+        try:
+            writer.write(json.dumps({"op": "hello", "protocol": PROTOCOL, "version": VERSION}).encode() + b"\n")
+            writer.write(b'{"op":"events"}\n')
+            await writer.drain()
+            for want in ("hello", "subscribed"):
+                f = json.loads(await reader.readline() or b"{}")
+                if f.get("type") != want:
+                    raise SpindleError(f.get("kind", "no_daemon"), f.get("message", "no subscription"))
+        except BaseException:
+            writer.close()
+            raise
+
+        async def stream():
+            try:
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        return
+                    item = _event_item(json.loads(line))
+                    if item is not None:
+                        yield item
+            finally:
+                writer.close()
+
+        return stream()
 
     async def shutdown(self):
         return await self._run(self._m.shutdown)

@@ -353,3 +353,34 @@ fn events_arrive_in_order_with_their_reasons() {
     );
     until("the app ends", || child.try_wait().unwrap());
 }
+
+#[test]
+fn python_hears_the_same_events() {
+    let app = App::new();
+    let home = app.home();
+    let mut child = Owner(
+        Command::new("python3")
+            .arg(fixture("events.py"))
+            .args([home.to_str().unwrap(), spindle_bin()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs"),
+    );
+    let said = first_line(&mut child);
+    let kinds: Vec<&str> = said
+        .as_array()
+        .unwrap_or_else(|| panic!("{said}"))
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "exited", "restarting", "started"],
+        "{said}"
+    );
+    assert_eq!(said[1]["reason"], "crashed");
+    assert_eq!(said[1]["code"], 3);
+    assert_eq!(said[2]["delay"], 50);
+    until("the app ends", || child.try_wait().unwrap());
+}
