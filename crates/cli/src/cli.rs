@@ -74,6 +74,13 @@ pub enum Cmd {
     },
     /// Boot a throw-away node with example processes and show what it does
     Demo,
+    /// Run a manifest in the foreground on a private node: output to stdout
+    /// prefixed by process name; SIGINT/SIGTERM stop everything (as PID 1 in
+    /// a container, it also reaps orphans)
+    Run {
+        /// The manifest (TOML) with [[process]] tables
+        manifest: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

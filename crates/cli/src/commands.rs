@@ -63,6 +63,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             Err(e) => Err(e.into()),
         },
         Cmd::Demo => crate::demo::run(),
+        Cmd::Run { manifest } => crate::run::run(cli.home.clone(), &manifest),
         Cmd::Db { cmd } => db(&home, cmd),
         cmd => {
             let mut client = connect(&home)?;
@@ -127,7 +128,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{reply}");
                     Ok(())
                 }
-                Cmd::Daemon { .. } | Cmd::Demo | Cmd::Db { .. } => unreachable!("handled above"),
+                Cmd::Daemon { .. } | Cmd::Demo | Cmd::Run { .. } | Cmd::Db { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     }

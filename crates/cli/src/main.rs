@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod demo;
+mod run;
 mod table;
 
 use clap::Parser;
