@@ -4,7 +4,8 @@
 //! `cargo build --release --workspace --bins && target/release/spindle-bench`.
 //! `--wasm`: only the wasm processes, native processes on the bus
 //! (in-process, on the daemon's own driver and bus) and the runtime modules;
-//! `--ipc`: only native processes on the bus; `--db`: only the modules.
+//! `--ipc`: only native processes on the bus; `--db`: only the modules;
+//! `--api`: only the Node control API (real `node`).
 //!
 //! Each scenario gets a fresh node in a temporary home. Waits poll the
 //! daemon with deadlines; times are wall-clock, CPU is the daemon's own
@@ -17,6 +18,7 @@ use spindle_types::{ProcessSpec, Selector};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod api;
 mod wasm;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -477,6 +479,12 @@ fn bench_trees(rows: &mut Vec<Row>) {
 fn main() {
     let mut rows = vec![];
     let flag = |f: &str| std::env::args().any(|a| a == f);
+    if flag("--api") {
+        eprintln!("the Node control API …");
+        api::run(&mut rows);
+        print_table(rows);
+        return;
+    }
     if flag("--wasm") || flag("--ipc") || flag("--db") {
         eprintln!("wasm processes …");
         let part = if flag("--ipc") {
@@ -502,6 +510,8 @@ fn main() {
     bench_trees(&mut rows);
     eprintln!("wasm processes …");
     wasm::run(&mut rows, wasm::Part::All);
+    eprintln!("the Node control API …");
+    api::run(&mut rows);
     print_table(rows);
 }
 
