@@ -100,6 +100,27 @@ impl App {
     fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }
+    /// The app has just ended: within the services' grace and a second,
+    /// every service and the daemon are gone, nothing of the node is left,
+    /// and the Node service's stopping handler ran.
+    fn all_gone_in_grace(&self, services: &[i32], daemon: i32, tag: &str, what: &str) {
+        let ended = Instant::now();
+        until("every service and the daemon are gone", || {
+            (services.iter().all(|&p| !alive(p)) && !alive(daemon)).then_some(())
+        });
+        let took = ended.elapsed();
+        assert!(took <= GRACE + Duration::from_secs(1), "{what}: {took:?}");
+        assert!(
+            tagged(tag).is_empty(),
+            "{what}: something of the node is left"
+        );
+        let mark = std::fs::read_to_string(self.dir.path().join("stopped")).unwrap_or_default();
+        assert!(
+            mark.contains("stopped cleanly"),
+            "{what}: the Node service's stopping handler did not run"
+        );
+    }
+
     fn owner(&self, mode: &str) -> (Owner, serde_json::Value) {
         let home = self.home();
         let mut child = node(
@@ -177,21 +198,7 @@ fn an_owned_node_ends_with_its_app_however_the_app_ends() {
             }
         }
         until("the app ends", || owner.try_wait().unwrap());
-        let ended = Instant::now();
-        until("every service and the daemon are gone", || {
-            (services.iter().all(|&p| !alive(p)) && !alive(daemon)).then_some(())
-        });
-        let took = ended.elapsed();
-        assert!(took <= GRACE + Duration::from_secs(1), "{mode}: {took:?}");
-        assert!(
-            tagged(&tag).is_empty(),
-            "{mode}: something of the node is left"
-        );
-        let mark = std::fs::read_to_string(app.dir.path().join("stopped")).unwrap_or_default();
-        assert!(
-            mark.contains("stopped cleanly"),
-            "{mode}: the Node service's stopping handler did not run"
-        );
+        app.all_gone_in_grace(&services, daemon, &tag, mode);
     }
 }
 
@@ -292,16 +299,7 @@ fn a_python_owner_owns_its_node_the_same_way_blocking_or_asyncio() {
         let services = tagged(&tag);
         signal(child.id(), libc::SIGKILL);
         until("the app ends", || child.try_wait().unwrap());
-        let ended = Instant::now();
-        until("every service and the daemon are gone", || {
-            (services.iter().all(|&p| !alive(p)) && !alive(daemon)).then_some(())
-        });
-        assert!(ended.elapsed() <= GRACE + Duration::from_secs(1), "{how}");
-        let mark = std::fs::read_to_string(app.dir.path().join("stopped")).unwrap_or_default();
-        assert!(
-            mark.contains("stopped cleanly"),
-            "{how}: no stopping handler ran"
-        );
+        app.all_gone_in_grace(&services, daemon, &tag, how);
     }
 }
 
