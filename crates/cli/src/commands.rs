@@ -136,12 +136,18 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn daemon_run(home: &Path, owner: Option<u32>) -> Result<(), Failure> {
+/// The daemon's log: plain lines on stderr, at `level` and above.
+pub fn init_logging(level: tracing::Level) {
     tracing_subscriber::fmt()
         .with_ansi(false)
         .with_target(false)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn daemon_run(home: &Path, owner: Option<u32>) -> Result<(), Failure> {
+    init_logging(tracing::Level::INFO);
     spindle_daemon::run(home, owner).map_err(|e| {
         tracing::error!("{e}");
         e.into()

@@ -43,12 +43,7 @@ pub fn run(home: Option<PathBuf>, manifest: &Path) -> Result<(), Failure> {
             true,
         ),
     };
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_target(false)
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::commands::init_logging(tracing::Level::WARN);
     let failed = Arc::new(AtomicBool::new(false));
     let feeder = {
         let (home, failed) = (home.clone(), failed.clone());

@@ -30,6 +30,19 @@ fn node(script: &str, args: &[&str]) -> Child {
         .expect("node runs")
 }
 
+/// Runs a Python fixture with `args`; its stdout is piped.
+fn python(script: &str, args: &[&str]) -> Owner {
+    Owner(
+        Command::new("python3")
+            .arg(fixture(script))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs"),
+    )
+}
+
 /// The first line `child` prints, as JSON, within the deadline.
 fn first_line(child: &mut Child) -> serde_json::Value {
     let out = child.stdout.take().unwrap();
@@ -275,19 +288,14 @@ fn a_python_owner_owns_its_node_the_same_way_blocking_or_asyncio() {
     for how in ["blocking", "async"] {
         let app = App::new();
         let home = app.home();
-        let mut child = Owner(
-            Command::new("python3")
-                .arg(fixture("owner.py"))
-                .args([
-                    how,
-                    home.to_str().unwrap(),
-                    spindle_bin(),
-                    app.dir.path().to_str().unwrap(),
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("python3 runs"),
+        let mut child = python(
+            "owner.py",
+            &[
+                how,
+                home.to_str().unwrap(),
+                spindle_bin(),
+                app.dir.path().to_str().unwrap(),
+            ],
         );
         let said = first_line(&mut child);
         assert_eq!(said["running"], 3, "{how}: {said}");
@@ -356,15 +364,7 @@ fn events_arrive_in_order_with_their_reasons() {
 fn python_hears_the_same_events() {
     let app = App::new();
     let home = app.home();
-    let mut child = Owner(
-        Command::new("python3")
-            .arg(fixture("events.py"))
-            .args([home.to_str().unwrap(), spindle_bin()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs"),
-    );
+    let mut child = python("events.py", &[home.to_str().unwrap(), spindle_bin()]);
     let said = first_line(&mut child);
     let kinds: Vec<&str> = said
         .as_array()

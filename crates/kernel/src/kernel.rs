@@ -171,14 +171,13 @@ impl Kernel {
     /// The table of an owned node after a daemon start: empty, but with the
     /// saved node tag (so the previous run's leftovers are found) and ids
     /// that continue (so logs and state of earlier runs are not reused).
-    pub fn fresh(snapshot: &TableSnapshot, owned: bool) -> Self {
+    pub fn fresh(snapshot: &TableSnapshot) -> Self {
         let mut k = Kernel::new(snapshot.node_tag.clone());
         k.next_num = snapshot
             .processes
             .iter()
             .map(|p| p.num.0 + 1)
             .fold(snapshot.next_num, u64::max);
-        k.owned = owned;
         k.effects.push(Effect::Persist);
         k
     }

@@ -186,7 +186,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     let mut kernel = match saved {
         // An owned node starts empty (its app starts its services), and so
         // does any daemon that finds an owned node's table.
-        Some(t) if owner.is_some() || t.owned => Kernel::fresh(&t, owner.is_some()),
+        Some(t) if owner.is_some() || t.owned => Kernel::fresh(&t),
         Some(t) => Kernel::restore(t, now),
         None => {
             let mut k = Kernel::new(node_tag);

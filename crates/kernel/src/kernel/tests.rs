@@ -499,7 +499,7 @@ fn an_owned_table_is_never_restored_and_its_ids_go_on() {
         serde_json::from_str(&serde_json::to_string(&f.k.snapshot()).unwrap()).unwrap();
     assert!(snap.owned, "the table says it is an owned node's");
     // Whoever boots on it next (owned again or not) starts nothing of it.
-    let mut k = Kernel::fresh(&snap, false);
+    let mut k = Kernel::fresh(&snap);
     assert_eq!(k.entries().count(), 0);
     assert!(
         !k.take_effects()
