@@ -29,7 +29,7 @@ struct Bench {
 fn spec(name: Option<&str>, guest: &str, public: bool) -> ProcessSpec {
     RawProcess {
         name: name.map(str::to_string),
-        wasm: Some(spindle_test_guests::path(guest).to_string_lossy().into()),
+        wasm: Some(spindle_guests::path(guest).to_string_lossy().into()),
         package: Some("bench:spindle".into()),
         public: Some(public),
         ..Default::default()
@@ -302,7 +302,7 @@ const NATIVE_ONE_WAY: u64 = 200_000;
 /// The native Rust example (same `spindle_process` API) against the wasm
 /// process `peer`: mean round trip, and one-way messages per second.
 async fn native_rust(b: &mut Bench, peer: &Address) -> Option<(Duration, f64)> {
-    let exe = spindle_test_guests::native("native-echo");
+    let exe = spindle_guests::native("native-echo");
     let child = start_bridged(b, &exe, &[], "rustbench")?;
     let me = child.address.clone();
     assert_eq!(
@@ -335,7 +335,7 @@ const BLOB_TRIPS: u32 = 7;
 /// `peer` (reflected, never loaded) and back, against a bare copy of 16 MiB
 /// through a socket: (trip, bare copy).
 async fn blob_trip(b: &mut Bench, peer: &Address) -> Option<(Duration, Duration)> {
-    let exe = spindle_test_guests::native("native-echo");
+    let exe = spindle_guests::native("native-echo");
     let child = start_bridged(b, &exe, &[], "blobbench")?;
     let me = child.address.clone();
     let ask = format!("blobtrip {peer} {BLOB}");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Starts the `dbuser` guest as `name` in `package`; returns its address.
 fn start_dbuser(n: &Node, name: &str, package: &str) -> String {
-    let guest = spindle_test_guests::path("dbuser");
+    let guest = spindle_guests::path("dbuser");
     n.ok(&[
         "start",
         guest.to_str().unwrap(),
@@ -118,7 +118,7 @@ fn processes_use_kv_and_sqlite_and_other_packages_need_a_grant() {
 #[test]
 fn a_native_process_uses_the_same_modules() {
     let n = Node::new();
-    let exe = spindle_test_guests::native("native-echo");
+    let exe = spindle_guests::native("native-echo");
     n.ok(&[
         "start",
         "--name",

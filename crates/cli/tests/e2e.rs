@@ -471,7 +471,7 @@ fn a_full_disk_is_reported_and_harms_nothing_else() {
 #[test]
 fn wasm_counter_over_send_survives_crashes_and_daemon_restarts() {
     let n = Node::new();
-    let counter = spindle_test_guests::path("counter");
+    let counter = spindle_guests::path("counter");
     let out = n.ok(&[
         "start",
         counter.to_str().unwrap(),
@@ -524,7 +524,7 @@ fn wasm_counter_over_send_survives_crashes_and_daemon_restarts() {
 #[test]
 fn capabilities_survive_a_daemon_kill() {
     let n = Node::new();
-    let echo = spindle_test_guests::path("echo");
+    let echo = spindle_guests::path("echo");
     let echo = echo.to_str().unwrap();
     for name in ["hub", "other"] {
         n.ok(&[
@@ -669,7 +669,7 @@ fn start_on_bus(n: &Node, name: &str, extra: &[&str], command: &[&str], up: &str
 /// Starts the echo guest as a public process `name` of package `t:spindle`;
 /// returns its address.
 fn start_echo(n: &Node, name: &str) -> String {
-    let echo = spindle_test_guests::path("echo");
+    let echo = spindle_guests::path("echo");
     n.ok(&[
         "start",
         echo.to_str().unwrap(),
@@ -772,7 +772,7 @@ fn a_native_rust_process_uses_the_same_api_as_wasm() {
     let n = Node::new();
     let w = start_echo(&n, "w");
     let w = w.as_str();
-    let exe = spindle_test_guests::native("native-echo");
+    let exe = spindle_guests::native("native-echo");
     let ne = start_on_bus(&n, "ne", &[], &[exe.to_str().unwrap()], "native-echo: up");
     assert_eq!(n.ok(&["send", &ne, "hello"]).trim(), "hello");
     // Native → wasm and wasm → native, with the same calls on both sides.
@@ -819,7 +819,7 @@ fn a_native_rust_process_uses_the_same_api_as_wasm() {
 fn capabilities_and_spawn_over_the_channel_as_for_wasm() {
     let n = Node::new();
     let echo = n.ship("echo");
-    let exe = spindle_test_guests::native("native-echo");
+    let exe = spindle_guests::native("native-echo");
     let ne = start_on_bus(&n, "ne", &[], &[exe.to_str().unwrap()], "native-echo: up");
     let js = fixture("ipc-client.js");
     let nc = start_on_bus(&n, "nc", &[], &["node", &js], "client: up");
@@ -888,7 +888,7 @@ fn capabilities_and_spawn_over_the_channel_as_for_wasm() {
     );
     // Only components inside the process's own folder: no absolute path,
     // no `..`, and never a word of a file's contents in the error.
-    let outside = spindle_test_guests::path("echo");
+    let outside = spindle_guests::path("echo");
     let got = n.ok(&["send", &ne, &format!("spawn abs {}", outside.display())]);
     assert!(got.contains("absolute"), "{got}");
     let got = n.ok(&["send", &ne, "spawn up ../echo.wasm"]);
@@ -912,7 +912,7 @@ fn bad_components_start_nothing() {
         e.contains("junk.wasm") && e.contains("not a valid WebAssembly component"),
         "{e}"
     );
-    let counter = spindle_test_guests::path("counter");
+    let counter = spindle_guests::path("counter");
     n.ok(&["start", counter.to_str().unwrap(), "--name", "c"]);
     let e = n.fails(&["start", counter.to_str().unwrap(), "--name", "c"]);
     assert!(e.contains("already used"), "{e}");
@@ -922,7 +922,7 @@ fn bad_components_start_nothing() {
 #[test]
 fn parent_runs_jobs_in_workers_and_retries_crashed_ones() {
     let n = Node::new();
-    let parent = spindle_test_guests::path("parent");
+    let parent = spindle_guests::path("parent");
     n.ok(&[
         "start",
         parent.to_str().unwrap(),
@@ -959,7 +959,7 @@ fn parent_runs_jobs_in_workers_and_retries_crashed_ones() {
 #[test]
 fn stopping_a_wasm_process_runs_its_on_stopping_hook() {
     let n = Node::new();
-    let echo = spindle_test_guests::path("echo");
+    let echo = spindle_guests::path("echo");
     n.ok(&[
         "start",
         echo.to_str().unwrap(),

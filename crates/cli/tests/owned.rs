@@ -335,6 +335,10 @@ fn events_arrive_in_order_with_their_reasons() {
     assert_eq!(exit["reason"], "crashed", "{exit}");
     assert_eq!(exit["code"], 3, "{exit}");
     assert_eq!(of("crash")[2]["delay"], 50);
+    // Stopped during its hour-long backoff: `stopped` follows at once.
+    let last = &crash[crash.len() - 2..];
+    assert_eq!(last, ["restarting", "stopped"], "{crash:?}");
+    assert_eq!(of("crash")[crash.len() - 2]["delay"], 3_600_000);
     // A stop: asked, ended as killed, stays stopped; then deleted (by id).
     let calm: Vec<&str> = of("calm")
         .iter()

@@ -53,7 +53,7 @@ impl Rig {
     fn spec(&self, name: &str, guest: &str, max_memory: Option<&str>) -> ProcessSpec {
         RawProcess {
             name: Some(name.into()),
-            wasm: Some(spindle_test_guests::path(guest).to_string_lossy().into()),
+            wasm: Some(spindle_guests::path(guest).to_string_lossy().into()),
             package: Some("demo:spindle".into()),
             max_memory: max_memory.map(str::to_string),
             ..Default::default()
@@ -393,11 +393,7 @@ async fn spawned_components_are_compiled_before_the_control_loop_sees_them() {
     let mut rig = Rig::new();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bad.wasm"), b"\0asm\x0d\0\x01\0garbage").unwrap();
-    std::fs::copy(
-        spindle_test_guests::path("echo"),
-        dir.path().join("echo.wasm"),
-    )
-    .unwrap();
+    std::fs::copy(spindle_guests::path("echo"), dir.path().join("echo.wasm")).unwrap();
     let calls = rig.driver.spawn_calls();
     // One that does not compile is answered without reaching the loop.
     let (call, answer) = spawn_call(dir.path(), "bad.wasm");

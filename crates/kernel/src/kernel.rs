@@ -127,6 +127,9 @@ pub enum Effect {
         info: ExitInfo,
         restart_in: Option<Duration>,
     },
+    /// It was waiting to restart and now stays stopped (no run ended: a
+    /// stop during backoff).
+    Settled { num: ProcessNum },
     /// The entry is gone from the table: release what belongs to it.
     Removed { num: ProcessNum },
     /// The persisted table changed: write [`Kernel::snapshot`].
@@ -564,7 +567,7 @@ impl Kernel {
                 match then {
                     AfterStop::Delete => self.remove(num),
                     AfterStop::Restart => self.spawn(num, now),
-                    AfterStop::Stay => {}
+                    AfterStop::Stay => self.effects.push(Effect::Settled { num }),
                 }
             }
             State::Stopped => {}

@@ -49,6 +49,12 @@ pub fn alive(pid: i32) -> bool {
 
 /// Processes on the machine whose environment carries `prefix` in SPINDLE_TAG.
 pub fn tagged(prefix: &str) -> Vec<i32> {
+    with_env(&format!("SPINDLE_TAG={prefix}"))
+}
+
+/// Live processes on the machine with an environment entry that starts
+/// with `entry` (`KEY=value…`).
+pub fn with_env(entry: &str) -> Vec<i32> {
     let mut out = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
@@ -57,7 +63,7 @@ pub fn tagged(prefix: &str) -> Vec<i32> {
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
         let hit = env
             .split(|&b| b == 0)
-            .any(|kv| kv.starts_with(format!("SPINDLE_TAG={prefix}").as_bytes()));
+            .any(|kv| kv.starts_with(entry.as_bytes()));
         if hit && alive(pid) {
             out.push(pid);
         }
@@ -145,11 +151,7 @@ impl Node {
     /// the file name to spawn it by.
     pub fn ship(&self, guest: &str) -> String {
         let name = format!("{guest}.wasm");
-        std::fs::copy(
-            spindle_test_guests::path(guest),
-            self.dir.path().join(&name),
-        )
-        .unwrap();
+        std::fs::copy(spindle_guests::path(guest), self.dir.path().join(&name)).unwrap();
         name
     }
 }

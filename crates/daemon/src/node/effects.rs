@@ -143,6 +143,9 @@ impl Node {
                             self.tell(EventKind::Stopped, num, EventDetail::default());
                         }
                     }
+                    Effect::Settled { num } => {
+                        self.tell(EventKind::Stopped, num, EventDetail::default())
+                    }
                     Effect::Removed { num } => {
                         self.tell(EventKind::Deleted, num, EventDetail::default());
                         if let Some(addr) =

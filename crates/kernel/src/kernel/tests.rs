@@ -34,6 +34,7 @@ struct Fake {
     killed: Vec<ProcessNum>,
     exits: Vec<(ProcessNum, ExitInfo, Option<Duration>)>,
     persisted: usize,
+    settled: Vec<ProcessNum>,
     next_pid: u32,
 }
 
@@ -50,6 +51,7 @@ impl Fake {
             killed: vec![],
             exits: vec![],
             persisted: 0,
+            settled: vec![],
             next_pid: 100,
         }
     }
@@ -80,6 +82,7 @@ impl Fake {
                         info,
                         restart_in,
                     } => self.exits.push((num, info, restart_in)),
+                    Effect::Settled { num } => self.settled.push(num),
                     Effect::Removed { .. } => {}
                     Effect::Persist => self.persisted += 1,
                 }
@@ -196,6 +199,7 @@ fn stop_during_backoff_cancels_the_restart() {
     f.k.stop(&Selector::Name("c".into()), f.now).unwrap();
     f.pump();
     assert_eq!(f.k.next_deadline(), None);
+    assert_eq!(f.settled, vec![n], "the stop is told though no run ended");
     f.advance(Duration::from_secs(60));
     assert_eq!(f.spawns.len(), 1);
     assert_eq!(*f.state(n), State::Stopped);

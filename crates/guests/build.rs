@@ -12,8 +12,11 @@ fn main() {
         "examples/Cargo.toml",
         "examples/Cargo.lock",
         "examples/counter",
-        "examples/testing",
+        "examples/middleware",
         "examples/native-echo",
+        "examples/parent",
+        "examples/testing",
+        "examples/worker",
         "crates/process-lib",
         "wit",
     ] {
