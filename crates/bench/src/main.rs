@@ -5,7 +5,8 @@
 //! `--wasm`: only the wasm processes, native processes on the bus
 //! (in-process, on the daemon's own driver and bus) and the runtime modules;
 //! `--ipc`: only native processes on the bus; `--db`: only the modules;
-//! `--api`: only the Node control API (real `node`).
+//! `--api`: only the Node control API (real `node`); `--scale`: only
+//! spawn and lifecycle at scale (the `spawner` guest in the real daemon).
 //!
 //! Each scenario gets a fresh node in a temporary home. Waits poll the
 //! daemon with deadlines; times are wall-clock, CPU is the daemon's own
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod api;
+mod scale;
 mod wasm;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -485,6 +487,12 @@ fn main() {
         print_table(rows);
         return;
     }
+    if flag("--scale") {
+        eprintln!("spawn and lifecycle at scale …");
+        scale::run(&mut rows);
+        print_table(rows);
+        return;
+    }
     if flag("--wasm") || flag("--ipc") || flag("--db") {
         eprintln!("wasm processes …");
         let part = if flag("--ipc") {
@@ -510,6 +518,8 @@ fn main() {
     bench_trees(&mut rows);
     eprintln!("wasm processes …");
     wasm::run(&mut rows, wasm::Part::All);
+    eprintln!("spawn and lifecycle at scale …");
+    scale::run(&mut rows);
     eprintln!("the Node control API …");
     api::run(&mut rows);
     print_table(rows);

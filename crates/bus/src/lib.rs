@@ -16,7 +16,7 @@
 //! Capabilities (`{issuer, params}`) are held per process id and outlive a
 //! process's runs, so a restart keeps what it held and what it granted. The
 //! kernel revokes everything a process issued when it is killed. A bus made
-//! with [`Bus::open`] also keeps them on disk ([`persist`]), so they outlive
+//! with [`Bus::open`] also keeps them in the node's journal ([`persist`]), so they outlive
 //! the daemon too. A process may message another if the target is public or
 //! it holds the target's messaging capability; it may attach a capability to
 //! a message only if it holds it or is its issuer — the bus decides, not the
@@ -37,10 +37,10 @@ pub use message::{
 };
 pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine};
 
-use persist::{CapsFileError, Persister};
+use persist::CapsFileError;
+use spindle_store::journal::Journal;
 use spindle_types::{Address, ProcessId};
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -294,7 +294,7 @@ pub struct Bus {
     endpoints: RwLock<HashMap<ProcessId, Arc<Endpoint>>>,
     caps: Arc<RwLock<Caps>>,
     /// Keeps `caps` on disk, for a bus made with [`Bus::open`].
-    persist: Option<Persister>,
+    journal: Option<Journal>,
     next_id: AtomicU64,
     /// Bytes queued in all mailboxes ([`NODE_QUEUED_BYTES`]).
     queued: Arc<AtomicUsize>,
@@ -311,7 +311,7 @@ impl Bus {
             node: node.into(),
             endpoints: RwLock::new(HashMap::new()),
             caps: Arc::default(),
-            persist: None,
+            journal: None,
             next_id: AtomicU64::new(1),
             queued: Arc::default(),
             package_queued: Default::default(),
@@ -319,21 +319,35 @@ impl Bus {
         }
     }
 
-    /// A bus whose capabilities are loaded from and kept in `caps_file`.
-    pub fn open(node: impl Into<String>, caps_file: &Path) -> Result<Bus, CapsFileError> {
-        let caps = Arc::new(RwLock::new(persist::load(caps_file)?));
-        let persist = Persister::start(caps_file.to_path_buf(), caps.clone())?;
+    /// A bus whose capabilities are kept in `journal`, starting from its
+    /// capability rows (`rows`, of kind [`persist::KIND`]).
+    pub fn open(
+        node: impl Into<String>,
+        journal: Journal,
+        rows: &[(String, Vec<u8>)],
+    ) -> Result<Bus, CapsFileError> {
+        let caps = Arc::new(RwLock::new(persist::from_rows(rows)?));
         Ok(Bus {
             caps,
-            persist: Some(persist),
+            journal: Some(journal),
             ..Bus::new(node)
         })
     }
 
-    /// Notes a change to the capability table for the writer.
-    fn caps_changed(&self) {
-        if let Some(p) = &self.persist {
-            p.changed();
+    /// Stages the rows of capabilities `holder` gained and lost.
+    fn stage<'a>(
+        &self,
+        holder: &ProcessId,
+        added: impl IntoIterator<Item = &'a Capability>,
+        removed: impl IntoIterator<Item = &'a Capability>,
+    ) {
+        if let Some(j) = &self.journal {
+            for c in added {
+                j.put(persist::KIND, persist::key(holder, c), vec![]);
+            }
+            for c in removed {
+                j.delete(persist::KIND, persist::key(holder, c));
+            }
         }
     }
 
@@ -341,10 +355,27 @@ impl Bus {
     /// for an in-memory bus). An error says why the last write failed; the
     /// change is in effect in memory regardless.
     pub async fn persisted(&self) -> Result<(), persist::NotSaved> {
-        match &self.persist {
-            Some(p) => p.durable(p.latest()).await,
+        match &self.journal {
+            Some(j) => j.flush().await,
             None => Ok(()),
         }
+    }
+
+    /// For changes that may be acknowledged before they are durable (a
+    /// spawn's): returns at once while the journal keeps up — its oldest
+    /// commit not yet durable is younger than
+    /// [`COMMIT_WINDOW`](spindle_store::journal::COMMIT_WINDOW) — and waits
+    /// like [`Bus::persisted`] otherwise.
+    pub async fn persisted_within_window(&self) -> Result<(), persist::NotSaved> {
+        match &self.journal {
+            Some(j) if j.lag() > spindle_store::journal::COMMIT_WINDOW => j.flush().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The journal the capabilities are kept in, if any.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
     }
 
     /// Drops holders that are not `known`, and capabilities issued by
@@ -352,16 +383,21 @@ impl Bus {
     /// no longer exist, so a later process with the same name inherits nothing.
     pub fn retain(&self, known: impl Fn(&ProcessId) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let before: usize = caps.values().map(HashSet::len).sum();
-        caps.retain(|holder, _| known(holder));
-        for set in caps.values_mut() {
-            set.retain(|c| known(&c.issuer.process));
+        for (holder, set) in caps.iter_mut() {
+            let gone: Vec<Capability> = if known(holder) {
+                set.iter()
+                    .filter(|c| !known(&c.issuer.process))
+                    .cloned()
+                    .collect()
+            } else {
+                set.iter().cloned().collect()
+            };
+            for c in &gone {
+                set.remove(c);
+            }
+            self.stage(holder, [], &gone);
         }
-        let after: usize = caps.values().map(HashSet::len).sum();
-        drop(caps);
-        if after != before {
-            self.caps_changed();
-        }
+        caps.retain(|_, set| !set.is_empty());
     }
 
     pub fn node(&self) -> &str {
@@ -496,42 +532,27 @@ impl Bus {
     pub fn grant(&self, process: &ProcessId, new: impl IntoIterator<Item = Capability>) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
         let set = caps.entry(process.clone()).or_default();
-        let mut added = false;
-        for c in new {
-            added |= set.insert(c);
-        }
-        drop(caps);
-        if added {
-            self.caps_changed();
-        }
+        let added: Vec<Capability> = new.into_iter().filter(|c| set.insert(c.clone())).collect();
+        self.stage(process, &added, []);
     }
 
     pub fn revoke(&self, process: &ProcessId, gone: &[Capability]) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let mut removed = false;
         if let Some(s) = caps.get_mut(process) {
-            for c in gone {
-                removed |= s.remove(c);
-            }
-        }
-        drop(caps);
-        if removed {
-            self.caps_changed();
+            let removed: Vec<&Capability> = gone.iter().filter(|c| s.remove(*c)).collect();
+            self.stage(process, [], removed);
         }
     }
 
     /// Revokes, from every holder, every capability `issuer` issued (it was killed).
     pub fn revoke_issued_by(&self, issuer: &Address) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let mut removed = false;
-        for s in caps.values_mut() {
-            let before = s.len();
-            s.retain(|c| &c.issuer != issuer);
-            removed |= s.len() != before;
-        }
-        drop(caps);
-        if removed {
-            self.caps_changed();
+        for (holder, s) in caps.iter_mut() {
+            let gone: Vec<Capability> = s.iter().filter(|c| &c.issuer == issuer).cloned().collect();
+            for c in &gone {
+                s.remove(c);
+            }
+            self.stage(holder, [], &gone);
         }
     }
 
@@ -542,8 +563,8 @@ impl Bus {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(process);
-        if removed.is_some() {
-            self.caps_changed();
+        if let Some(set) = removed {
+            self.stage(process, [], &set);
         }
     }
 

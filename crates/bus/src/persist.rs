@@ -1,36 +1,28 @@
 //! Capabilities on disk, so grants outlive the daemon.
 //!
-//! The capability table lives in memory and is written whole to
-//! `capabilities.json` (via [`spindle_store::write_durable`]) by a writer
-//! thread of its own. Every change bumps a generation number and wakes the
-//! writer; the writer snapshots the table and writes it, so a burst of changes
-//! costs one write (group commit) and no change ever waits on the disk while
-//! holding the table's lock. Whoever must know that a change is durable —
-//! a process whose `save-capabilities` or `spawn` is about to return — awaits
-//! [`Bus::persisted`](crate::Bus::persisted), which waits for the generation
-//! of the latest change.
+//! The capability table lives in memory; a bus made with
+//! [`Bus::open`](crate::Bus::open) also keeps it in the node's journal
+//! ([`spindle_store::journal`]), one row per `(holder, capability)`. Every
+//! grant and revocation stages its rows; they become durable with the next
+//! commit, which groups whatever was staged meanwhile. Whoever must know a
+//! change is durable — a process whose `save-capabilities` is about to
+//! return — awaits [`Bus::persisted`](crate::Bus::persisted). A spawn may
+//! return first, within the journal's
+//! [`COMMIT_WINDOW`](spindle_store::journal::COMMIT_WINDOW).
 //!
-//! A failed write (a full disk) is retried every [`RETRY_EVERY`]; waiters are
-//! told it failed, and the in-memory table keeps working meanwhile.
+//! `capabilities.json`, the whole-file form earlier versions wrote, is read
+//! once ([`load_legacy`]) and imported.
 
 use crate::{Capability, Caps};
-use spindle_types::ProcessId;
+use spindle_types::{Address, ProcessId};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
-use std::time::Duration;
-use tokio::sync::watch;
 
-/// Capability changes in effect in memory but not (yet) on disk: why the
-/// last write failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct NotSaved(pub String);
+pub use spindle_store::journal::NotSaved;
 
+/// The journal's kind for capability rows.
+pub const KIND: &str = "capability";
 /// Version of `capabilities.json`; a newer file is refused, not misread.
 pub const CAPS_VERSION: u32 = 1;
-/// How often a write that failed is tried again.
-pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CapsFileError {
@@ -43,8 +35,8 @@ pub enum CapsFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot start the capability writer: {0}")]
-    Thread(std::io::Error),
+    #[error("a capability row in the node's journal is damaged ({key}): {why}")]
+    Row { key: String, why: String },
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -59,26 +51,9 @@ struct Holder {
     capabilities: Vec<Capability>,
 }
 
-/// The outcome of the writer's latest attempt.
-#[derive(Debug, Clone, Default)]
-struct Written {
-    /// The generation the attempt covered.
-    generation: u64,
-    /// `None` if it is on disk.
-    error: Option<String>,
-}
-
-/// Keeps `capabilities.json` in step with the table. See the module docs.
-#[derive(Debug)]
-pub(crate) struct Persister {
-    changed: Arc<AtomicU64>,
-    wake: mpsc::Sender<()>,
-    written: watch::Receiver<Written>,
-}
-
 /// Reads `capabilities.json`: a missing file is an empty table; a corrupt one
 /// is moved aside (and reported), a newer one refused.
-pub(crate) fn load(path: &Path) -> Result<Caps, CapsFileError> {
+pub fn load_legacy(path: &Path) -> Result<Caps, CapsFileError> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Caps::default()),
@@ -122,133 +97,27 @@ pub(crate) fn load(path: &Path) -> Result<Caps, CapsFileError> {
     }
 }
 
-fn encode(caps: &Caps) -> Vec<u8> {
-    let mut holders: Vec<Holder> = caps
-        .iter()
-        .filter(|(_, set)| !set.is_empty())
-        .map(|(process, set)| {
-            let mut capabilities: Vec<Capability> = set.iter().cloned().collect();
-            capabilities.sort_by(|a, b| (&a.issuer, &a.params).cmp(&(&b.issuer, &b.params)));
-            Holder {
-                process: process.clone(),
-                capabilities,
-            }
-        })
-        .collect();
-    holders.sort_by_key(|h| h.process.to_string());
-    serde_json::to_vec_pretty(&File {
-        version: CAPS_VERSION,
-        holders,
-    })
-    .expect("capabilities serialise")
+/// The row key of `holder` holding `cap`: `[holder, issuer, params]` as JSON.
+pub(crate) fn key(holder: &ProcessId, cap: &Capability) -> String {
+    serde_json::to_string(&(holder.to_string(), cap.issuer.to_string(), &cap.params))
+        .expect("strings serialise")
 }
 
-impl Persister {
-    /// Starts the writer thread for `caps`, kept in `path`.
-    pub(crate) fn start(
-        path: PathBuf,
-        caps: Arc<std::sync::RwLock<Caps>>,
-    ) -> Result<Persister, CapsFileError> {
-        let (wake, woken) = mpsc::channel::<()>();
-        let (tell, written) = watch::channel(Written::default());
-        let changed = Arc::new(AtomicU64::new(0));
-        let counter = changed.clone();
-        std::thread::Builder::new()
-            .name("spindle-caps".into())
-            .spawn(move || writer(&path, &caps, &counter, woken, tell))
-            .map_err(CapsFileError::Thread)?;
-        Ok(Persister {
-            changed,
-            wake,
-            written,
-        })
-    }
-
-    /// Records a change (made before this call) for the writer.
-    pub(crate) fn changed(&self) {
-        self.changed.fetch_add(1, Ordering::AcqRel);
-        let _ = self.wake.send(());
-    }
-
-    /// The generation of the latest change.
-    pub(crate) fn latest(&self) -> u64 {
-        self.changed.load(Ordering::Acquire)
-    }
-
-    /// Waits until every change up to `generation` is on disk, or a write
-    /// covering it failed.
-    pub(crate) async fn durable(&self, generation: u64) -> Result<(), NotSaved> {
-        let mut rx = self.written.clone();
-        loop {
-            {
-                let w = rx.borrow_and_update();
-                if w.generation >= generation {
-                    return w.error.clone().map_or(Ok(()), |why| Err(NotSaved(why)));
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(NotSaved("the capability writer has stopped".into()));
-            }
-        }
-    }
-}
-
-/// The writer thread: waits for changes, writes the latest table, reports.
-/// Ends (after a last write, if one is due) when the bus is dropped.
-fn writer(
-    path: &Path,
-    caps: &std::sync::RwLock<Caps>,
-    changed: &AtomicU64,
-    woken: mpsc::Receiver<()>,
-    tell: watch::Sender<Written>,
-) {
-    let mut on_disk = 0;
-    let mut failing = false;
-    loop {
-        let closed = if failing {
-            matches!(
-                woken.recv_timeout(RETRY_EVERY),
-                Err(mpsc::RecvTimeoutError::Disconnected)
-            )
-        } else {
-            woken.recv().is_err()
+/// The table from its rows.
+pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Result<Caps, CapsFileError> {
+    let mut caps = Caps::default();
+    for (k, _) in rows {
+        let bad = |why: String| CapsFileError::Row {
+            key: spindle_types::id::shown(k).to_string(),
+            why,
         };
-        // Coalesce: everything that changed until now goes into this write.
-        while woken.try_recv().is_ok() {}
-        let generation = changed.load(Ordering::Acquire);
-        if generation != on_disk {
-            let bytes = encode(&caps.read().unwrap_or_else(|p| p.into_inner()));
-            match spindle_store::write_durable(path, &bytes) {
-                Ok(()) => {
-                    on_disk = generation;
-                    if failing {
-                        tracing::info!("capabilities written to {} again", path.display());
-                    }
-                    failing = false;
-                    tell.send_replace(Written {
-                        generation,
-                        error: None,
-                    });
-                }
-                Err(e) => {
-                    let error = format!(
-                        "cannot write {}: {e} (capabilities stay in effect in memory; retrying every {}s)",
-                        path.display(),
-                        RETRY_EVERY.as_secs()
-                    );
-                    if !failing {
-                        tracing::error!("{error}");
-                    }
-                    failing = true;
-                    tell.send_replace(Written {
-                        generation,
-                        error: Some(error),
-                    });
-                }
-            }
-        }
-        if closed {
-            return;
-        }
+        let (holder, issuer, params): (String, String, String) =
+            serde_json::from_str(k).map_err(|e| bad(e.to_string()))?;
+        let holder: ProcessId = holder.parse().map_err(|e| bad(format!("{e}")))?;
+        let issuer: Address = issuer.parse().map_err(|e| bad(format!("{e}")))?;
+        caps.entry(holder)
+            .or_default()
+            .insert(Capability { issuer, params });
     }
+    Ok(caps)
 }

@@ -563,10 +563,14 @@ fn capabilities_survive_a_daemon_kill() {
     assert_eq!(call(hub, "two"), "ok two");
     let denied = call("local@other:t:spindle", "x");
     assert!(denied.starts_with("err no-capability"), "{denied}");
-    let file = std::fs::read_to_string(n.home().join("capabilities.json")).unwrap();
+    let rows: Vec<String> = records(&n.home())["capability"]
+        .iter()
+        .map(|(k, _)| k.clone())
+        .collect();
     assert!(
-        file.contains("hub:t:spindle") && file.contains("local@kid:t:spindle"),
-        "{file}"
+        rows.iter()
+            .any(|k| k.contains("hub:t:spindle") && k.contains("local@kid:t:spindle")),
+        "{rows:?}"
     );
 
     // Deleting the child revokes what it issued: a new `kid` is not reachable
@@ -981,4 +985,55 @@ fn stopping_a_wasm_process_runs_its_on_stopping_hook() {
     assert_eq!(p.last_exit.unwrap().reason, ExitReason::Killed);
     let log = std::fs::read_to_string(&p.log_out).unwrap();
     assert!(log.contains("echo: stopping cleanly"), "{log}");
+}
+
+#[test]
+fn a_home_of_an_earlier_version_is_imported_once_and_keeps_running() {
+    let n = Node::new();
+    let home = n.home();
+    std::fs::create_dir_all(&home).unwrap();
+    let tag = format!("import{}", std::process::id());
+    let table = serde_json::json!({
+        "version": 1, "node_tag": tag, "next_num": 8,
+        "processes": [{
+            "num": 7,
+            "spec": {
+                "name": "old", "program": { "native": { "command": "sleep", "args": ["1000"], "cwd": "/",
+                    "ipc": { "package": "demo:spindle", "public": false } } },
+                "env": {}, "log": { "out": null, "err": null, "strip_ansi": false, "timestamps": false, "max_size": 67108864, "keep": 3 },
+                "restart": { "delays": [100], "ok": 1800000 }, "on_exit": "restart", "grace": 200,
+                "stop_signal": "SIGTERM", "max_memory": null
+            },
+            "desired": "running", "restarts": 2, "last_exit": null
+        }]
+    });
+    std::fs::write(home.join("table.json"), table.to_string()).unwrap();
+    let caps = r#"{"version": 1, "holders": [{"process": "old:demo:spindle", "capabilities": [{"issuer": "local@old:demo:spindle", "params": "\"messaging\""}]}]}"#;
+    std::fs::write(home.join("capabilities.json"), caps).unwrap();
+
+    n.ok(&["ls"]);
+    until("the imported process running", || {
+        n.list().into_iter().find(|p| {
+            p.id == spindle_types::ProcessNum(7)
+                && p.state == StateLabel::Running
+                && p.restarts == 2
+        })
+    });
+    assert_eq!(
+        n.node_tag(),
+        tag,
+        "the node keeps its tag (leftovers stay findable)"
+    );
+    assert!(!home.join("table.json").exists());
+    assert!(
+        home.join("table.json.imported").exists(),
+        "the old file is kept"
+    );
+    assert!(home.join("capabilities.json.imported").exists());
+    let rows = records(&home);
+    assert_eq!(rows["capability"].len(), 1, "{rows:?}");
+    // A later process gets a fresh id, after the imported ones.
+    n.ok(&["start", "--name", "new", "--", "sleep", "1000"]);
+    assert_eq!(n.id_of("new"), spindle_types::ProcessNum(8));
+    n.ok(&["daemon", "stop"]);
 }

@@ -94,12 +94,6 @@ fn programs(tag: &str) -> std::collections::BTreeMap<String, usize> {
     out
 }
 
-fn node_tag(home: &Path) -> String {
-    let t: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(home.join("table.json")).unwrap()).unwrap();
-    t["node_tag"].as_str().unwrap().to_string()
-}
-
 struct App {
     dir: tempfile::TempDir,
 }
@@ -195,7 +189,7 @@ fn an_owned_node_ends_with_its_app_however_the_app_ends() {
         };
         let (mut owner, said) = app.owner(wait);
         let daemon = said["daemon"].as_i64().unwrap() as i32;
-        let tag = node_tag(&app.home());
+        let tag = node_tag_of(&app.home());
         // node, python3, sh and its two sleeps.
         until("the services and the grandchildren run", || {
             (programs(&tag) == one_set()).then_some(())
@@ -219,7 +213,7 @@ fn an_owned_node_ends_with_its_app_however_the_app_ends() {
 fn an_app_started_again_after_its_node_crashed_runs_one_set() {
     let app = App::new();
     let (mut first, said) = app.owner("wait");
-    let tag = node_tag(&app.home());
+    let tag = node_tag_of(&app.home());
     until("the services and the grandchildren run", || {
         (programs(&tag) == one_set()).then_some(())
     });
@@ -300,7 +294,7 @@ fn a_python_owner_owns_its_node_the_same_way_blocking_or_asyncio() {
         let said = first_line(&mut child);
         assert_eq!(said["running"], 3, "{how}: {said}");
         let daemon = said["daemon"].as_i64().unwrap() as i32;
-        let tag = node_tag(&home);
+        let tag = node_tag_of(&home);
         until("the services and the grandchildren run", || {
             (programs(&tag) == one_set()).then_some(())
         });

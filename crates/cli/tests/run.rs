@@ -56,9 +56,7 @@ fn run_prints_prefixed_lines_and_a_sigterm_stops_everything_with_exit_0() {
     assert_eq!(got, ["talker | hello", "talker | oops"]);
     let pid = child.id();
     // Its private node's processes, by the node's tag.
-    let table = std::env::temp_dir().join(format!("spindle-run-{pid}/table.json"));
-    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(table).unwrap()).unwrap();
-    let tag = t["node_tag"].as_str().unwrap().to_string();
+    let tag = node_tag_of(&std::env::temp_dir().join(format!("spindle-run-{pid}")));
     let services = tagged(&tag);
     assert!(services.len() >= 2, "{services:?}");
     sigterm(pid);

@@ -5,7 +5,7 @@
 //! (`$SPINDLE_HOME`, default `~/.spindle`) and serves until told to stop.
 //!
 //! Boot, in order: create the home (mode 0700); take `daemon.lock` (one daemon
-//! per home, ever); read `table.json`; kill whatever an earlier daemon of this
+//! per home, ever); read the table from `node.db`; kill whatever an earlier daemon of this
 //! node left running (it may have been SIGKILLed: its direct children died by
 //! `PDEATHSIG`, its double-forked grandchildren are found by their tag); bind
 //! `spindle.sock` (mode 0600); become a child subreaper; restart what the table
@@ -19,8 +19,9 @@
 //! tasks of their own that only parse, forward and write back; log followers
 //! read from per-process broadcast channels and never touch the loop.
 //!
-//! The table is persisted with write-temp, fsync, rename, fsync-directory
-//! ([`table`]) whenever what should run changes — not on every exit.
+//! The table is persisted as rows of the node's journal ([`table`]): after
+//! every step of the loop, the rows that changed are staged and committed
+//! (group commit) — whenever what should run changes, not on every exit.
 //! Shutdown stops every process gracefully (reason `Shutdown`), keeps them
 //! marked to run, writes the table, and removes the socket.
 
@@ -40,9 +41,13 @@ pub struct Paths {
     pub home: PathBuf,
     pub socket: PathBuf,
     pub lock: PathBuf,
-    pub table: PathBuf,
-    /// Who holds which capabilities (see `spindle_bus::persist`).
-    pub capabilities: PathBuf,
+    /// The node's records: the process table and the capabilities
+    /// (see [`table`] and `spindle_bus::persist`).
+    pub journal: PathBuf,
+    /// Where earlier versions kept the table and the capabilities; read
+    /// once, imported, and renamed `<name>.imported`.
+    pub legacy_table: PathBuf,
+    pub legacy_capabilities: PathBuf,
     pub logs: PathBuf,
     pub daemon_log: PathBuf,
     /// The `kv` and `sqlite` modules' databases (see `spindle_db`).
@@ -55,8 +60,9 @@ impl Paths {
             home: home.to_path_buf(),
             socket: home.join("spindle.sock"),
             lock: home.join("daemon.lock"),
-            table: home.join("table.json"),
-            capabilities: home.join("capabilities.json"),
+            journal: home.join("node.db"),
+            legacy_table: home.join("table.json"),
+            legacy_capabilities: home.join("capabilities.json"),
             logs: home.join("logs"),
             daemon_log: home.join("daemon.log"),
             db: home.join("db"),
@@ -85,6 +91,10 @@ pub enum DaemonError {
     Table(#[from] table::TableError),
     #[error(transparent)]
     Capabilities(#[from] spindle_bus::persist::CapsFileError),
+    #[error(transparent)]
+    Journal(#[from] spindle_store::journal::JournalError),
+    #[error("cannot import {path} into node.db: {why} (the file is kept)")]
+    Import { path: PathBuf, why: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("the runtime modules could not start: {0}")]

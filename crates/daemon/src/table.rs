@@ -1,9 +1,100 @@
-//! The persisted process table: `table.json`, written atomically and durably.
+//! The persisted process table: a record of the table and one row per
+//! process in the node's journal (`node.db`, see
+//! [`spindle_store::journal`]), so a lifecycle change writes one row
+//! whatever the table's size. `table.json`, the whole-file form of earlier
+//! versions, is read once and imported ([`load_legacy`]).
 
-use spindle_kernel::{TABLE_VERSION, TableSnapshot};
+use spindle_kernel::{SavedProcess, TABLE_VERSION, TableChanges, TableMeta, TableSnapshot};
+use spindle_store::journal::{Journal, Records};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+
+/// The journal's kind for the table's own record (one row, [`META_KEY`]).
+pub const META_KIND: &str = "table";
+pub const META_KEY: &str = "table";
+/// The journal's kind for process rows, keyed by id.
+pub const PROCESS_KIND: &str = "process";
+
+/// The table as the journal holds it: `None` for a node that never wrote
+/// one. A row that cannot be read is reported and left out; the rest of
+/// the table stands.
+pub fn from_records(records: &Records) -> Result<Option<TableSnapshot>, TableError> {
+    let Some((_, meta)) = records
+        .get(META_KIND)
+        .and_then(|rows| rows.iter().find(|(k, _)| k == META_KEY))
+    else {
+        return Ok(None);
+    };
+    #[derive(serde::Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    if let Ok(v) = serde_json::from_slice::<Version>(meta)
+        && v.version > TABLE_VERSION
+    {
+        return Err(TableError::TooNew {
+            path: "node.db".into(),
+            found: v.version,
+        });
+    }
+    let meta: TableMeta = serde_json::from_slice(meta).map_err(|e| TableError::Row {
+        key: META_KEY.into(),
+        why: e.to_string(),
+    })?;
+    let mut processes: Vec<SavedProcess> = vec![];
+    for (key, row) in records.get(PROCESS_KIND).into_iter().flatten() {
+        match serde_json::from_slice::<SavedProcess>(row) {
+            Ok(p) => processes.push(p),
+            Err(e) => tracing::error!(
+                "process row {} in node.db cannot be read ({e}); that process is left out",
+                spindle_types::id::shown(key)
+            ),
+        }
+    }
+    processes.sort_by_key(|p| p.num);
+    Ok(Some(TableSnapshot {
+        version: meta.version,
+        node_tag: meta.node_tag,
+        owned: meta.owned,
+        next_num: meta.next_num,
+        processes,
+    }))
+}
+
+/// Stages what changed for the journal's next commit.
+pub fn stage(journal: &Journal, changes: TableChanges) {
+    if let Some(meta) = changes.meta {
+        journal.put(META_KIND, META_KEY, json(&meta));
+    }
+    for p in changes.put {
+        journal.put(PROCESS_KIND, p.num.0.to_string(), json(&p));
+    }
+    for num in changes.delete {
+        journal.delete(PROCESS_KIND, num.0.to_string());
+    }
+}
+
+/// Stages a whole table (an import of `table.json`).
+pub fn stage_all(journal: &Journal, table: &TableSnapshot) {
+    stage(
+        journal,
+        TableChanges {
+            meta: Some(TableMeta {
+                version: TABLE_VERSION,
+                node_tag: table.node_tag.clone(),
+                owned: table.owned,
+                next_num: table.next_num,
+            }),
+            put: table.processes.clone(),
+            delete: vec![],
+        },
+    );
+}
+
+fn json(v: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).expect("the table serialises")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -13,14 +104,14 @@ pub enum TableError {
     TooNew { path: PathBuf, found: u32 },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("cannot write {path}: {source} (the previous table is kept)")]
-    Write { path: PathBuf, source: io::Error },
+    #[error("the table's record in node.db cannot be read ({key}): {why}")]
+    Row { key: String, why: String },
 }
 
 /// Reads the table. A missing file is an empty node. A file that is not a
 /// table is moved aside (never deleted) and reported, so the node still
 /// boots and nothing is lost.
-pub fn load(path: &Path) -> Result<Option<TableSnapshot>, TableError> {
+pub fn load_legacy(path: &Path) -> Result<Option<TableSnapshot>, TableError> {
     let text = match fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -61,16 +152,6 @@ pub fn load(path: &Path) -> Result<Option<TableSnapshot>, TableError> {
     }
 }
 
-/// Writes the table durably: temp file, fsync, rename over, fsync the directory.
-/// On failure (a full disk) the previous table stays in place.
-pub fn save(path: &Path, table: &TableSnapshot) -> Result<(), TableError> {
-    let text = serde_json::to_vec_pretty(table).expect("the table serialises");
-    spindle_store::write_durable(path, &text).map_err(|source| TableError::Write {
-        path: path.into(),
-        source,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,22 +166,81 @@ mod tests {
         }
     }
 
-    #[test]
-    fn round_trip_and_missing() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("table.json");
-        assert!(load(&p).unwrap().is_none());
-        save(&p, &table()).unwrap();
-        assert_eq!(load(&p).unwrap().unwrap(), table());
-        assert!(!dir.path().join("table.json.tmp").exists());
+    fn reopen(p: &Path) -> Records {
+        Journal::open(p).unwrap().1
     }
 
     #[test]
-    fn corrupt_table_is_moved_aside_not_lost() {
+    fn the_table_round_trips_through_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node.db");
+        let (j, records) = Journal::open(&p).unwrap();
+        assert!(from_records(&records).unwrap().is_none(), "a new node");
+        let mut t = table();
+        let raw = spindle_types::manifest::RawProcess {
+            name: Some("api".into()),
+            command: Some("sleep".into()),
+            ..Default::default()
+        };
+        t.processes.push(SavedProcess {
+            num: spindle_types::ProcessNum(3),
+            spec: raw.into_spec(1, dir.path()).unwrap(),
+            desired: spindle_kernel::Desired::Running,
+            restarts: 2,
+            last_exit: None,
+        });
+        stage_all(&j, &t);
+        j.flush_blocking().unwrap();
+        assert_eq!(from_records(&reopen(&p)).unwrap().unwrap(), t);
+        // A delete removes the row, and nothing else.
+        stage(
+            &j,
+            TableChanges {
+                delete: vec![spindle_types::ProcessNum(3)],
+                ..Default::default()
+            },
+        );
+        j.flush_blocking().unwrap();
+        assert_eq!(from_records(&reopen(&p)).unwrap().unwrap(), table());
+    }
+
+    #[test]
+    fn a_damaged_row_is_left_out_and_a_newer_table_refused() {
+        let mut records = Records::new();
+        records.insert(
+            META_KIND.into(),
+            vec![(META_KEY.into(), serde_json::to_vec(&table()).unwrap())],
+        );
+        records.insert(
+            PROCESS_KIND.into(),
+            vec![("1".into(), b"{ not json".to_vec())],
+        );
+        let t = from_records(&records).unwrap().unwrap();
+        assert!(t.processes.is_empty());
+        assert_eq!(t.next_num, 7);
+        records.insert(
+            META_KIND.into(),
+            vec![(META_KEY.into(), br#"{"version": 99}"#.to_vec())],
+        );
+        let e = from_records(&records).unwrap_err().to_string();
+        assert!(e.contains("newer Spindle") && e.contains("upgrade"), "{e}");
+    }
+
+    #[test]
+    fn legacy_round_trip_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("table.json");
+        assert!(load_legacy(&p).unwrap().is_none());
+        fs::write(&p, serde_json::to_vec(&table()).unwrap()).unwrap();
+        assert_eq!(load_legacy(&p).unwrap().unwrap(), table());
+    }
+
+    #[test]
+    fn corrupt_legacy_table_is_moved_aside_not_lost() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("table.json");
         fs::write(&p, "{ not json").unwrap();
-        assert!(load(&p).unwrap().is_none());
+        assert!(load_legacy(&p).unwrap().is_none());
         let aside: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .flatten()
@@ -111,24 +251,11 @@ mod tests {
     }
 
     #[test]
-    fn newer_table_is_refused() {
+    fn newer_legacy_table_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("table.json");
         fs::write(&p, r#"{"version": 99}"#).unwrap();
-        let e = load(&p).unwrap_err().to_string();
+        let e = load_legacy(&p).unwrap_err().to_string();
         assert!(e.contains("newer Spindle") && e.contains("upgrade"), "{e}");
-    }
-
-    #[test]
-    fn failed_write_keeps_the_old_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("table.json");
-        save(&p, &table()).unwrap();
-        // A directory where the temp file should go makes the write fail.
-        fs::create_dir(dir.path().join("table.json.tmp")).unwrap();
-        let mut t = table();
-        t.next_num = 99;
-        assert!(save(&p, &t).is_err());
-        assert_eq!(load(&p).unwrap().unwrap().next_num, 7);
     }
 }

@@ -437,8 +437,13 @@ impl Reader {
                     .await
                     .map_err(|_| gone())?
                     .map_err(|e| e.to_string())?;
-                // What came with the child is durable before the parent learns of it.
-                self.persisted().await?;
+                // What came with the child lands in the journal's next group
+                // commit; the parent runs ahead of the disk only within its window.
+                self.bus.persisted_within_window().await.map_err(|why| {
+                    format!(
+                        "capabilities not saved to disk ({why}); they hold until the node restarts"
+                    )
+                })?;
                 Ok(json!({ "address": child.to_string() }))
             }
         }

@@ -1,9 +1,9 @@
-use crate::snapshot::{Desired, SavedProcess, TABLE_VERSION, TableSnapshot};
+use crate::snapshot::{Desired, SavedProcess, TABLE_VERSION, TableMeta, TableSnapshot};
 use spindle_types::{
-    ExitInfo, ExitReason, ExitStatus, ProcessNum, ProcessSpec, RestartDecision, Selector,
-    spec::StopSignal,
+    ExitInfo, ExitReason, ExitStatus, PackageId, ProcessId, ProcessNum, ProcessSpec,
+    RestartDecision, Selector, spec::StopSignal,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,18 @@ impl State {
             _ => None,
         }
     }
+    /// When [`Kernel::tick`] has something to do for this state.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self {
+            State::Backoff { until } => Some(*until),
+            State::Stopping {
+                deadline,
+                killed: false,
+                ..
+            } => Some(*deadline),
+            _ => None,
+        }
+    }
     /// When the current run started.
     pub fn since(&self) -> Option<Instant> {
         match self {
@@ -102,6 +114,52 @@ pub struct Entry {
     /// Position in the restart schedule (consecutive short runs).
     pub attempt: u32,
     pub last_exit: Option<ExitInfo>,
+}
+
+impl Entry {
+    /// Whether its row is kept on disk: everything but a transient child
+    /// that never restarts (it is gone after its run; a reboot ends it).
+    pub fn durable(&self) -> bool {
+        !self.spec.transient || matches!(self.spec.on_exit, spindle_types::OnExit::Restart)
+    }
+
+    fn saved(&self) -> SavedProcess {
+        SavedProcess {
+            num: self.num,
+            spec: (*self.spec).clone(),
+            desired: self.desired,
+            restarts: self.restarts,
+            last_exit: self.last_exit.clone(),
+        }
+    }
+}
+
+/// Moves `e` to `new`, keeping the index of deadlines in step.
+fn set_state(timers: &mut BTreeSet<(Instant, ProcessNum)>, e: &mut Entry, new: State) {
+    if let Some(d) = e.state.deadline() {
+        timers.remove(&(d, e.num));
+    }
+    if let Some(d) = new.deadline() {
+        timers.insert((d, e.num));
+    }
+    e.state = new;
+}
+
+/// What changed in the persisted table since the last
+/// [`Kernel::take_changes`]: rows to write, rows to remove, and the table's
+/// own record when it changed. Each change costs the same however large the
+/// table is.
+#[derive(Debug, Default, PartialEq)]
+pub struct TableChanges {
+    pub meta: Option<TableMeta>,
+    pub put: Vec<SavedProcess>,
+    pub delete: Vec<ProcessNum>,
+}
+
+impl TableChanges {
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_none() && self.put.is_empty() && self.delete.is_empty()
+    }
 }
 
 /// Something the kernel decided that the caller must carry out, in order.
@@ -132,8 +190,6 @@ pub enum Effect {
     Settled { num: ProcessNum },
     /// The entry is gone from the table: release what belongs to it.
     Removed { num: ProcessNum },
-    /// The persisted table changed: write [`Kernel::snapshot`].
-    Persist,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,6 +212,18 @@ pub struct Kernel {
     owned: bool,
     shutting_down: bool,
     effects: Vec<Effect>,
+    /// Deadlines of entries in backoff or stopping, soonest first.
+    timers: BTreeSet<(Instant, ProcessNum)>,
+    /// Entries by name (most names have one).
+    by_name: HashMap<String, BTreeSet<ProcessNum>>,
+    /// Children in the table, by parent, and by the parent's package.
+    children: HashMap<ProcessId, u32>,
+    spawned: HashMap<PackageId, u32>,
+    /// Entries whose row changed since the last [`Kernel::take_changes`].
+    dirty: BTreeSet<ProcessNum>,
+    /// Entries whose row is on disk.
+    on_disk: HashSet<ProcessNum>,
+    meta_dirty: bool,
 }
 
 impl Kernel {
@@ -168,6 +236,13 @@ impl Kernel {
             owned: false,
             shutting_down: false,
             effects: Vec::new(),
+            timers: BTreeSet::new(),
+            by_name: HashMap::new(),
+            children: HashMap::new(),
+            spawned: HashMap::new(),
+            dirty: BTreeSet::new(),
+            on_disk: HashSet::new(),
+            meta_dirty: false,
         }
     }
 
@@ -181,13 +256,19 @@ impl Kernel {
             .iter()
             .map(|p| p.num.0 + 1)
             .fold(snapshot.next_num, u64::max);
-        k.effects.push(Effect::Persist);
+        // The rows of the earlier run go.
+        k.dirty.extend(snapshot.processes.iter().map(|p| p.num));
+        k.on_disk.extend(snapshot.processes.iter().map(|p| p.num));
+        k.meta_dirty = true;
         k
     }
 
     /// Marks the node as owned by an app ([`Kernel::fresh`]).
     pub fn set_owned(&mut self, owned: bool) {
-        self.owned = owned;
+        if self.owned != owned {
+            self.owned = owned;
+            self.meta_dirty = true;
+        }
     }
 
     /// Rebuilds the table after a daemon start: what was meant to run and
@@ -197,6 +278,7 @@ impl Kernel {
         k.next_num = snapshot.next_num;
         for saved in snapshot.processes {
             k.next_num = k.next_num.max(saved.num.0 + 1);
+            let saved_desired = saved.desired;
             let resume = saved.desired == Desired::Running
                 && saved.spec.on_exit.restarts_after(ExitReason::Crashed);
             let entry = Entry {
@@ -213,12 +295,16 @@ impl Kernel {
                 last_exit: saved.last_exit,
             };
             let num = entry.num;
-            k.procs.insert(num, entry);
+            if entry.desired != saved_desired {
+                k.dirty.insert(num);
+            }
+            k.on_disk.insert(num);
+            k.insert(entry);
             if resume {
                 k.spawn(num, now);
             }
         }
-        k.effects.push(Effect::Persist);
+        k.meta_dirty = true;
         k
     }
 
@@ -236,15 +322,79 @@ impl Kernel {
             processes: self
                 .procs
                 .values()
-                .map(|e| SavedProcess {
-                    num: e.num,
-                    spec: (*e.spec).clone(),
-                    desired: e.desired,
-                    restarts: e.restarts,
-                    last_exit: e.last_exit.clone(),
-                })
+                .filter(|e| e.durable())
+                .map(Entry::saved)
                 .collect(),
         }
+    }
+
+    /// The table's own record.
+    pub fn meta(&self) -> TableMeta {
+        TableMeta {
+            version: TABLE_VERSION,
+            node_tag: self.node_tag.clone(),
+            owned: self.owned,
+            next_num: self.next_num,
+        }
+    }
+
+    /// What changed on disk since the last call (see [`TableChanges`]).
+    pub fn take_changes(&mut self) -> TableChanges {
+        let mut out = TableChanges {
+            meta: std::mem::take(&mut self.meta_dirty).then(|| self.meta()),
+            ..Default::default()
+        };
+        for num in std::mem::take(&mut self.dirty) {
+            match self.procs.get(&num).filter(|e| e.durable()) {
+                Some(e) => {
+                    out.put.push(e.saved());
+                    self.on_disk.insert(num);
+                }
+                None => {
+                    if self.on_disk.remove(&num) {
+                        out.delete.push(num);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Entries named `name`.
+    pub fn named(&self, name: &str) -> impl Iterator<Item = &Entry> {
+        self.by_name
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.procs.get(n))
+    }
+
+    /// Children of `parent` in the table, whatever their state.
+    pub fn children_of(&self, parent: &ProcessId) -> u32 {
+        self.children.get(parent).copied().unwrap_or(0)
+    }
+
+    /// Processes in the table spawned by processes of `package`.
+    pub fn spawned_in(&self, package: &PackageId) -> u32 {
+        self.spawned.get(package).copied().unwrap_or(0)
+    }
+
+    /// Adds `entry` to the table and its indexes.
+    fn insert(&mut self, entry: Entry) {
+        if let Some(name) = &entry.spec.name {
+            self.by_name
+                .entry(name.clone())
+                .or_default()
+                .insert(entry.num);
+        }
+        if let Some(p) = &entry.spec.parent {
+            *self.children.entry(p.clone()).or_default() += 1;
+            *self.spawned.entry(p.package.clone()).or_default() += 1;
+        }
+        if let Some(d) = entry.state.deadline() {
+            self.timers.insert((d, entry.num));
+        }
+        self.procs.insert(entry.num, entry);
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
@@ -276,20 +426,18 @@ impl Kernel {
         }
         let num = ProcessNum(self.next_num);
         self.next_num += 1;
-        self.procs.insert(
+        self.meta_dirty = true;
+        self.insert(Entry {
             num,
-            Entry {
-                num,
-                spec: Arc::new(spec),
-                state: State::Stopped,
-                desired: Desired::Running,
-                restarts: 0,
-                attempt: 0,
-                last_exit: None,
-            },
-        );
+            spec: Arc::new(spec),
+            state: State::Stopped,
+            desired: Desired::Running,
+            restarts: 0,
+            attempt: 0,
+            last_exit: None,
+        });
         self.spawn(num, now);
-        self.effects.push(Effect::Persist);
+        self.dirty.insert(num);
         Ok(num)
     }
 
@@ -299,12 +447,7 @@ impl Kernel {
         let found: Vec<ProcessNum> = match sel {
             Selector::All => return Ok(self.procs.keys().copied().collect()),
             Selector::Id(n) => self.procs.get(n).map(|e| e.num).into_iter().collect(),
-            Selector::Name(name) => self
-                .procs
-                .values()
-                .filter(|e| e.spec.name.as_deref() == Some(name))
-                .map(|e| e.num)
-                .collect(),
+            Selector::Name(name) => self.named(name).map(|e| e.num).collect(),
         };
         if found.is_empty() {
             Err(KernelError::NotFound(sel.to_string()))
@@ -455,7 +598,7 @@ impl Kernel {
             && e.spec.on_exit != on_exit
         {
             Arc::make_mut(&mut e.spec).on_exit = on_exit;
-            self.effects.push(Effect::Persist);
+            self.dirty.insert(num);
         }
     }
 
@@ -463,20 +606,23 @@ impl Kernel {
     /// stops whose grace is over.
     pub fn tick(&mut self, now: Instant) {
         let mut due_spawn = vec![];
-        for e in self.procs.values_mut() {
+        while let Some(&(at, num)) = self.timers.first()
+            && at <= now
+        {
+            self.timers.pop_first();
+            let Some(e) = self.procs.get_mut(&num) else {
+                continue;
+            };
             match &mut e.state {
-                State::Backoff { until } if *until <= now => due_spawn.push(e.num),
+                State::Backoff { until } if *until == at => due_spawn.push(num),
                 State::Stopping {
                     run,
                     deadline,
                     killed,
                     ..
-                } if !*killed && *deadline <= now => {
+                } if !*killed && *deadline == at => {
                     *killed = true;
-                    self.effects.push(Effect::Kill {
-                        num: e.num,
-                        run: *run,
-                    });
+                    self.effects.push(Effect::Kill { num, run: *run });
                 }
                 _ => {}
             }
@@ -489,18 +635,7 @@ impl Kernel {
 
     /// The earliest instant at which [`Kernel::tick`] has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.procs
-            .values()
-            .filter_map(|e| match &e.state {
-                State::Backoff { until } => Some(*until),
-                State::Stopping {
-                    deadline,
-                    killed: false,
-                    ..
-                } => Some(*deadline),
-                _ => None,
-            })
-            .min()
+        self.timers.first().map(|(at, _)| *at)
     }
 
     fn spawn(&mut self, num: ProcessNum, now: Instant) {
@@ -508,7 +643,7 @@ impl Kernel {
         self.next_run += 1;
         let e = self.procs.get_mut(&num).expect("spawn of a known process");
         debug_assert!(!e.state.is_live(), "one live run per process");
-        e.state = State::Starting { run, since: now };
+        set_state(&mut self.timers, e, State::Starting { run, since: now });
         self.effects.push(Effect::Spawn {
             num,
             run,
@@ -520,14 +655,40 @@ impl Kernel {
         let e = self.procs.get_mut(&num).expect("known process");
         if e.desired != desired {
             e.desired = desired;
-            self.effects.push(Effect::Persist);
+            self.dirty.insert(num);
         }
     }
 
     fn remove(&mut self, num: ProcessNum) {
-        self.procs.remove(&num);
+        if let Some(e) = self.procs.remove(&num) {
+            if let Some(name) = &e.spec.name
+                && let Some(set) = self.by_name.get_mut(name)
+            {
+                set.remove(&num);
+                if set.is_empty() {
+                    self.by_name.remove(name);
+                }
+            }
+            if let Some(p) = &e.spec.parent {
+                for count in [self.children.get_mut(p), self.spawned.get_mut(&p.package)]
+                    .into_iter()
+                    .flatten()
+                {
+                    *count = count.saturating_sub(1);
+                }
+                if self.children.get(p) == Some(&0) {
+                    self.children.remove(p);
+                }
+                if self.spawned.get(&p.package) == Some(&0) {
+                    self.spawned.remove(&p.package);
+                }
+            }
+            if let Some(d) = e.state.deadline() {
+                self.timers.remove(&(d, num));
+            }
+        }
+        self.dirty.insert(num);
         self.effects.push(Effect::Removed { num });
-        self.effects.push(Effect::Persist);
     }
 
     fn begin_stop(&mut self, num: ProcessNum, cause: StopCause, then: AfterStop, now: Instant) {
@@ -537,7 +698,7 @@ impl Kernel {
         match &mut e.state {
             State::Starting { run, since } | State::Running { run, since, .. } => {
                 let (run, since, pid) = (*run, *since, e.state.pid());
-                e.state = State::Stopping {
+                let stopping = State::Stopping {
                     run,
                     pid,
                     since,
@@ -546,6 +707,7 @@ impl Kernel {
                     cause,
                     then,
                 };
+                set_state(&mut self.timers, e, stopping);
                 self.effects.push(Effect::AskStop { num, run, signal });
             }
             State::Stopping {
@@ -563,7 +725,7 @@ impl Kernel {
                 }
             }
             State::Backoff { .. } => {
-                e.state = State::Stopped;
+                set_state(&mut self.timers, e, State::Stopped);
                 match then {
                     AfterStop::Delete => self.remove(num),
                     AfterStop::Restart => self.spawn(num, now),
@@ -609,7 +771,7 @@ impl Kernel {
             uptime_ms: uptime.as_millis() as u64,
         };
         e.last_exit = Some(info.clone());
-        e.state = State::Stopped;
+        set_state(&mut self.timers, e, State::Stopped);
 
         let mut restart_in = None;
         match then {
@@ -631,7 +793,7 @@ impl Kernel {
                 match e.spec.restart.decide(e.attempt, uptime) {
                     RestartDecision::After { delay, attempt } => {
                         e.attempt = attempt;
-                        e.state = State::Backoff { until: now + delay };
+                        set_state(&mut self.timers, e, State::Backoff { until: now + delay });
                         restart_in = Some(delay);
                     }
                     RestartDecision::Never => self.set_desired(num, Desired::Stopped),

@@ -21,12 +21,15 @@
 //! that is no longer current are ignored, so a late exit can never touch a
 //! newer run. A process has at most one live run at a time.
 //!
-//! What it does not do: signals, pipes, logs, files. Persistence is a
-//! [`TableSnapshot`] value the daemon writes; message routing between
+//! What it does not do: signals, pipes, logs, files. Persistence is the
+//! [`TableChanges`] the daemon takes after each step and writes as rows
+//! (a transient child that never restarts is never written); message routing between
 //! processes is not the kernel task's job (it must not funnel through here).
 
 mod kernel;
 mod snapshot;
 
-pub use kernel::{AfterStop, Effect, Entry, Kernel, KernelError, RunId, State, StopCause};
-pub use snapshot::{Desired, SavedProcess, TABLE_VERSION, TableSnapshot};
+pub use kernel::{
+    AfterStop, Effect, Entry, Kernel, KernelError, RunId, State, StopCause, TableChanges,
+};
+pub use snapshot::{Desired, SavedProcess, TABLE_VERSION, TableMeta, TableSnapshot};

@@ -1,6 +1,7 @@
 //! The persisted form of the process table: what was asked to run, not what
-//! happened to be running. Versioned; older versions stay readable (a fixture
-//! of each is kept under test).
+//! happened to be running — a record of the table ([`TableMeta`]) and a row
+//! per process ([`SavedProcess`]). Versioned; older versions stay readable
+//! (a fixture of each is kept under test).
 
 use serde::{Deserialize, Serialize};
 use spindle_types::{ExitInfo, ProcessNum, ProcessSpec};
@@ -25,6 +26,18 @@ pub struct SavedProcess {
     pub last_exit: Option<ExitInfo>,
 }
 
+/// The table's own record (beside one row per process).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableMeta {
+    pub version: u32,
+    pub node_tag: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub owned: bool,
+    pub next_num: u64,
+}
+
+/// The whole table: its record and its rows, as read at boot (and as
+/// `table.json` held it before the journal).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TableSnapshot {
     pub version: u32,

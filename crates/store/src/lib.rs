@@ -1,7 +1,11 @@
-//! # spindle-store: files Spindle must not lose
+//! # spindle-store: what Spindle must not lose
 //!
-//! Every file the node keeps between runs (the process table, capabilities,
-//! process state) is replaced whole, the same way: write a temporary file
+//! The node's records — the process table and the capabilities — are rows
+//! of one SQLite database written by a group-committing [`journal`]: a
+//! change costs the same however many records there are.
+//!
+//! Every other file the node keeps between runs (process state, files of
+//! earlier versions) is replaced whole, the same way: write a temporary file
 //! beside it, fsync it, rename it over the old one, fsync the directory.
 //! Whatever happens — a full disk, a kill -9 at any instant — the path holds
 //! either the complete old contents or the complete new ones, and once
@@ -10,6 +14,8 @@
 //! A file that turns out not to be what it should be is never deleted:
 //! [`move_aside`] renames it to `<name>.corrupt-<unix seconds>` so the node can
 //! start without it and an operator can still look at it.
+
+pub mod journal;
 
 use std::fs::{self, File};
 use std::io::{self, Write};

@@ -133,10 +133,7 @@ impl Node {
             .expect("process listed")
     }
     pub fn node_tag(&self) -> String {
-        let t: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(self.home().join("table.json")).unwrap())
-                .unwrap();
-        t["node_tag"].as_str().unwrap().to_string()
+        node_tag_of(&self.home())
     }
     pub fn daemon_pid(&self) -> i32 {
         self.client().daemon_pid as i32
@@ -165,4 +162,21 @@ impl Drop for Node {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// The node's records in `home` (its `node.db`), by kind.
+pub fn records(home: &std::path::Path) -> spindle_store::journal::Records {
+    spindle_store::journal::read(&home.join("node.db")).expect("node.db")
+}
+
+/// The table's own record in `home`.
+pub fn table_record(home: &std::path::Path) -> serde_json::Value {
+    let r = records(home);
+    let (_, meta) = &r["table"][0];
+    serde_json::from_slice(meta).unwrap()
+}
+
+/// The tag of the node in `home`.
+pub fn node_tag_of(home: &std::path::Path) -> String {
+    table_record(home)["node_tag"].as_str().unwrap().to_string()
 }

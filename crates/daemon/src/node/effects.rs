@@ -30,9 +30,8 @@ impl Node {
         });
     }
 
-    /// Carries out the kernel's effects until it has none left, then persists.
+    /// Carries out the kernel's effects until it has none left.
     pub(super) fn apply(&mut self) {
-        let mut dirty = false;
         loop {
             let effects = self.kernel.take_effects();
             if effects.is_empty() {
@@ -157,14 +156,10 @@ impl Node {
                             self.wasm.bus().revoke_issued_by(addr);
                         }
                     }
-                    Effect::Persist => dirty = true,
                 }
             }
             self.driver.ask_stop(&asks);
             self.driver.kill(&kills);
-        }
-        if dirty && let Err(e) = table::save(&self.paths.table, &self.kernel.snapshot()) {
-            tracing::error!("{e}");
         }
     }
 

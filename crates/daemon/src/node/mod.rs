@@ -15,6 +15,7 @@ use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
 use spindle_ipc::{Bridge, Spawner};
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogChunk, LogHub, tail_lines};
+use spindle_store::journal::Journal;
 use spindle_types::control::{
     DaemonStatus, ErrorKind, LogStream, PROTOCOL_VERSION, ProcessInfo, Request, Response,
     StateLabel,
@@ -147,7 +148,24 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
             crate::owner::Owner::watch(pid).map_err(|source| DaemonError::Owner { pid, source })
         })
         .transpose()?;
-    let saved = table::load(&paths.table)?;
+    let (journal, records, aside) = Journal::open_or_set_aside(&paths.journal)?;
+    if let Some(aside) = aside {
+        tracing::error!(
+            "{} was not a database; moved it to {} and starting with an empty node",
+            paths.journal.display(),
+            aside.display()
+        );
+    }
+    let mut saved = table::from_records(&records)?;
+    // A home of an earlier version: its table and capabilities files are
+    // imported once.
+    let import_table = saved.is_none() && paths.legacy_table.exists();
+    if import_table {
+        saved = table::load_legacy(&paths.legacy_table)?;
+        if let Some(t) = &saved {
+            table::stage_all(&journal, t);
+        }
+    }
     let node_tag = saved
         .as_ref()
         .map(|t| t.node_tag.clone())
@@ -165,7 +183,37 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let hub = Arc::new(LogHub::new());
     let mut driver = NativeDriver::new(&node_tag, &paths.logs, hub.clone())?;
-    let bus = Arc::new(Bus::open(NODE_NAME, &paths.capabilities)?);
+    let cap_rows = records
+        .get(spindle_bus::persist::KIND)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let bus = Arc::new(Bus::open(NODE_NAME, journal.clone(), cap_rows)?);
+    let import_caps = cap_rows.is_empty() && paths.legacy_capabilities.exists();
+    if import_caps {
+        for (holder, set) in spindle_bus::persist::load_legacy(&paths.legacy_capabilities)? {
+            bus.grant(&holder, set);
+        }
+    }
+    for (imported, path) in [
+        (import_table, &paths.legacy_table),
+        (import_caps, &paths.legacy_capabilities),
+    ] {
+        if !imported || !path.exists() {
+            continue;
+        }
+        journal.flush_blocking().map_err(|e| DaemonError::Import {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+        let mut done = path.as_os_str().to_owned();
+        done.push(".imported");
+        fs::rename(path, &done)?;
+        tracing::info!(
+            "imported {} into {}",
+            path.display(),
+            paths.journal.display()
+        );
+    }
     // Runtime modules: their addresses are the node's own, on the bus first.
     spindle_db::start(&paths.db, &bus)?;
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
@@ -214,6 +262,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
 
     let mut node = Node {
         paths,
+        journal,
         kernel,
         driver,
         wasm,
@@ -223,6 +272,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         shutdown_waiters: vec![],
     };
     node.apply();
+    node.persist();
     tracing::info!(
         "spindle {} node up: pid {}, home {}",
         env!("CARGO_PKG_VERSION"),
@@ -272,13 +322,15 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
             }
         }
         node.apply();
+        node.persist();
         if node.kernel.is_shutting_down() && node.kernel.is_quiescent() {
             break;
         }
     }
-    if let Err(why) = node.wasm.bus().persisted().await {
-        tracing::error!("capabilities may be out of date on disk: {why}");
+    if let Err(why) = node.journal.flush().await {
+        tracing::error!("the table and capabilities may be out of date on disk: {why}");
     }
+    node.journal.close();
     let _ = fs::remove_file(&node.paths.socket);
     for w in node.shutdown_waiters.drain(..) {
         let _ = w.send(Reply::One(Response::Done { ids: vec![] }));
@@ -296,6 +348,8 @@ const EVENT_QUEUE: usize = 1024;
 
 struct Node {
     paths: Paths,
+    /// The table's and the capabilities' rows on disk.
+    journal: Journal,
     kernel: Kernel,
     driver: NativeDriver,
     wasm: WasmDriver,
@@ -318,6 +372,17 @@ fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {
 pub const NODE_NAME: &str = "local";
 
 impl Node {
+    /// Stages the rows the last step changed and commits them with whatever
+    /// else is staged (the capabilities granted in the same step): the
+    /// writer makes them durable in its next group commit.
+    fn persist(&mut self) {
+        let changes = self.kernel.take_changes();
+        if !changes.is_empty() {
+            table::stage(&self.journal, changes);
+        }
+        self.journal.commit();
+    }
+
     /// The record of process `num`, made at its first use.
     fn attached(&mut self, num: ProcessNum) -> &mut Attached {
         self.procs.entry(num).or_insert_with(Attached::new)

@@ -6,7 +6,7 @@ use super::*;
 use crate::snapshot::Desired;
 use proptest::prelude::*;
 use spindle_types::{OnExit, RestartSchedule, manifest::RawProcess};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 fn spec(name: &str) -> ProcessSpec {
@@ -33,7 +33,6 @@ struct Fake {
     asked: Vec<ProcessNum>,
     killed: Vec<ProcessNum>,
     exits: Vec<(ProcessNum, ExitInfo, Option<Duration>)>,
-    persisted: usize,
     settled: Vec<ProcessNum>,
     next_pid: u32,
 }
@@ -50,7 +49,6 @@ impl Fake {
             asked: vec![],
             killed: vec![],
             exits: vec![],
-            persisted: 0,
             settled: vec![],
             next_pid: 100,
         }
@@ -84,7 +82,6 @@ impl Fake {
                     } => self.exits.push((num, info, restart_in)),
                     Effect::Settled { num } => self.settled.push(num),
                     Effect::Removed { .. } => {}
-                    Effect::Persist => self.persisted += 1,
                 }
             }
         }
@@ -118,7 +115,11 @@ fn start_runs_and_persists() {
     let mut f = Fake::new();
     let n = f.start(spec("api"));
     assert!(matches!(f.state(n), State::Running { pid: Some(101), .. }));
-    assert_eq!(f.persisted, 1);
+    let c = f.k.take_changes();
+    assert_eq!(c.put.len(), 1, "{c:?}");
+    assert_eq!(c.put[0].num, n);
+    assert_eq!(c.meta.as_ref().map(|m| m.next_num), Some(n.0 + 1));
+    assert!(f.k.take_changes().is_empty(), "each change is taken once");
     assert_eq!(f.k.get(n).unwrap().desired, Desired::Running);
 }
 
@@ -519,4 +520,54 @@ fn an_owned_table_is_never_restored_and_its_ids_go_on() {
     let c = k.start(spec("c"), Instant::now()).unwrap();
     assert!(c > a && c > b, "ids are not reused: {c:?}");
     assert!(!k.snapshot().owned);
+}
+
+#[test]
+fn a_change_writes_its_own_row_and_a_transient_child_none() {
+    let mut f = Fake::new();
+    let keep = f.start(spec("keep"));
+    let mut child = spec("child");
+    child.transient = true;
+    child.on_exit = OnExit::None;
+    child.parent = Some("parent:demo:spindle".parse().unwrap());
+    let c = f.start(child);
+    let changes = f.k.take_changes();
+    assert_eq!(
+        changes.put.iter().map(|p| p.num).collect::<Vec<_>>(),
+        vec![keep],
+        "the transient child is not written"
+    );
+    assert_eq!(f.k.children_of(&"parent:demo:spindle".parse().unwrap()), 1);
+    // Its run ends and it leaves the table: nothing to delete on disk.
+    f.exit(c, ExitStatus::Code(0));
+    assert!(f.k.get(c).is_none());
+    assert_eq!(f.k.children_of(&"parent:demo:spindle".parse().unwrap()), 0);
+    assert!(f.k.take_changes().delete.is_empty());
+    // A stop changes one row; a delete removes it.
+    f.k.stop(&Selector::Id(keep), f.now).unwrap();
+    f.pump();
+    assert_eq!(f.k.take_changes().put.len(), 1);
+    f.exit(keep, ExitStatus::Signal(15));
+    f.k.delete(&Selector::Id(keep), f.now).unwrap();
+    f.pump();
+    assert_eq!(f.k.take_changes().delete, vec![keep]);
+}
+
+#[test]
+fn deadlines_come_from_an_index_that_follows_every_state() {
+    let mut f = Fake::new();
+    let a = f.start(spec("a"));
+    let b = f.start(spec("b"));
+    assert_eq!(f.k.next_deadline(), None);
+    f.exit(a, ExitStatus::Code(1));
+    let backoff = f.k.next_deadline().expect("a restart is due");
+    f.k.stop(&Selector::Id(b), f.now).unwrap();
+    f.pump();
+    // Two deadlines: a's restart and b's grace; the sooner first.
+    assert!(f.k.next_deadline().unwrap() <= backoff);
+    f.exit(b, ExitStatus::Signal(15));
+    assert_eq!(f.k.next_deadline(), Some(backoff), "b's grace is gone");
+    f.advance(Duration::from_secs(60));
+    assert!(matches!(f.state(a), State::Running { .. }));
+    assert_eq!(f.k.next_deadline(), None);
 }
