@@ -102,7 +102,7 @@ pub(crate) fn run(rows: &mut Vec<Row>) {
     });
     rows.push(Row {
         metric: format!(
-            "transaction: spawn a child that returns at once, hear its on-exit request (0 / {FILL} live)"
+            "transaction: spawn a child, await its answer, it returns (0 / {FILL} live)"
         ),
         target: "≤ 50 µs".into(),
         measured: format!("{} / {}", us(&quick), us(&late_quick)),

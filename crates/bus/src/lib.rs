@@ -27,6 +27,7 @@
 //! outstanding requests (contexts, timeouts, late responses) belongs to the
 //! requester's own host, next to its mailbox.
 
+mod caps;
 mod message;
 pub mod persist;
 mod spawn;
@@ -284,15 +285,16 @@ pub enum BusError {
     AddressTaken(Address),
 }
 
-/// Who holds which capabilities.
+/// Who holds which capabilities (the legacy file's form).
 pub(crate) type Caps = HashMap<ProcessId, HashSet<Capability>>;
+use caps::CapTable;
 
 /// The node's message bus. See the crate docs.
 #[derive(Debug)]
 pub struct Bus {
     node: String,
     endpoints: RwLock<HashMap<ProcessId, Arc<Endpoint>>>,
-    caps: Arc<RwLock<Caps>>,
+    caps: Arc<RwLock<CapTable>>,
     /// Keeps `caps` on disk, for a bus made with [`Bus::open`].
     journal: Option<Journal>,
     next_id: AtomicU64,
@@ -383,21 +385,15 @@ impl Bus {
     /// no longer exist, so a later process with the same name inherits nothing.
     pub fn retain(&self, known: impl Fn(&ProcessId) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        for (holder, set) in caps.iter_mut() {
-            let gone: Vec<Capability> = if known(holder) {
-                set.iter()
-                    .filter(|c| !known(&c.issuer.process))
-                    .cloned()
-                    .collect()
-            } else {
-                set.iter().cloned().collect()
-            };
-            for c in &gone {
-                set.remove(c);
-            }
-            self.stage(holder, [], &gone);
+        let gone: Vec<(ProcessId, Capability)> = caps
+            .pairs()
+            .filter(|(h, c)| !known(h) || !known(&c.issuer.process))
+            .map(|(h, c)| (h.clone(), c))
+            .collect();
+        for (holder, c) in &gone {
+            caps.remove(holder, c);
+            self.stage(holder, [], [c]);
         }
-        caps.retain(|_, set| !set.is_empty());
     }
 
     pub fn node(&self) -> &str {
@@ -517,55 +513,47 @@ impl Bus {
     /// Capabilities `process` holds.
     pub fn capabilities(&self, process: &ProcessId) -> Vec<Capability> {
         let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
-        caps.get(process)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+        caps.held(process)
     }
 
     pub fn holds(&self, process: &ProcessId, cap: &Capability) -> bool {
         let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
-        caps.get(process).is_some_and(|s| s.contains(cap))
+        caps.holds(process, cap)
     }
 
     /// Gives `process` capabilities (the kernel's decision: callers check
     /// that the giver may give them).
     pub fn grant(&self, process: &ProcessId, new: impl IntoIterator<Item = Capability>) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let set = caps.entry(process.clone()).or_default();
-        let added: Vec<Capability> = new.into_iter().filter(|c| set.insert(c.clone())).collect();
+        let added: Vec<Capability> = new
+            .into_iter()
+            .filter(|c| caps.insert(process, c.clone()))
+            .collect();
         self.stage(process, &added, []);
     }
 
     pub fn revoke(&self, process: &ProcessId, gone: &[Capability]) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = caps.get_mut(process) {
-            let removed: Vec<&Capability> = gone.iter().filter(|c| s.remove(*c)).collect();
-            self.stage(process, [], removed);
-        }
+        let removed: Vec<&Capability> = gone.iter().filter(|c| caps.remove(process, c)).collect();
+        self.stage(process, [], removed);
     }
 
     /// Revokes, from every holder, every capability `issuer` issued (it was killed).
     pub fn revoke_issued_by(&self, issuer: &Address) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        for (holder, s) in caps.iter_mut() {
-            let gone: Vec<Capability> = s.iter().filter(|c| &c.issuer == issuer).cloned().collect();
-            for c in &gone {
-                s.remove(c);
-            }
-            self.stage(holder, [], &gone);
+        for (holder, c) in caps.remove_issued_by(issuer) {
+            self.stage(&holder, [], [&c]);
         }
     }
 
     /// Forgets everything `process` holds (it was deleted).
     pub fn forget(&self, process: &ProcessId) {
-        let removed = self
+        let gone = self
             .caps
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(process);
-        if let Some(set) = removed {
-            self.stage(process, [], &set);
-        }
+            .remove_holder(process);
+        self.stage(process, [], &gone);
     }
 
     /// Tells whoever awaits request `id` (at `rsvp`) that it failed at

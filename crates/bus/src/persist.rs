@@ -13,6 +13,7 @@
 //! `capabilities.json`, the whole-file form earlier versions wrote, is read
 //! once ([`load_legacy`]) and imported.
 
+use crate::caps::CapTable;
 use crate::{Capability, Caps};
 use spindle_types::{Address, ProcessId};
 use std::path::{Path, PathBuf};
@@ -104,8 +105,8 @@ pub(crate) fn key(holder: &ProcessId, cap: &Capability) -> String {
 }
 
 /// The table from its rows.
-pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Result<Caps, CapsFileError> {
-    let mut caps = Caps::default();
+pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Result<CapTable, CapsFileError> {
+    let mut caps = CapTable::default();
     for (k, _) in rows {
         let bad = |why: String| CapsFileError::Row {
             key: spindle_types::id::shown(k).to_string(),
@@ -115,9 +116,7 @@ pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Result<Caps, CapsFileErro
             serde_json::from_str(k).map_err(|e| bad(e.to_string()))?;
         let holder: ProcessId = holder.parse().map_err(|e| bad(format!("{e}")))?;
         let issuer: Address = issuer.parse().map_err(|e| bad(format!("{e}")))?;
-        caps.entry(holder)
-            .or_default()
-            .insert(Capability { issuer, params });
+        caps.insert(&holder, Capability { issuer, params });
     }
     Ok(caps)
 }

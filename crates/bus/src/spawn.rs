@@ -25,6 +25,9 @@ pub struct SpawnCall {
     pub dir: PathBuf,
     /// The child's component, as the parent gave it (relative to `dir`).
     pub component: String,
+    /// The component's path once resolved inside `dir` (by the node, on
+    /// the way to its loop); `None` as a host makes the call.
+    pub resolved: Option<PathBuf>,
     pub on_exit: OnExit,
     pub public: bool,
     /// Capabilities of the parent the child receives (checked to be the parent's).
@@ -76,7 +79,10 @@ pub enum PathRefused {
 impl SpawnCall {
     /// The component's path inside the parent's folder.
     pub fn resolve(&self) -> Result<PathBuf, PathRefused> {
-        confine(&self.dir, &self.component)
+        match &self.resolved {
+            Some(p) => Ok(p.clone()),
+            None => confine(&self.dir, &self.component),
+        }
     }
 }
 
@@ -108,12 +114,48 @@ pub fn confine(dir: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
         path: rel.into(),
         why: e.kind().to_string(),
     };
+    match resolve_beneath(dir, &lexical) {
+        Ok(real) => return Ok(real),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            return Err(PathRefused::LinksOut(rel.into()));
+        }
+        // A kernel without openat2 (before 5.6), or no /proc: resolve the
+        // long way, a lookup per path component.
+        Err(e)
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
+                || e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) => return Err(unreadable(e)),
+    }
     let root = dir.canonicalize().map_err(unreadable)?;
     let real = root.join(&lexical).canonicalize().map_err(unreadable)?;
     if !real.starts_with(&root) {
         return Err(PathRefused::LinksOut(rel.into()));
     }
     Ok(real)
+}
+
+/// Resolves `rel` inside `dir` in one lookup that the kernel keeps beneath
+/// `dir` (`RESOLVE_BENEATH`: no `..` out, no absolute or outward link;
+/// `EXDEV` if it would leave), and names what it found.
+fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<PathBuf> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use std::os::fd::AsRawFd;
+    let root = open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let found = openat2(&root, rel, how)?;
+    std::fs::read_link(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            std::io::Error::from(std::io::ErrorKind::Unsupported)
+        } else {
+            e
+        }
+    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! process that asked, naming the budget.
 
 use spindle_driver_wasm::driver::address_of;
-use spindle_kernel::{Desired, Kernel};
+use spindle_kernel::{Entry, Kernel};
 use spindle_types::ProcessId;
 
 pub use spindle_types::limits::{MAX_CHILDREN, MAX_PACKAGE_SPAWNED};
@@ -35,49 +35,43 @@ pub enum BudgetError {
     Node { pool: usize },
 }
 
+/// The table's entry at address `id` on node `node`: found by name (or, for
+/// an unnamed process, by the id its address carries), never by a scan.
+pub fn entry_at<'k>(kernel: &'k Kernel, node: &str, id: &ProcessId) -> Option<&'k Entry> {
+    let is_it = |e: &&Entry| address_of(node, e.num, &e.spec).is_some_and(|a| a.process == *id);
+    kernel.named(&id.process).find(is_it).or_else(|| {
+        let num = id.process.parse::<u64>().ok()?;
+        kernel.get(spindle_types::ProcessNum(num)).filter(is_it)
+    })
+}
+
 /// Checks that `parent` (on node `node`) may spawn one more child, given
-/// the table: one pass counts its children, its package's, the live wasm
-/// processes, and finds its own budget (`max_children`).
+/// the table's counts of its children and of its package's, and the wasm
+/// processes running now (`live_wasm`, of a pool of `pool`): each a lookup,
+/// whatever the table's size.
 pub fn admit(
     kernel: &Kernel,
     node: &str,
     parent: &ProcessId,
+    live_wasm: usize,
     pool: usize,
 ) -> Result<(), BudgetError> {
-    let mut children = 0;
-    let mut package = 0;
-    let mut wasm = 0;
-    let mut max_children = MAX_CHILDREN;
-    for e in kernel.entries() {
-        if address_of(node, e.num, &e.spec).is_some_and(|a| a.process == *parent) {
-            max_children = e.spec.budgets.max_children();
-        }
-        let live = e.state.is_live() || e.desired == Desired::Running;
-        if live && matches!(e.spec.program, spindle_types::Program::Wasm { .. }) {
-            wasm += 1;
-        }
-        // Every child in the table counts, running or not: one that stopped
-        // itself for good still holds a row (transient ones leave).
-        let Some(p) = &e.spec.parent else { continue };
-        if p == parent {
-            children += 1;
-        }
-        if p.package == parent.package {
-            package += 1;
-        }
-    }
-    if children >= max_children as usize {
+    let max_children =
+        entry_at(kernel, node, parent).map_or(MAX_CHILDREN, |e| e.spec.budgets.max_children());
+    // Every child in the table counts, running or not: one that stopped
+    // itself for good still holds a row (transient ones leave).
+    if kernel.children_of(parent) >= max_children {
         return Err(BudgetError::Children {
             parent: parent.clone(),
             limit: max_children,
         });
     }
-    if package >= MAX_PACKAGE_SPAWNED as usize {
+    if kernel.spawned_in(&parent.package) >= MAX_PACKAGE_SPAWNED {
         return Err(BudgetError::Package {
             package: parent.package.to_string(),
         });
     }
-    if wasm + OPERATOR_RESERVE >= pool {
+    if live_wasm + OPERATOR_RESERVE >= pool {
         return Err(BudgetError::Node { pool });
     }
     Ok(())

@@ -379,6 +379,7 @@ fn spawn_call(
         name: Some("child".into()),
         dir: dir.into(),
         component: component.into(),
+        resolved: None,
         on_exit: Default::default(),
         public: false,
         capabilities: vec![],

@@ -425,6 +425,7 @@ impl Reader {
                     name: s.name,
                     dir: spawner.dir.clone(),
                     component: s.wasm,
+                    resolved: None,
                     on_exit: s.on_exit,
                     public: s.public,
                     capabilities: s.capabilities,

@@ -84,12 +84,7 @@ impl Node {
                 .into_iter()
                 .filter(|spec| {
                     let Some(name) = &spec.name else { return true };
-                    let same: Vec<ProcessNum> = self
-                        .kernel
-                        .entries()
-                        .filter(|e| e.spec.name.as_ref() == Some(name))
-                        .map(|e| e.num)
-                        .collect();
+                    let same: Vec<ProcessNum> = self.kernel.named(name).map(|e| e.num).collect();
                     let absent = same.is_empty();
                     present.extend(same);
                     absent
@@ -99,6 +94,7 @@ impl Node {
             specs
         };
         // All or nothing: every spec must be startable before any starts.
+        let mut claimed = HashSet::new();
         for (i, spec) in specs.iter().enumerate() {
             let who = match &spec.name {
                 Some(n) => format!("process {} ({n:?})", i + 1),
@@ -115,9 +111,14 @@ impl Node {
                 Program::Native { .. } => NativeDriver::preflight(spec)
                     .map(|_| ())
                     .map_err(|e| e.to_string())
-                    .and_then(|_| self.check_address(spec, &specs[..i])),
-                Program::Wasm { .. } => self.check_wasm(spec, &specs[..i]),
+                    .and_then(|_| self.check_address(spec, &claimed)),
+                Program::Wasm { .. } => self.check_wasm(spec, &claimed),
             };
+            if spec.name.is_some()
+                && let Some(a) = self.wasm.address(ProcessNum(0), spec)
+            {
+                claimed.insert(a);
+            }
             if let Err(e) = checked {
                 return err(
                     ErrorKind::InvalidSpec,

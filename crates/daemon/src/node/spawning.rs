@@ -8,18 +8,19 @@ impl Node {
     pub(super) fn check_wasm(
         &mut self,
         spec: &ProcessSpec,
-        earlier: &[ProcessSpec],
+        earlier: &HashSet<Address>,
     ) -> Result<(), String> {
         self.wasm.preflight(spec).map_err(|e| e.to_string())?;
         self.check_address(spec, earlier)
     }
 
     /// A process on the bus can start if its address is free (among running
-    /// processes and the other specs of the same request).
+    /// processes and the addresses the same request claimed before it,
+    /// `earlier`). Looks up, never scans.
     pub(super) fn check_address(
         &self,
         spec: &ProcessSpec,
-        earlier: &[ProcessSpec],
+        earlier: &HashSet<Address>,
     ) -> Result<(), String> {
         let Some(name) = &spec.name else {
             return Ok(());
@@ -31,13 +32,20 @@ impl Node {
         format!("{}", addr.process)
             .parse::<spindle_types::ProcessId>()
             .map_err(|e| format!("name {name:?} cannot be part of an address: {e}"))?;
+        // Entries that could hold the address: those of the same name, and
+        // for a name that is a number, the unnamed process of that id.
+        let by_id = name
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| self.kernel.get(ProcessNum(n)));
         let taken = self
             .kernel
-            .entries()
+            .named(name)
+            .chain(by_id)
             .filter(|e| e.state.is_live() || e.desired == spindle_kernel::Desired::Running)
             .filter_map(|e| self.wasm.address(e.num, &e.spec))
-            .chain(earlier.iter().filter_map(|s| self.wasm.address(probe, s)))
-            .any(|a| a == addr);
+            .any(|a| a == addr)
+            || earlier.contains(&addr);
         if taken {
             return Err(format!(
                 "address {addr} is already used by another process: choose another name"
@@ -130,10 +138,12 @@ impl Node {
                 &self.kernel,
                 &call.parent.node,
                 &call.parent.process,
+                self.wasm.live_runs(),
                 spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
             )
             .map_err(|e| SpawnError::Budget(e.to_string()))?;
-            self.check_wasm(&spec, &[]).map_err(SpawnError::Refused)?;
+            self.check_wasm(&spec, &HashSet::new())
+                .map_err(SpawnError::Refused)?;
             let num = self
                 .kernel
                 .start(spec, Instant::now())

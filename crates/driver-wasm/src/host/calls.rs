@@ -289,6 +289,7 @@ impl host::Host for ProcessHost {
             name,
             dir: self.component_dir.clone(),
             component: wasm_path,
+            resolved: None,
             on_exit: crate::driver::on_exit_from_wit(&on_exit),
             public,
             capabilities: caps,

@@ -1,0 +1,209 @@
+//! Who holds which capabilities, indexed both ways: by holder (every check
+//! on a send) and by issuer (revoking what a killed process issued), so
+//! neither walks the whole table.
+
+use crate::Capability;
+use spindle_types::{Address, ProcessId};
+use std::collections::{HashMap, HashSet};
+
+#[derive(Debug, Default)]
+pub(crate) struct CapTable {
+    /// By holder, then by issuer: the params held.
+    held: HashMap<ProcessId, HashMap<Address, HashSet<String>>>,
+    /// Holders of some capability of each issuer.
+    issued: HashMap<Address, HashSet<ProcessId>>,
+}
+
+impl CapTable {
+    /// Whether `holder` holds `cap`.
+    pub(crate) fn holds(&self, holder: &ProcessId, cap: &Capability) -> bool {
+        self.held
+            .get(holder)
+            .and_then(|by| by.get(&cap.issuer))
+            .is_some_and(|ps| ps.contains(&cap.params))
+    }
+
+    /// Everything `holder` holds.
+    pub(crate) fn held(&self, holder: &ProcessId) -> Vec<Capability> {
+        self.held
+            .get(holder)
+            .into_iter()
+            .flat_map(|by| {
+                by.iter().flat_map(|(issuer, ps)| {
+                    ps.iter().map(|p| Capability {
+                        issuer: issuer.clone(),
+                        params: p.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Adds `cap` to `holder`'s; false if it held it already.
+    pub(crate) fn insert(&mut self, holder: &ProcessId, cap: Capability) -> bool {
+        let by = self.held.entry(holder.clone()).or_default();
+        if !by.entry(cap.issuer.clone()).or_default().insert(cap.params) {
+            return false;
+        }
+        self.issued
+            .entry(cap.issuer)
+            .or_default()
+            .insert(holder.clone());
+        true
+    }
+
+    /// Takes `cap` from `holder`; false if it did not hold it.
+    pub(crate) fn remove(&mut self, holder: &ProcessId, cap: &Capability) -> bool {
+        let Some(by) = self.held.get_mut(holder) else {
+            return false;
+        };
+        let Some(ps) = by.get_mut(&cap.issuer) else {
+            return false;
+        };
+        if !ps.remove(&cap.params) {
+            return false;
+        }
+        if ps.is_empty() {
+            by.remove(&cap.issuer);
+            if let Some(hs) = self.issued.get_mut(&cap.issuer) {
+                hs.remove(holder);
+                if hs.is_empty() {
+                    self.issued.remove(&cap.issuer);
+                }
+            }
+        }
+        if by.is_empty() {
+            self.held.remove(holder);
+        }
+        true
+    }
+
+    /// Everything `holder` holds, taken away.
+    pub(crate) fn remove_holder(&mut self, holder: &ProcessId) -> Vec<Capability> {
+        let gone = self.held(holder);
+        for c in &gone {
+            self.remove(holder, c);
+        }
+        gone
+    }
+
+    /// Every `(holder, capability)` issued by `issuer`, taken away: a
+    /// lookup per holder, whatever else they hold.
+    pub(crate) fn remove_issued_by(&mut self, issuer: &Address) -> Vec<(ProcessId, Capability)> {
+        let mut gone = vec![];
+        for holder in self.issued.remove(issuer).into_iter().flatten() {
+            let Some(by) = self.held.get_mut(&holder) else {
+                continue;
+            };
+            for params in by.remove(issuer).into_iter().flatten() {
+                gone.push((
+                    holder.clone(),
+                    Capability {
+                        issuer: issuer.clone(),
+                        params,
+                    },
+                ));
+            }
+            if by.is_empty() {
+                self.held.remove(&holder);
+            }
+        }
+        gone
+    }
+
+    /// Every `(holder, capability)` pair.
+    pub(crate) fn pairs(&self) -> impl Iterator<Item = (&ProcessId, Capability)> {
+        self.held.iter().flat_map(|(h, by)| {
+            by.iter().flat_map(move |(issuer, ps)| {
+                ps.iter().map(move |p| {
+                    (
+                        h,
+                        Capability {
+                            issuer: issuer.clone(),
+                            params: p.clone(),
+                        },
+                    )
+                })
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn id(i: u8) -> ProcessId {
+        format!("p{i}:demo:spindle").parse().unwrap()
+    }
+    fn cap(issuer: u8, p: u8) -> Capability {
+        Capability {
+            issuer: format!("local@p{issuer}:demo:spindle").parse().unwrap(),
+            params: format!("\"{p}\""),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u8, u8, u8),
+        Remove(u8, u8, u8),
+        RemoveHolder(u8),
+        RemoveIssuedBy(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..4u8, 0..4u8, 0..2u8).prop_map(|(h, i, p)| Op::Insert(h, i, p)),
+            (0..4u8, 0..4u8, 0..2u8).prop_map(|(h, i, p)| Op::Remove(h, i, p)),
+            (0..4u8).prop_map(Op::RemoveHolder),
+            (0..4u8).prop_map(Op::RemoveIssuedBy),
+        ]
+    }
+
+    proptest! {
+        /// The table answers as a plain set of pairs would, and its issuer
+        /// index always names exactly the holders of each issuer's grants.
+        #[test]
+        fn agrees_with_a_set_of_pairs(ops in proptest::collection::vec(op(), 0..60)) {
+            let mut t = CapTable::default();
+            let mut model: HashSet<(ProcessId, Capability)> = HashSet::new();
+            for op in ops {
+                match op {
+                    Op::Insert(h, i, p) => {
+                        let new = model.insert((id(h), cap(i, p)));
+                        prop_assert_eq!(t.insert(&id(h), cap(i, p)), new);
+                    }
+                    Op::Remove(h, i, p) => {
+                        let had = model.remove(&(id(h), cap(i, p)));
+                        prop_assert_eq!(t.remove(&id(h), &cap(i, p)), had);
+                    }
+                    Op::RemoveHolder(h) => {
+                        let n = t.remove_holder(&id(h)).len();
+                        let before = model.len();
+                        model.retain(|(x, _)| x != &id(h));
+                        prop_assert_eq!(n, before - model.len());
+                    }
+                    Op::RemoveIssuedBy(i) => {
+                        let issuer = cap(i, 0).issuer;
+                        let n = t.remove_issued_by(&issuer).len();
+                        let before = model.len();
+                        model.retain(|(_, c)| c.issuer != issuer);
+                        prop_assert_eq!(n, before - model.len());
+                    }
+                }
+                let pairs: HashSet<(ProcessId, Capability)> =
+                    t.pairs().map(|(h, c)| (h.clone(), c)).collect();
+                for (h, c) in &model {
+                    prop_assert!(t.holds(h, c));
+                }
+                prop_assert_eq!(&pairs, &model);
+                let mut index: HashMap<Address, HashSet<ProcessId>> = HashMap::new();
+                for (h, c) in &model {
+                    index.entry(c.issuer.clone()).or_default().insert(h.clone());
+                }
+                prop_assert_eq!(&t.issued, &index);
+            }
+        }
+    }
+}
