@@ -1037,3 +1037,59 @@ fn a_home_of_an_earlier_version_is_imported_once_and_keeps_running() {
     assert_eq!(n.id_of("new"), spindle_types::ProcessNum(8));
     n.ok(&["daemon", "stop"]);
 }
+
+#[test]
+fn spawns_acknowledged_before_they_are_durable_come_back_whole_or_not_at_all() {
+    let n = Node::new();
+    let echo = spindle_guests::path("echo");
+    let echo = echo.to_str().unwrap();
+    n.ok(&["start", echo, "--name", "hub", "--package", "t:spindle", "--public"]);
+    let hub = "local@hub:t:spindle";
+    let mut c = n.client();
+    const KIDS: usize = 40;
+    for i in 0..KIDS {
+        let kid = c
+            .send(hub, &format!("spawn kid{i}"), std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(kid.trim(), format!("local@kid{i}:t:spindle"));
+    }
+    // Killed right after the last answer: the latest spawns may not be on
+    // disk yet (they were acknowledged within the journal's window).
+    let pid = n.daemon_pid();
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    until("the old daemon gone", || (!alive(pid)).then_some(()));
+    n.ok(&["ls"]);
+    let rows = records(&n.home());
+    let names: std::collections::BTreeSet<String> = rows["process"]
+        .iter()
+        .filter_map(|(_, v)| {
+            let p: serde_json::Value = serde_json::from_slice(v).unwrap();
+            p["spec"]["name"].as_str().map(str::to_string)
+        })
+        .filter(|n| n.starts_with("kid"))
+        .collect();
+    let held: std::collections::BTreeSet<String> = rows
+        .get("capability")
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, _)| {
+            let (holder, issuer, _): (String, String, String) = serde_json::from_str(k).unwrap();
+            let kid = issuer.strip_prefix("local@")?.strip_suffix(":t:spindle")?;
+            (holder == "hub:t:spindle" && kid.starts_with("kid")).then(|| kid.to_string())
+        })
+        .collect();
+    // Every child on disk has the capability that came with it, and no
+    // capability outlives a child that is not there.
+    assert_eq!(names, held, "children and their capabilities differ");
+    assert!(!names.is_empty(), "none of {KIDS} children was on disk");
+    until("every child back", || {
+        let l = n.list();
+        let running = l
+            .iter()
+            .filter(|p| p.name.as_deref().is_some_and(|x| names.contains(x)))
+            .filter(|p| p.state == StateLabel::Running)
+            .count();
+        (running == names.len()).then_some(())
+    });
+}
