@@ -72,6 +72,18 @@ pub(crate) fn run(rows: &mut Vec<Row>) {
     // A full node: one start of many processes (another package's), then
     // the same spawns among them.
     let mut n = Node::new();
+    let idle_node = n.rss();
+    let two: Vec<ProcessSpec> = (0..2)
+        .map(|i| spawner(&n, &format!("idle-first-{i}"), "fill:spindle"))
+        .collect();
+    n.client.start(two).expect("start two idle processes");
+    n.wait("two running", |l| {
+        l.iter()
+            .filter(|p| p.state == spindle_types::control::StateLabel::Running)
+            .count()
+            == 2
+    });
+    let engine_up = n.rss();
     let fill: Vec<ProcessSpec> = (0..FILL)
         .map(|i| spawner(&n, &format!("idle-{i}"), "fill:spindle"))
         .collect();
@@ -81,9 +93,10 @@ pub(crate) fn run(rows: &mut Vec<Row>) {
         l.iter()
             .filter(|p| p.state == spindle_types::control::StateLabel::Running)
             .count()
-            == FILL
+            == FILL + 2
     });
     let all_running = t.elapsed();
+    let per_process = n.rss().saturating_sub(engine_up) / FILL as u64;
     n.client
         .start(vec![spawner(&n, "spawner", "bench:spindle")])
         .expect("start the spawner");
@@ -106,6 +119,20 @@ pub(crate) fn run(rows: &mut Vec<Row>) {
         ),
         target: "≤ 50 µs".into(),
         measured: format!("{} / {}", us(&quick), us(&late_quick)),
+    });
+    rows.push(Row {
+        metric: "daemon RSS: no process / the wasm engine up and 2 idle processes".into(),
+        target: "– / ≤ 16 MiB".into(),
+        measured: format!(
+            "{:.1} / {:.1} MiB",
+            idle_node as f64 / (1 << 20) as f64,
+            engine_up as f64 / (1 << 20) as f64
+        ),
+    });
+    rows.push(Row {
+        metric: format!("memory per idle wasm process, daemon RSS over {FILL}"),
+        target: "≤ 32 KiB".into(),
+        measured: format!("{:.1} KiB", per_process as f64 / 1024.0),
     });
     rows.push(Row {
         metric: format!("{FILL} wasm processes from one start → all running"),

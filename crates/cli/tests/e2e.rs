@@ -1043,13 +1043,25 @@ fn spawns_acknowledged_before_they_are_durable_come_back_whole_or_not_at_all() {
     let n = Node::new();
     let echo = spindle_guests::path("echo");
     let echo = echo.to_str().unwrap();
-    n.ok(&["start", echo, "--name", "hub", "--package", "t:spindle", "--public"]);
+    n.ok(&[
+        "start",
+        echo,
+        "--name",
+        "hub",
+        "--package",
+        "t:spindle",
+        "--public",
+    ]);
     let hub = "local@hub:t:spindle";
     let mut c = n.client();
     const KIDS: usize = 40;
     for i in 0..KIDS {
         let kid = c
-            .send(hub, &format!("spawn kid{i}"), std::time::Duration::from_secs(10))
+            .send(
+                hub,
+                &format!("spawn kid{i}"),
+                std::time::Duration::from_secs(10),
+            )
             .unwrap();
         assert_eq!(kid.trim(), format!("local@kid{i}:t:spindle"));
     }
