@@ -13,6 +13,14 @@ impl Node {
 
     pub(super) fn handle(&mut self, req: Request, reply: oneshot::Sender<Reply>) {
         let now = Instant::now();
+        // What changes the table is answered once the change is on disk.
+        let changes = matches!(
+            req,
+            Request::Start { .. }
+                | Request::Stop { .. }
+                | Request::Restart { .. }
+                | Request::Delete { .. }
+        );
         let answer = match req {
             // The server answers greetings itself.
             Request::Hello { .. } => {
@@ -58,7 +66,11 @@ impl Node {
                 return;
             }
         };
-        let _ = reply.send(answer);
+        if changes {
+            self.after_commit.push((reply, answer));
+        } else {
+            let _ = reply.send(answer);
+        }
     }
 
     /// Starts `specs`, all or nothing; with `if_absent`, those whose name a

@@ -270,6 +270,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         events: broadcast::channel(EVENT_QUEUE).0,
         started: now,
         shutdown_waiters: vec![],
+        after_commit: vec![],
     };
     node.apply();
     node.persist();
@@ -359,6 +360,9 @@ struct Node {
     events: broadcast::Sender<spindle_types::control::ProcessEvent>,
     started: Instant,
     shutdown_waiters: Vec<oneshot::Sender<Reply>>,
+    /// Answers to requests that changed the table, sent once the step's
+    /// commit is durable.
+    after_commit: Vec<(oneshot::Sender<Reply>, Reply)>,
 }
 
 fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {
@@ -374,13 +378,28 @@ pub const NODE_NAME: &str = "local";
 impl Node {
     /// Stages the rows the last step changed and commits them with whatever
     /// else is staged (the capabilities granted in the same step): the
-    /// writer makes them durable in its next group commit.
+    /// writer makes them durable in its next group commit. The step's
+    /// control requests are answered when it is.
     fn persist(&mut self) {
         let changes = self.kernel.take_changes();
         if !changes.is_empty() {
             table::stage(&self.journal, changes);
         }
-        self.journal.commit();
+        let generation = self.journal.commit();
+        if self.after_commit.is_empty() {
+            return;
+        }
+        // Off the loop: the answers wait for the disk, the loop does not.
+        let answers = std::mem::take(&mut self.after_commit);
+        let journal = self.journal.clone();
+        tokio::spawn(async move {
+            // A failed write is logged by the journal; the change holds in
+            // memory and is retried, so the answer stands.
+            let _ = journal.durable(generation).await;
+            for (reply, answer) in answers {
+                let _ = reply.send(answer);
+            }
+        });
     }
 
     /// The record of process `num`, made at its first use.
