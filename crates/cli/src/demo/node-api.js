@@ -27,9 +27,9 @@ const show = (code, value) => console.log(`> ${code}\n${value}`);
   const scheduled = new Promise((resolve) => (restarting = resolve));
   let stopped;
   const down = new Promise((resolve) => (stopped = resolve));
-  let ids = [];
   pm.on('event', (e) => {
-    if (!ids.includes(e.id)) return;
+    // Its events may come before `start` resolves (which waits for the disk).
+    if (e.name !== 'from-node') return;
     const why = e.reason ? ` (${e.reason}${e.code !== undefined ? ` ${e.code}` : ''})` : '';
     const delay = e.delay !== undefined ? ` in ${e.delay} ms` : '';
     events.push(`${e.event}${why}${delay}`);
@@ -37,7 +37,7 @@ const show = (code, value) => console.log(`> ${code}\n${value}`);
     if (e.event === 'stopped') stopped();
   });
   await pm.subscribe();
-  ids = await pm.start({
+  const ids = await pm.start({
     name: 'from-node',
     command: 'sh',
     args: ['-c', 'echo started from Node; sleep 0.2; exit 1'],
