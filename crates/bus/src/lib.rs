@@ -38,7 +38,6 @@ pub use message::{
 };
 pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine};
 
-use persist::CapsFileError;
 use spindle_store::journal::Journal;
 use spindle_types::{Address, ProcessId};
 use std::collections::{HashMap, HashSet};
@@ -323,17 +322,13 @@ impl Bus {
 
     /// A bus whose capabilities are kept in `journal`, starting from its
     /// capability rows (`rows`, of kind [`persist::KIND`]).
-    pub fn open(
-        node: impl Into<String>,
-        journal: Journal,
-        rows: &[(String, Vec<u8>)],
-    ) -> Result<Bus, CapsFileError> {
-        let caps = Arc::new(RwLock::new(persist::from_rows(rows)?));
-        Ok(Bus {
+    pub fn open(node: impl Into<String>, journal: Journal, rows: &[(String, Vec<u8>)]) -> Bus {
+        let caps = Arc::new(RwLock::new(persist::from_rows(rows)));
+        Bus {
             caps,
             journal: Some(journal),
             ..Bus::new(node)
-        })
+        }
     }
 
     /// Stages the rows of capabilities `holder` gained and lost.
@@ -370,7 +365,9 @@ impl Bus {
     /// like [`Bus::persisted`] otherwise.
     pub async fn persisted_within_window(&self) -> Result<(), persist::NotSaved> {
         match &self.journal {
-            Some(j) if j.lag() > spindle_store::journal::COMMIT_WINDOW => j.flush().await,
+            Some(j) if j.failing() || j.lag() > spindle_store::journal::COMMIT_WINDOW => {
+                j.flush().await
+            }
             _ => Ok(()),
         }
     }

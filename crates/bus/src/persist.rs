@@ -36,8 +36,6 @@ pub enum CapsFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("a capability row in the node's journal is damaged ({key}): {why}")]
-    Row { key: String, why: String },
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -104,19 +102,27 @@ pub(crate) fn key(holder: &ProcessId, cap: &Capability) -> String {
         .expect("strings serialise")
 }
 
-/// The table from its rows.
-pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Result<CapTable, CapsFileError> {
+/// The table from its rows. A row that cannot be read is reported and left
+/// out (it grants nothing); the rest stand.
+pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> CapTable {
     let mut caps = CapTable::default();
     for (k, _) in rows {
-        let bad = |why: String| CapsFileError::Row {
-            key: spindle_types::id::shown(k).to_string(),
-            why,
-        };
-        let (holder, issuer, params): (String, String, String) =
-            serde_json::from_str(k).map_err(|e| bad(e.to_string()))?;
-        let holder: ProcessId = holder.parse().map_err(|e| bad(format!("{e}")))?;
-        let issuer: Address = issuer.parse().map_err(|e| bad(format!("{e}")))?;
-        caps.insert(&holder, Capability { issuer, params });
+        let parsed = serde_json::from_str::<(String, String, String)>(k)
+            .map_err(|e| e.to_string())
+            .and_then(|(holder, issuer, params)| {
+                let holder: ProcessId = holder.parse().map_err(|e| format!("{e}"))?;
+                let issuer: Address = issuer.parse().map_err(|e| format!("{e}"))?;
+                Ok((holder, Capability { issuer, params }))
+            });
+        match parsed {
+            Ok((holder, cap)) => {
+                caps.insert(&holder, cap);
+            }
+            Err(why) => tracing::error!(
+                "capability row {} in node.db cannot be read ({why}); it is left out",
+                spindle_types::id::shown(k)
+            ),
+        }
     }
-    Ok(caps)
+    caps
 }

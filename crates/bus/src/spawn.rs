@@ -149,13 +149,18 @@ fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<PathBuf> {
         .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let found = openat2(&root, rel, how)?;
-    std::fs::read_link(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(|e| {
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", found.as_raw_fd())).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             std::io::Error::from(std::io::ErrorKind::Unsupported)
         } else {
             e
         }
-    })
+    })?;
+    // Replaced or removed between the lookup and now: not a path to load.
+    if real.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
+        return Err(std::io::ErrorKind::NotFound.into());
+    }
+    Ok(real)
 }
 
 #[cfg(test)]

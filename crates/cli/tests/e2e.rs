@@ -1036,6 +1036,13 @@ fn a_home_of_an_earlier_version_is_imported_once_and_keeps_running() {
     n.ok(&["start", "--name", "new", "--", "sleep", "1000"]);
     assert_eq!(n.id_of("new"), spindle_types::ProcessNum(8));
     n.ok(&["daemon", "stop"]);
+    // A capabilities file found again later is not imported a second time.
+    let other = r#"{"version": 1, "holders": [{"process": "old:demo:spindle", "capabilities": [{"issuer": "local@old:demo:spindle", "params": "\"other\""}]}]}"#;
+    std::fs::write(home.join("capabilities.json"), other).unwrap();
+    n.ok(&["ls"]);
+    assert!(!home.join("capabilities.json").exists());
+    assert_eq!(records(&home)["capability"].len(), 1, "imported twice");
+    n.ok(&["daemon", "stop"]);
 }
 
 #[test]

@@ -93,7 +93,7 @@ pub enum DaemonError {
     Capabilities(#[from] spindle_bus::persist::CapsFileError),
     #[error(transparent)]
     Journal(#[from] spindle_store::journal::JournalError),
-    #[error("cannot import {path} into node.db: {why} (the file is kept)")]
+    #[error("cannot import into {path}: {why} (the files of the earlier version are kept)")]
     Import { path: PathBuf, why: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 /// The journal's kind for the table's own record (one row, [`META_KEY`]).
 pub const META_KIND: &str = "table";
 pub const META_KEY: &str = "table";
+/// The record that says `capabilities.json` was imported.
+pub const CAPS_IMPORTED_KEY: &str = "capabilities-imported";
 /// The journal's kind for process rows, keyed by id.
 pub const PROCESS_KIND: &str = "process";
 
@@ -45,7 +47,12 @@ pub fn from_records(records: &Records) -> Result<Option<TableSnapshot>, TableErr
     let mut processes: Vec<SavedProcess> = vec![];
     for (key, row) in records.get(PROCESS_KIND).into_iter().flatten() {
         match serde_json::from_slice::<SavedProcess>(row) {
-            Ok(p) => processes.push(p),
+            Ok(p) if p.num.0.to_string() == *key => processes.push(p),
+            Ok(p) => tracing::error!(
+                "process row {} in node.db holds process {}; it is left out",
+                spindle_types::id::shown(key),
+                p.num
+            ),
             Err(e) => tracing::error!(
                 "process row {} in node.db cannot be read ({e}); that process is left out",
                 spindle_types::id::shown(key)

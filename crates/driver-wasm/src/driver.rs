@@ -166,30 +166,14 @@ pub struct WasmDriver {
 /// Hands processes' spawn calls to the control loop once their component is
 /// compiled, so the loop never compiles one. A component that does not load
 /// is answered here, with the error the loop would give.
-/// Resolved component paths the spawn stage keeps (by parent folder and
-/// path as given).
-const RESOLVED_KEPT: usize = 1024;
-
 async fn warm_spawns(
     mut asked: mpsc::Receiver<SpawnCall>,
     ready: mpsc::Sender<SpawnCall>,
     loader: Loader,
 ) {
-    let mut resolved: HashMap<(PathBuf, String), PathBuf> = HashMap::new();
     while let Some(mut call) = asked.recv().await {
-        // Resolved once, and remembered: a process that spawns the same
-        // component again skips the lookup. (Safe to keep: a spawned
-        // component is opened with no link anywhere on its path.)
-        let key = (call.dir.clone(), call.component.clone());
-        let found = match resolved.get(&key) {
-            Some(p) => Ok(p.clone()),
-            None => call.resolve().inspect(|p| {
-                if resolved.len() >= RESOLVED_KEPT {
-                    resolved.clear();
-                }
-                resolved.insert(key, p.clone());
-            }),
-        };
+        // Resolved here, once: the loop uses what was found.
+        let found = call.resolve();
         call.resolved = found.as_ref().ok().cloned();
         // A refused path is the loop's to report.
         let path = match found {

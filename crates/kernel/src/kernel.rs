@@ -629,6 +629,7 @@ impl Kernel {
         }
         for num in due_spawn {
             self.procs.get_mut(&num).expect("due").restarts += 1;
+            self.dirty.insert(num);
             self.spawn(num, now);
         }
     }
@@ -772,6 +773,7 @@ impl Kernel {
         };
         e.last_exit = Some(info.clone());
         set_state(&mut self.timers, e, State::Stopped);
+        self.dirty.insert(num);
 
         let mut restart_in = None;
         match then {

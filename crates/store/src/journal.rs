@@ -81,8 +81,23 @@ struct Batch {
 struct Written {
     /// Every batch up to this one is covered.
     generation: u64,
-    /// `None` if it is on disk.
+    /// Every batch up to this one is on disk.
+    durable: u64,
+    /// Why the commit of the batches after `durable` failed, if it did.
     error: Option<String>,
+}
+
+impl Written {
+    /// The outcome for the batch `generation`, once covered.
+    fn outcome(&self, generation: u64) -> Option<Result<(), NotSaved>> {
+        if generation <= self.durable {
+            Some(Ok(()))
+        } else if generation <= self.generation {
+            Some(Err(NotSaved(self.error.clone().unwrap_or_default())))
+        } else {
+            None
+        }
+    }
 }
 
 struct Staged {
@@ -257,6 +272,10 @@ impl Journal {
             changes: std::mem::take(&mut s.changes),
         };
         let generation = s.generation;
+        let durable = self.written.borrow().durable;
+        while s.in_flight.front().is_some_and(|(g, _)| *g <= durable) {
+            s.in_flight.pop_front();
+        }
         s.in_flight.push_back((generation, Instant::now()));
         // Sent under the lock: batches reach the writer in generation order.
         if let Some(tx) = &s.to_writer {
@@ -266,8 +285,10 @@ impl Journal {
     }
 
     /// How long the oldest batch not yet durable has waited (zero if none).
+    /// A batch whose commit failed is not durable: while the disk fails,
+    /// the lag grows.
     pub fn lag(&self) -> Duration {
-        let durable = self.written.borrow().generation;
+        let durable = self.written.borrow().durable;
         let mut s = self.lock();
         while s.in_flight.front().is_some_and(|(g, _)| *g <= durable) {
             s.in_flight.pop_front();
@@ -277,16 +298,19 @@ impl Journal {
             .map_or(Duration::ZERO, |(_, at)| at.elapsed())
     }
 
+    /// Whether the last commit failed (and the disk is behind).
+    pub fn failing(&self) -> bool {
+        let w = self.written.borrow();
+        w.error.is_some() && w.generation > w.durable
+    }
+
     /// Waits until every batch up to `generation` is on disk, or the commit
     /// covering it failed.
     pub async fn durable(&self, generation: u64) -> Result<(), NotSaved> {
         let mut rx = self.written.clone();
         loop {
-            {
-                let w = rx.borrow_and_update();
-                if w.generation >= generation {
-                    return w.error.clone().map_or(Ok(()), |why| Err(NotSaved(why)));
-                }
+            if let Some(outcome) = rx.borrow_and_update().outcome(generation) {
+                return outcome;
             }
             if rx.changed().await.is_err() {
                 return Err(NotSaved("the journal's writer has stopped".into()));
@@ -306,10 +330,24 @@ impl Journal {
         let generation = self.commit();
         let (m, cv) = &*self.reported;
         let mut w = m.lock().unwrap_or_else(|p| p.into_inner());
-        while w.generation < generation {
-            w = cv.wait(w).unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(outcome) = w.outcome(generation) {
+                return outcome;
+            }
+            let gone = self
+                .writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_none_or(|h| h.is_finished());
+            if gone {
+                return Err(NotSaved("the journal's writer has stopped".into()));
+            }
+            w = cv
+                .wait_timeout(w, RETRY_EVERY)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        w.error.clone().map_or(Ok(()), |why| Err(NotSaved(why)))
     }
 
     /// Commits what is staged, stops the writer after its last commit, and
@@ -334,6 +372,7 @@ fn writer(
 ) {
     let mut waiting: Vec<Batch> = vec![];
     let mut failing = false;
+    let mut durable = 0;
     loop {
         let closed = if waiting.is_empty() {
             match batches.recv() {
@@ -370,8 +409,10 @@ fn writer(
                         );
                     }
                     failing = false;
+                    durable = last;
                     tell(Written {
                         generation: last,
+                        durable,
                         error: None,
                     });
                 }
@@ -387,6 +428,7 @@ fn writer(
                     failing = true;
                     tell(Written {
                         generation: last,
+                        durable,
                         error: Some(error),
                     });
                     if closed {
@@ -445,6 +487,19 @@ mod tests {
         let (_j, records) = Journal::open(&p).unwrap();
         assert_eq!(records["process"], vec![("1".to_string(), b"uno".to_vec())]);
         assert_eq!(records["meta"].len(), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_is_not_durable_and_earlier_ones_stay_so() {
+        let w = Written {
+            generation: 5,
+            durable: 3,
+            error: Some("disk full".into()),
+        };
+        assert_eq!(w.outcome(2), Some(Ok(())));
+        assert_eq!(w.outcome(3), Some(Ok(())));
+        assert_eq!(w.outcome(4), Some(Err(NotSaved("disk full".into()))));
+        assert_eq!(w.outcome(6), None, "not covered yet");
     }
 
     #[test]

@@ -172,7 +172,10 @@ pub fn records(home: &std::path::Path) -> spindle_store::journal::Records {
 /// The table's own record in `home`.
 pub fn table_record(home: &std::path::Path) -> serde_json::Value {
     let r = records(home);
-    let (_, meta) = &r["table"][0];
+    let (_, meta) = r["table"]
+        .iter()
+        .find(|(k, _)| k == "table")
+        .expect("the table's record");
     serde_json::from_slice(meta).unwrap()
 }
 

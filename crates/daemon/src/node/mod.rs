@@ -187,24 +187,34 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         .get(spindle_bus::persist::KIND)
         .map(Vec::as_slice)
         .unwrap_or_default();
-    let bus = Arc::new(Bus::open(NODE_NAME, journal.clone(), cap_rows)?);
-    let import_caps = cap_rows.is_empty() && paths.legacy_capabilities.exists();
+    let bus = Arc::new(Bus::open(NODE_NAME, journal.clone(), cap_rows));
+    // The capabilities file is imported once: a marker row goes in with
+    // them (a node may rightly hold no capability rows).
+    let caps_done = records
+        .get(table::META_KIND)
+        .is_some_and(|rows| rows.iter().any(|(k, _)| k == table::CAPS_IMPORTED_KEY));
+    let import_caps = !caps_done && paths.legacy_capabilities.exists();
     if import_caps {
         for (holder, set) in spindle_bus::persist::load_legacy(&paths.legacy_capabilities)? {
             bus.grant(&holder, set);
         }
+        journal.put(table::META_KIND, table::CAPS_IMPORTED_KEY, b"true".to_vec());
     }
-    for (imported, path) in [
-        (import_table, &paths.legacy_table),
-        (import_caps, &paths.legacy_capabilities),
-    ] {
-        if !imported || !path.exists() {
-            continue;
-        }
+    if import_table || import_caps {
         journal.flush_blocking().map_err(|e| DaemonError::Import {
-            path: path.clone(),
+            path: paths.journal.clone(),
             why: e.to_string(),
         })?;
+    }
+    // Files whose contents are in node.db (imported now or before) are
+    // renamed, never deleted.
+    for (in_db, path) in [
+        (saved.is_some(), &paths.legacy_table),
+        (caps_done || import_caps, &paths.legacy_capabilities),
+    ] {
+        if !in_db || !path.exists() {
+            continue;
+        }
         let mut done = path.as_os_str().to_owned();
         done.push(".imported");
         fs::rename(path, &done)?;
