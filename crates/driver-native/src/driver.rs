@@ -7,7 +7,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use spindle_kernel::RunId;
-use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
+use spindle_logs::{LineSink, LogHub, Shaping, Stream};
 use spindle_types::spec::StopSignal;
 use spindle_types::{Address, ExitStatus, ProcessNum, ProcessSpec};
 use std::collections::HashMap;
@@ -16,7 +16,6 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::broadcast;
 
 /// What the driver reports back to the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +173,7 @@ impl NativeDriver {
         num: ProcessNum,
         run: RunId,
         spec: &ProcessSpec,
-        tap: Option<broadcast::Sender<LogChunk>>,
+        tap: Option<spindle_logs::LogTap>,
         address: Option<&Address>,
     ) -> Result<Spawned, SpawnError> {
         let exe = Self::preflight(spec)?;

@@ -7,7 +7,7 @@ pub use crate::runtime::MAX_WASM_PROCESSES;
 use crate::runtime::{LazyRuntime, Loader, Runtime, TickGuard, WasmError};
 use spindle_bus::{Bus, Capability, Envelope, Message, SpawnCall};
 use spindle_kernel::RunId;
-use spindle_logs::{LineSink, LogChunk, LogHub, Shaping, Stream};
+use spindle_logs::{LineSink, LogHub, Shaping, Stream};
 use spindle_types::{
     Address, ExitStatus, OnExit, PackageId, ProcessId, ProcessNum, ProcessSpec, Program,
 };
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 
 /// Memory cap of a wasm process whose spec sets none: room for ordinary
@@ -299,7 +299,7 @@ impl WasmDriver {
         num: ProcessNum,
         run: RunId,
         spec: &ProcessSpec,
-        tap: Option<broadcast::Sender<LogChunk>>,
+        tap: Option<spindle_logs::LogTap>,
     ) -> Result<Address, WasmError> {
         let (Program::Wasm { path, public, .. }, Some(our)) =
             (&spec.program, self.address(num, spec))

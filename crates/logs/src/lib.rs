@@ -19,9 +19,11 @@
 
 mod file;
 mod sink;
+mod tap;
 
 pub use file::{LogFile, LogHub, probe, tail_lines};
 pub use sink::{LineSink, LogChunk, Shaping, Stream};
+pub use tap::{LogTap, TAP_CAPACITY};
 
 /// Longest line kept whole. A longer run of bytes without a newline is cut
 /// here and written as a line, so a process that never prints `\n` cannot

@@ -3,7 +3,6 @@ use memchr::{memchr, memrchr};
 use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
-use tokio::sync::broadcast;
 
 /// Which output stream a sink captures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,7 +39,7 @@ pub struct LineSink {
     shaping: Shaping,
     partial: Vec<u8>,
     out: Vec<u8>,
-    tap: Option<broadcast::Sender<LogChunk>>,
+    tap: Option<crate::LogTap>,
     /// Bytes that could not be written (e.g. disk full), for reporting.
     pub lost_bytes: u64,
 }
@@ -50,7 +49,7 @@ impl LineSink {
         file: Arc<LogFile>,
         stream: Stream,
         shaping: Shaping,
-        tap: Option<broadcast::Sender<LogChunk>>,
+        tap: Option<crate::LogTap>,
     ) -> Self {
         LineSink {
             file,
@@ -167,10 +166,8 @@ impl LineSink {
     }
 
     fn write(&mut self, lines: &[u8]) -> io::Result<()> {
-        if let Some(tap) = &self.tap
-            && tap.receiver_count() > 0
-        {
-            let _ = tap.send(LogChunk {
+        if let Some(tap) = &self.tap {
+            tap.send(|| LogChunk {
                 stream: self.stream,
                 lines: Arc::from(lines),
             });

@@ -3,16 +3,12 @@
 //! first spawn and dropped when it is removed.
 
 use spindle_ipc::Bridge;
-use spindle_logs::LogChunk;
+use spindle_logs::LogTap;
 use spindle_types::Address;
-use tokio::sync::broadcast;
-
-/// Chunks of log lines a follower may fall behind before it is told it missed some.
-pub(super) const TAP_CAPACITY: usize = 1024;
 
 pub(super) struct Attached {
     /// Written log lines, for followers. Outlives runs.
-    pub tap: broadcast::Sender<LogChunk>,
+    pub tap: LogTap,
     pub bus: Option<OnBus>,
 }
 
@@ -31,7 +27,7 @@ pub(super) enum OnBus {
 impl Attached {
     pub fn new() -> Attached {
         Attached {
-            tap: broadcast::channel(TAP_CAPACITY).0,
+            tap: LogTap::default(),
             bus: None,
         }
     }

@@ -14,7 +14,7 @@ use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
 use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
 use spindle_ipc::{Bridge, Spawner};
 use spindle_kernel::{Effect, Kernel, State};
-use spindle_logs::{LogChunk, LogHub, tail_lines};
+use spindle_logs::{LogHub, tail_lines};
 use spindle_store::journal::Journal;
 use spindle_types::control::{
     DaemonStatus, ErrorKind, LogStream, PROTOCOL_VERSION, ProcessInfo, Request, Response,

@@ -61,7 +61,7 @@ impl Node {
         num: ProcessNum,
         run: spindle_kernel::RunId,
         spec: &ProcessSpec,
-        tap: broadcast::Sender<LogChunk>,
+        tap: spindle_logs::LogTap,
     ) -> Result<Option<u32>, String> {
         let Some(addr) = self.wasm.address(num, spec) else {
             return self
