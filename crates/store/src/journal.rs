@@ -185,10 +185,12 @@ impl Journal {
             .name("spindle-journal".into())
             .spawn(move || {
                 writer(&at, conn, batches, |w| {
+                    // The async view first: whoever wakes on the condvar
+                    // then sees the same outcome everywhere.
+                    tell.send_replace(w.clone());
                     let (m, cv) = &*report;
-                    *m.lock().unwrap_or_else(|p| p.into_inner()) = w.clone();
+                    *m.lock().unwrap_or_else(|p| p.into_inner()) = w;
                     cv.notify_all();
-                    tell.send_replace(w);
                 })
             })
             .map_err(JournalError::Thread)?;
@@ -500,6 +502,72 @@ mod tests {
         assert_eq!(w.outcome(3), Some(Ok(())));
         assert_eq!(w.outcome(4), Some(Err(NotSaved("disk full".into()))));
         assert_eq!(w.outcome(6), None, "not covered yet");
+    }
+
+    /// A size-limited tmpfs, unmounted on drop (needs root).
+    struct TinyDisk(PathBuf);
+
+    impl TinyDisk {
+        fn mount(at: &Path, opts: &str) -> TinyDisk {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "mount -t tmpfs (needs root)");
+            TinyDisk(at.to_path_buf())
+        }
+        fn grow(&self, opts: &str) {
+            let ok = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{opts}")])
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "remount");
+        }
+    }
+
+    impl Drop for TinyDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[test]
+    #[ignore = "needs root: mounts a 512 KiB tmpfs (.ci/run runs it with --ignored)"]
+    fn a_full_disk_is_reported_never_durable_and_the_retry_lands_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = TinyDisk::mount(dir.path(), "size=512k");
+        let p = dir.path().join("node.db");
+        let (j, _) = Journal::open(&p).unwrap();
+        let mut written = 0;
+        let failed = loop {
+            assert!(
+                written < 200,
+                "a 512 KiB disk took {written} rows of 16 KiB"
+            );
+            j.put("blob", written.to_string(), vec![7; 16 << 10]);
+            written += 1;
+            if let Err(e) = j.flush_blocking() {
+                break e;
+            }
+        };
+        assert!(failed.0.contains("node.db"), "{failed}");
+        assert!(j.failing(), "the failure is known");
+        assert!(j.lag() > Duration::ZERO, "a failed batch is not durable");
+        // Room again: the writer's retry lands every row, the failed ones too.
+        disk.grow("size=16m");
+        let end = Instant::now() + Duration::from_secs(10);
+        while j.flush_blocking().is_err() {
+            assert!(Instant::now() < end, "the retry never landed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!j.failing());
+        j.close();
+        assert_eq!(read(&p).unwrap()["blob"].len(), written);
     }
 
     #[test]
