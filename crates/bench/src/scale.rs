@@ -52,7 +52,7 @@ fn spawner(n: &Node, name: &str, package: &str) -> ProcessSpec {
 }
 
 fn disk(n: &Node) -> u64 {
-    ["table.json", "capabilities.json", "node.db", "node.db-wal"]
+    ["node.db", "node.db-wal"]
         .iter()
         .filter_map(|f| std::fs::metadata(n.home.join(f)).ok())
         .map(|m| m.len())

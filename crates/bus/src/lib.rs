@@ -372,11 +372,6 @@ impl Bus {
         }
     }
 
-    /// The journal the capabilities are kept in, if any.
-    pub fn journal(&self) -> Option<&Journal> {
-        self.journal.as_ref()
-    }
-
     /// Drops holders that are not `known`, and capabilities issued by
     /// processes that are not `known` — say, at boot, those of processes that
     /// no longer exist, so a later process with the same name inherits nothing.

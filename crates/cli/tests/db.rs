@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use spindle_client::Client;
+use spindle_store::testing::TinyDisk;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -293,39 +294,6 @@ fn acknowledged_writes_survive_repeated_kill_9_and_transactions_are_whole() {
         ledger.acked.len(),
         ledger.txs.len()
     );
-}
-
-/// A size-limited tmpfs, unmounted on drop (needs root).
-struct TinyDisk(std::path::PathBuf);
-
-impl TinyDisk {
-    fn mount(at: &std::path::Path, opts: &str) -> Option<TinyDisk> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| TinyDisk(at.to_path_buf()))
-    }
-
-    fn remount(&self, opts: &str) {
-        let s = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{opts}")])
-            .arg(&self.0)
-            .status()
-            .unwrap();
-        assert!(s.success());
-    }
-}
-
-impl Drop for TinyDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[test]

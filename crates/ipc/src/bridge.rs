@@ -387,10 +387,16 @@ impl Reader {
     /// Waits until capability changes are on disk; a failed write is said
     /// to the process (the change holds in memory and is retried).
     async fn persisted(&self) -> Result<(), String> {
-        self.bus.persisted().await.map_err(|why| {
-            tracing::warn!("{}: capabilities not saved: {why}", self.me);
-            format!("capabilities not saved to disk ({why}); they hold until the node restarts")
-        })
+        self.bus
+            .persisted()
+            .await
+            .map_err(|why| self.not_saved(why))
+    }
+
+    /// What the process is told when a capability change is not on disk.
+    fn not_saved(&self, why: spindle_bus::persist::NotSaved) -> String {
+        tracing::warn!("{}: capabilities not saved: {why}", self.me);
+        format!("capabilities not saved to disk ({why}); they hold until the node restarts")
     }
 
     async fn call(&self, call: Call) -> Result<Value, String> {
@@ -440,11 +446,10 @@ impl Reader {
                     .map_err(|e| e.to_string())?;
                 // What came with the child lands in the journal's next group
                 // commit; the parent runs ahead of the disk only within its window.
-                self.bus.persisted_within_window().await.map_err(|why| {
-                    format!(
-                        "capabilities not saved to disk ({why}); they hold until the node restarts"
-                    )
-                })?;
+                self.bus
+                    .persisted_within_window()
+                    .await
+                    .map_err(|why| self.not_saved(why))?;
                 Ok(json!({ "address": child.to_string() }))
             }
         }

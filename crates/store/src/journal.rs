@@ -504,43 +504,12 @@ mod tests {
         assert_eq!(w.outcome(6), None, "not covered yet");
     }
 
-    /// A size-limited tmpfs, unmounted on drop (needs root).
-    struct TinyDisk(PathBuf);
-
-    impl TinyDisk {
-        fn mount(at: &Path, opts: &str) -> TinyDisk {
-            let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-                .arg(at)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "mount -t tmpfs (needs root)");
-            TinyDisk(at.to_path_buf())
-        }
-        fn grow(&self, opts: &str) {
-            let ok = std::process::Command::new("mount")
-                .args(["-o", &format!("remount,{opts}")])
-                .arg(&self.0)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "remount");
-        }
-    }
-
-    impl Drop for TinyDisk {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-
     #[test]
     #[ignore = "needs root: mounts a 512 KiB tmpfs (.ci/run runs it with --ignored)"]
     fn a_full_disk_is_reported_never_durable_and_the_retry_lands_it_all() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = TinyDisk::mount(dir.path(), "size=512k");
+        let disk = crate::testing::TinyDisk::mount(dir.path(), "size=512k")
+            .expect("mount -t tmpfs (needs root)");
         let p = dir.path().join("node.db");
         let (j, _) = Journal::open(&p).unwrap();
         let mut written = 0;
@@ -559,7 +528,7 @@ mod tests {
         assert!(j.failing(), "the failure is known");
         assert!(j.lag() > Duration::ZERO, "a failed batch is not durable");
         // Room again: the writer's retry lands every row, the failed ones too.
-        disk.grow("size=16m");
+        disk.remount("size=16m");
         let end = Instant::now() + Duration::from_secs(10);
         while j.flush_blocking().is_err() {
             assert!(Instant::now() < end, "the retry never landed");

@@ -16,6 +16,7 @@
 //! start without it and an operator can still look at it.
 
 pub mod journal;
+pub mod testing;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
