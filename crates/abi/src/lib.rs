@@ -24,6 +24,17 @@ pub const SYSTEM_PUBLISHER: &str = "spindle";
 /// Timeout of a request that awaits a response and names none.
 pub const DEFAULT_AWAIT: Duration = Duration::from_secs(5);
 
+/// Longest a response may be awaited (a process's, or `spindle send`'s): a
+/// longer timeout a process asks for is taken as this; the CLI refuses one.
+pub const MAX_AWAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The node's runtime modules, by process name (package `sys:spindle`).
+pub mod module {
+    pub const KV: &str = "kv";
+    pub const SQLITE: &str = "sqlite";
+    pub const TIMER: &str = "timer";
+}
+
 /// How long a send may wait for room in a full mailbox, per try, before it
 /// is `mailbox-full`.
 pub const MAILBOX_WAIT: Duration = Duration::from_millis(100);

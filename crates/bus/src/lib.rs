@@ -30,12 +30,14 @@
 mod caps;
 mod message;
 pub mod persist;
+mod reply;
 mod spawn;
 
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
     UNCOUNTED_BYTES,
 };
+pub use reply::Reply;
 pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine};
 
 use spindle_store::journal::Journal;
@@ -78,6 +80,16 @@ pub const MESSAGING: &str = spindle_abi::MESSAGING_PARAMS;
 /// message to a thread of its own and answers later; it never blocks.
 pub trait Service: Send + Sync + 'static {
     fn handle(&self, env: Envelope);
+
+    /// A run of `process` came onto the bus (its mailbox is ready).
+    fn arrived(&self, _process: &ProcessId) {}
+
+    /// A run of `process` left the bus: what it kept here for that run
+    /// alone may go.
+    fn departed(&self, _process: &ProcessId) {}
+
+    /// `process` is gone for good (deleted): nothing of it may outlive it.
+    fn forgotten(&self, _process: &ProcessId) {}
 }
 
 /// Where an endpoint's messages go.
@@ -303,6 +315,14 @@ pub struct Bus {
     package_queued: std::sync::Mutex<HashMap<spindle_types::PackageId, Arc<AtomicUsize>>>,
     /// Responses that arrived after their request had timed out or been answered.
     pub late_responses: AtomicU64,
+    /// The node's services, told of arrivals and departures.
+    services: RwLock<Vec<Arc<dyn Service>>>,
+}
+
+impl std::fmt::Debug for dyn Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("service")
+    }
 }
 
 impl Bus {
@@ -317,6 +337,7 @@ impl Bus {
             queued: Arc::default(),
             package_queued: Default::default(),
             late_responses: AtomicU64::new(0),
+            services: RwLock::default(),
         }
     }
 
@@ -392,6 +413,12 @@ impl Bus {
         &self.node
     }
 
+    /// The journal this bus keeps its capabilities in ([`Bus::open`]); the
+    /// node's services keep their durable records there too.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
     pub fn address(&self, process: ProcessId) -> Address {
         Address {
             node: self.node.clone(),
@@ -420,6 +447,7 @@ impl Bus {
         if eps.contains_key(&address.process) {
             return Err(BusError::AddressTaken(address));
         }
+        let process = address.process.clone();
         let (tx, rx) = mpsc::channel(MAILBOX_CAPACITY);
         let queued = Arc::new(Queued {
             here: AtomicUsize::new(0),
@@ -444,6 +472,8 @@ impl Bus {
                 on_bus: std::sync::atomic::AtomicBool::new(true),
             }),
         );
+        drop(eps);
+        self.tell_services(|s| s.arrived(&process));
         Ok(Mailbox { rx, queued })
     }
 
@@ -463,11 +493,24 @@ impl Bus {
             Arc::new(Endpoint {
                 address,
                 public,
-                inbox: Inbox::Service(service),
+                inbox: Inbox::Service(service.clone()),
                 on_bus: std::sync::atomic::AtomicBool::new(true),
             }),
         );
+        drop(eps);
+        self.services
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(service);
         Ok(())
+    }
+
+    /// Tells every service something (outside the endpoint table's lock).
+    fn tell_services(&self, what: impl Fn(&dyn Service)) {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        for s in services.iter() {
+            what(&**s);
+        }
     }
 
     /// Takes a process off the bus (its run ended). Messages to it now fail `Offline`.
@@ -479,6 +522,7 @@ impl Bus {
             .remove(process);
         if let Some(ep) = gone {
             ep.on_bus.store(false, Ordering::Release);
+            self.tell_services(|s| s.departed(process));
         }
     }
 
@@ -546,6 +590,7 @@ impl Bus {
             .unwrap_or_else(|p| p.into_inner())
             .remove_holder(process);
         self.stage(process, [], &gone);
+        self.tell_services(|s| s.forgotten(process));
     }
 
     /// Tells whoever awaits request `id` (at `rsvp`) that it failed at

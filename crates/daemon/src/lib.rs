@@ -99,6 +99,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error("the runtime modules could not start: {0}")]
     Modules(#[from] spindle_db::StartError),
+    #[error("the timer module could not start: {0}")]
+    Timers(#[from] spindle_timer::StartError),
     #[error("cannot watch owner process {pid}: {source} (an owned node serves a running app)")]
     Owner { pid: u32, source: std::io::Error },
 }

@@ -9,9 +9,10 @@
 
 use crate::access::Access;
 use crate::store::{Database, KvOp};
-use crate::{Module, Refusal, Reply, Req};
+use crate::{Answer, Module, Refusal, Req};
 use base64::Engine as _;
 use serde_json::{Value, json};
+use spindle_bus::Reply;
 use spindle_bus::{Blob, Bus};
 use spindle_types::{Address, ProcessId};
 use std::borrow::Cow;
@@ -244,7 +245,7 @@ impl Module {
                         key,
                         Box::new(move |r| match r {
                             Ok(v) => answer_get(reply, v, text),
-                            Err(e) => reply.refuse(e.into()),
+                            Err(e) => reply.deny(e.into()),
                         }),
                     ),
                 }

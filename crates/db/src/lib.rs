@@ -32,7 +32,7 @@ pub mod store;
 use access::Access;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use spindle_bus::{Blob, Bus, Envelope, Message, Response, Service};
+use spindle_bus::{Bus, Envelope, Message, Reply, Service};
 use spindle_types::{Address, PackageId, ProcessId};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -186,60 +186,21 @@ impl From<DbError> for Refusal {
     }
 }
 
-/// Where and how to answer one request (from any thread).
-pub(crate) struct Reply {
-    bus: Weak<Bus>,
-    me: Arc<Address>,
-    id: u64,
-    rsvp: Option<Arc<Address>>,
+/// How the modules answer: a result, or a refusal with its kind.
+pub(crate) trait Answer {
+    fn deny(self, r: Refusal);
+    fn answer(self, r: Result<(Value, Option<Vec<u8>>), Refusal>);
 }
 
-impl Reply {
-    pub fn ok(self, body: Value, blob: Option<Vec<u8>>) {
-        self.bytes(serde_json::to_vec(&body).expect("bodies serialise"), blob)
+impl Answer for Reply {
+    fn deny(self, r: Refusal) {
+        self.refuse(r.kind, &r.message);
     }
 
-    /// Answers with a body already serialised.
-    pub fn bytes(self, body: Vec<u8>, blob: Option<Vec<u8>>) {
-        let (Some(bus), Some(rsvp)) = (self.bus.upgrade(), self.rsvp) else {
-            return;
-        };
-        let env = Envelope {
-            id: self.id,
-            source: self.me,
-            target: rsvp,
-            rsvp: None,
-            message: Message::Response(
-                Response {
-                    inherit: false,
-                    body,
-                    metadata: None,
-                    capabilities: vec![],
-                },
-                None,
-            ),
-            blob: blob.map(|bytes| Arc::new(Blob { mime: None, bytes })),
-        };
-        // A requester that is gone does not hear back; one whose mailbox
-        // has no room for the answer hears that, instead of waiting.
-        if let Err((spindle_bus::SendErrorKind::MailboxFull, env)) = bus.send_now(env, true) {
-            bus.fail_request(
-                &env.source,
-                env.id,
-                env.target,
-                spindle_bus::SendErrorKind::MailboxFull,
-            );
-        }
-    }
-
-    pub fn refuse(self, r: Refusal) {
-        self.ok(json!({"error": r.kind, "message": r.message}), None);
-    }
-
-    pub fn answer(self, r: Result<(Value, Option<Vec<u8>>), Refusal>) {
+    fn answer(self, r: Result<(Value, Option<Vec<u8>>), Refusal>) {
         match r {
             Ok((body, blob)) => self.ok(body, blob),
-            Err(e) => self.refuse(e),
+            Err(e) => self.deny(e),
         }
     }
 }
@@ -252,12 +213,7 @@ pub(crate) struct Target<'a> {
 
 impl Module {
     fn reply_to(&self, env: &Envelope) -> Reply {
-        Reply {
-            bus: self.bus.clone(),
-            me: self.me.clone(),
-            id: env.id,
-            rsvp: env.rsvp.clone(),
-        }
+        Reply::to(self.bus.clone(), self.me.clone(), env)
     }
 
     /// The database `req` names: its own package's unless `package` says.
@@ -400,7 +356,7 @@ impl Module {
             ))
         };
         match run() {
-            Err(e) => reply.refuse(e),
+            Err(e) => reply.deny(e),
             Ok((to, cap)) => {
                 if req.op == "grant" {
                     bus.grant(&to, [cap]);
@@ -411,7 +367,7 @@ impl Module {
                 let finish = async move {
                     match bus.persisted().await {
                         Ok(()) => reply.ok(json!({"ok": true}), None),
-                        Err(why) => reply.refuse(Refusal {
+                        Err(why) => reply.deny(Refusal {
                             kind: "storage",
                             message: format!("in effect, but not saved to disk: {why}"),
                         }),
@@ -449,7 +405,7 @@ impl Service for Module {
         let req: Req = match serde_json::from_slice(&r.body) {
             Ok(q) => q,
             Err(e) => {
-                return reply.refuse(Refusal::bad(format!(
+                return reply.deny(Refusal::bad(format!(
                     "the body is not a request ({e}): send JSON like {{\"op\":\"get\",\"db\":\"…\",\"key\":\"…\"}}"
                 )));
             }
@@ -461,7 +417,7 @@ impl Service for Module {
         match self.kind {
             Kind::Kv => {
                 if let Err((reply, e)) = self.kv(&bus, &env.source, req, blob, reply) {
-                    reply.refuse(e);
+                    reply.deny(e);
                 }
             }
             Kind::Sql => self.sql(&bus, &env.source, req, blob, reply),

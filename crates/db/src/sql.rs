@@ -10,10 +10,11 @@
 use crate::access::Access;
 use crate::guard::{GuestError, first_keyword};
 use crate::store::{DbError, too_long};
-use crate::{Module, Refusal, Reply, Req};
+use crate::{Answer, Module, Refusal, Req};
 use base64::Engine as _;
 use rusqlite::types::Value as Sql;
 use serde_json::{Value, json};
+use spindle_bus::Reply;
 use spindle_bus::{Blob, Bus};
 use spindle_types::Address;
 use std::sync::Arc;
@@ -115,7 +116,7 @@ impl Module {
         })();
         let (db, params) = match prepared {
             Ok(p) => p,
-            Err(e) => return reply.refuse(e),
+            Err(e) => return reply.deny(e),
         };
         let sql = req.sql.clone().unwrap_or_default();
         match &*req.op {

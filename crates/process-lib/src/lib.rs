@@ -49,6 +49,7 @@ use bindings::spindle::process::host;
 mod db;
 #[cfg(not(target_family = "wasm"))]
 mod native;
+pub mod timer;
 pub use bindings::spindle::process::types::{self as wit, Blob, Capability, OnExit, SendErrorKind};
 pub use db::{Access, DbError, kv, sqlite};
 #[cfg(not(target_family = "wasm"))]

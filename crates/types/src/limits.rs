@@ -1,11 +1,5 @@
 //! Limits shared by more than one crate, each defined once with its reason.
-
-use std::time::Duration;
-
-pub use spindle_abi::{DEFAULT_AWAIT, MAILBOX_WAIT};
-/// Longest a response may be awaited (a process's, or `spindle send`'s): a
-/// longer timeout a process asks for is taken as this; the CLI refuses one.
-pub const MAX_AWAIT: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use spindle_abi::{DEFAULT_AWAIT, MAILBOX_WAIT, MAX_AWAIT};
 
 /// Bytes (bodies, metadata and blobs) a mailbox may hold unless its spec
 /// says otherwise (`mailbox_size`): past it a sender gets `mailbox-full`,

@@ -226,6 +226,11 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     }
     // Runtime modules: their addresses are the node's own, on the bus first.
     spindle_db::start(&paths.db, &bus)?;
+    let timer_rows = records
+        .get(spindle_timer::KIND)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let timers = spindle_timer::start(&bus, timer_rows)?;
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
         &paths.home.join("cache"),
         spindle_driver_wasm::runtime::MAX_WASM_PROCESSES,
@@ -262,6 +267,9 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         .collect();
     wasm.bus()
         .retain(|p| p.package.is_system() || known.contains(p));
+    // Durable timers are kept for processes of the table only (an
+    // operator's `send` has an address of one request's lifetime).
+    timers.retain(|p| known.contains(p));
     let (calls_tx, mut calls) = mpsc::channel::<Call>(CALL_QUEUE);
     tokio::spawn(server::accept_loop(
         listener,
