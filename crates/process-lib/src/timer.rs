@@ -13,9 +13,8 @@
 //!
 //! A timer set with [`set`] arrives as the response to its request, with
 //! the context given here. A durable one ([`set_durable`]) outlives this
-//! run and the node: if this run is still there it arrives the same way;
-//! otherwise it comes to the process's next run as a request from the
-//! module, with the context (JSON) kept with the timer.
+//! run and the node: it comes as a request from the module, to this run
+//! or the process's next one, with the context (JSON) kept with the timer.
 
 use crate::{Address, Message, Request};
 use serde::{Deserialize, Serialize};
@@ -98,6 +97,8 @@ struct Call<'a> {
     id: Option<u64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     durable: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ack: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     context: Option<&'a RawValue>,
 }
@@ -110,6 +111,7 @@ impl Call<'_> {
             unix_ms: None,
             id: Some(id.0),
             durable: false,
+            ack: false,
             context: None,
         }
     }
@@ -149,6 +151,9 @@ fn awaited(d: Duration) -> Duration {
 
 /// Waits `d` (other messages wait in the mailbox meanwhile).
 pub fn sleep(d: Duration) -> Result<(), TimerError> {
+    if d > spindle_abi::MAX_AWAIT {
+        return Err(too_far(d));
+    }
     let msg = Request::to(module())
         .json(&Call::after(d, next_id()))
         .expects_response(awaited(d))
@@ -185,39 +190,54 @@ pub fn set_at(at: SystemTime, context: impl Into<Vec<u8>>) -> Result<TimerId, Ti
     Ok(id)
 }
 
-/// Sets a durable timer `d` from now: it outlives this run and the node.
-/// `context` (as JSON, at most 4 KiB) is kept with it.
+/// Sets a durable timer `d` from now: it outlives this run and the node,
+/// and comes as a request from the module (see [`event`]), to this run or
+/// a later one. `context` (as JSON, at most 4 KiB) is kept with it. Returns
+/// once the module has it (a refusal, e.g. `quota`, is the error).
 pub fn set_durable<T: Serialize>(d: Duration, context: &T) -> Result<TimerId, TimerError> {
     let id = next_id();
     let json = serde_json::to_string(context).map_err(|e| TimerError {
         kind: "bad-request".into(),
         message: format!("the context is not JSON: {e}"),
     })?;
-    let raw = RawValue::from_string(json.clone()).map_err(bad_answer)?;
+    let raw = RawValue::from_string(json).map_err(bad_answer)?;
     let call = Call {
         durable: true,
+        ack: true,
         context: Some(&raw),
         ..Call::after(d, id)
     };
-    // Longer than any response may be awaited: it comes as a request.
-    if awaited(d) < d.saturating_add(SLACK) {
-        Request::to(module())
-            .json(&call)
-            .send()
-            .map_err(send_error)?;
-    } else {
-        send(&call, d, json.into_bytes())?;
-    }
-    Ok(id)
+    let msg = Request::to(module())
+        .json(&call)
+        .expects_response(crate::DEFAULT_TIMEOUT)
+        .send_and_await_response()
+        .map_err(send_error)?;
+    let answer: Answer = serde_json::from_slice(msg.body()).map_err(bad_answer)?;
+    refused(&answer).map_or(Ok(id), Err)
 }
 
 fn send(call: &Call, d: Duration, context: Vec<u8>) -> Result<(), TimerError> {
+    if d > spindle_abi::MAX_AWAIT {
+        return Err(too_far(d));
+    }
     Request::to(module())
         .json(call)
         .expects_response(awaited(d))
         .context(context)
         .send()
         .map_err(send_error)
+}
+
+/// A timer further off than any response may be awaited.
+fn too_far(d: Duration) -> TimerError {
+    TimerError {
+        kind: "bad-request".into(),
+        message: format!(
+            "a timer {} s away is further off than a response may be awaited ({} s): use set_durable",
+            d.as_secs(),
+            spindle_abi::MAX_AWAIT.as_secs()
+        ),
+    }
 }
 
 /// Cancels timer `id`: true if it was pending (its own answer then comes
@@ -229,6 +249,7 @@ pub fn cancel(id: TimerId) -> Result<bool, TimerError> {
         ms: None,
         unix_ms: None,
         durable: false,
+        ack: false,
         context: None,
     };
     let msg = Request::to(module())

@@ -34,10 +34,10 @@ use spindle_bus::{Bus, Envelope, Message, Reply, Request, Response, SendErrorKin
 use spindle_store::journal::Journal;
 use spindle_types::{Address, PackageId, ProcessId};
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use wheel::{Budgets, Durable, SetError, Taken, Timer, Wheel};
+use wheel::{Budgets, Due, Durable, Parked, SetError, Timer, Wheel};
 
 /// The module's process name (package `sys:spindle`).
 pub const TIMER: &str = spindle_abi::module::TIMER;
@@ -53,13 +53,20 @@ pub const MAX_TIMERS: u32 = 2_000_000;
 pub const MAX_DURABLE_PER_PROCESS: u32 = 1_000;
 /// Bytes of a durable timer's `context` (JSON kept on disk with it).
 pub const MAX_CONTEXT: usize = 4096;
+/// Bytes of durable timers' contexts the processes of one package may
+/// keep together (in memory, on disk, and read at every boot).
+pub const MAX_CONTEXT_PER_PACKAGE: usize = 16 << 20;
 /// The furthest deadline a timer may have.
 pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
-/// How long an answer that found its mailbox full waits before it is
-/// tried again, and how many times: [`spindle_bus::MAILBOX_WAIT`] in all,
-/// as a node's sender waits.
+/// How long an answer that found its mailbox full first waits before it
+/// is tried again; each further wait doubles, up to [`FULL_RETRY_MAX`]. A
+/// plain timer's requester hears `mailbox-full` once the waits add up to
+/// [`spindle_bus::MAILBOX_WAIT`], as a node's sender would; a durable
+/// timer is tried until it lands. (Doubling keeps a process that never
+/// reads its mailbox from costing the firing thread a try per timer per
+/// millisecond.)
 pub const FULL_RETRY: Duration = Duration::from_millis(1);
-pub const FULL_RETRIES: u32 = 100;
+pub const FULL_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Timers answered per pass of the firing thread before it looks at the
 /// clock again.
 const FIRE_BATCH: usize = 1024;
@@ -73,6 +80,7 @@ const BUDGETS: Budgets = Budgets {
     package: MAX_PER_PACKAGE,
     node: MAX_TIMERS,
     durable: MAX_DURABLE_PER_PROCESS,
+    context: MAX_CONTEXT_PER_PACKAGE,
 };
 
 /// Why the module could not start.
@@ -110,7 +118,6 @@ fn start_with(
         state: Mutex::new(State {
             wheel: Wheel::new(budgets),
             stop: false,
-            full: HashMap::new(),
         }),
         wake: Condvar::new(),
         bus: Arc::downgrade(bus),
@@ -179,11 +186,13 @@ struct Shared {
     origin: Instant,
 }
 
+/// The wheel, under the module's one lock. A durable timer's row is
+/// staged in the journal while this lock is held ([`Shared::record`],
+/// [`Shared::unrecord`]), so the rows of one id change in the order the
+/// wheel's timers do. The lock is never held while calling the bus.
 struct State {
     wheel: Wheel,
     stop: bool,
-    /// Timers whose answer found a full mailbox, with how often so far.
-    full: HashMap<(ProcessId, u64), u32>,
 }
 
 /// A request's fields (each op reads the ones it needs).
@@ -196,6 +205,9 @@ struct Req<'a> {
     unix_ms: Option<u64>,
     id: Option<u64>,
     durable: bool,
+    /// Answer the request at once (`"status":"set"`); the timer then fires
+    /// as a request to its process.
+    ack: bool,
     #[serde(borrow)]
     context: Option<&'a RawValue>,
 }
@@ -210,7 +222,7 @@ fn bad(message: impl Into<String>) -> Refusal {
 impl From<SetError> for Refusal {
     fn from(e: SetError) -> Refusal {
         match e {
-            SetError::Quota { .. } => Refusal(
+            SetError::Quota { .. } | SetError::ContextQuota { .. } => Refusal(
                 "quota",
                 format!("{e}: let some fire or cancel them before setting more"),
             ),
@@ -288,15 +300,22 @@ impl Shared {
     fn request(&self, env: &Envelope, req: &Req) -> Result<Option<serde_json::Value>, Refusal> {
         let owner = &env.source.process;
         match &*req.op {
-            "after" | "at" => self.set(env, req).map(|()| None),
+            "after" | "at" => self.set(env, req),
             "cancel" => {
                 let id = req
                     .id
                     .ok_or_else(|| bad("name the timer to cancel: `id`"))?;
-                let taken = self.lock().wheel.cancel(owner, id);
+                let taken = {
+                    let mut st = self.lock();
+                    let t = st.wheel.cancel(owner, id);
+                    if let Some(t) = &t {
+                        self.unrecord(&mut st, t);
+                    }
+                    t
+                };
                 let found = taken.is_some();
                 if let Some(t) = taken {
-                    self.cancelled(t);
+                    self.cancelled(&t);
                 }
                 Ok(Some(serde_json::json!({ "cancelled": found })))
             }
@@ -313,7 +332,9 @@ impl Shared {
         }
     }
 
-    fn set(&self, env: &Envelope, req: &Req) -> Result<(), Refusal> {
+    /// Sets a timer: `Ok(None)` if its request is answered when it fires,
+    /// `Ok(Some(body))` if at once (`ack`).
+    fn set(&self, env: &Envelope, req: &Req) -> Result<Option<serde_json::Value>, Refusal> {
         let now = self.now();
         let wall = unix_ms_now();
         let max_ms = MAX_DELAY.as_millis() as u64;
@@ -352,17 +373,35 @@ impl Shared {
                 format!("a durable timer's context may hold {MAX_CONTEXT} bytes of JSON"),
             ));
         }
+        let ack = req.ack && env.rsvp.is_some();
+        // An answer nobody waits for any more would hold the timer (and
+        // its budget) for nothing.
+        if !ack
+            && let Message::Request(r) = &env.message
+            && let Some(timeout) = r.expects_response
+            && u128::from(delay_ms) > timeout.as_millis()
+        {
+            return Err(bad(format!(
+                "the timer is {delay_ms} ms away but its answer is awaited for {} ms only: await it longer, or set it with \"ack\": true (durable) to hear of it as a request",
+                timeout.as_millis()
+            )));
+        }
+        if req.ack && !req.durable {
+            return Err(bad(
+                "`ack` is for durable timers, which fire as a request to their process; a plain one is answered when it fires",
+            ));
+        }
         let deadline = now.saturating_add(delay_ms.saturating_mul(1_000_000));
         let bus = self
             .bus
             .upgrade()
             .ok_or_else(|| bad("the node is stopping"))?;
+        let rsvp = if ack { None } else { env.rsvp.clone() };
         let durable = req.durable.then(|| {
             Box::new(Durable {
                 at_unix_ms: wall.saturating_add(delay_ms),
                 context: req.context.map(|c| c.get().to_owned()),
-                run: env
-                    .rsvp
+                run: rsvp
                     .as_ref()
                     .and_then(|r| bus.endpoint(&r.process))
                     .map(|e| Arc::downgrade(&e)),
@@ -371,22 +410,23 @@ impl Shared {
         let mut st = self.lock();
         let id = match req.id {
             Some(id) => id,
-            None => st.wheel.auto_id(),
+            None => st.wheel.auto_id(&env.source.process),
         };
-        let row = durable.as_ref().map(|d| Row {
+        let timer = Timer {
+            owner: env.source.clone(),
+            rsvp,
+            request: env.id,
+            id,
+            durable,
+            deadline: 0,
+            tries: 0,
+        };
+        let row = timer.durable.as_ref().map(|d| Row {
             v: ROW_VERSION,
             at_unix_ms: d.at_unix_ms,
             context: req.context,
         });
-        let timer = Timer {
-            owner: env.source.clone(),
-            rsvp: env.rsvp.clone(),
-            request: env.id,
-            id,
-            durable,
-        };
         let earliest = st.wheel.set(timer, deadline)?;
-        drop(st);
         if let (Some(j), Some(row)) = (&self.journal, row) {
             j.put(
                 KIND,
@@ -395,10 +435,11 @@ impl Shared {
             );
             j.commit();
         }
+        drop(st);
         if earliest {
             self.wake.notify_one();
         }
-        Ok(())
+        Ok(ack.then(|| serde_json::json!({ "timer": id, "status": "set" })))
     }
 
     /// Reads the durable timers kept in the journal.
@@ -445,12 +486,20 @@ impl Shared {
                     context,
                     run: None,
                 })),
+                deadline: 0,
+                tries: 0,
             };
             if let Err(e) = st
                 .wheel
                 .set(timer, now.saturating_add(left_ms.saturating_mul(1_000_000)))
             {
-                tracing::error!("durable timer {key} is not restored: {e}");
+                // Over a budget (lowered since it was written): it would
+                // never be read back, so it does not stay on disk.
+                tracing::error!("durable timer {key} is not restored ({e}); its row is deleted");
+                if let Some(j) = &self.journal {
+                    j.delete(KIND, key.clone());
+                    j.commit();
+                }
             }
         }
     }
@@ -484,63 +533,95 @@ impl Shared {
             let Some(bus) = self.bus.upgrade() else {
                 return;
             };
+            // Owners whose mailbox was full in this batch: their other
+            // timers wait their turn without trying.
+            let mut full: HashSet<ProcessId> = HashSet::new();
             for t in due.drain(..) {
-                self.fire(&bus, t);
+                if full.contains(&t.timer.owner.process) {
+                    self.mailbox_full(&bus, t);
+                } else if let Some(owner) = self.fire(&bus, t) {
+                    full.insert(owner);
+                }
             }
         }
     }
 
-    /// Answers a timer that is due.
-    fn fire(&self, bus: &Bus, t: Taken) {
-        let awaited = self.awaited(&t);
-        let outcome = if awaited {
-            let late = self.now().saturating_sub(t.deadline) / 1_000;
-            self.answer(bus, &t, "fired", late)
+    /// Answers a timer that is due. Returns its owner if the owner's
+    /// mailbox was full.
+    fn fire(&self, bus: &Bus, t: Due) -> Option<ProcessId> {
+        let awaited = self.awaited(&t.timer);
+        let mut outcome = if awaited {
+            let late = self.now().saturating_sub(t.timer.deadline) / 1_000;
+            self.answer(bus, &t.timer, "fired", late)
         } else {
-            self.fire_as_request(bus, &t)
+            self.fire_as_request(bus, &t.timer)
         };
-        let key = (t.timer.owner.process.clone(), t.timer.id);
+        if awaited
+            && t.timer.durable.is_some()
+            && matches!(outcome, Err(e) if e != SendErrorKind::MailboxFull)
+        {
+            // The run that awaited it is gone: it goes to the process itself.
+            outcome = self.fire_as_request(bus, &t.timer);
+        }
         match outcome {
-            Ok(()) => {
-                self.lock().full.remove(&key);
-                self.done(&t);
-            }
+            Ok(()) => self.over(&t),
             Err(SendErrorKind::MailboxFull) => {
+                let owner = t.timer.owner.process.clone();
+                self.mailbox_full(bus, t);
+                return Some(owner);
+            }
+            Err(_) if t.timer.durable.is_some() => {
                 let mut st = self.lock();
-                let tries = st.full.entry(key.clone()).or_insert(0);
-                *tries += 1;
-                let again = |after: Duration| self.now().saturating_add(after.as_nanos() as u64);
-                if *tries <= FULL_RETRIES {
-                    st.wheel.put_back(t, again(FULL_RETRY));
-                    return;
-                }
-                if t.timer.durable.is_some() {
-                    // It is not lost: tried again every second while it is pending.
-                    st.wheel.put_back(t, again(Duration::from_secs(1)));
-                    return;
-                }
-                st.full.remove(&key);
-                drop(st);
-                if let Some(rsvp) = t.timer.rsvp.clone() {
-                    bus.fail_request(&self.me, t.timer.request, rsvp, SendErrorKind::MailboxFull);
+                let now = self.now();
+                let timer = (t.timer.owner.process.clone(), t.timer.id);
+                if st.wheel.park(t, now) == Parked::Over {
+                    // Its process was deleted meanwhile.
+                    self.unrecord_key(&mut st, &timer.0, timer.1);
                 }
             }
-            // The run that awaited it is gone: a durable timer goes to the
-            // process itself.
-            Err(_) if awaited && t.timer.durable.is_some() => match self.fire_as_request(bus, &t) {
-                Ok(()) => self.done(&t),
-                Err(_) => self.lock().wheel.park(t),
-            },
-            Err(_) if t.timer.durable.is_some() => self.lock().wheel.park(t),
             // Nobody is left to hear a plain one.
-            Err(_) => {}
+            Err(_) => self.lock().wheel.finish(&t),
+        }
+        None
+    }
+
+    /// A timer out for delivery is over: out of the wheel, its row deleted.
+    fn over(&self, t: &Due) {
+        let mut st = self.lock();
+        st.wheel.finish(t);
+        self.unrecord(&mut st, &t.timer);
+    }
+
+    /// `t`'s answer found its owner's mailbox full: tried again later
+    /// ([`FULL_RETRY`]); a plain timer's requester is told once the waits
+    /// add up to [`spindle_bus::MAILBOX_WAIT`].
+    fn mailbox_full(&self, bus: &Bus, t: Due) {
+        let waited: Duration = (0..t.timer.tries).map(backoff).sum();
+        if t.timer.durable.is_none() && waited >= spindle_bus::MAILBOX_WAIT {
+            self.lock().wheel.finish(&t);
+            if let Some(rsvp) = t.timer.rsvp.clone() {
+                bus.fail_request(&self.me, t.timer.request, rsvp, SendErrorKind::MailboxFull);
+            }
+            return;
+        }
+        let again = self
+            .now()
+            .saturating_add(backoff(t.timer.tries).as_nanos() as u64);
+        let mut st = self.lock();
+        let timer = (
+            t.timer.owner.process.clone(),
+            t.timer.id,
+            t.timer.durable.is_some(),
+        );
+        if !st.wheel.retry(t, again) && timer.2 {
+            self.unrecord_key(&mut st, &timer.0, timer.1);
         }
     }
 
     /// Whether the run that set `t` still awaits its answer.
-    fn awaited(&self, t: &Taken) -> bool {
-        t.timer.rsvp.is_some()
-            && t.timer.durable.as_ref().is_none_or(|d| {
+    fn awaited(&self, t: &Timer) -> bool {
+        t.rsvp.is_some()
+            && t.durable.as_ref().is_none_or(|d| {
                 d.run
                     .as_ref()
                     .and_then(Weak::upgrade)
@@ -552,22 +633,22 @@ impl Shared {
     fn answer(
         &self,
         bus: &Bus,
-        t: &Taken,
+        t: &Timer,
         status: &str,
         late_us: u64,
     ) -> Result<(), SendErrorKind> {
-        let Some(rsvp) = t.timer.rsvp.clone() else {
+        let Some(rsvp) = t.rsvp.clone() else {
             return Ok(());
         };
         let env = Envelope {
-            id: t.timer.request,
+            id: t.request,
             source: self.me.clone(),
             target: rsvp,
             rsvp: None,
             message: Message::Response(
                 Response {
                     inherit: false,
-                    body: format!(r#"{{"timer":{},"status":"{status}"}}"#, t.timer.id).into_bytes(),
+                    body: format!(r#"{{"timer":{},"status":"{status}"}}"#, t.id).into_bytes(),
                     metadata: Some(format!(r#"{{"late_us":{late_us}}}"#)),
                     capabilities: vec![],
                 },
@@ -579,8 +660,8 @@ impl Shared {
     }
 
     /// Sends `t` to its owner as a request (nobody awaits an answer).
-    fn fire_as_request(&self, bus: &Bus, t: &Taken) -> Result<(), SendErrorKind> {
-        let (late_us, context) = match &t.timer.durable {
+    fn fire_as_request(&self, bus: &Bus, t: &Timer) -> Result<(), SendErrorKind> {
+        let (late_us, context) = match &t.durable {
             Some(d) => (
                 unix_ms_now()
                     .saturating_sub(d.at_unix_ms)
@@ -590,16 +671,13 @@ impl Shared {
             None => (self.now().saturating_sub(t.deadline) / 1_000, None),
         };
         let body = match context {
-            Some(c) => format!(
-                r#"{{"timer":{},"status":"fired","context":{c}}}"#,
-                t.timer.id
-            ),
-            None => format!(r#"{{"timer":{},"status":"fired"}}"#, t.timer.id),
+            Some(c) => format!(r#"{{"timer":{},"status":"fired","context":{c}}}"#, t.id),
+            None => format!(r#"{{"timer":{},"status":"fired"}}"#, t.id),
         };
         let env = Envelope {
             id: bus.next_id(),
             source: self.me.clone(),
-            target: t.timer.owner.clone(),
+            target: t.owner.clone(),
             rsvp: None,
             message: Message::Request(Request {
                 inherit: false,
@@ -614,45 +692,49 @@ impl Shared {
     }
 
     /// A cancelled timer's own request is answered now.
-    fn cancelled(&self, t: Taken) {
+    fn cancelled(&self, t: &Timer) {
         if let Some(bus) = self.bus.upgrade()
-            && self.awaited(&t)
+            && self.awaited(t)
         {
-            let _ = self.answer(&bus, &t, "cancelled", 0);
+            let _ = self.answer(&bus, t, "cancelled", 0);
         }
-        self.done(&t);
     }
 
-    /// A timer that has left for good: its record goes too.
-    fn done(&self, t: &Taken) {
-        if t.timer.durable.is_some()
-            && let Some(j) = &self.journal
-        {
-            j.delete(KIND, row_key(&t.timer.owner.process, t.timer.id));
+    /// A timer that has left for good: its row goes too (staged while
+    /// the lock, `_st`, is held).
+    fn unrecord(&self, st: &mut State, t: &Timer) {
+        if t.durable.is_some() {
+            self.unrecord_key(st, &t.owner.process, t.id);
+        }
+    }
+
+    fn unrecord_key(&self, _st: &mut State, owner: &ProcessId, id: u64) {
+        if let Some(j) = &self.journal {
+            j.delete(KIND, row_key(owner, id));
             j.commit();
         }
     }
 
     fn arrived(&self, process: &ProcessId) {
-        let mut st = self.lock();
-        let parked = st.wheel.arrived(process);
-        if parked.is_empty() {
-            return;
-        }
         let now = self.now();
-        for t in parked {
-            st.wheel.put_back(t, now);
+        if self.lock().wheel.arrived(process, now) {
+            self.wake.notify_one();
         }
-        drop(st);
-        self.wake.notify_one();
     }
 
     fn forget(&self, process: &ProcessId) {
-        let gone = self.lock().wheel.forgotten(process);
-        for t in &gone {
-            self.done(t);
+        let mut st = self.lock();
+        for id in st.wheel.forgotten(process) {
+            self.unrecord_key(&mut st, process, id);
         }
     }
+}
+
+/// The wait before try `tries + 1` of an answer that found its mailbox full.
+fn backoff(tries: u32) -> Duration {
+    FULL_RETRY
+        .saturating_mul(1 << tries.min(16))
+        .min(FULL_RETRY_MAX)
 }
 
 #[cfg(test)]

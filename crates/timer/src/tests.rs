@@ -1,6 +1,7 @@
 use super::*;
 use serde_json::{Value, json};
 use spindle_bus::Mailbox;
+use std::collections::HashMap;
 use std::time::Instant;
 
 /// Long enough for any answer on a loaded machine; every wait is on a
@@ -25,7 +26,9 @@ fn ask(bus: &Bus, from: &Arc<Address>, body: Value, expects: bool) -> u64 {
         rsvp: expects.then(|| from.clone()),
         message: Message::Request(Request {
             inherit: false,
-            expects_response: expects.then_some(PATIENCE),
+            // As long as any answer may be awaited: these tests wait on
+            // their own deadlines.
+            expects_response: expects.then_some(spindle_bus::MAX_AWAIT),
             body: serde_json::to_vec(&body).unwrap(),
             metadata: None,
             capabilities: vec![],
@@ -59,6 +62,20 @@ fn late_us(env: &Envelope) -> u64 {
     };
     let v: Value = serde_json::from_str(&meta.expect("metadata")).unwrap();
     v["late_us"].as_u64().expect("late_us")
+}
+
+/// Waits until `n` timers are pending (a fired one is over just after
+/// its answer is delivered).
+async fn settles(t: &Timers, n: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    while t.len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} timers pending, not {n}",
+            t.len()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 fn node() -> (Arc<Bus>, Timers) {
@@ -145,6 +162,11 @@ async fn bad_requests_are_refused_with_what_to_send() {
         ),
         (json!({"op":"cancel"}), "bad-request", "`id`"),
         (
+            json!({"op":"after","ms":1,"ack":true}),
+            "bad-request",
+            "`ack` is for durable",
+        ),
+        (
             json!({"op":"after","ms":1,"durable":true,"context":"x".repeat(MAX_CONTEXT)}),
             "quota",
             "context",
@@ -155,6 +177,23 @@ async fn bad_requests_are_refused_with_what_to_send() {
         assert_eq!(b["error"], kind, "{req}: {b}");
         assert!(b["message"].as_str().unwrap().contains(says), "{req}: {b}");
     }
+    // Further off than its answer is awaited.
+    let far = json!({"op":"after","ms":PATIENCE.as_millis() as u64 + 1});
+    let env = Envelope::request(
+        bus.next_id(),
+        a.clone(),
+        timer_address(),
+        Some(a.clone()),
+        serde_json::to_vec(&far).unwrap(),
+        Some(PATIENCE),
+    );
+    bus.send_now(env, false).unwrap();
+    let b = body(&next(&mut mb).await);
+    assert_eq!(b["error"], "bad-request", "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("awaited for"),
+        "{b}"
+    );
     // Not JSON at all.
     let env = Envelope::request(
         bus.next_id(),
@@ -189,6 +228,7 @@ async fn a_process_over_its_budget_gets_quota_and_others_are_untouched() {
         package: 5,
         node: 100,
         durable: 1,
+        context: 1 << 20,
     };
     let _t = start_with(&bus, &[], budgets).unwrap();
     let (a, b, c) = (addr("a"), addr("b"), addr("c"));
@@ -270,7 +310,7 @@ async fn a_run_takes_its_plain_timers_with_it_and_a_durable_one_comes_to_the_nex
         json!({"timer":9,"status":"fired","context":{"job":"nightly"}})
     );
     assert!(late_us(&env) < PATIENCE.as_micros() as u64);
-    assert!(t.is_empty());
+    settles(&t, 0).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -404,10 +444,16 @@ async fn a_full_mailbox_delays_the_answer_instead_of_losing_it() {
         queued += 1;
     }
     assert_eq!(queued, spindle_bus::MAILBOX_CAPACITY);
-    let timer = ask(&bus, &a, json!({"op":"after","ms":1}), true);
+    let timer = ask(&bus, &a, json!({"op":"after","ms":1,"id":1}), true);
     // The timer fires into the full mailbox, and is kept to try again.
     let deadline = Instant::now() + PATIENCE;
-    while t.shared.lock().full.is_empty() {
+    while t
+        .shared
+        .lock()
+        .wheel
+        .tries(&a.process, 1)
+        .is_none_or(|n| n == 0)
+    {
         assert!(
             Instant::now() < deadline,
             "the timer never found the mailbox full"
@@ -425,4 +471,120 @@ async fn a_full_mailbox_delays_the_answer_instead_of_losing_it() {
         assert!(before <= queued, "the answer never came");
     }
     assert!(before > 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_acknowledged_durable_timer_is_answered_at_once_and_fires_as_a_request() {
+    let (bus, t) = node();
+    let a = addr("a");
+    let mut mb = bus.register((*a).clone(), false).unwrap();
+    // Further off than any answer may be awaited: with `ack` that is fine.
+    let ms = spindle_bus::MAX_AWAIT.as_millis() as u64 + 1;
+    let req = ask(
+        &bus,
+        &a,
+        json!({"op":"after","ms":ms,"id":4,"durable":true,"ack":true,"context":{"job":7}}),
+        true,
+    );
+    let env = next(&mut mb).await;
+    assert_eq!(env.id, req);
+    assert_eq!(body(&env), json!({"timer":4,"status":"set"}));
+    assert_eq!(t.len(), 1);
+    // Cancelled and set again, close: it comes as a request with its context.
+    ask(&bus, &a, json!({"op":"cancel","id":4}), true);
+    assert_eq!(body(&next(&mut mb).await), json!({"cancelled": true}));
+    ask(
+        &bus,
+        &a,
+        json!({"op":"after","ms":5,"id":4,"durable":true,"ack":true,"context":{"job":7}}),
+        true,
+    );
+    assert_eq!(body(&next(&mut mb).await)["status"], "set");
+    let env = next(&mut mb).await;
+    assert!(matches!(env.message, Message::Request(_)), "{env:?}");
+    assert_eq!(
+        body(&env),
+        json!({"timer":4,"status":"fired","context":{"job":7}})
+    );
+    settles(&t, 0).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn durable_contexts_are_budgeted_per_package() {
+    let bus = Arc::new(Bus::new("local"));
+    let context = json!("x".repeat(1000));
+    let budgets = Budgets {
+        process: 100,
+        package: 100,
+        node: 100,
+        durable: 100,
+        context: 2500,
+    };
+    let _t = start_with(&bus, &[], budgets).unwrap();
+    let (a, b) = (addr("a"), addr("b"));
+    let other: Arc<Address> = Arc::new("local@d:other:spindle".parse().unwrap());
+    let mut ma = bus.register((*a).clone(), false).unwrap();
+    let mut mb = bus.register((*b).clone(), false).unwrap();
+    let mut md = bus.register((*other).clone(), false).unwrap();
+    let set = |from: &Arc<Address>, id: u64| {
+        ask(
+            &bus,
+            from,
+            json!({"op":"after","ms":60_000,"id":id,"durable":true,"ack":true,"context":context}),
+            true,
+        )
+    };
+    set(&a, 1);
+    assert_eq!(body(&next(&mut ma).await)["status"], "set");
+    set(&b, 1);
+    assert_eq!(body(&next(&mut mb).await)["status"], "set");
+    // A third context would take the package over its bytes.
+    set(&b, 2);
+    let refused = body(&next(&mut mb).await);
+    assert_eq!(refused["error"], "quota", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("package demo:spindle"),
+        "{refused}"
+    );
+    // Another package is untouched; a cancel makes room again.
+    set(&other, 1);
+    assert_eq!(body(&next(&mut md).await)["status"], "set");
+    ask(&bus, &a, json!({"op":"cancel","id":1}), true);
+    assert_eq!(body(&next(&mut ma).await)["cancelled"], true);
+    set(&b, 2);
+    assert_eq!(body(&next(&mut mb).await)["status"], "set");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn timers_into_a_mailbox_never_read_end_and_others_still_fire() {
+    let (bus, t) = node();
+    let (a, filler, c) = (addr("a"), addr("filler"), addr("c"));
+    let _ma = bus.register((*a).clone(), true).unwrap();
+    let _f = bus.register((*filler).clone(), false).unwrap();
+    let mut mc = bus.register((*c).clone(), false).unwrap();
+    while bus
+        .send_now(
+            Envelope::request(0, filler.clone(), a.clone(), None, vec![], None),
+            false,
+        )
+        .is_ok()
+    {}
+    // Many timers into a full mailbox, and one for somebody else.
+    for id in 0..2000 {
+        ask(&bus, &a, json!({"op":"after","ms":0,"id":id}), true);
+    }
+    let started = Instant::now();
+    ask(&bus, &c, json!({"op":"after","ms":1,"id":1}), true);
+    let env = next(&mut mc).await;
+    assert_eq!(body(&env)["status"], "fired");
+    // a's timers give up with mailbox-full (their requests fail) and are gone.
+    let deadline = Instant::now() + PATIENCE;
+    while !t.is_empty() {
+        assert!(Instant::now() < deadline, "{} timers left", t.len());
+        std::thread::yield_now();
+    }
+    assert!(started.elapsed() < PATIENCE);
 }

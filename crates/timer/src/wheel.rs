@@ -10,7 +10,14 @@
 //! what `cancel`, a run's end and a deletion need, and is counted against
 //! the budgets ([`Budgets`]) with its package and the node.
 //!
-//! A timer costs about 40 bytes in the slab, 16 in the heap and 16–32 in
+//! A timer keeps its slot, its id and its place in the budgets from
+//! [`Wheel::set`] until it is over, whatever it is doing meanwhile
+//! ([`Slot`]): waiting for its deadline, out for delivery on the firing
+//! thread ([`Due`], ended by [`Wheel::finish`], [`Wheel::retry`] or
+//! [`Wheel::park`]), or parked until its owner is back on the bus. So an
+//! id is never in use twice and nothing is counted twice or not at all.
+//!
+//! A timer costs about 48 bytes in the slab, 16 in the heap and 16–32 in
 //! its owner's index.
 
 use spindle_types::{Address, PackageId, ProcessId};
@@ -26,6 +33,9 @@ pub struct Budgets {
     pub node: u32,
     /// Durable timers of one process (each is a row on disk).
     pub durable: u32,
+    /// Bytes of durable timers' contexts of one package (kept in memory
+    /// and on disk, read at every boot).
+    pub context: usize,
 }
 
 /// What a durable timer keeps beyond a plain one: it outlives runs and
@@ -53,35 +63,116 @@ pub struct Timer {
     pub request: u64,
     pub id: u64,
     pub durable: Option<Box<Durable>>,
+    /// Its deadline in the wheel's time, as [`Wheel::set`] was given it
+    /// (what lateness is measured from, however often it is retried).
+    pub deadline: u64,
+    /// Answers that found the owner's mailbox full so far.
+    pub tries: u32,
 }
 
-/// A timer taken out of the wheel: due, cancelled, or its owner gone.
-#[derive(Debug, Clone)]
-pub struct Taken {
+impl Timer {
+    fn context_len(&self) -> usize {
+        self.durable
+            .as_ref()
+            .and_then(|d| d.context.as_ref())
+            .map_or(0, String::len)
+    }
+}
+
+/// A timer out for delivery: the firing thread holds it, the wheel keeps
+/// its place until [`Wheel::finish`], [`Wheel::retry`] or [`Wheel::park`].
+#[derive(Debug)]
+pub struct Due {
     pub timer: Timer,
-    /// Its deadline, in the wheel's time (0 for one cancelled or dropped).
+    /// Its deadline, in the wheel's time.
     pub deadline: u64,
+    slot: u32,
+    generation: u32,
+    /// Its owner's arrivals when it was taken (see [`Wheel::park`]).
+    arrivals: u64,
+}
+
+/// What [`Wheel::park`] did with a timer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parked {
+    /// Kept until its owner is on the bus again.
+    Kept,
+    /// Its owner came back meanwhile: due again now.
+    Again,
+    /// Its owner was deleted meanwhile: it is over.
+    Over,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetError {
     #[error("{what} already has {limit} timers pending")]
     Quota { what: String, limit: u32 },
+    #[error("package {package} already keeps {limit} bytes of durable timers' contexts")]
+    ContextQuota { package: PackageId, limit: usize },
     #[error("{owner} already has timer {id} pending: choose another id")]
     IdInUse { owner: ProcessId, id: u64 },
 }
 
+/// A slot of the slab. Every state but `Vacant` is a pending timer,
+/// counted in its owner's index and the budgets.
 enum Slot {
     /// `generation`: the next tenant's, so a heap entry of an earlier
     /// tenant never matches a later one.
-    Vacant {
-        next: u32,
+    Vacant { next: u32, generation: u32 },
+    /// Waiting for its deadline (it has an entry in the heap).
+    Waiting { timer: Timer, generation: u32 },
+    /// Out for delivery on the firing thread. `over`: its run ended or
+    /// its owner was deleted meanwhile, so it is not to come back.
+    Firing {
+        owner: Arc<Address>,
+        id: u64,
+        durable: bool,
+        context: usize,
         generation: u32,
+        over: bool,
     },
-    Taken {
-        timer: Timer,
-        generation: u32,
-    },
+    /// A durable timer that fired while its owner was off the bus.
+    Parked { timer: Timer, generation: u32 },
+}
+
+/// What the counts need of a slot's tenant.
+struct Tenant<'a> {
+    owner: &'a ProcessId,
+    id: u64,
+    durable: bool,
+    context: usize,
+    generation: u32,
+}
+
+impl Slot {
+    fn tenant(&self) -> Option<Tenant<'_>> {
+        match self {
+            Slot::Vacant { .. } => None,
+            Slot::Waiting { timer, generation } | Slot::Parked { timer, generation } => {
+                Some(Tenant {
+                    owner: &timer.owner.process,
+                    id: timer.id,
+                    durable: timer.durable.is_some(),
+                    context: timer.context_len(),
+                    generation: *generation,
+                })
+            }
+            Slot::Firing {
+                owner,
+                id,
+                durable,
+                context,
+                generation,
+                ..
+            } => Some(Tenant {
+                owner: &owner.process,
+                id: *id,
+                durable: *durable,
+                context: *context,
+                generation: *generation,
+            }),
+        }
+    }
 }
 
 /// No vacant slot.
@@ -89,18 +180,19 @@ const NONE: u32 = u32::MAX;
 
 #[derive(Default)]
 struct Owner {
-    /// Pending timers by id → slot.
+    /// Pending timers by id → slot (in every state).
     by_id: HashMap<u64, u32>,
-    /// Durable timers that fired while the owner was off the bus, waiting
-    /// for it to come back.
-    parked: Vec<Taken>,
+    /// The slots of its parked timers.
+    parked: Vec<u32>,
     durable: u32,
+    /// How often it came on the bus while it had timers.
+    arrivals: u64,
 }
 
-impl Owner {
-    fn count(&self) -> usize {
-        self.by_id.len() + self.parked.len()
-    }
+#[derive(Default)]
+struct Usage {
+    timers: u32,
+    context: usize,
 }
 
 pub struct Wheel {
@@ -109,15 +201,15 @@ pub struct Wheel {
     vacant: u32,
     heap: BinaryHeap<Reverse<(u64, u32, u32)>>,
     owners: HashMap<ProcessId, Owner>,
-    packages: HashMap<PackageId, u32>,
-    /// Pending timers (in the slab, or parked).
+    packages: HashMap<PackageId, Usage>,
+    /// Pending timers (every slot not vacant).
     live: usize,
     /// Ids the wheel gives timers set without one: from the top half, so
     /// they never meet the ids processes choose from the bottom half.
     next_auto: u64,
 }
 
-/// Ids at or above this are the wheel's own ([`Wheel::set`] with no id).
+/// Ids at or above this are the wheel's own ([`Wheel::auto_id`]).
 pub const AUTO_IDS: u64 = 1 << 63;
 
 impl Wheel {
@@ -134,7 +226,7 @@ impl Wheel {
         }
     }
 
-    /// Pending timers, parked ones included.
+    /// Pending timers, parked and firing ones included.
     pub fn len(&self) -> usize {
         self.live
     }
@@ -147,7 +239,7 @@ impl Wheel {
     pub fn pending(&self, owner: &ProcessId) -> (usize, u32) {
         self.owners
             .get(owner)
-            .map_or((0, 0), |o| (o.count(), o.durable))
+            .map_or((0, 0), |o| (o.by_id.len(), o.durable))
     }
 
     /// Durable timers of `owner` that fired while it was off the bus.
@@ -160,26 +252,50 @@ impl Wheel {
         self.owners.keys()
     }
 
+    /// How often `owner`'s timer `id` found the mailbox full.
+    #[cfg(test)]
+    pub(crate) fn tries(&self, owner: &ProcessId, id: u64) -> Option<u32> {
+        let slot = *self.owners.get(owner)?.by_id.get(&id)?;
+        match &self.slots[slot as usize] {
+            Slot::Waiting { timer, .. } | Slot::Parked { timer, .. } => Some(timer.tries),
+            _ => None,
+        }
+    }
+
+    /// Heap entries, stale ones included (bounded by [`Wheel::sweep`]).
+    pub fn heap_len(&self) -> usize {
+        self.heap.len()
+    }
+
     /// The earliest deadline (possibly of a timer since cancelled: taking
     /// what is due then takes nothing).
     pub fn next_deadline(&self) -> Option<u64> {
         self.heap.peek().map(|Reverse((d, _, _))| *d)
     }
 
-    /// A fresh id for a timer set without one.
-    pub fn auto_id(&mut self) -> u64 {
-        let id = self.next_auto;
-        self.next_auto = self.next_auto.checked_add(1).unwrap_or(AUTO_IDS);
+    /// A fresh id for a timer of `owner` set without one.
+    pub fn auto_id(&mut self, owner: &ProcessId) -> u64 {
+        let in_use = |id| {
+            self.owners
+                .get(owner)
+                .is_some_and(|o| o.by_id.contains_key(&id))
+        };
+        // An owner has at most `budgets.process` ids: this ends.
+        let mut id = self.next_auto;
+        while in_use(id) {
+            id = id.checked_add(1).unwrap_or(AUTO_IDS);
+        }
+        self.next_auto = id.checked_add(1).unwrap_or(AUTO_IDS);
         id
     }
 
     /// Sets `timer` to fire at `deadline`, within the budgets. Returns
     /// whether it is now the earliest.
-    pub fn set(&mut self, timer: Timer, deadline: u64) -> Result<bool, SetError> {
+    pub fn set(&mut self, mut timer: Timer, deadline: u64) -> Result<bool, SetError> {
         let owner = &timer.owner.process;
         let b = self.budgets;
         let (count, durable, in_use) = self.owners.get(owner).map_or((0, 0, false), |o| {
-            (o.count(), o.durable, o.by_id.contains_key(&timer.id))
+            (o.by_id.len(), o.durable, o.by_id.contains_key(&timer.id))
         });
         if in_use {
             return Err(SetError::IdInUse {
@@ -194,55 +310,77 @@ impl Wheel {
         if timer.durable.is_some() && durable >= b.durable {
             return quota(format!("process {owner} (durable)"), b.durable);
         }
-        if self.packages.get(&owner.package).copied().unwrap_or(0) >= b.package {
+        let usage = self.packages.get(&owner.package);
+        if usage.map_or(0, |u| u.timers) >= b.package {
             return quota(format!("package {}", owner.package), b.package);
+        }
+        if usage
+            .map_or(0, |u| u.context)
+            .saturating_add(timer.context_len())
+            > b.context
+        {
+            return Err(SetError::ContextQuota {
+                package: owner.package.clone(),
+                limit: b.context,
+            });
         }
         if self.live >= b.node as usize {
             return quota("the node".into(), b.node);
         }
-        Ok(self.insert(timer, deadline))
+        if timer.id >= self.next_auto {
+            // A timer read from disk with an id of the wheel's.
+            self.next_auto = timer.id.checked_add(1).unwrap_or(AUTO_IDS);
+        }
+        let earliest = self.next_deadline().is_none_or(|d| deadline < d);
+        timer.deadline = deadline;
+        let slot = self.occupy(timer);
+        self.wait(slot, deadline);
+        Ok(earliest)
     }
 
-    /// Puts a timer in (its budgets checked, or it was pending before).
-    fn insert(&mut self, timer: Timer, deadline: u64) -> bool {
+    /// Puts a new timer in a vacant slot and counts it (its budgets checked).
+    fn occupy(&mut self, timer: Timer) -> u32 {
         let owner = timer.owner.process.clone();
-        let id = timer.id;
-        let is_durable = timer.durable.is_some();
+        let (id, durable, context) = (timer.id, timer.durable.is_some(), timer.context_len());
         let slot = match self.vacant {
             NONE => {
-                self.slots.push(Slot::Taken {
+                self.slots.push(Slot::Waiting {
                     timer,
                     generation: 0,
                 });
-                (self.slots.len() - 1) as u32
+                u32::try_from(self.slots.len() - 1).expect("the node budget bounds the slab")
             }
             v => {
                 let Slot::Vacant { next, generation } = self.slots[v as usize] else {
                     unreachable!("the free list holds vacant slots only")
                 };
                 self.vacant = next;
-                self.slots[v as usize] = Slot::Taken { timer, generation };
+                self.slots[v as usize] = Slot::Waiting { timer, generation };
                 v
             }
         };
-        let generation = match &self.slots[slot as usize] {
-            Slot::Taken { generation, .. } => *generation,
-            Slot::Vacant { .. } => unreachable!("just filled"),
-        };
-        let earliest = self.next_deadline().is_none_or(|d| deadline < d);
-        self.heap.push(Reverse((deadline, slot, generation)));
-        let o = self.owners.entry(owner.clone()).or_default();
+        let usage = self.packages.entry(owner.package.clone()).or_default();
+        usage.timers += 1;
+        usage.context += context;
+        let o = self.owners.entry(owner).or_default();
         o.by_id.insert(id, slot);
-        if is_durable {
+        if durable {
             o.durable += 1;
         }
-        *self.packages.entry(owner.package).or_default() += 1;
         self.live += 1;
-        earliest
+        slot
     }
 
-    /// Takes up to `max` timers due at `now` into `out`.
-    pub fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Taken>) {
+    /// Gives the waiting timer in `slot` its heap entry.
+    fn wait(&mut self, slot: u32, deadline: u64) {
+        if let Some(t) = self.slots[slot as usize].tenant() {
+            let generation = t.generation;
+            self.heap.push(Reverse((deadline, slot, generation)));
+        }
+    }
+
+    /// Takes up to `max` timers due at `now` into `out`, for delivery.
+    pub fn take_due(&mut self, now: u64, max: usize, out: &mut Vec<Due>) {
         while out.len() < max {
             let Some(&Reverse((deadline, slot, generation))) = self.heap.peek() else {
                 break;
@@ -251,156 +389,248 @@ impl Wheel {
                 break;
             }
             self.heap.pop();
-            if let Some(t) = self.remove(slot, generation, deadline) {
-                out.push(t);
+            let cell = &mut self.slots[slot as usize];
+            if !matches!(cell, Slot::Waiting { generation: g, .. } if *g == generation) {
+                continue;
             }
+            let (id, durable, context, owner) = match &*cell {
+                Slot::Waiting { timer, .. } => (
+                    timer.id,
+                    timer.durable.is_some(),
+                    timer.context_len(),
+                    timer.owner.clone(),
+                ),
+                _ => unreachable!("matched above"),
+            };
+            let arrivals = self.owners.get(&owner.process).map_or(0, |o| o.arrivals);
+            let Slot::Waiting { timer, .. } = std::mem::replace(
+                cell,
+                Slot::Firing {
+                    owner,
+                    id,
+                    durable,
+                    context,
+                    generation,
+                    over: false,
+                },
+            ) else {
+                unreachable!("matched above")
+            };
+            out.push(Due {
+                timer,
+                deadline,
+                slot,
+                generation,
+                arrivals,
+            });
         }
         self.sweep();
     }
 
-    /// Takes `owner`'s timer `id` out (it was cancelled).
-    pub fn cancel(&mut self, owner: &ProcessId, id: u64) -> Option<Taken> {
-        let o = self.owners.get_mut(owner)?;
-        if let Some(i) = o.parked.iter().position(|t| t.timer.id == id) {
-            let t = o.parked.swap_remove(i);
-            self.forget_one(&t.timer);
-            return Some(t);
+    /// Whether `due` is still out for delivery (and if so, whether it is
+    /// over meanwhile).
+    fn firing(&self, due: &Due) -> Option<bool> {
+        match self.slots.get(due.slot as usize)? {
+            Slot::Firing {
+                generation, over, ..
+            } if *generation == due.generation => Some(*over),
+            _ => None,
         }
-        let slot = *o.by_id.get(&id)?;
-        let generation = self.generation(slot)?;
-        self.remove(slot, generation, 0)
+    }
+
+    /// `due` was delivered (or cannot be): it is over.
+    pub fn finish(&mut self, due: &Due) {
+        if self.firing(due).is_some() {
+            self.vacate(due.slot);
+        }
+    }
+
+    /// `due` found its owner's mailbox full: due again at `deadline`,
+    /// unless it is over meanwhile. Returns whether it is kept.
+    pub fn retry(&mut self, mut due: Due, deadline: u64) -> bool {
+        match self.firing(&due) {
+            Some(false) => {
+                due.timer.tries = due.timer.tries.saturating_add(1);
+                self.slots[due.slot as usize] = Slot::Waiting {
+                    timer: due.timer,
+                    generation: due.generation,
+                };
+                self.wait(due.slot, deadline);
+                true
+            }
+            Some(true) => {
+                self.vacate(due.slot);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// `due`, a durable timer, found its owner off the bus: kept until the
+    /// owner is back ([`Wheel::arrived`]), or due again at `now` if it came
+    /// back meanwhile.
+    pub fn park(&mut self, due: Due, now: u64) -> Parked {
+        match self.firing(&due) {
+            Some(false) => {}
+            Some(true) => {
+                self.vacate(due.slot);
+                return Parked::Over;
+            }
+            None => return Parked::Over,
+        }
+        let owner = due.timer.owner.process.clone();
+        let o = self
+            .owners
+            .get_mut(&owner)
+            .expect("a counted timer's owner");
+        if o.arrivals != due.arrivals {
+            self.slots[due.slot as usize] = Slot::Waiting {
+                timer: due.timer,
+                generation: due.generation,
+            };
+            self.wait(due.slot, now);
+            return Parked::Again;
+        }
+        o.parked.push(due.slot);
+        self.slots[due.slot as usize] = Slot::Parked {
+            timer: due.timer,
+            generation: due.generation,
+        };
+        Parked::Kept
+    }
+
+    /// Takes `owner`'s timer `id` out (it was cancelled): `None` if it is
+    /// not pending, or already out for delivery.
+    pub fn cancel(&mut self, owner: &ProcessId, id: u64) -> Option<Timer> {
+        let slot = *self.owners.get(owner)?.by_id.get(&id)?;
+        if matches!(self.slots[slot as usize], Slot::Firing { .. }) {
+            return None;
+        }
+        let t = self.vacate(slot);
+        self.sweep();
+        t
     }
 
     /// The end of a run of `owner`: its timers that belong to that run
     /// alone (not durable) are dropped. Returns how many.
     pub fn departed(&mut self, owner: &ProcessId) -> usize {
-        let Some(o) = self.owners.get_mut(owner) else {
+        let Some(o) = self.owners.get(owner) else {
             return 0;
         };
         let slots: Vec<u32> = o.by_id.values().copied().collect();
         let mut dropped = 0;
         for slot in slots {
-            let volatile = matches!(
-                &self.slots[slot as usize],
-                Slot::Taken { timer, .. } if timer.durable.is_none()
-            );
-            if volatile && let Some(g) = self.generation(slot) {
-                self.remove(slot, g, 0);
-                dropped += 1;
+            match &self.slots[slot as usize] {
+                Slot::Waiting { timer, .. } if timer.durable.is_none() => {
+                    self.vacate(slot);
+                }
+                Slot::Firing { durable: false, .. } => self.mark_over(slot),
+                _ => continue,
             }
+            dropped += 1;
         }
         self.sweep();
         dropped
     }
 
-    /// `owner` is gone for good: every timer of its is dropped, parked
-    /// ones too. Returns the durable ones (their records must go).
-    pub fn forgotten(&mut self, owner: &ProcessId) -> Vec<Taken> {
-        let Some(o) = self.owners.get_mut(owner) else {
+    /// `owner` is gone for good: every timer of its is dropped. Returns
+    /// the ids of the durable ones (their records must go).
+    pub fn forgotten(&mut self, owner: &ProcessId) -> Vec<u64> {
+        let Some(o) = self.owners.get(owner) else {
             return vec![];
         };
-        let parked = std::mem::take(&mut o.parked);
         let slots: Vec<u32> = o.by_id.values().copied().collect();
-        let mut gone: Vec<Taken> = Vec::new();
-        for t in parked {
-            self.forget_one(&t.timer);
-            gone.push(t);
-        }
+        let mut durable = Vec::new();
         for slot in slots {
-            if let Some(g) = self.generation(slot)
-                && let Some(t) = self.remove(slot, g, 0)
+            let cell = &self.slots[slot as usize];
+            if let Some(t) = cell.tenant()
+                && t.durable
             {
-                gone.push(t);
+                durable.push(t.id);
+            }
+            if matches!(cell, Slot::Firing { .. }) {
+                self.mark_over(slot);
+            } else {
+                self.vacate(slot);
             }
         }
         self.sweep();
-        gone.retain(|t| t.timer.durable.is_some());
-        gone
+        durable
     }
 
-    /// Keeps a durable timer that fired while its owner was off the bus
-    /// until the owner comes back ([`Wheel::arrived`]). It stays counted.
-    pub fn park(&mut self, t: Taken) {
-        let owner = t.timer.owner.process.clone();
-        *self.packages.entry(owner.package.clone()).or_default() += 1;
-        self.live += 1;
-        let o = self.owners.entry(owner).or_default();
-        if t.timer.durable.is_some() {
-            o.durable += 1;
-        }
-        o.parked.push(t);
-    }
-
-    /// Puts back a timer taken out (its answer found the mailbox full):
-    /// due again at `deadline`, counted as before.
-    pub fn put_back(&mut self, t: Taken, deadline: u64) {
-        self.insert(t.timer, deadline);
-    }
-
-    /// `owner` is on the bus again: the timers parked for it, to deliver now.
-    pub fn arrived(&mut self, owner: &ProcessId) -> Vec<Taken> {
+    /// `owner` is on the bus again: its parked timers are due now.
+    /// Returns whether there were any.
+    pub fn arrived(&mut self, owner: &ProcessId, now: u64) -> bool {
         let Some(o) = self.owners.get_mut(owner) else {
-            return vec![];
+            return false;
         };
+        o.arrivals += 1;
         let parked = std::mem::take(&mut o.parked);
-        for t in &parked {
-            self.forget_one(&t.timer);
+        let any = !parked.is_empty();
+        for slot in parked {
+            let cell = &mut self.slots[slot as usize];
+            if let Slot::Parked { .. } = cell {
+                let Slot::Parked { timer, generation } = std::mem::replace(
+                    cell,
+                    Slot::Vacant {
+                        next: NONE,
+                        generation: 0,
+                    },
+                ) else {
+                    unreachable!("matched above")
+                };
+                *cell = Slot::Waiting { timer, generation };
+                self.wait(slot, now);
+            }
         }
-        parked
+        any
     }
 
-    /// The generation of the timer in `slot`.
-    fn generation(&self, slot: u32) -> Option<u32> {
-        match self.slots.get(slot as usize)? {
-            Slot::Taken { generation, .. } => Some(*generation),
-            Slot::Vacant { .. } => None,
+    /// The timer out for delivery in `slot` is not to come back.
+    fn mark_over(&mut self, slot: u32) {
+        if let Slot::Firing { over, .. } = &mut self.slots[slot as usize] {
+            *over = true;
         }
     }
 
-    /// Takes the timer out of `slot` if it is still the tenant of
-    /// `generation`; the slot is vacated and the counts drop. `deadline`
-    /// is the heap's (0 where it does not matter: a cancel, a run's end).
-    fn remove(&mut self, slot: u32, generation: u32, deadline: u64) -> Option<Taken> {
-        match self.slots.get(slot as usize) {
-            Some(Slot::Taken { generation: g, .. }) if *g == generation => {}
-            _ => return None,
-        }
-        let Slot::Taken { timer, .. } = std::mem::replace(
-            &mut self.slots[slot as usize],
+    /// Ends the timer in `slot`: the slot is vacated and the counts drop.
+    /// Returns the timer, unless it was out for delivery.
+    fn vacate(&mut self, slot: u32) -> Option<Timer> {
+        let cell = &mut self.slots[slot as usize];
+        let t = cell.tenant()?;
+        let (owner, id, durable, context) = (t.owner.clone(), t.id, t.durable, t.context);
+        let next_generation = t.generation.wrapping_add(1);
+        let old = std::mem::replace(
+            cell,
             Slot::Vacant {
                 next: self.vacant,
-                generation: generation.wrapping_add(1),
+                generation: next_generation,
             },
-        ) else {
-            unreachable!("matched above")
-        };
+        );
         self.vacant = slot;
-        let o = self
-            .owners
-            .get_mut(&timer.owner.process)
-            .expect("a pending timer's owner is known");
-        o.by_id.remove(&timer.id);
-        self.forget_one(&timer);
-        Some(Taken { timer, deadline })
-    }
-
-    /// Uncounts one timer that has left (the slab or the parked list).
-    fn forget_one(&mut self, timer: &Timer) {
-        let owner = &timer.owner.process;
         self.live -= 1;
-        if let Some(n) = self.packages.get_mut(&owner.package) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(u) = self.packages.get_mut(&owner.package) {
+            u.timers -= 1;
+            u.context -= context;
+            if u.timers == 0 {
                 self.packages.remove(&owner.package);
             }
         }
-        if let Some(o) = self.owners.get_mut(owner) {
-            if timer.durable.is_some() {
+        if let Some(o) = self.owners.get_mut(&owner) {
+            o.by_id.remove(&id);
+            if matches!(old, Slot::Parked { .. }) {
+                o.parked.retain(|s| *s != slot);
+            }
+            if durable {
                 o.durable -= 1;
             }
-            if o.count() == 0 {
-                self.owners.remove(owner);
+            if o.by_id.is_empty() {
+                self.owners.remove(&owner);
             }
+        }
+        match old {
+            Slot::Waiting { timer, .. } | Slot::Parked { timer, .. } => Some(timer),
+            Slot::Firing { .. } | Slot::Vacant { .. } => None,
         }
     }
 
@@ -411,7 +641,7 @@ impl Wheel {
         }
         let slots = &self.slots;
         self.heap.retain(|Reverse((_, s, g))| {
-            matches!(&slots[*s as usize], Slot::Taken { generation, .. } if generation == g)
+            matches!(&slots[*s as usize], Slot::Waiting { generation, .. } if generation == g)
         });
     }
 }
@@ -434,8 +664,15 @@ mod tests {
             owner: usize,
             id: u64,
         },
+        /// The clock moves on and what is due goes out for delivery.
         Due {
             advance: u64,
+        },
+        /// One timer out for delivery comes back: delivered, mailbox full,
+        /// or (durable) owner off the bus.
+        Release {
+            which: usize,
+            how: u8,
         },
         Departed {
             owner: usize,
@@ -443,8 +680,7 @@ mod tests {
         Forgotten {
             owner: usize,
         },
-        /// The next durable timer due is parked, then its owner arrives.
-        ParkAndArrive {
+        Arrived {
             owner: usize,
         },
     }
@@ -455,9 +691,10 @@ mod tests {
                 .prop_map(|(owner, id, after, durable)| Op::Set { owner, id, after, durable }),
             2 => (0..4usize, 0..6u64).prop_map(|(owner, id)| Op::Cancel { owner, id }),
             3 => (0..30u64).prop_map(|advance| Op::Due { advance }),
+            4 => (any::<usize>(), 0..3u8).prop_map(|(which, how)| Op::Release { which, how }),
             1 => (0..4usize).prop_map(|owner| Op::Departed { owner }),
             1 => (0..4usize).prop_map(|owner| Op::Forgotten { owner }),
-            1 => (0..4usize).prop_map(|owner| Op::ParkAndArrive { owner }),
+            1 => (0..4usize).prop_map(|owner| Op::Arrived { owner }),
         ]
     }
 
@@ -471,25 +708,40 @@ mod tests {
         Arc::new(format!("local@p{i}:{package}").parse().unwrap())
     }
 
+    fn owner_index(a: &Address) -> usize {
+        a.process.process.as_str()[1..].parse().unwrap()
+    }
+
+    /// Every durable timer of the proptest carries this many bytes.
+    const CONTEXT: &str = "[1,2,3,4]";
+
     const B: Budgets = Budgets {
         process: 4,
         package: 7,
         node: 9,
         durable: 2,
+        context: 3 * CONTEXT.len(),
     };
 
-    /// The model: every pending timer by (owner, id), with its deadline
-    /// and whether it is durable.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum State {
+        Waiting(u64),
+        Firing { over: bool, arrived: bool },
+        Parked,
+    }
+
+    /// The model: every pending timer by (owner, id), with whether it is
+    /// durable and what it is doing.
     #[derive(Default)]
     struct Model {
-        pending: BTreeMap<(usize, u64), (u64, bool)>,
+        pending: BTreeMap<(usize, u64), (bool, State)>,
     }
 
     impl Model {
         fn count(&self, f: impl Fn(usize, bool) -> bool) -> usize {
             self.pending
                 .iter()
-                .filter(|((o, _), (_, d))| f(*o, *d))
+                .filter(|((o, _), (d, _))| f(*o, *d))
                 .count()
         }
 
@@ -507,99 +759,220 @@ mod tests {
             if self.count(|x, _| x == o) >= B.process as usize
                 || (durable && self.count(|x, d| x == o && d) >= B.durable as usize)
                 || self.count(|x, _| same_package(x)) >= B.package as usize
+                || (durable
+                    && (self.count(|x, d| same_package(x) && d) + 1) * CONTEXT.len() > B.context)
                 || self.pending.len() >= B.node as usize
             {
                 return Err("quota");
             }
-            self.pending.insert((o, id), (deadline, durable));
+            self.pending
+                .insert((o, id), (durable, State::Waiting(deadline)));
             Ok(())
         }
     }
 
+    fn timer(o: usize, id: u64, durable: bool) -> Timer {
+        Timer {
+            owner: owner(o),
+            rsvp: None,
+            request: 0,
+            id,
+            durable: durable.then(|| {
+                Box::new(Durable {
+                    at_unix_ms: 0,
+                    context: Some(CONTEXT.into()),
+                    run: None,
+                })
+            }),
+            deadline: 0,
+            tries: 0,
+        }
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(400))]
         /// The wheel agrees with a plain map on what is pending, what a
-        /// budget refuses, and what is due, through cancels, runs ending,
-        /// deletions and parking.
+        /// budget refuses, what is due and what may be cancelled, through
+        /// deliveries that race with cancels, runs ending, deletions and
+        /// arrivals.
         #[test]
-        fn the_wheel_agrees_with_a_map(ops in proptest::collection::vec(op(), 1..120)) {
+        fn the_wheel_agrees_with_a_map(ops in proptest::collection::vec(op(), 1..150)) {
             let mut w = Wheel::new(B);
             let mut m = Model::default();
+            let mut held: Vec<Due> = Vec::new();
             let mut now = 0u64;
             for op in ops {
                 match op {
                     Op::Set { owner: o, id, after, durable } => {
-                        let t = Timer {
-                            owner: owner(o),
-                            rsvp: None,
-                            request: 0,
-                            id,
-                            durable: durable.then(|| Box::new(Durable { at_unix_ms: 0, context: None, run: None })),
-                        };
-                        let got = w.set(t, now + after).map(|_| ()).map_err(|e| match e {
+                        let got = w.set(timer(o, id, durable), now + after).map(|_| ()).map_err(|e| match e {
                             SetError::IdInUse { .. } => "in use",
-                            SetError::Quota { .. } => "quota",
+                            SetError::Quota { .. } | SetError::ContextQuota { .. } => "quota",
                         });
                         prop_assert_eq!(got, m.set(o, id, now + after, durable));
                     }
                     Op::Cancel { owner: o, id } => {
-                        let got = w.cancel(&owner(o).process, id).map(|t| t.timer.id);
-                        prop_assert_eq!(got, m.pending.remove(&(o, id)).map(|_| id));
+                        let got = w.cancel(&owner(o).process, id).map(|t| t.id);
+                        let want = match m.pending.get(&(o, id)) {
+                            Some((_, State::Waiting(_) | State::Parked)) => {
+                                m.pending.remove(&(o, id));
+                                Some(id)
+                            }
+                            _ => None,
+                        };
+                        prop_assert_eq!(got, want);
                     }
                     Op::Due { advance } => {
                         now += advance;
-                        let mut out = vec![];
-                        w.take_due(now, usize::MAX, &mut out);
-                        let mut got: Vec<(String, u64)> = out.iter().map(|t| (t.timer.owner.process.process.to_string(), t.timer.id)).collect();
+                        let before = held.len();
+                        w.take_due(now, usize::MAX, &mut held);
+                        let mut got: Vec<(usize, u64)> = held[before..].iter().map(|d| (owner_index(&d.timer.owner), d.timer.id)).collect();
                         got.sort();
-                        for t in &out {
-                            prop_assert!(t.deadline <= now);
+                        for d in &held[before..] {
+                            prop_assert!(d.deadline <= now);
                         }
-                        let due: Vec<(usize, u64)> = m.pending.iter().filter(|(_, (d, _))| *d <= now).map(|(k, _)| *k).collect();
-                        let mut want: Vec<(String, u64)> = due.iter().map(|(o, id)| (format!("p{o}"), *id)).collect();
-                        want.sort();
-                        for k in due {
-                            m.pending.remove(&k);
+                        let mut want = vec![];
+                        for (k, (_, s)) in m.pending.iter_mut() {
+                            if let State::Waiting(d) = *s && d <= now {
+                                *s = State::Firing { over: false, arrived: false };
+                                want.push(*k);
+                            }
                         }
                         prop_assert_eq!(got, want);
                     }
-                    Op::Departed { owner: o } => {
-                        let before = m.pending.len();
-                        m.pending.retain(|(x, _), (_, d)| *x != o || *d);
-                        prop_assert_eq!(w.departed(&owner(o).process), before - m.pending.len());
-                    }
-                    Op::Forgotten { owner: o } => {
-                        let durable = m.count(|x, d| x == o && d);
-                        m.pending.retain(|(x, _), _| *x != o);
-                        prop_assert_eq!(w.forgotten(&owner(o).process).len(), durable);
-                    }
-                    Op::ParkAndArrive { owner: o } => {
-                        // Take everything of o that is due as if its
-                        // process were off the bus: durable ones park.
-                        let mut out = vec![];
-                        w.take_due(now, usize::MAX, &mut out);
-                        for t in out {
-                            let k = (t.timer.owner.process.process.as_str()[1..].parse::<usize>().unwrap(), t.timer.id);
-                            if k.0 == o && t.timer.durable.is_some() {
-                                w.park(t);
-                            } else {
+                    Op::Release { which, how } => {
+                        if held.is_empty() {
+                            continue;
+                        }
+                        let due = held.swap_remove(which % held.len());
+                        let k = (owner_index(&due.timer.owner), due.timer.id);
+                        let (durable, state) = m.pending[&k];
+                        let State::Firing { over, arrived } = state else {
+                            panic!("held but not firing in the model: {k:?} {state:?}");
+                        };
+                        match how {
+                            0 => {
+                                w.finish(&due);
+                                m.pending.remove(&k);
+                            }
+                            1 => {
+                                prop_assert_eq!(w.retry(due, now + 1), !over);
+                                if over {
+                                    m.pending.remove(&k);
+                                } else {
+                                    m.pending.insert(k, (durable, State::Waiting(now + 1)));
+                                }
+                            }
+                            _ if durable => {
+                                let got = w.park(due, now);
+                                let want = if over {
+                                    m.pending.remove(&k);
+                                    Parked::Over
+                                } else if arrived {
+                                    m.pending.insert(k, (durable, State::Waiting(now)));
+                                    Parked::Again
+                                } else {
+                                    m.pending.insert(k, (durable, State::Parked));
+                                    Parked::Kept
+                                };
+                                prop_assert_eq!(got, want);
+                            }
+                            _ => {
+                                w.finish(&due);
                                 m.pending.remove(&k);
                             }
                         }
-                        prop_assert_eq!(w.len(), m.pending.len());
-                        let back = w.arrived(&owner(o).process);
-                        for t in back {
-                            w.put_back(t, now);
+                    }
+                    Op::Departed { owner: o } => {
+                        let mut dropped = 0;
+                        m.pending.retain(|(x, _), (d, s)| {
+                            if *x != o || *d {
+                                return true;
+                            }
+                            dropped += 1;
+                            match s {
+                                State::Firing { over, .. } => {
+                                    *over = true;
+                                    true
+                                }
+                                _ => false,
+                            }
+                        });
+                        prop_assert_eq!(w.departed(&owner(o).process), dropped);
+                    }
+                    Op::Forgotten { owner: o } => {
+                        let mut durable: Vec<u64> = m.pending.iter().filter(|((x, _), (d, _))| *x == o && *d).map(|((_, id), _)| *id).collect();
+                        m.pending.retain(|(x, _), (_, s)| {
+                            if *x != o {
+                                return true;
+                            }
+                            match s {
+                                State::Firing { over, .. } => {
+                                    *over = true;
+                                    true
+                                }
+                                _ => false,
+                            }
+                        });
+                        let mut got = w.forgotten(&owner(o).process);
+                        got.sort();
+                        durable.sort();
+                        prop_assert_eq!(got, durable);
+                    }
+                    Op::Arrived { owner: o } => {
+                        let mut any = false;
+                        for ((x, _), (_, s)) in m.pending.iter_mut() {
+                            if *x != o {
+                                continue;
+                            }
+                            match s {
+                                State::Parked => {
+                                    *s = State::Waiting(now);
+                                    any = true;
+                                }
+                                State::Firing { arrived, .. } => *arrived = true,
+                                State::Waiting(_) => {}
+                            }
                         }
+                        prop_assert_eq!(w.arrived(&owner(o).process, now), any);
                     }
                 }
                 prop_assert_eq!(w.len(), m.pending.len());
+                prop_assert!(w.heap_len() <= 2 * w.len() + 1024 + 1);
                 for o in 0..4 {
                     let (all, durable) = w.pending(&owner(o).process);
                     prop_assert_eq!(all, m.count(|x, _| x == o));
                     prop_assert_eq!(durable as usize, m.count(|x, d| x == o && d));
+                    let parked = m.pending.iter().filter(|((x, _), (_, s))| *x == o && *s == State::Parked).count();
+                    prop_assert_eq!(w.parked(&owner(o).process), parked);
                 }
             }
         }
+    }
+
+    /// Auto ids skip ids a timer read from disk already has.
+    #[test]
+    fn auto_ids_never_meet_ids_in_use() {
+        let mut w = Wheel::new(B);
+        w.set(timer(0, AUTO_IDS, false), 10).unwrap();
+        w.set(timer(0, AUTO_IDS + 2, false), 10).unwrap();
+        let a = w.auto_id(&owner(0).process);
+        assert_eq!(a, AUTO_IDS + 3);
+        let mut w = Wheel::new(B);
+        w.set(timer(1, AUTO_IDS + 1, false), 10).unwrap();
+        let next = w.auto_id(&owner(1).process);
+        assert!(next > AUTO_IDS + 1, "{next}");
+    }
+
+    /// Cancels of timers whose heap entries are far off keep the heap
+    /// bounded by the live timers.
+    #[test]
+    fn set_and_cancel_in_a_loop_keeps_the_heap_bounded() {
+        let mut w = Wheel::new(B);
+        for i in 0..100_000u64 {
+            w.set(timer(0, i, false), u64::MAX / 2).unwrap();
+            assert!(w.cancel(&owner(0).process, i).is_some());
+        }
+        assert!(w.heap_len() <= 1024 + 1, "{}", w.heap_len());
+        assert!(w.is_empty());
     }
 }
