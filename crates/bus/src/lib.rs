@@ -32,6 +32,7 @@ mod message;
 pub mod persist;
 mod reply;
 mod spawn;
+pub mod trace;
 
 pub use message::{
     Blob, Capability, Envelope, Message, Request, Response, SendError, SendErrorKind,
@@ -317,6 +318,8 @@ pub struct Bus {
     pub late_responses: AtomicU64,
     /// The node's services, told of arrivals and departures.
     services: RwLock<Vec<Arc<dyn Service>>>,
+    /// Who listens to the traffic ([`Bus::tap`]).
+    trace: Arc<trace::Tracers>,
 }
 
 impl std::fmt::Debug for dyn Service {
@@ -338,6 +341,7 @@ impl Bus {
             package_queued: Default::default(),
             late_responses: AtomicU64::new(0),
             services: RwLock::default(),
+            trace: Arc::default(),
         }
     }
 
@@ -513,6 +517,11 @@ impl Bus {
         }
     }
 
+    /// Listens to every message that matches `filter` (`spindle trace`).
+    pub fn tap(&self, filter: trace::TraceFilter) -> Result<trace::Tap, trace::TooManyTaps> {
+        self.trace.tap(filter)
+    }
+
     /// Takes a process off the bus (its run ended). Messages to it now fail `Offline`.
     pub fn unregister(&self, process: &ProcessId) {
         let gone = self
@@ -645,13 +654,19 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), (SendErrorKind, Envelope)> {
-        match self.try_send(env, privileged) {
+        let mut seen = self.trace.seen(&env);
+        let sent = match self.try_send(env, privileged, &mut seen) {
             Ok(()) => Ok(()),
             Err(Refused::Now(kind, env)) => Err((kind, *env)),
             // The rare slow path is boxed: awaited inline, its timer would
             // make every sender's future (moved on each host call) large.
-            Err(Refused::Full(tx, queued, env)) => Box::pin(wait_for_room(tx, queued, env)).await,
-        }
+            Err(Refused::Full(tx, queued, env)) => {
+                Box::pin(wait_for_room(tx, queued, env, &self.trace, &mut seen)).await
+            }
+        };
+        self.trace
+            .done(seen, sent.as_ref().map(|_| ()).map_err(|(k, _)| *k));
+        sent
     }
 
     /// Like [`Bus::send`], but a full mailbox is `MailboxFull` at once: for
@@ -659,6 +674,8 @@ impl Bus {
     /// library retries for [`MAILBOX_WAIT`]).
     pub fn send_now(&self, env: Envelope, privileged: bool) -> Result<(), Undelivered> {
         let Some(target) = self.lookup(&env.target.process) else {
+            self.trace
+                .done(self.trace.seen(&env), Err(SendErrorKind::Offline));
             return Err((SendErrorKind::Offline, Box::new(env)));
         };
         self.send_now_to(&target, env, privileged)
@@ -671,11 +688,15 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), Undelivered> {
-        match self.deliver(target, env, privileged) {
+        let mut seen = self.trace.seen(&env);
+        let sent = match self.deliver(target, env, privileged, &mut seen) {
             Ok(()) => Ok(()),
             Err(Refused::Now(kind, env)) => Err((kind, env)),
             Err(Refused::Full(_, _, env)) => Err((SendErrorKind::MailboxFull, env)),
-        }
+        };
+        self.trace
+            .done(seen, sent.as_ref().map(|_| ()).map_err(|(k, _)| *k));
+        sent
     }
 
     /// Waits up to [`MAILBOX_WAIT`] for `target`'s mailbox to have room;
@@ -703,14 +724,27 @@ impl Bus {
     }
 
     /// Everything of [`Bus::send`] that needs no waiting.
-    fn try_send(&self, env: Envelope, privileged: bool) -> Result<(), Refused> {
+    fn try_send(
+        &self,
+        env: Envelope,
+        privileged: bool,
+        seen: &mut Option<trace::Seen>,
+    ) -> Result<(), Refused> {
         let Some(target) = self.lookup(&env.target.process) else {
             return Err(Refused::Now(SendErrorKind::Offline, Box::new(env)));
         };
-        self.deliver(&target, env, privileged)
+        self.deliver(&target, env, privileged, seen)
     }
 
-    fn deliver(&self, target: &Endpoint, env: Envelope, privileged: bool) -> Result<(), Refused> {
+    /// `seen`: the send's trace record, told here for a service (before
+    /// the service answers, so a tap hears the request first).
+    fn deliver(
+        &self,
+        target: &Endpoint,
+        env: Envelope,
+        privileged: bool,
+        seen: &mut Option<trace::Seen>,
+    ) -> Result<(), Refused> {
         if !target.is_on_bus() {
             return Err(Refused::Now(SendErrorKind::Offline, Box::new(env)));
         }
@@ -729,6 +763,7 @@ impl Bus {
         let (tx, queued) = match &target.inbox {
             Inbox::Mailbox(tx, queued) => (tx, queued),
             Inbox::Service(s) => {
+                self.trace.done(seen.take(), Ok(()));
                 s.handle(env);
                 return Ok(());
             }
@@ -737,16 +772,22 @@ impl Bus {
         if weight > 0 && !queued.take(weight, env.source.process.package.is_system()) {
             return Err(Refused::Now(SendErrorKind::MailboxFull, Box::new(env)));
         }
-        match tx.try_send(Counted::slot(env, weight, queued)) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(slot)) => {
-                Err(Refused::Now(SendErrorKind::Offline, Box::new(slot.open())))
+        // A permit first, so a tap hears of the message before its
+        // receiver can (and answer it).
+        match tx.try_reserve() {
+            Ok(permit) => {
+                self.trace.done(seen.take(), Ok(()));
+                permit.send(Counted::slot(env, weight, queued));
+                Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(slot)) => Err(Refused::Full(
-                tx.clone(),
-                queued.clone(),
-                Box::new(slot.open()),
-            )),
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                queued.give(weight);
+                Err(Refused::Now(SendErrorKind::Offline, Box::new(env)))
+            }
+            Err(mpsc::error::TrySendError::Full(())) => {
+                queued.give(weight);
+                Err(Refused::Full(tx.clone(), queued.clone(), Box::new(env)))
+            }
         }
     }
 }
@@ -767,6 +808,8 @@ async fn wait_for_room(
     tx: mpsc::Sender<Slot>,
     queued: Arc<Queued>,
     env: Box<Envelope>,
+    trace: &trace::Tracers,
+    seen: &mut Option<trace::Seen>,
 ) -> Result<(), (SendErrorKind, Envelope)> {
     let permit = match tokio::time::timeout(MAILBOX_WAIT, tx.reserve()).await {
         Ok(Ok(p)) => p,
@@ -784,6 +827,7 @@ async fn wait_for_room(
         queued.give(weight);
         return Err((SendErrorKind::Offline, *env));
     }
+    trace.done(seen.take(), Ok(()));
     permit.send(Counted::slot(*env, weight, &queued));
     Ok(())
 }

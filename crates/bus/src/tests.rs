@@ -378,3 +378,70 @@ async fn a_message_sent_after_its_mailbox_is_gone_gives_its_bytes_back() {
     drop(ep);
     assert_eq!(bus.queued.load(Ordering::Acquire), 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tap_hears_what_matches_with_its_outcome_and_counts_what_it_lost() {
+    let bus = Bus::new("local");
+    let (a, b, other) = (
+        addr("a"),
+        addr("b"),
+        "local@x:other:spindle".parse::<Address>().unwrap(),
+    );
+    let _ra = bus.register(a.clone(), true).unwrap();
+    let mut rb = bus.register(b.clone(), false).unwrap();
+    let mut rx = bus.register(other.clone(), true).unwrap();
+    let mut all = bus.tap(trace::TraceFilter::All).unwrap();
+    let mut just_b = bus
+        .tap(trace::TraceFilter::Process(b.process.clone()))
+        .unwrap();
+    let mut other_pkg = bus
+        .tap(trace::TraceFilter::Package(other.process.package.clone()))
+        .unwrap();
+    // Refused (b is private), then delivered, then offline.
+    bus.send(request(&a, &b, vec![]), false).await.unwrap_err();
+    bus.grant(&a.process, [Capability::messaging(&b)]);
+    bus.send(request(&a, &b, vec![]), false).await.unwrap();
+    assert!(rb.try_recv().is_some());
+    bus.send_now(request(&a, &addr("nobody"), vec![]), false)
+        .unwrap_err();
+    bus.send_now(request(&a, &other, vec![]), false).unwrap();
+    assert!(rx.try_recv().is_some());
+    let outcomes = |tap: &mut trace::Tap| {
+        std::iter::from_fn(|| tap.try_recv())
+            .map(|t| (t.target.process.process.to_string(), t.outcome))
+            .collect::<Vec<_>>()
+    };
+    let b_ = || "b".to_string();
+    assert_eq!(
+        outcomes(&mut all),
+        vec![
+            (b_(), Err(SendErrorKind::NoCapability)),
+            (b_(), Ok(())),
+            ("nobody".into(), Err(SendErrorKind::Offline)),
+            ("x".into(), Ok(())),
+        ]
+    );
+    assert_eq!(
+        outcomes(&mut just_b),
+        vec![(b_(), Err(SendErrorKind::NoCapability)), (b_(), Ok(()))]
+    );
+    assert_eq!(outcomes(&mut other_pkg), vec![("x".into(), Ok(()))]);
+    // A reader that never reads loses records, and the sender never waits.
+    for _ in 0..trace::TAP_QUEUE + 10 {
+        bus.send_now(request(&a, &other, vec![]), false).unwrap();
+        assert!(rx.try_recv().is_some());
+    }
+    assert_eq!(all.take_dropped(), 10);
+    assert_eq!(all.take_dropped(), 0);
+    // Dropped taps stop costing anything.
+    drop((all, just_b, other_pkg));
+    assert!(!bus.trace.active());
+    let taps: Vec<_> = (0..trace::MAX_TAPS)
+        .map(|_| bus.tap(trace::TraceFilter::All).unwrap())
+        .collect();
+    assert_eq!(
+        bus.tap(trace::TraceFilter::All).err(),
+        Some(trace::TooManyTaps)
+    );
+    drop(taps);
+}

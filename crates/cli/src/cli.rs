@@ -45,6 +45,18 @@ pub enum Cmd {
     Restart(Targets),
     /// Stop processes and remove them from the table
     Delete(Targets),
+    /// Stream, live, the messages to and from a process (or a package, or
+    /// all), with spawns, exits and restarts in between
+    Trace {
+        /// node@process:package:publisher or process:package:publisher (default: everything)
+        address: Option<String>,
+        /// Only messages to or from processes of this package:publisher
+        #[arg(long, conflicts_with = "address")]
+        package: Option<String>,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a process's log; --follow streams new lines
     Logs {
         /// Id, name, or `all`

@@ -107,6 +107,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     err,
                     out,
                 } => logs(&mut client, &target, follow, lines, err, out),
+                Cmd::Trace {
+                    address,
+                    package,
+                    json,
+                } => crate::trace::run(&mut client, address, package, json),
                 Cmd::Send {
                     address,
                     body,

@@ -5,6 +5,7 @@ mod commands;
 mod demo;
 mod run;
 mod table;
+mod trace;
 
 use clap::Parser;
 

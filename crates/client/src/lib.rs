@@ -353,4 +353,28 @@ impl Client {
         }
         Ok(())
     }
+
+    /// Streams the bus's traffic matching `process` (an address or process
+    /// id) or `package` — everything if neither — with lifecycle events in
+    /// between: `each` gets `traced`, `trace_gap`, `event` and `event_gap`
+    /// frames until it returns false or the daemon ends.
+    pub fn trace(
+        &mut self,
+        process: Option<String>,
+        package: Option<String>,
+        mut each: impl FnMut(Response) -> bool,
+    ) -> Result<(), ClientError> {
+        self.writer.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        match self.call(&Request::Trace { process, package })? {
+            Response::Tracing => {}
+            other => return Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+        self.writer.set_read_timeout(None)?;
+        while let Some(resp) = self.recv()? {
+            if !each(resp) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }

@@ -30,6 +30,7 @@ pub mod node;
 pub mod owner;
 pub mod server;
 pub mod table;
+pub mod trace;
 
 use std::path::{Path, PathBuf};
 

@@ -28,6 +28,8 @@ pub enum Reply {
     },
     /// Lifecycle events, as they happen.
     Events(broadcast::Receiver<spindle_types::control::ProcessEvent>),
+    /// The bus's traffic and lifecycle events, as they happen.
+    Trace(crate::trace::Subscription),
 }
 
 /// A live log subscription for one process.
@@ -114,7 +116,7 @@ async fn read_frame(r: &mut BufReader<OwnedReadHalf>) -> io::Result<Option<Vec<u
     Ok(Some(buf))
 }
 
-async fn write(w: &mut OwnedWriteHalf, resp: &Response) -> io::Result<()> {
+pub(crate) async fn write(w: &mut OwnedWriteHalf, resp: &Response) -> io::Result<()> {
     let mut line = serde_json::to_vec(resp).expect("responses serialise");
     line.push(b'\n');
     w.write_all(&line).await
@@ -226,6 +228,7 @@ async fn serve(
                 }
             }
             Ok(Reply::Events(rx)) => return stream_events(r, w, rx).await,
+            Ok(Reply::Trace(sub)) => return crate::trace::stream(r, w, sub).await,
             Err(_) => write(w, &error(ErrorKind::ShuttingDown, "the daemon is stopping")).await?,
         }
     }

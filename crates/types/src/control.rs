@@ -64,6 +64,16 @@ pub enum Request {
     Shutdown,
     /// Streams lifecycle events (`event` frames) until the client hangs up.
     Events,
+    /// Streams the messages on the bus that match (`traced` frames), with
+    /// lifecycle events (`event` frames) in between, until the client hangs
+    /// up (`spindle trace`). `process`: an address (`node@p:pkg:pub`) or
+    /// process id (`p:pkg:pub`); `package`: `pkg:pub`; neither: everything.
+    Trace {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        process: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        package: Option<String>,
+    },
     /// Sends a request to a process on the node's behalf and waits for its
     /// response (`spindle send`).
     Send {
@@ -123,6 +133,14 @@ pub enum Response {
     EventGap {
         missed: u64,
     },
+    /// The first answer to `trace`: every matching message from here on.
+    Tracing,
+    /// A message on the bus, to a `trace` subscriber.
+    Traced(TraceRecord),
+    /// Records were dropped for a `trace` subscriber that read too slowly.
+    TraceGap {
+        missed: u64,
+    },
     Status(DaemonStatus),
     /// The response to a `send`: its body (UTF-8, lossily) and metadata.
     Reply {
@@ -136,6 +154,41 @@ pub enum Response {
     },
 }
 
+/// One message on the bus, as `trace` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceRecord {
+    /// When it was sent: microseconds since the Unix epoch.
+    pub at_us: u64,
+    pub source: String,
+    pub target: String,
+    /// The request's number (a response carries the one it answers).
+    pub id: u64,
+    pub kind: TraceKind,
+    /// `request`: how long its response is awaited (absent: none is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expects_ms: Option<u64>,
+    /// `failed`: the request's failure, as its requester hears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    pub body_bytes: usize,
+    pub blob_bytes: usize,
+    /// `delivered`, or the send error's kind (`offline`, `no-capability`,
+    /// `mailbox-full`, …): why it was refused.
+    pub outcome: String,
+    /// `response` and `failed`: microseconds since its request was sent
+    /// (when the request was traced too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_request_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TraceKind {
+    Request,
+    Response,
+    Failed,
+}
+
 /// What happened to a process, as an `events` subscriber hears it, in the
 /// order it happened.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +196,9 @@ pub struct ProcessEvent {
     pub event: EventKind,
     pub id: ProcessNum,
     pub name: Option<String>,
+    /// Its address on the bus, for a process that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Wall-clock time, milliseconds since the Unix epoch.
     pub at_ms: u64,
     /// `started`: the OS pid of a native process.

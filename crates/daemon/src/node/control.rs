@@ -33,6 +33,7 @@ impl Node {
                 "manifest entries reached the control loop unconverted",
             ),
             Request::Events => Reply::Events(self.events.subscribe()),
+            Request::Trace { process, package } => self.trace(process, package),
             Request::List => Reply::One(Response::List {
                 processes: self.list(now),
             }),
@@ -70,6 +71,22 @@ impl Node {
             self.after_commit.push((reply, answer));
         } else {
             let _ = reply.send(answer);
+        }
+    }
+
+    /// A tap on the bus for `trace`, with the lifecycle events.
+    fn trace(&mut self, process: Option<String>, package: Option<String>) -> Reply {
+        let filter = match crate::trace::filter(process.as_deref(), package.as_deref()) {
+            Ok(f) => f,
+            Err(e) => return err(ErrorKind::BadRequest, e),
+        };
+        match self.wasm.bus().tap(filter.clone()) {
+            Ok(tap) => Reply::Trace(crate::trace::Subscription {
+                tap,
+                filter,
+                events: self.events.subscribe(),
+            }),
+            Err(e) => err(ErrorKind::BadRequest, e.to_string()),
         }
     }
 

@@ -19,10 +19,14 @@ impl Node {
         if self.events.receiver_count() == 0 {
             return;
         }
+        let entry = self.kernel.get(num);
         let _ = self.events.send(ProcessEvent {
             event,
             id: num,
-            name: self.kernel.get(num).and_then(|e| e.spec.name.clone()),
+            name: entry.and_then(|e| e.spec.name.clone()),
+            address: entry
+                .and_then(|e| self.wasm.address(num, &e.spec))
+                .map(|a| a.to_string()),
             at_ms: wall_ms(),
             pid: detail.pid,
             exit: detail.exit,
