@@ -6,7 +6,8 @@
 //! (in-process, on the daemon's own driver and bus) and the runtime modules;
 //! `--ipc`: only native processes on the bus; `--db`: only the modules;
 //! `--api`: only the Node control API (real `node`); `--scale`: only
-//! spawn and lifecycle at scale (the `spawner` guest in the real daemon).
+//! spawn and lifecycle at scale (the `spawner` guest in the real daemon);
+//! `--timers`: only the timer module.
 //!
 //! Each scenario gets a fresh node in a temporary home. Waits poll the
 //! daemon with deadlines; times are wall-clock, CPU is the daemon's own
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 mod api;
 mod scale;
+mod timers;
 mod wasm;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -487,6 +489,12 @@ fn main() {
         print_table(rows);
         return;
     }
+    if flag("--timers") {
+        eprintln!("the timer module …");
+        timers::run(&mut rows);
+        print_table(rows);
+        return;
+    }
     if flag("--scale") {
         eprintln!("spawn and lifecycle at scale …");
         scale::run(&mut rows);
@@ -520,6 +528,8 @@ fn main() {
     wasm::run(&mut rows, wasm::Part::All);
     eprintln!("spawn and lifecycle at scale …");
     scale::run(&mut rows);
+    eprintln!("the timer module …");
+    timers::run(&mut rows);
     eprintln!("the Node control API …");
     api::run(&mut rows);
     print_table(rows);

@@ -476,6 +476,7 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
     let r = b.ask(&a, format!("bench {peer} {TRIPS}").as_bytes()).await;
     let trip = t.elapsed() / TRIPS as u32;
     assert_eq!(r, format!("ok {TRIPS}"));
+    let (untraced, traced, seen, lost) = traced_trips(b, &a, &peer).await;
     const ONE_WAY: u64 = 500_000;
     let t = Instant::now();
     let r = b
@@ -501,6 +502,16 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
         measured: us(trip),
     });
     rows.push(Row {
+        metric: "wasm: round trip, nobody tracing / a trace of everything".into(),
+        target: "≤ +1% / ≤ +20%".into(),
+        measured: format!(
+            "{} / {} ({:+.0}%; {seen} records read, {lost} lost)",
+            us(untraced),
+            us(traced),
+            (traced.as_secs_f64() / untraced.as_secs_f64() - 1.0) * 100.0
+        ),
+    });
+    rows.push(Row {
         metric: "wasm: one-way messages/s, one sender → one receiver".into(),
         target: "≥ 500k/s".into(),
         measured: format!("{:.0}k/s", rate / 1e3),
@@ -523,6 +534,59 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
             scale.as_secs_f64()
         ),
     });
+}
+
+/// Round trips between `a` and `peer` with nobody tracing and with a tap
+/// on everything, read on a thread of its own (as the daemon's trace
+/// connection reads it): medians of alternating rounds, and how many
+/// records the tap delivered.
+async fn traced_trips(
+    b: &mut Bench,
+    a: &Address,
+    peer: &Address,
+) -> (Duration, Duration, u64, u64) {
+    const ROUND: u64 = 20_000;
+    const ROUNDS: usize = 5;
+    let mut idle = Vec::new();
+    let mut traced = Vec::new();
+    let (mut seen, mut lost) = (0, 0);
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        assert_eq!(
+            b.ask(a, format!("bench {peer} {ROUND}").as_bytes()).await,
+            format!("ok {ROUND}")
+        );
+        idle.push(t.elapsed() / ROUND as u32);
+        let mut tap = b
+            .bus
+            .tap(spindle_bus::trace::TraceFilter::All)
+            .expect("a tap");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let reader = std::thread::spawn(move || {
+            let mut n = 0u64;
+            loop {
+                while tap.try_recv().is_some() {
+                    n += 1;
+                }
+                if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    return (n, tap.take_dropped());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let t = Instant::now();
+        assert_eq!(
+            b.ask(a, format!("bench {peer} {ROUND}").as_bytes()).await,
+            format!("ok {ROUND}")
+        );
+        traced.push(t.elapsed() / ROUND as u32);
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let (read, dropped) = reader.join().expect("the reader");
+        seen += read;
+        lost += dropped;
+    }
+    (median(idle), median(traced), seen, lost)
 }
 
 /// Native processes on the bus against the wasm process `peer`.
