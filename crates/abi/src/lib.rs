@@ -33,6 +33,7 @@ pub mod module {
     pub const KV: &str = "kv";
     pub const SQLITE: &str = "sqlite";
     pub const TIMER: &str = "timer";
+    pub const VFS: &str = "vfs";
 }
 
 /// How long a send may wait for room in a full mailbox, per try, before it

@@ -383,6 +383,14 @@ impl Bus {
         }
     }
 
+    /// [`Bus::persisted`] for a thread outside any runtime.
+    pub fn persisted_blocking(&self) -> Result<(), persist::NotSaved> {
+        match &self.journal {
+            Some(j) => j.flush_blocking(),
+            None => Ok(()),
+        }
+    }
+
     /// For changes that may be acknowledged before they are durable (a
     /// spawn's): returns at once while the journal keeps up — its oldest
     /// commit not yet durable is younger than

@@ -84,6 +84,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: DbCmd,
     },
+    /// Look into the vfs module's drives (read-only; the daemon may run)
+    Vfs {
+        #[command(subcommand)]
+        cmd: VfsCmd,
+    },
     /// Boot a throw-away node with example processes and show what it does
     Demo,
     /// Run a manifest in the foreground on a private node: output to stdout
@@ -92,6 +97,20 @@ pub enum Cmd {
     Run {
         /// The manifest (TOML) with [[process]] tables
         manifest: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VfsCmd {
+    /// List a drive or a directory in it: kind, size, name
+    Ls {
+        /// <package>/<drive>[/path], e.g. demo:spindle/files/reports
+        path: String,
+    },
+    /// Print a file of a drive
+    Cat {
+        /// <package>/<drive>/path, e.g. demo:spindle/files/a.txt
+        path: String,
     },
 }
 

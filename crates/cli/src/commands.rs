@@ -1,6 +1,6 @@
 //! What each command does: build requests, talk to the daemon, print.
 
-use crate::cli::{Cli, Cmd, DaemonCmd, DbCmd, StartArgs, Targets};
+use crate::cli::{Cli, Cmd, DaemonCmd, DbCmd, StartArgs, Targets, VfsCmd};
 use spindle_client::{Client, ClientError, default_home};
 use spindle_types::control::{LogStream, Response, StateLabel};
 use spindle_types::manifest::{DelayValue, RawProcess, parse_manifest};
@@ -65,6 +65,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Demo => crate::demo::run(),
         Cmd::Run { manifest } => crate::run::run(cli.home.clone(), &manifest),
         Cmd::Db { cmd } => db(&home, cmd),
+        Cmd::Vfs { cmd } => vfs(&home, cmd),
         cmd => {
             let mut client = connect(&home)?;
             match cmd {
@@ -133,7 +134,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{reply}");
                     Ok(())
                 }
-                Cmd::Daemon { .. } | Cmd::Demo | Cmd::Run { .. } | Cmd::Db { .. } => {
+                Cmd::Daemon { .. }
+                | Cmd::Demo
+                | Cmd::Run { .. }
+                | Cmd::Db { .. }
+                | Cmd::Vfs { .. } => {
                     unreachable!("handled above")
                 }
             }
@@ -391,6 +396,33 @@ fn has_process_flags(a: &StartArgs) -> bool {
 
 /// `spindle db`: reads the files directly (SQLite readers never block the
 /// daemon's writers), so it works whether or not the daemon runs.
+fn vfs(home: &Path, cmd: VfsCmd) -> Result<(), Failure> {
+    let dir = home.join("vfs");
+    match cmd {
+        VfsCmd::Ls { path } => {
+            let (entries, total) = spindle_vfs::ls(&dir, &path)?;
+            for e in &entries {
+                println!(
+                    "{:<5} {:>10} {}",
+                    e.meta.kind.name(),
+                    spindle_types::units::format_size(e.meta.size),
+                    e.name
+                );
+            }
+            if total > entries.len() {
+                println!("… and {} more", total - entries.len());
+            }
+            Ok(())
+        }
+        VfsCmd::Cat { path } => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            spindle_vfs::cat(&dir, &path, &mut out)?;
+            Ok(())
+        }
+    }
+}
+
 fn db(home: &Path, cmd: DbCmd) -> Result<(), Failure> {
     use spindle_db::store::Kind;
     let dir = home.join("db");

@@ -53,6 +53,8 @@ pub struct Paths {
     pub daemon_log: PathBuf,
     /// The `kv` and `sqlite` modules' databases (see `spindle_db`).
     pub db: PathBuf,
+    /// The `vfs` module's drives (see `spindle_vfs`).
+    pub vfs: PathBuf,
 }
 
 impl Paths {
@@ -67,6 +69,7 @@ impl Paths {
             logs: home.join("logs"),
             daemon_log: home.join("daemon.log"),
             db: home.join("db"),
+            vfs: home.join("vfs"),
         }
     }
 }
@@ -102,6 +105,8 @@ pub enum DaemonError {
     Modules(#[from] spindle_db::StartError),
     #[error("the timer module could not start: {0}")]
     Timers(#[from] spindle_timer::StartError),
+    #[error("the vfs module could not start: {0}")]
+    Vfs(#[from] spindle_vfs::StartError),
     #[error("cannot watch owner process {pid}: {source} (an owned node serves a running app)")]
     Owner { pid: u32, source: std::io::Error },
 }

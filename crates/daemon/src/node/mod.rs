@@ -226,6 +226,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     }
     // Runtime modules: their addresses are the node's own, on the bus first.
     spindle_db::start(&paths.db, &bus)?;
+    spindle_vfs::start(&paths.vfs, &bus)?;
     let timer_rows = records
         .get(spindle_timer::KIND)
         .map(Vec::as_slice)
