@@ -242,6 +242,12 @@ impl Endpoint {
     pub fn is_on_bus(&self) -> bool {
         self.on_bus.load(Ordering::Acquire)
     }
+
+    /// Whether a service of the node's own answers here (a delivery to it
+    /// runs the service), rather than a mailbox (a delivery only queues).
+    pub fn is_service(&self) -> bool {
+        matches!(self.inbox, Inbox::Service(_))
+    }
 }
 
 /// The receiving side handed to the process's host.

@@ -141,11 +141,16 @@ pub async fn stream(
         tokio::select! {
             got = sub.tap.recv() => {
                 let Some(t) = got else { return Ok(()) };
+                crate::server::write(w, &Response::Traced(pairs.record(&t))).await?;
+                // What was queued came before what was lost (the queue was
+                // full then): the gap is told once the queue is drained.
+                while let Some(t) = sub.tap.try_recv() {
+                    crate::server::write(w, &Response::Traced(pairs.record(&t))).await?;
+                }
                 let missed = sub.tap.take_dropped();
                 if missed > 0 {
                     crate::server::write(w, &Response::TraceGap { missed }).await?;
                 }
-                crate::server::write(w, &Response::Traced(pairs.record(&t))).await?;
             }
             got = sub.events.recv() => match got {
                 Ok(event) if wanted(&sub.filter, &event) => {

@@ -379,11 +379,11 @@ impl Shared {
         if !ack
             && let Message::Request(r) = &env.message
             && let Some(timeout) = r.expects_response
-            && u128::from(delay_ms) > timeout.as_millis()
+            && u128::from(delay_ms) >= timeout.min(spindle_bus::MAX_AWAIT).as_millis()
         {
             return Err(bad(format!(
                 "the timer is {delay_ms} ms away but its answer is awaited for {} ms only: await it longer, or set it with \"ack\": true (durable) to hear of it as a request",
-                timeout.as_millis()
+                timeout.min(spindle_bus::MAX_AWAIT).as_millis()
             )));
         }
         if req.ack && !req.durable {
@@ -489,17 +489,11 @@ impl Shared {
                 deadline: 0,
                 tries: 0,
             };
-            if let Err(e) = st
+            if !st
                 .wheel
-                .set(timer, now.saturating_add(left_ms.saturating_mul(1_000_000)))
+                .restore(timer, now.saturating_add(left_ms.saturating_mul(1_000_000)))
             {
-                // Over a budget (lowered since it was written): it would
-                // never be read back, so it does not stay on disk.
-                tracing::error!("durable timer {key} is not restored ({e}); its row is deleted");
-                if let Some(j) = &self.journal {
-                    j.delete(KIND, key.clone());
-                    j.commit();
-                }
+                tracing::error!("durable timer row {key} is there twice; the second is left out");
             }
         }
     }
@@ -552,19 +546,20 @@ impl Shared {
         let awaited = self.awaited(&t.timer);
         let mut outcome = if awaited {
             let late = self.now().saturating_sub(t.timer.deadline) / 1_000;
-            self.answer(bus, &t.timer, "fired", late)
+            self.answer(bus, &t.timer, "fired", late, Some(&t))
         } else {
-            self.fire_as_request(bus, &t.timer)
+            self.fire_as_request(bus, &t)
         };
         if awaited
             && t.timer.durable.is_some()
             && matches!(outcome, Err(e) if e != SendErrorKind::MailboxFull)
         {
             // The run that awaited it is gone: it goes to the process itself.
-            outcome = self.fire_as_request(bus, &t.timer);
+            outcome = self.fire_as_request(bus, &t);
         }
         match outcome {
-            Ok(()) => self.over(&t),
+            // Over already (see `Shared::send`).
+            Ok(()) => {}
             Err(SendErrorKind::MailboxFull) => {
                 let owner = t.timer.owner.process.clone();
                 self.mailbox_full(bus, t);
@@ -596,8 +591,7 @@ impl Shared {
     /// ([`FULL_RETRY`]); a plain timer's requester is told once the waits
     /// add up to [`spindle_bus::MAILBOX_WAIT`].
     fn mailbox_full(&self, bus: &Bus, t: Due) {
-        let waited: Duration = (0..t.timer.tries).map(backoff).sum();
-        if t.timer.durable.is_none() && waited >= spindle_bus::MAILBOX_WAIT {
+        if t.timer.durable.is_none() && waited(t.timer.tries) >= spindle_bus::MAILBOX_WAIT {
             self.lock().wheel.finish(&t);
             if let Some(rsvp) = t.timer.rsvp.clone() {
                 bus.fail_request(&self.me, t.timer.request, rsvp, SendErrorKind::MailboxFull);
@@ -636,6 +630,7 @@ impl Shared {
         t: &Timer,
         status: &str,
         late_us: u64,
+        ends: Option<&Due>,
     ) -> Result<(), SendErrorKind> {
         let Some(rsvp) = t.rsvp.clone() else {
             return Ok(());
@@ -656,11 +651,12 @@ impl Shared {
             ),
             blob: None,
         };
-        bus.send_now(env, true).map_err(|(kind, _)| kind)
+        self.send(bus, env, ends)
     }
 
     /// Sends `t` to its owner as a request (nobody awaits an answer).
-    fn fire_as_request(&self, bus: &Bus, t: &Timer) -> Result<(), SendErrorKind> {
+    fn fire_as_request(&self, bus: &Bus, due: &Due) -> Result<(), SendErrorKind> {
+        let t = &due.timer;
         let (late_us, context) = match &t.durable {
             Some(d) => (
                 unix_ms_now()
@@ -688,7 +684,28 @@ impl Shared {
             }),
             blob: None,
         };
-        bus.send_now(env, true).map_err(|(kind, _)| kind)
+        self.send(bus, env, Some(due))
+    }
+
+    /// Sends `env`. Delivered, the timer `ends` (one out for delivery) is
+    /// over; to a mailbox both happen under the module's lock (a delivery
+    /// there only queues, it runs nothing), so no request of the owner's
+    /// finds the timer between its answer and its end: re-arming the same
+    /// id at once works.
+    fn send(&self, bus: &Bus, env: Envelope, ends: Option<&Due>) -> Result<(), SendErrorKind> {
+        let ep = bus.endpoint(&env.target.process);
+        let (Some(t), Some(ep)) = (ends, ep.filter(|e| !e.is_service())) else {
+            bus.send_now(env, true).map_err(|(kind, _)| kind)?;
+            if let Some(t) = ends {
+                self.over(t);
+            }
+            return Ok(());
+        };
+        let mut st = self.lock();
+        bus.send_now_to(&ep, env, true).map_err(|(kind, _)| kind)?;
+        st.wheel.finish(t);
+        self.unrecord(&mut st, &t.timer);
+        Ok(())
     }
 
     /// A cancelled timer's own request is answered now.
@@ -696,7 +713,7 @@ impl Shared {
         if let Some(bus) = self.bus.upgrade()
             && self.awaited(t)
         {
-            let _ = self.answer(&bus, t, "cancelled", 0);
+            let _ = self.answer(&bus, t, "cancelled", 0, None);
         }
     }
 
@@ -735,6 +752,18 @@ fn backoff(tries: u32) -> Duration {
     FULL_RETRY
         .saturating_mul(1 << tries.min(16))
         .min(FULL_RETRY_MAX)
+}
+
+/// The waits of the first `tries` tries, added up (in closed form: a
+/// durable timer's tries grow without end).
+fn waited(tries: u32) -> Duration {
+    // Doubling from FULL_RETRY reaches FULL_RETRY_MAX after `doubling` tries.
+    let doubling = (0..=16u32)
+        .find(|&n| backoff(n) >= FULL_RETRY_MAX)
+        .unwrap_or(16);
+    let n = tries.min(doubling);
+    let ramp = FULL_RETRY.saturating_mul((1u32 << n).saturating_sub(1));
+    ramp.saturating_add(FULL_RETRY_MAX.saturating_mul(tries.saturating_sub(doubling)))
 }
 
 #[cfg(test)]

@@ -588,3 +588,35 @@ async fn timers_into_a_mailbox_never_read_end_and_others_still_fire() {
     }
     assert!(started.elapsed() < PATIENCE);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_timer_re_armed_with_its_id_as_it_fires_is_taken() {
+    let (bus, t) = node();
+    let a = addr("a");
+    let mut mb = bus.register((*a).clone(), false).unwrap();
+    ask(&bus, &a, json!({"op":"after","ms":0,"id":7}), true);
+    for round in 0..50 {
+        let env = next(&mut mb).await;
+        assert_eq!(
+            body(&env)["status"],
+            "fired",
+            "round {round}: {}",
+            body(&env)
+        );
+        // The id is free the moment its answer is in the mailbox.
+        ask(&bus, &a, json!({"op":"after","ms":0,"id":7}), true);
+    }
+    let env = next(&mut mb).await;
+    assert_eq!(body(&env), json!({"timer":7,"status":"fired"}));
+    settles(&t, 0).await;
+}
+
+#[test]
+fn the_waits_of_a_retried_answer_add_up_in_closed_form() {
+    for tries in [0, 1, 2, 5, 9, 10, 11, 12, 30, 1000] {
+        let summed: Duration = (0..tries).map(backoff).sum();
+        assert_eq!(waited(tries), summed, "tries {tries}");
+    }
+    // Huge counts neither loop nor overflow.
+    assert!(waited(u32::MAX) > Duration::from_secs(86_400));
+}

@@ -402,6 +402,28 @@ impl Wheel {
         Ok(earliest)
     }
 
+    /// Puts back a timer read from disk, whatever the budgets say now: it
+    /// was within them when set (and those of processes since deleted must
+    /// not crowd out the others before they are dropped). False if its id
+    /// is in use.
+    pub fn restore(&mut self, mut timer: Timer, deadline: u64) -> bool {
+        let owner = &timer.owner.process;
+        if self
+            .owners
+            .get(owner)
+            .is_some_and(|o| o.by_id.contains(&self.keys, &self.slots, timer.id))
+        {
+            return false;
+        }
+        if timer.id >= self.next_auto {
+            self.next_auto = timer.id.checked_add(1).unwrap_or(AUTO_IDS);
+        }
+        timer.deadline = deadline;
+        let slot = self.occupy(timer);
+        self.wait(slot, deadline);
+        true
+    }
+
     /// Puts a new timer in a vacant slot and counts it (its budgets checked).
     fn occupy(&mut self, timer: Timer) -> u32 {
         let owner = timer.owner.process.clone();

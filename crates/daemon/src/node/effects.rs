@@ -20,13 +20,15 @@ impl Node {
             return;
         }
         let entry = self.kernel.get(num);
+        // A removed process has left the kernel: its address is still here.
+        let address = entry
+            .and_then(|e| self.wasm.address(num, &e.spec))
+            .or_else(|| self.procs.get(&num).and_then(Attached::address).cloned());
         let _ = self.events.send(ProcessEvent {
             event,
             id: num,
             name: entry.and_then(|e| e.spec.name.clone()),
-            address: entry
-                .and_then(|e| self.wasm.address(num, &e.spec))
-                .map(|a| a.to_string()),
+            address: address.map(|a| a.to_string()),
             at_ms: wall_ms(),
             pid: detail.pid,
             exit: detail.exit,

@@ -420,7 +420,8 @@ impl ProcessHost {
             return self.shared.bus.send_now_to(ep, env, false);
         }
         let Some(ep) = self.shared.bus.endpoint(&env.target.process) else {
-            return Err((SendErrorKind::Offline, Box::new(env)));
+            // The bus says (and traces) that it is offline.
+            return self.shared.bus.send_now(env, false);
         };
         let to = env.target.clone();
         let r = self.shared.bus.send_now_to(&ep, env, false);
