@@ -50,6 +50,7 @@ mod db;
 #[cfg(not(target_family = "wasm"))]
 mod native;
 pub mod timer;
+pub mod vfs;
 pub use bindings::spindle::process::types::{self as wit, Blob, Capability, OnExit, SendErrorKind};
 pub use db::{Access, DbError, kv, sqlite};
 #[cfg(not(target_family = "wasm"))]
