@@ -1,4 +1,5 @@
-//! Requests to the kv and sqlite modules: any body is answered.
+//! Requests to the kv, sqlite and vfs modules: any body (and blob) is
+//! answered, and paths never leave their drive.
 #![no_main]
 use spindle_bus::{Blob, Bus, Envelope, Mailbox, Message, Request};
 use spindle_types::Address;
@@ -23,6 +24,7 @@ fn node() -> &'static Mutex<Node> {
             .unwrap();
         let bus = Arc::new(Bus::new("local"));
         spindle_db::start(dir.path(), &bus).unwrap();
+        spindle_vfs::start(&dir.path().join("vfs"), &bus).unwrap();
         let me: Address = "local@fuzz:shop:acme".parse().unwrap();
         let inbox = bus.register(me.clone(), false).unwrap();
         Mutex::new(Node {
@@ -35,11 +37,11 @@ fn node() -> &'static Mutex<Node> {
     })
 }
 
-libfuzzer_sys::fuzz_target!(|input: (bool, Vec<u8>, Vec<u8>)| {
-    let (sql, body, blob) = input;
+libfuzzer_sys::fuzz_target!(|input: (u8, Vec<u8>, Vec<u8>)| {
+    let (which, body, blob) = input;
     let mut guard = node().lock().unwrap_or_else(|p| p.into_inner());
     let n = &mut *guard;
-    let module = if sql { "sqlite" } else { "kv" };
+    let module = ["kv", "sqlite", "vfs"][usize::from(which) % 3];
     let id = n.bus.next_id();
     let env = Envelope {
         id,
