@@ -28,6 +28,32 @@ pub const DEFAULT_AWAIT: Duration = Duration::from_secs(5);
 /// longer timeout a process asks for is taken as this; the CLI refuses one.
 pub const MAX_AWAIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A right to a module's resource (a database, a drive), as its owner
+/// grants it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    /// Includes read.
+    Write,
+}
+
+impl Access {
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Access> {
+        match text {
+            "read" => Some(Access::Read),
+            "write" => Some(Access::Write),
+            _ => None,
+        }
+    }
+}
+
 /// The node's runtime modules, by process name (package `sys:spindle`).
 pub mod module {
     pub const KV: &str = "kv";

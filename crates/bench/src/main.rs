@@ -100,12 +100,7 @@ impl Node {
     }
 
     fn rss(&self) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
-        s.lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            .unwrap_or(0)
-            * 1024
+        rss_of(&self.pid.to_string())
     }
 
     fn cpu(&self) -> Duration {
@@ -140,6 +135,21 @@ fn alive(pid: i32) -> bool {
                 .unwrap_or(false)
         })
         .unwrap_or(false)
+}
+
+/// This process's resident memory.
+fn own_rss() -> u64 {
+    rss_of("self")
+}
+
+/// The resident memory of process `pid` (`self`: this one).
+fn rss_of(pid: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
 }
 
 fn mib(b: u64) -> String {

@@ -2,7 +2,7 @@
 //! wasm process in the real daemon sees it, and the memory a million
 //! pending timers cost (in-process, on the module and bus the daemon uses).
 
-use crate::{Node, Row, mib};
+use crate::{Node, Row, mib, own_rss as rss};
 use spindle_bus::{Bus, Envelope};
 use spindle_types::Address;
 use std::sync::Arc;
@@ -78,15 +78,6 @@ fn precision(rows: &mut Vec<Row>) {
             PENDING / 1000
         ),
     });
-}
-
-fn rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 /// A million timers an hour away, set by 8 processes of 4 packages

@@ -2,7 +2,7 @@
 //! daemon uses (a current-thread runtime, like the daemon's), with the guest
 //! components built from `examples/`.
 
-use crate::Row;
+use crate::{Row, own_rss as rss};
 use spindle_bus::{Bus, Envelope, Mailbox, Message};
 use spindle_driver_wasm::{WasmDriver, WasmEvent};
 use spindle_logs::LogHub;
@@ -36,15 +36,6 @@ fn spec(name: Option<&str>, guest: &str, public: bool) -> ProcessSpec {
     }
     .into_spec(1, Path::new("/"))
     .expect("valid spec")
-}
-
-fn rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 impl Bench {

@@ -12,17 +12,7 @@ use std::time::{Duration, Instant};
 
 /// Starts the `dbuser` guest as `name` in `package`; returns its address.
 fn start_dbuser(n: &Node, name: &str, package: &str) -> String {
-    let guest = spindle_guests::path("dbuser");
-    n.ok(&[
-        "start",
-        guest.to_str().unwrap(),
-        "--name",
-        name,
-        "--package",
-        package,
-        "--public",
-    ]);
-    format!("local@{name}:{package}")
+    n.start_guest("dbuser", name, package)
 }
 
 fn ask(n: &Node, to: &str, what: &str) -> String {

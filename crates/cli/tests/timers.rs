@@ -10,16 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 const TK: &str = "local@tk:clock:acme";
 
 fn start_timekeeper(n: &Node) {
-    let guest = spindle_guests::path("timekeeper");
-    n.ok(&[
-        "start",
-        guest.to_str().unwrap(),
-        "--name",
-        "tk",
-        "--package",
-        "clock:acme",
-        "--public",
-    ]);
+    n.start_guest("timekeeper", "tk", "clock:acme");
 }
 
 fn ask(n: &Node, what: &str) -> String {

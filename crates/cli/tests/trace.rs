@@ -99,16 +99,7 @@ fn wait_for_tap(n: &Node, t: &Trace) {
 #[test]
 fn trace_shows_requests_responses_refusals_and_lifecycle() {
     let n = Node::new();
-    let guest = spindle_guests::path("timekeeper");
-    n.ok(&[
-        "start",
-        guest.to_str().unwrap(),
-        "--name",
-        "tk",
-        "--package",
-        "clock:acme",
-        "--public",
-    ]);
+    n.start_guest("timekeeper", "tk", "clock:acme");
     let all = Trace::start(&n, &[]);
     let only_tk = Trace::start(&n, &[TK]);
     wait_for_tap(&n, &all);

@@ -10,16 +10,7 @@ const FILER: &str = "local@filer:files:acme";
 const OTHER: &str = "local@other:peek:acme";
 
 fn start_filer(n: &Node, name: &str, package: &str) {
-    let guest = spindle_guests::path("filer");
-    n.ok(&[
-        "start",
-        guest.to_str().unwrap(),
-        "--name",
-        name,
-        "--package",
-        package,
-        "--public",
-    ]);
+    n.start_guest("filer", name, package);
 }
 
 fn ask(n: &Node, to: &str, what: &str) -> String {

@@ -6,29 +6,7 @@ use spindle_bus::{Bus, Capability};
 use spindle_types::{Address, PackageId};
 
 /// What an operation needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    /// Includes read.
-    Write,
-}
-
-impl Access {
-    pub fn name(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Access> {
-        match text {
-            "read" => Some(Access::Read),
-            "write" => Some(Access::Write),
-            _ => None,
-        }
-    }
-}
+pub use spindle_abi::Access;
 
 /// The parameters of a database capability, in a fixed order so that the
 /// same right is always the same text.

@@ -45,11 +45,7 @@ impl fmt::Display for DbError {
 impl std::error::Error for DbError {}
 
 /// Who may be granted what.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-}
+pub use spindle_abi::Access;
 
 /// A request to a module (fields left out when empty).
 #[derive(Serialize, Default)]
@@ -195,10 +191,7 @@ impl Db {
     fn grant(&self, to: &Address, access: Access, op: &str) -> Result<(), DbError> {
         let call = Call {
             to: Some(to.as_str()),
-            access: Some(match access {
-                Access::Read => "read",
-                Access::Write => "write",
-            }),
+            access: Some(access.name()),
             ..self.call(op)
         };
         self.send(&call, None).map(|_| ())

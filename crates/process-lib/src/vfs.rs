@@ -241,12 +241,8 @@ impl Drive {
     }
 
     fn grant_op(&self, op: &str, to: &Address, access: Access) -> Result<(), VfsError> {
-        let access = match access {
-            Access::Read => "read",
-            Access::Write => "write",
-        };
         self.call(
-            json!({"op": op, "drive": self.name, "to": to.as_str(), "access": access}),
+            json!({"op": op, "drive": self.name, "to": to.as_str(), "access": access.name()}),
             None,
         )
         .map(|_| ())

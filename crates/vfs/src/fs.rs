@@ -294,6 +294,15 @@ fn entries(dir: impl AsFd, rel: &str) -> Vec<String> {
         .collect()
 }
 
+/// The names in `d`, but `.` and `..`.
+fn names(d: &mut nix::dir::Dir) -> Vec<std::ffi::CString> {
+    d.iter()
+        .flatten()
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
+        .collect()
+}
+
 /// Bytes of regular files below `dir` (symlinks and deeper than the vfs
 /// allows are not followed).
 fn tree_size(dir: OwnedFd, depth: usize) -> u64 {
@@ -303,12 +312,7 @@ fn tree_size(dir: OwnedFd, depth: usize) -> u64 {
     let Ok(mut d) = nix::dir::Dir::from_fd(dir) else {
         return 0;
     };
-    let names: Vec<std::ffi::CString> = d
-        .iter()
-        .flatten()
-        .map(|e| e.file_name().to_owned())
-        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-        .collect();
+    let names = names(&mut d);
     let mut total = 0u64;
     for n in names {
         let Ok(st) = fstatat(&d, n.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) else {
@@ -565,12 +569,7 @@ fn empty_tree(dir: OwnedFd, path: &VfsPath, depth: usize, freed: &mut u64) -> Re
         });
     }
     let mut d = nix::dir::Dir::from_fd(dir).map_err(|e| FsError::of(e, path))?;
-    let names: Vec<std::ffi::CString> = d
-        .iter()
-        .flatten()
-        .map(|e| e.file_name().to_owned())
-        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-        .collect();
+    let names = names(&mut d);
     for n in names {
         let st = fstatat(&d, n.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| FsError::of(e, path))?;
@@ -620,12 +619,7 @@ pub fn list(drive: &OwnedFd, path: &VfsPath) -> Res<(Vec<Entry>, usize)> {
         path,
     )?;
     let mut d = nix::dir::Dir::from_fd(fd).map_err(|e| FsError::of(e, path))?;
-    let names: Vec<std::ffi::CString> = d
-        .iter()
-        .flatten()
-        .map(|e| e.file_name().to_owned())
-        .filter(|n| n.as_bytes() != b"." && n.as_bytes() != b"..")
-        .collect();
+    let names = names(&mut d);
     let total = names.len();
     let mut out = Vec::new();
     for n in names {

@@ -186,21 +186,7 @@ impl From<path::PathError> for Refusal {
 }
 
 /// What an operation needs of a drive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    /// Includes read.
-    Write,
-}
-
-impl Access {
-    pub fn name(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-        }
-    }
-}
+pub use spindle_abi::Access;
 
 #[derive(Serialize)]
 struct Params<'a> {
@@ -339,16 +325,13 @@ impl Module {
                     .ok_or_else(|| bad("name the grantee: `to`"))?
                     .parse()
                     .map_err(|e| bad(format!("`to`: {e}")))?;
-                let access = match req.access.as_deref().unwrap_or("read") {
-                    "read" => Access::Read,
-                    "write" => Access::Write,
-                    a => {
-                        return Err(bad(format!(
-                            "`access` {:?}: give \"read\" or \"write\"",
-                            spindle_types::id::shown(a)
-                        )));
-                    }
-                };
+                let a = req.access.as_deref().unwrap_or("read");
+                let access = Access::parse(a).ok_or_else(|| {
+                    bad(format!(
+                        "`access` {:?}: give \"read\" or \"write\"",
+                        spindle_types::id::shown(a)
+                    ))
+                })?;
                 Op::Grant {
                     drive: VfsPath {
                         package: own.clone(),

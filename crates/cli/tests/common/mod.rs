@@ -111,6 +111,22 @@ impl Node {
         assert!(!out.status.success(), "spindle {args:?} should fail");
         String::from_utf8(out.stderr).unwrap()
     }
+    /// Starts the test guest `guest` as a public process `name` of
+    /// `package`; returns its address.
+    pub fn start_guest(&self, guest: &str, name: &str, package: &str) -> String {
+        let path = spindle_guests::path(guest);
+        self.ok(&[
+            "start",
+            path.to_str().unwrap(),
+            "--name",
+            name,
+            "--package",
+            package,
+            "--public",
+        ]);
+        format!("local@{name}:{package}")
+    }
+
     pub fn client(&self) -> Client {
         Client::connect(&self.home()).unwrap()
     }
