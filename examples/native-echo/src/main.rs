@@ -122,6 +122,16 @@ fn run() {
                 };
                 run().unwrap_or_else(|e| format!("err {e}").into_bytes())
             }
+            "vfs" => {
+                // Writes a file in this package's drive `files` and reads it back.
+                let (path, text) = (words.next().unwrap_or("native.txt"), words.next());
+                let run = || -> Result<Vec<u8>, spindle_process::vfs::VfsError> {
+                    let d = spindle_process::vfs::drive("files")?;
+                    d.write(path, text.unwrap_or("").as_bytes().to_vec())?;
+                    d.read(path)
+                };
+                run().unwrap_or_else(|e| format!("err {e}").into_bytes())
+            }
             "drop" => match words.next().and_then(Address::parse) {
                 Some(a) => {
                     drop_capabilities(&[Capability::messaging(&a)]);
