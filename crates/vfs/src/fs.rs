@@ -30,6 +30,14 @@ pub const MAX_READ: u64 = 16 << 20;
 pub const MAX_LIST: usize = 10_000;
 /// The copy buffer: a copy of any size holds this much at once.
 const COPY_CHUNK: usize = 1 << 20;
+/// What a file or directory costs its package at least (a block of the
+/// disk and its name): so a million empty files are not free.
+pub const ENTRY_BYTES: u64 = 4096;
+
+/// What an entry of `size` bytes costs its package (`None`: absent).
+pub fn charge(size: Option<u64>) -> u64 {
+    size.map_or(0, |s| s.max(ENTRY_BYTES))
+}
 
 /// Why a file operation failed. The kind is what the requester hears.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +54,8 @@ pub enum FsError {
     NotEmpty(String),
     #[error("{0} leads out of its drive (a symlink or a mount point): it is not followed")]
     Escape(String),
+    #[error("{0} would put directories more than {MAX_DEPTH} deep below the drive")]
+    TooDeep(String),
     #[error("{path} is {size} bytes: read it in ranges of at most {MAX_READ} (offset, length)")]
     TooBig { path: String, size: u64 },
     #[error("the disk is full: nothing was written to {0}")]
@@ -64,6 +74,7 @@ impl FsError {
             | FsError::NotDir(_)
             | FsError::NotFile(_)
             | FsError::NotEmpty(_)
+            | FsError::TooDeep(_)
             | FsError::TooBig { .. } => "bad-request",
             FsError::Escape(_) => "no-access",
             FsError::DiskFull(_) => "disk-full",
@@ -83,6 +94,8 @@ impl FsError {
             Errno::EISDIR => FsError::IsDir(p),
             Errno::ENOTDIR => FsError::NotDir(p),
             Errno::ENOTEMPTY | Errno::EEXIST => FsError::NotEmpty(p),
+            // A FIFO without a reader, a device: opened non-blocking, refused.
+            Errno::ENXIO | Errno::ENODEV => FsError::NotFile(p),
             Errno::ELOOP | Errno::EXDEV | Errno::EAGAIN => FsError::Escape(p),
             Errno::ENOSPC | Errno::EDQUOT => FsError::DiskFull(p),
             Errno::EROFS => FsError::ReadOnly(p),
@@ -217,7 +230,8 @@ impl Root {
     pub fn create_drive(&self, path: &VfsPath) -> Res<bool> {
         let package = path.package.to_string();
         match mkdirat(&self.dir, package.as_str(), Mode::from_bits_truncate(0o750)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
+            Ok(()) => sync_dir(&self.dir, path)?,
+            Err(Errno::EEXIST) => {}
             Err(e) => return Err(FsError::of(e, path)),
         }
         let pkg = open(
@@ -246,22 +260,18 @@ impl Root {
         )
     }
 
-    /// Drives of the node: (package, drive) names as on disk.
-    pub fn drives(&self) -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for p in entries(&self.dir, ".") {
-            if p.starts_with('.') {
-                continue;
-            }
-            for d in entries(&self.dir, &p) {
-                out.push((p.clone(), d));
-            }
-        }
+    /// Packages with drives, as their directories are named (what does
+    /// not name a package — `.tmp` — is not one).
+    pub fn packages(&self) -> Vec<String> {
+        let mut out: Vec<String> = entries(&self.dir, ".")
+            .into_iter()
+            .filter(|p| p.parse::<spindle_types::PackageId>().is_ok())
+            .collect();
         out.sort();
         out
     }
 
-    /// Bytes of regular files under `package` (its quota's use).
+    /// What `package`'s drives cost it ([`charge`] of every entry).
     pub fn usage(&self, package: &str) -> u64 {
         let Ok(fd) = openat2(
             &self.dir,
@@ -303,8 +313,8 @@ fn names(d: &mut nix::dir::Dir) -> Vec<std::ffi::CString> {
         .collect()
 }
 
-/// Bytes of regular files below `dir` (symlinks and deeper than the vfs
-/// allows are not followed).
+/// What the entries below `dir` cost (symlinks are not followed; a tree
+/// deeper than the vfs makes is counted to its limit).
 fn tree_size(dir: OwnedFd, depth: usize) -> u64 {
     if depth > MAX_DEPTH + 1 {
         return 0;
@@ -319,8 +329,9 @@ fn tree_size(dir: OwnedFd, depth: usize) -> u64 {
             continue;
         };
         match Kind::of(st.st_mode) {
-            Kind::File => total = total.saturating_add(st.st_size.max(0) as u64),
+            Kind::File => total = total.saturating_add(charge(Some(st.st_size.max(0) as u64))),
             Kind::Dir => {
+                total = total.saturating_add(ENTRY_BYTES);
                 let how = OpenHow::new()
                     .flags(
                         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
@@ -330,7 +341,7 @@ fn tree_size(dir: OwnedFd, depth: usize) -> u64 {
                     total = total.saturating_add(tree_size(sub, depth + 1));
                 }
             }
-            Kind::Other => {}
+            Kind::Other => total = total.saturating_add(ENTRY_BYTES),
         }
     }
     total
@@ -351,7 +362,10 @@ fn parent<'p>(drive: &OwnedFd, path: &'p VfsPath) -> Res<(OwnedFd, &'p str)> {
 
 /// The regular file at `path`, opened with `flags`, and its metadata.
 fn file(drive: &OwnedFd, path: &VfsPath, flags: OFlag) -> Res<(File, Meta)> {
-    let fd = open(drive, &path.relative(), flags, path)?;
+    // Non-blocking, so a FIFO planted in a drive cannot hold a worker in
+    // `open`; it is then refused as not a regular file. (No effect on
+    // regular files.)
+    let fd = open(drive, &path.relative(), flags | OFlag::O_NONBLOCK, path)?;
     let st = fstat(&fd).map_err(|e| FsError::of(e, path))?;
     let m = meta(&st);
     if m.kind != Kind::File {
@@ -423,16 +437,18 @@ impl Root {
     }
 
     /// Copies `from` (of `from_drive`) to `to`, atomically and durably, in
-    /// chunks: returns the bytes copied.
+    /// chunks, at most `most` bytes (what was reserved): the bytes copied.
     pub fn copy(
         &self,
         from_drive: &OwnedFd,
         from: &VfsPath,
         drive: &OwnedFd,
         to: &VfsPath,
+        most: u64,
     ) -> Res<u64> {
-        let (mut src, m) = file(from_drive, from, OFlag::O_RDONLY)?;
-        let mut buf = vec![0u8; COPY_CHUNK.min(m.size as usize).max(1)];
+        let (src, m) = file(from_drive, from, OFlag::O_RDONLY)?;
+        let mut src = src.take(most);
+        let mut buf = vec![0u8; COPY_CHUNK.min(m.size.min(most) as usize).max(1)];
         let mut copied = 0u64;
         self.replace(drive, to, |f| {
             loop {
@@ -506,24 +522,40 @@ pub fn append(drive: &OwnedFd, path: &VfsPath, data: &[u8]) -> Res<u64> {
     Ok(m.size.saturating_add(data.len() as u64))
 }
 
-/// Makes directory `path` and its parents (those there already are fine).
-pub fn mkdir(drive: &OwnedFd, path: &VfsPath) -> Res<()> {
-    let mut at: OwnedFd = open(drive, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
-    for name in &path.parts {
-        let made = match mkdirat(&at, name.as_str(), Mode::from_bits_truncate(0o750)) {
-            Ok(()) => true,
-            Err(Errno::EEXIST) => false,
-            Err(e) => return Err(FsError::of(e, path)),
-        };
-        if made {
-            sync_dir(&at, path)?;
+/// How many directories of `path` (it and its parents) are not there yet.
+pub fn missing(drive: &OwnedFd, path: &VfsPath) -> Res<usize> {
+    for (i, _) in path.parts.iter().enumerate() {
+        let rel = path.parts[..=i].join("/");
+        match open(drive, &rel, OFlag::O_PATH | OFlag::O_DIRECTORY, path) {
+            Ok(_) => {}
+            Err(FsError::NotFound { .. }) => return Ok(path.parts.len() - i),
+            Err(e) => return Err(e),
         }
-        at = open(&at, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path)?;
     }
-    Ok(())
+    Ok(0)
 }
 
-/// Removes the file `path`: the bytes freed.
+/// Makes directory `path` and its parents (those there already are fine):
+/// how many it made (so far, if it fails part-way).
+pub fn mkdir(drive: &OwnedFd, path: &VfsPath) -> Result<usize, (FsError, usize)> {
+    let mut made = 0;
+    let mut at: OwnedFd =
+        open(drive, ".", OFlag::O_RDONLY | OFlag::O_DIRECTORY, path).map_err(|e| (e, made))?;
+    for name in &path.parts {
+        match mkdirat(&at, name.as_str(), Mode::from_bits_truncate(0o750)) {
+            Ok(()) => {
+                made += 1;
+                sync_dir(&at, path).map_err(|e| (e, made))?;
+            }
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err((FsError::of(e, path), made)),
+        }
+        at = open(&at, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path).map_err(|e| (e, made))?;
+    }
+    Ok(made)
+}
+
+/// Removes the file `path`: what it cost ([`charge`]).
 pub fn remove(drive: &OwnedFd, path: &VfsPath) -> Res<u64> {
     let (dir, last) = parent(drive, path)?;
     let st = fstatat(&dir, last, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
@@ -534,7 +566,11 @@ pub fn remove(drive: &OwnedFd, path: &VfsPath) -> Res<u64> {
     }
     unlinkat(&dir, last, UnlinkatFlags::NoRemoveDir).map_err(|e| FsError::of(e, path))?;
     sync_dir(&dir, path)?;
-    Ok(if m.kind == Kind::File { m.size } else { 0 })
+    Ok(if m.kind == Kind::File {
+        charge(Some(m.size))
+    } else {
+        ENTRY_BYTES
+    })
 }
 
 /// Removes the empty directory `path`.
@@ -557,6 +593,7 @@ pub fn remove_tree(drive: &OwnedFd, path: &VfsPath) -> Result<u64, (FsError, u64
     let sub = open(&dir, last, OFlag::O_RDONLY | OFlag::O_DIRECTORY, path).map_err(|e| (e, 0))?;
     empty_tree(sub, path, 0, &mut freed).map_err(|e| (e, freed))?;
     unlinkat(&dir, last, UnlinkatFlags::RemoveDir).map_err(|e| (FsError::of(e, path), freed))?;
+    freed += ENTRY_BYTES;
     sync_dir(&dir, path).map_err(|e| (e, freed))?;
     Ok(freed)
 }
@@ -582,24 +619,78 @@ fn empty_tree(dir: OwnedFd, path: &VfsPath, depth: usize, freed: &mut u64) -> Re
             empty_tree(sub, path, depth + 1, freed)?;
             unlinkat(&d, n.as_c_str(), UnlinkatFlags::RemoveDir)
                 .map_err(|e| FsError::of(e, path))?;
+            *freed = freed.saturating_add(ENTRY_BYTES);
         } else {
             unlinkat(&d, n.as_c_str(), UnlinkatFlags::NoRemoveDir)
                 .map_err(|e| FsError::of(e, path))?;
-            if m.kind == Kind::File {
-                *freed = freed.saturating_add(m.size);
-            }
+            *freed = freed.saturating_add(if m.kind == Kind::File {
+                charge(Some(m.size))
+            } else {
+                ENTRY_BYTES
+            });
         }
     }
     Ok(())
 }
 
-/// Renames `from` to `to` (both below `drive`; a file at `to` is replaced).
-pub fn rename(from_drive: &OwnedFd, from: &VfsPath, drive: &OwnedFd, to: &VfsPath) -> Res<()> {
+/// What a rename did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Renamed {
+    /// `from` and `to` are the same file: nothing.
+    Same,
+    /// Done; what the entry it replaced at `to` cost (0 if none).
+    Replaced(u64),
+}
+
+/// Renames `from` to `to` (a file at `to` is replaced). A directory may
+/// not end up deeper than [`MAX_DEPTH`] below its drive.
+pub fn rename(from_drive: &OwnedFd, from: &VfsPath, drive: &OwnedFd, to: &VfsPath) -> Res<Renamed> {
     let (a, a_name) = parent(from_drive, from)?;
     let (b, b_name) = parent(drive, to)?;
+    let src = fstatat(&a, a_name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map_err(|e| FsError::of(e, from))?;
+    let dst = fstatat(&b, b_name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).ok();
+    if dst.is_some_and(|d| (d.st_dev, d.st_ino) == (src.st_dev, src.st_ino)) {
+        return Ok(Renamed::Same);
+    }
+    if Kind::of(src.st_mode) == Kind::Dir {
+        let sub = open(&a, a_name, OFlag::O_RDONLY | OFlag::O_DIRECTORY, from)?;
+        if to.parts.len().saturating_add(depth(sub, 0)) > MAX_DEPTH {
+            return Err(FsError::TooDeep(to.to_string()));
+        }
+    }
+    let replaced = dst.map_or(0, |d| match Kind::of(d.st_mode) {
+        Kind::File => charge(Some(d.st_size.max(0) as u64)),
+        _ => ENTRY_BYTES,
+    });
     nix::fcntl::renameat(&a, a_name, &b, b_name).map_err(|e| FsError::of(e, to))?;
     sync_dir(&b, to)?;
-    sync_dir(&a, from)
+    sync_dir(&a, from)?;
+    Ok(Renamed::Replaced(replaced))
+}
+
+/// How deep the directories below `dir` go (0: none), counted up to just
+/// past [`MAX_DEPTH`].
+fn depth(dir: OwnedFd, at: usize) -> usize {
+    if at > MAX_DEPTH {
+        return at;
+    }
+    let Ok(mut d) = nix::dir::Dir::from_fd(dir) else {
+        return at;
+    };
+    let mut deepest = at;
+    for n in names(&mut d) {
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(confined());
+        if let Ok(sub) = openat2(&d, n.as_c_str(), how) {
+            deepest = deepest.max(depth(sub, at + 1));
+            if deepest > MAX_DEPTH {
+                break;
+            }
+        }
+    }
+    deepest
 }
 
 /// One entry of a listing.
@@ -619,8 +710,10 @@ pub fn list(drive: &OwnedFd, path: &VfsPath) -> Res<(Vec<Entry>, usize)> {
         path,
     )?;
     let mut d = nix::dir::Dir::from_fd(fd).map_err(|e| FsError::of(e, path))?;
-    let names = names(&mut d);
+    let mut names = names(&mut d);
     let total = names.len();
+    names.sort();
+    names.truncate(MAX_LIST);
     let mut out = Vec::new();
     for n in names {
         let Ok(name) = n.to_str() else { continue };
@@ -632,7 +725,5 @@ pub fn list(drive: &OwnedFd, path: &VfsPath) -> Res<(Vec<Entry>, usize)> {
             meta: meta(&st),
         });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out.truncate(MAX_LIST);
     Ok((out, total))
 }

@@ -7,10 +7,13 @@
 //!
 //! The module is a [`Service`] on the bus. A request is parsed, its paths
 //! checked and its rights decided on the sender's task; the file work runs
-//! on the module's own threads ([`WORKERS`], a bounded queue), so a slow
-//! disk never holds a sender's task and the files open at once are bounded
-//! (two per worker at most). Each package may have [`MAX_QUEUED_PER_PACKAGE`]
-//! requests waiting; past that it hears `over-budget` and nobody else waits.
+//! on the module's own threads ([`WORKERS`]; [`sched`]: one queue per
+//! package, served in turn, one job of a package at a time), so a slow disk
+//! never holds a sender's task, the files open at once are bounded (two per
+//! worker at most), one package's changes never race each other, and a
+//! flood delays only its own package. Each package may have
+//! [`MAX_QUEUED_PER_PACKAGE`] requests waiting, and the node
+//! [`MAX_QUEUED_BYTES`] of contents; past that it hears `over-budget`.
 //!
 //! Access as for the databases: a drive's own package (and the node) may
 //! do anything; another package needs a `read` or `write` capability the
@@ -26,19 +29,21 @@
 
 pub mod fs;
 pub mod path;
+mod sched;
 #[cfg(test)]
 mod tests;
 
 use fs::{FsError, Root};
 use path::VfsPath;
+use sched::{Job, Sched};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use spindle_bus::Blob;
 use spindle_bus::{Bus, Capability, Envelope, Message, Reply, Service};
 use spindle_types::{Address, PackageId, ProcessId};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 /// The module's process name (package `sys:spindle`).
@@ -50,8 +55,12 @@ pub const QUEUE: usize = 1024;
 /// Requests of one package waiting or in work at once: a package that
 /// floods the module waits for itself.
 pub const MAX_QUEUED_PER_PACKAGE: usize = 64;
-/// Bytes of files one package may keep in its drives together.
+/// Bytes of files one package may keep in its drives together (every file
+/// and directory counts at least [`fs::ENTRY_BYTES`]).
 pub const MAX_PACKAGE_BYTES: u64 = 1 << 30;
+/// Bytes of contents (write and append blobs) waiting for a worker on the
+/// whole node.
+pub const MAX_QUEUED_BYTES: usize = 256 << 20;
 
 /// Why the module could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,16 +94,16 @@ pub fn start_with(dir: &Path, bus: &Arc<Bus>, budgets: Budgets) -> Result<(), St
     let root = Root::open(dir).map_err(|e| StartError::Dir(dir.to_path_buf(), e))?;
     // What each package keeps, once at boot; from then on every change is counted.
     let mut used = HashMap::new();
-    for (package, _) in root.drives() {
+    for package in root.packages() {
         if let Ok(p) = package.parse::<PackageId>() {
-            used.entry(p).or_insert_with(|| root.usage(&package));
+            used.insert(p, root.usage(&package));
         }
     }
     let me = bus.address(ProcessId {
         process: VFS.into(),
         package: PackageId::system(),
     });
-    let (jobs, rx) = sync_channel::<Job>(QUEUE);
+    let sched = Sched::start(WORKERS, QUEUE).map_err(StartError::Threads)?;
     let shared = Arc::new(Shared {
         root,
         me: Arc::new(me.clone()),
@@ -103,37 +112,22 @@ pub fn start_with(dir: &Path, bus: &Arc<Bus>, budgets: Budgets) -> Result<(), St
         packages: Mutex::new(Packages {
             used,
             queued: HashMap::new(),
+            queued_bytes: 0,
         }),
     });
-    let rx = Arc::new(Mutex::new(rx));
-    for i in 0..WORKERS {
-        let rx = rx.clone();
-        std::thread::Builder::new()
-            .name(format!("spindle-vfs-{i}"))
-            .spawn(move || work(&rx))
-            .map_err(StartError::Threads)?;
-    }
-    bus.register_service(me, true, Arc::new(Module { shared, jobs }))?;
+    bus.register_service(me, true, Arc::new(Module { shared, sched }))?;
     Ok(())
-}
-
-/// One request's file work, run on a worker.
-type Job = Box<dyn FnOnce() + Send>;
-
-fn work(rx: &Mutex<Receiver<Job>>) {
-    loop {
-        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-        match job {
-            // A job answers its request even if it panics (see `Module::handle`).
-            Ok(job) => job(),
-            Err(_) => return,
-        }
-    }
 }
 
 struct Module {
     shared: Arc<Shared>,
-    jobs: SyncSender<Job>,
+    sched: Arc<Sched>,
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        self.sched.stop();
+    }
 }
 
 struct Shared {
@@ -144,10 +138,12 @@ struct Shared {
     packages: Mutex<Packages>,
 }
 
-/// What each package uses: bytes kept, requests queued.
+/// What each package uses: bytes kept, requests queued; and the contents
+/// queued on the node.
 struct Packages {
     used: HashMap<PackageId, u64>,
     queued: HashMap<PackageId, usize>,
+    queued_bytes: usize,
 }
 
 /// A request's fields (each op reads the ones it needs).
@@ -221,8 +217,8 @@ enum Op {
         offset: u64,
         length: Option<u64>,
     },
-    Write(VfsPath, Vec<u8>),
-    Append(VfsPath, Vec<u8>),
+    Write(VfsPath, Arc<Blob>),
+    Append(VfsPath, Arc<Blob>),
     Metadata(VfsPath),
     List(VfsPath),
     Mkdir(VfsPath),
@@ -234,9 +230,39 @@ enum Op {
     Grant {
         drive: VfsPath,
         to: ProcessId,
-        access: Access,
+        /// `None`: both (a revoke).
+        access: Option<Access>,
         revoke: bool,
     },
+}
+
+impl Op {
+    /// The package whose files the operation reads or changes: its queue.
+    fn package(&self) -> &PackageId {
+        match self {
+            Op::CreateDrive(p)
+            | Op::Read { path: p, .. }
+            | Op::Write(p, _)
+            | Op::Append(p, _)
+            | Op::Metadata(p)
+            | Op::List(p)
+            | Op::Mkdir(p)
+            | Op::Remove(p)
+            | Op::RemoveDir(p)
+            | Op::RemoveTree(p)
+            | Op::Rename(p, _)
+            | Op::Copy(_, p)
+            | Op::Grant { drive: p, .. } => &p.package,
+        }
+    }
+
+    /// Bytes of contents it carries (held while it waits).
+    fn weight(&self) -> usize {
+        match self {
+            Op::Write(_, b) | Op::Append(_, b) => b.bytes.len(),
+            _ => 0,
+        }
+    }
 }
 
 impl Module {
@@ -271,10 +297,9 @@ impl Module {
                 Ok(p)
             }
         };
-        let blob = || -> Result<Vec<u8>, Refusal> {
+        let blob = || -> Result<Arc<Blob>, Refusal> {
             env.blob
-                .as_ref()
-                .map(|b| b.bytes.clone())
+                .clone()
                 .ok_or_else(|| bad("the contents go in the request's blob"))
         };
         Ok(match req.op.as_str() {
@@ -325,13 +350,17 @@ impl Module {
                     .ok_or_else(|| bad("name the grantee: `to`"))?
                     .parse()
                     .map_err(|e| bad(format!("`to`: {e}")))?;
-                let a = req.access.as_deref().unwrap_or("read");
-                let access = Access::parse(a).ok_or_else(|| {
-                    bad(format!(
-                        "`access` {:?}: give \"read\" or \"write\"",
-                        spindle_types::id::shown(a)
-                    ))
-                })?;
+                // A revoke that names no access takes both.
+                let access = match req.access.as_deref() {
+                    None if op == "revoke" => None,
+                    None => Some(Access::Read),
+                    Some(a) => Some(Access::parse(a).ok_or_else(|| {
+                        bad(format!(
+                            "`access` {:?}: give \"read\" or \"write\"",
+                            spindle_types::id::shown(a)
+                        ))
+                    })?),
+                };
                 Op::Grant {
                     drive: VfsPath {
                         package: own.clone(),
@@ -432,13 +461,41 @@ impl Shared {
         }
     }
 
-    /// Does `op` (on a worker): the answer's body and blob.
+    /// Changes `package`'s count by `delta` bytes: growth is reserved (or
+    /// refused with `quota`), shrinking given back.
+    fn adjust(&self, package: &PackageId, delta: i128) -> Result<(), Refusal> {
+        if delta > 0 {
+            self.reserve(package, u64::try_from(delta).unwrap_or(u64::MAX))
+        } else {
+            self.release(package, u64::try_from(-delta).unwrap_or(u64::MAX));
+            Ok(())
+        }
+    }
+
+    /// Does `op` (on a worker, its package's only job running): the
+    /// answer's body and blob. Growth is reserved before the disk is
+    /// touched and given back if the operation fails.
     fn run(&self, op: Op) -> Result<(Value, Option<Vec<u8>>), Refusal> {
+        use fs::{ENTRY_BYTES, charge};
         let drive = |p: &VfsPath| -> Result<OwnedFd, Refusal> { Ok(self.root.drive(p)?) };
         let done = || Ok((json!({"ok": true}), None));
+        // Reserves `grow` for `f`; gives it back if `f` fails.
+        let with = |package: &PackageId, grow: i128, f: &mut dyn FnMut() -> Result<(), FsError>| {
+            self.adjust(package, grow)?;
+            f().map_err(|e| {
+                let _ = self.adjust(package, -grow);
+                Refusal::from(e)
+            })
+        };
         match op {
             Op::CreateDrive(p) => {
-                let created = self.root.create_drive(&p)?;
+                self.reserve(&p.package, ENTRY_BYTES)?;
+                let created = self.root.create_drive(&p).inspect_err(|_| {
+                    self.release(&p.package, ENTRY_BYTES);
+                })?;
+                if !created {
+                    self.release(&p.package, ENTRY_BYTES);
+                }
                 Ok((json!({"ok": true, "created": created}), None))
             }
             Op::Read {
@@ -455,30 +512,25 @@ impl Shared {
             }
             Op::Write(p, data) => {
                 let d = drive(&p)?;
-                let (old, new) = (fs::size_of(&d, &p)?.unwrap_or(0), data.len() as u64);
-                // Only growth needs room; a smaller file gives room back.
-                self.reserve(&p.package, new.saturating_sub(old))?;
-                match self.root.write(&d, &p, &data) {
-                    Ok(()) => {
-                        self.release(&p.package, old.saturating_sub(new));
-                        Ok((json!({"ok": true, "size": new}), None))
-                    }
-                    Err(e) => {
-                        self.release(&p.package, new.saturating_sub(old));
-                        Err(e.into())
-                    }
-                }
+                let old = fs::size_of(&d, &p)?;
+                let new = data.bytes.len() as u64;
+                let grow = i128::from(charge(Some(new))) - i128::from(charge(old));
+                with(&p.package, grow, &mut || {
+                    self.root.write(&d, &p, &data.bytes)
+                })?;
+                Ok((json!({"ok": true, "size": new}), None))
             }
             Op::Append(p, data) => {
                 let d = drive(&p)?;
-                self.reserve(&p.package, data.len() as u64)?;
-                match fs::append(&d, &p, &data) {
-                    Ok(size) => Ok((json!({"ok": true, "size": size}), None)),
-                    Err(e) => {
-                        self.release(&p.package, data.len() as u64);
-                        Err(e.into())
-                    }
-                }
+                let old = fs::size_of(&d, &p)?;
+                let new = old.unwrap_or(0).saturating_add(data.bytes.len() as u64);
+                let grow = i128::from(charge(Some(new))) - i128::from(charge(old));
+                let mut size = 0;
+                with(&p.package, grow, &mut || {
+                    size = fs::append(&d, &p, &data.bytes)?;
+                    Ok(())
+                })?;
+                Ok((json!({"ok": true, "size": size}), None))
             }
             Op::Metadata(p) => {
                 let m = fs::metadata(&drive(&p)?, &p)?;
@@ -496,8 +548,21 @@ impl Shared {
                 Ok((json!({"entries": entries, "total": total}), None))
             }
             Op::Mkdir(p) => {
-                fs::mkdir(&drive(&p)?, &p)?;
-                done()
+                let d = drive(&p)?;
+                // Each directory it will make counts (one made meanwhile by
+                // nobody else: this package's jobs run one at a time).
+                let most = ENTRY_BYTES.saturating_mul(fs::missing(&d, &p)? as u64);
+                self.reserve(&p.package, most)?;
+                match fs::mkdir(&d, &p) {
+                    Ok(made) => {
+                        self.release(&p.package, most.saturating_sub(ENTRY_BYTES * made as u64));
+                        done()
+                    }
+                    Err((e, made)) => {
+                        self.release(&p.package, most.saturating_sub(ENTRY_BYTES * made as u64));
+                        Err(e.into())
+                    }
+                }
             }
             Op::Remove(p) => {
                 let freed = fs::remove(&drive(&p)?, &p)?;
@@ -506,6 +571,7 @@ impl Shared {
             }
             Op::RemoveDir(p) => {
                 fs::remove_dir(&drive(&p)?, &p)?;
+                self.release(&p.package, ENTRY_BYTES);
                 done()
             }
             Op::RemoveTree(p) => match fs::remove_tree(&drive(&p)?, &p) {
@@ -520,9 +586,10 @@ impl Shared {
             },
             Op::Rename(a, b) => {
                 let (da, db) = (drive(&a)?, drive(&b)?);
-                let replaced = fs::size_of(&db, &b)?;
-                fs::rename(&da, &a, &db, &b)?;
-                self.release(&b.package, replaced.unwrap_or(0));
+                match fs::rename(&da, &a, &db, &b)? {
+                    fs::Renamed::Same => {}
+                    fs::Renamed::Replaced(charged) => self.release(&b.package, charged),
+                }
                 done()
             }
             Op::Copy(a, b) => {
@@ -531,25 +598,17 @@ impl Shared {
                     what: "file",
                     path: a.to_string(),
                 })?;
-                let old = fs::size_of(&db, &b)?.unwrap_or(0);
-                self.reserve(&b.package, size.saturating_sub(old))?;
-                match self.root.copy(&da, &a, &db, &b) {
-                    Ok(copied) => {
-                        // What was reserved against what is there now (the
-                        // source may have changed size meanwhile).
-                        let reserved = old.max(size);
-                        if copied > reserved {
-                            self.reserve_after(&b.package, copied - reserved);
-                        } else {
-                            self.release(&b.package, reserved - copied);
-                        }
-                        Ok((json!({"ok": true, "size": copied}), None))
-                    }
-                    Err(e) => {
-                        self.release(&b.package, size.saturating_sub(old));
-                        Err(e.into())
-                    }
-                }
+                let old = fs::size_of(&db, &b)?;
+                let grow = i128::from(charge(Some(size))) - i128::from(charge(old));
+                let mut copied = 0;
+                // At most the bytes reserved, should the source grow meanwhile.
+                with(&b.package, grow, &mut || {
+                    copied = self.root.copy(&da, &a, &db, &b, size)?;
+                    Ok(())
+                })?;
+                // A source that shrank meanwhile: what was not copied goes back.
+                self.release(&b.package, charge(Some(size)) - charge(Some(copied)));
+                Ok((json!({"ok": true, "size": copied}), None))
             }
             Op::Grant {
                 drive: d,
@@ -562,11 +621,16 @@ impl Shared {
                     .bus
                     .upgrade()
                     .ok_or_else(|| Refusal("storage", "the node is stopping".into()))?;
-                let cap = capability(&self.me, &d.package, &d.drive, access);
+                let caps: Vec<Capability> = match access {
+                    Some(a) => vec![capability(&self.me, &d.package, &d.drive, a)],
+                    None => [Access::Read, Access::Write]
+                        .map(|a| capability(&self.me, &d.package, &d.drive, a))
+                        .into(),
+                };
                 if revoke {
-                    bus.revoke(&to, &[cap]);
+                    bus.revoke(&to, &caps);
                 } else {
-                    bus.grant(&to, [cap]);
+                    bus.grant(&to, caps);
                 }
                 bus.persisted_blocking().map_err(|why| {
                     Refusal(
@@ -578,33 +642,59 @@ impl Shared {
             }
         }
     }
-
-    /// Counts bytes already written (a source that grew while copied).
-    fn reserve_after(&self, package: &PackageId, bytes: u64) {
-        if bytes > 0 {
-            let mut p = self.packages();
-            let used = p.used.entry(package.clone()).or_default();
-            *used = used.saturating_add(bytes);
-        }
-    }
 }
 
-/// The package a request is queued against: while it waits or works, it
-/// counts; it stops counting when dropped (its job done, or never run).
+/// A request queued for a worker: while it waits or works it counts
+/// against its sender's package and (its contents) the node; it stops
+/// counting when dropped (its job done, or never run).
 struct Queued {
     shared: Arc<Shared>,
     package: PackageId,
+    bytes: usize,
 }
 
 impl Drop for Queued {
     fn drop(&mut self) {
         let mut p = self.shared.packages();
+        p.queued_bytes = p.queued_bytes.saturating_sub(self.bytes);
         if let Some(n) = p.queued.get_mut(&self.package) {
             *n -= 1;
             if *n == 0 {
                 p.queued.remove(&self.package);
             }
         }
+    }
+}
+
+impl Shared {
+    /// Counts a request of `package` carrying `bytes`, or says why not.
+    fn enqueue(self: &Arc<Self>, package: &PackageId, bytes: usize) -> Result<Queued, Refusal> {
+        let mut p = self.packages();
+        let n = p.queued.get(package).copied().unwrap_or(0);
+        if n >= self.budgets.queued_per_package {
+            return Err(Refusal(
+                "over-budget",
+                format!(
+                    "package {package} has {} vfs requests waiting: await some answers first",
+                    self.budgets.queued_per_package
+                ),
+            ));
+        }
+        if p.queued_bytes.saturating_add(bytes) > MAX_QUEUED_BYTES {
+            return Err(Refusal(
+                "over-budget",
+                format!(
+                    "the vfs holds {MAX_QUEUED_BYTES} bytes of contents waiting to be written: try again shortly"
+                ),
+            ));
+        }
+        *p.queued.entry(package.clone()).or_default() += 1;
+        p.queued_bytes += bytes;
+        Ok(Queued {
+            shared: self.clone(),
+            package: package.clone(),
+            bytes,
+        })
     }
 }
 
@@ -617,33 +707,20 @@ impl Service for Module {
         let Some(bus) = self.shared.bus.upgrade() else {
             return;
         };
-        let op = match self
+        let queued = self
             .parse(&env, &r.body)
             .and_then(|op| self.check(&bus, &env.source, &op).map(|()| op))
-        {
-            Ok(op) => op,
+            .and_then(|op| {
+                let q = self
+                    .shared
+                    .enqueue(&env.source.process.package, op.weight())?;
+                Ok((op, q))
+            });
+        let (op, queued) = match queued {
+            Ok(x) => x,
             Err(Refusal(kind, message)) => return reply.refuse(kind, &message),
         };
-        let package = env.source.process.package.clone();
-        {
-            let mut p = self.shared.packages();
-            let n = p.queued.entry(package.clone()).or_default();
-            if *n >= self.shared.budgets.queued_per_package {
-                drop(p);
-                return reply.refuse(
-                    "over-budget",
-                    &format!(
-                        "package {package} has {} vfs requests waiting: await some answers first",
-                        self.shared.budgets.queued_per_package
-                    ),
-                );
-            }
-            *n += 1;
-        }
-        let queued = Queued {
-            shared: self.shared.clone(),
-            package,
-        };
+        let package = op.package().clone();
         let shared = self.shared.clone();
         let job: Job = Box::new(move || {
             let _queued = queued;
@@ -660,16 +737,13 @@ impl Service for Module {
                 Err(Refusal(kind, message)) => reply.refuse(kind, &message),
             }
         });
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            // The job is dropped here: its package stops counting it. Its
-            // reply went with it, so the requester is told by the module.
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                Reply::to(self.shared.bus.clone(), self.shared.me.clone(), &env).refuse(
-                    "over-budget",
-                    "the vfs has too many requests waiting: try again shortly",
-                );
-            }
+        if self.sched.submit(&package, job).is_err() {
+            // The job is dropped here (its count with it); its reply went
+            // with it, so the module answers afresh.
+            Reply::to(self.shared.bus.clone(), self.shared.me.clone(), &env).refuse(
+                "over-budget",
+                "the vfs has too many requests waiting: try again shortly",
+            );
         }
     }
 }

@@ -270,17 +270,41 @@ async fn escapes_are_refused_and_symlinks_never_followed() {
         "no-access",
     )
     .await;
+    // A link is not a file to append to.
     a.refused(
         bus,
         json!({"op":"append","path":at("link")}),
         Some(b"x"),
-        "no-access",
+        "bad-request",
     )
     .await;
     assert_eq!(
         std::fs::read(n.dir.path().join("secret")).unwrap(),
         b"do not read"
     );
+    // A FIFO planted in the drive holds no worker: it is not a file.
+    let fifo = n.disk("demo:spindle/files/fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    a.refused(
+        bus,
+        json!({"op":"read","path":at("fifo")}),
+        None,
+        "bad-request",
+    )
+    .await;
+    a.refused(
+        bus,
+        json!({"op":"append","path":at("fifo")}),
+        Some(b"x"),
+        "bad-request",
+    )
+    .await;
     // The link itself may be listed and removed; its target stays.
     let (v, _) = a.ok(bus, json!({"op":"list","path":F}), None).await;
     assert!(
@@ -383,26 +407,41 @@ async fn another_package_needs_a_grant_and_a_refusal_changes_nothing() {
     .await;
 }
 
+const E: usize = fs::ENTRY_BYTES as usize;
+
+fn small_budget() -> Budgets {
+    Budgets {
+        package_bytes: 4 * fs::ENTRY_BYTES,
+        queued_per_package: MAX_QUEUED_PER_PACKAGE,
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn over_its_budget_a_package_gets_quota_and_nothing_is_half_written() {
-    let n = node_with(Budgets {
-        package_bytes: 100,
-        queued_per_package: MAX_QUEUED_PER_PACKAGE,
-    });
+    let n = node_with(small_budget());
     let mut a = n.proc(A);
     let bus = &n.bus;
+    // The drive costs one entry; x two more.
     a.ok(bus, json!({"op":"create_drive","drive":"files"}), None)
         .await;
-    a.ok(bus, json!({"op":"write","path":at("x")}), Some(&[1u8; 60]))
-        .await;
-    // Replacing x with 60 more is within budget (the old 60 go).
-    a.ok(bus, json!({"op":"write","path":at("x")}), Some(&[2u8; 60]))
-        .await;
+    a.ok(
+        bus,
+        json!({"op":"write","path":at("x")}),
+        Some(&vec![1u8; 2 * E]),
+    )
+    .await;
+    // Replacing x with as much is within budget (the old contents go).
+    a.ok(
+        bus,
+        json!({"op":"write","path":at("x")}),
+        Some(&vec![2u8; 2 * E]),
+    )
+    .await;
     let m = a
         .refused(
             bus,
             json!({"op":"append","path":at("x")}),
-            Some(&[3u8; 41]),
+            Some(&vec![3u8; E + 1]),
             "quota",
         )
         .await;
@@ -410,7 +449,7 @@ async fn over_its_budget_a_package_gets_quota_and_nothing_is_half_written() {
     a.refused(
         bus,
         json!({"op":"write","path":at("y")}),
-        Some(&[3u8; 41]),
+        Some(&vec![3u8; E + 1]),
         "quota",
     )
     .await;
@@ -423,10 +462,24 @@ async fn over_its_budget_a_package_gets_quota_and_nothing_is_half_written() {
     .await;
     assert_eq!(
         std::fs::read(n.disk("demo:spindle/files/x")).unwrap(),
-        [2u8; 60]
+        vec![2u8; 2 * E]
     );
     assert!(!n.disk("demo:spindle/files/y").exists());
     assert!(!n.disk("demo:spindle/files/z").exists());
+    // Renaming a file onto itself frees nothing.
+    a.ok(
+        bus,
+        json!({"op":"rename","path":at("x"),"to":at("x")}),
+        None,
+    )
+    .await;
+    a.refused(
+        bus,
+        json!({"op":"write","path":at("y")}),
+        Some(&vec![3u8; E + 1]),
+        "quota",
+    )
+    .await;
     // Another package is untouched; a removal makes room.
     let mut b = n.proc("local@b:other:spindle");
     b.ok(bus, json!({"op":"create_drive","drive":"files"}), None)
@@ -434,16 +487,94 @@ async fn over_its_budget_a_package_gets_quota_and_nothing_is_half_written() {
     b.ok(
         bus,
         json!({"op":"write","path":"/other:spindle/files/y"}),
-        Some(&[4u8; 100]),
+        Some(&vec![4u8; 3 * E]),
     )
     .await;
     a.ok(bus, json!({"op":"remove","path":at("x")}), None).await;
     a.ok(
         bus,
         json!({"op":"append","path":at("x")}),
-        Some(&[3u8; 100]),
+        Some(&vec![3u8; 2 * E]),
     )
     .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn files_and_directories_cost_at_least_an_entry() {
+    let n = node_with(small_budget());
+    let mut a = n.proc(A);
+    let bus = &n.bus;
+    a.ok(bus, json!({"op":"create_drive","drive":"files"}), None)
+        .await;
+    // Three directories fill the budget; a fourth, or an empty file, does not fit.
+    a.ok(bus, json!({"op":"mkdir","path":at("a/b/c")}), None)
+        .await;
+    a.refused(bus, json!({"op":"mkdir","path":at("d")}), None, "quota")
+        .await;
+    a.refused(
+        bus,
+        json!({"op":"write","path":at("empty")}),
+        Some(b""),
+        "quota",
+    )
+    .await;
+    // Those there already cost nothing more; removing them gives room back.
+    a.ok(bus, json!({"op":"mkdir","path":at("a/b")}), None)
+        .await;
+    a.ok(bus, json!({"op":"remove_tree","path":at("a")}), None)
+        .await;
+    for i in 0..3 {
+        a.ok(
+            bus,
+            json!({"op":"write","path":at(&format!("f{i}"))}),
+            Some(b"1"),
+        )
+        .await;
+    }
+    a.refused(
+        bus,
+        json!({"op":"append","path":at("f3")}),
+        Some(b"1"),
+        "quota",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_rename_may_not_nest_directories_past_the_limit() {
+    let n = node();
+    let mut a = n.proc(A);
+    let bus = &n.bus;
+    a.ok(bus, json!({"op":"create_drive","drive":"files"}), None)
+        .await;
+    let chain = |c: &str, k: usize| {
+        (0..k)
+            .map(|i| format!("{c}{i}"))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    a.ok(bus, json!({"op":"mkdir","path":at(&chain("a", 40))}), None)
+        .await;
+    a.ok(bus, json!({"op":"mkdir","path":at(&chain("b", 40))}), None)
+        .await;
+    let m = a
+        .refused(
+            bus,
+            json!({"op":"rename","path":at("a0"),"to":at(&format!("{}/a0", chain("b", 40)))}),
+            None,
+            "bad-request",
+        )
+        .await;
+    assert!(m.contains("deep"), "{m}");
+    // Within the limit it moves.
+    a.ok(
+        bus,
+        json!({"op":"rename","path":at("a0"),"to":at("b0/a0")}),
+        None,
+    )
+    .await;
+    a.ok(bus, json!({"op":"remove_tree","path":at("b0")}), None)
+        .await;
 }
 
 #[tokio::test(flavor = "current_thread")]
