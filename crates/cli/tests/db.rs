@@ -109,19 +109,7 @@ fn processes_use_kv_and_sqlite_and_other_packages_need_a_grant() {
 #[test]
 fn a_native_process_uses_the_same_modules() {
     let n = Node::new();
-    let exe = spindle_guests::native("native-echo");
-    n.ok(&[
-        "start",
-        "--name",
-        "ne",
-        "--package",
-        "shop:acme",
-        "--public",
-        "--ipc",
-        "--",
-        exe.to_str().unwrap(),
-    ]);
-    let ne = "local@ne:shop:acme";
+    let ne = &n.start_native_echo("ne", "shop:acme");
     until("the native process answers", || {
         (ask_maybe(&n, ne, "kv orders from native").as_deref() == Some("native")).then_some(())
     });

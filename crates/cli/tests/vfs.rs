@@ -146,20 +146,8 @@ fn every_acknowledged_write_and_append_survives_a_kill_9_of_the_daemon() {
 #[test]
 fn a_native_process_uses_the_same_drives() {
     let n = Node::new();
-    let exe = spindle_guests::native("native-echo");
-    n.ok(&[
-        "start",
-        "--name",
-        "ne",
-        "--package",
-        "files:acme",
-        "--public",
-        "--ipc",
-        "--",
-        exe.to_str().unwrap(),
-    ]);
-    let ne = "local@ne:files:acme";
-    assert_eq!(ask(&n, ne, "vfs shared.txt from-native"), "from-native");
+    let ne = n.start_native_echo("ne", "files:acme");
+    assert_eq!(ask(&n, &ne, "vfs shared.txt from-native"), "from-native");
     // The same drive a wasm process of the package sees.
     start_filer(&n, "filer", "files:acme");
     assert_eq!(ask(&n, FILER, "read shared.txt"), "from-native");

@@ -127,6 +127,24 @@ impl Node {
         format!("local@{name}:{package}")
     }
 
+    /// Starts the native example (`native-echo`, the guest library over
+    /// IPC) as a public process `name` of `package`; returns its address.
+    pub fn start_native_echo(&self, name: &str, package: &str) -> String {
+        let exe = spindle_guests::native("native-echo");
+        self.ok(&[
+            "start",
+            "--name",
+            name,
+            "--package",
+            package,
+            "--public",
+            "--ipc",
+            "--",
+            exe.to_str().unwrap(),
+        ]);
+        format!("local@{name}:{package}")
+    }
+
     pub fn client(&self) -> Client {
         Client::connect(&self.home()).unwrap()
     }
