@@ -531,10 +531,19 @@ impl Shared {
             // timers wait their turn without trying.
             let mut full: HashSet<ProcessId> = HashSet::new();
             for t in due.drain(..) {
-                if full.contains(&t.timer.owner.process) {
-                    self.mailbox_full(&bus, t);
-                } else if let Some(owner) = self.fire(&bus, t) {
-                    full.insert(owner);
+                // A panic here would stop every timer of the node: it ends
+                // this one instead (its row stays, to fire at the next boot).
+                let key = t.key();
+                let fired = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if full.contains(&t.timer.owner.process) {
+                        self.mailbox_full(&bus, t);
+                    } else if let Some(owner) = self.fire(&bus, t) {
+                        full.insert(owner);
+                    }
+                }));
+                if fired.is_err() {
+                    tracing::error!("delivering a timer panicked; it is dropped");
+                    self.lock().wheel.abandon(key);
                 }
             }
         }

@@ -93,6 +93,23 @@ pub struct Due {
     arrivals: u64,
 }
 
+/// Which timer out for delivery a [`Due`] is, kept aside in case its
+/// delivery never comes back ([`Wheel::abandon`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DueKey {
+    slot: u32,
+    generation: u32,
+}
+
+impl Due {
+    pub fn key(&self) -> DueKey {
+        DueKey {
+            slot: self.slot,
+            generation: self.generation,
+        }
+    }
+}
+
 /// What [`Wheel::park`] did with a timer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parked {
@@ -521,6 +538,17 @@ impl Wheel {
                 generation, over, ..
             } if *generation == due.generation => Some(*over),
             _ => None,
+        }
+    }
+
+    /// The delivery of `key` was lost (the code delivering it panicked): it
+    /// is over, so its id and budget are not held for ever.
+    pub fn abandon(&mut self, key: DueKey) {
+        if matches!(
+            self.slots.get(key.slot as usize),
+            Some(Slot::Firing { generation, .. }) if *generation == key.generation
+        ) {
+            self.vacate(key.slot);
         }
     }
 
@@ -1038,6 +1066,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A delivery that never comes back gives its id and budget back.
+    #[test]
+    fn an_abandoned_delivery_frees_its_timer() {
+        let mut w = Wheel::new(B);
+        w.set(timer(0, 1, true), 0).unwrap();
+        let mut out = vec![];
+        w.take_due(0, 10, &mut out);
+        let key = out[0].key();
+        assert_eq!(w.len(), 1);
+        w.abandon(key);
+        assert!(w.is_empty());
+        // Twice, or after the slot was reused, it is nothing.
+        w.set(timer(0, 1, true), 5).unwrap();
+        w.abandon(key);
+        assert_eq!(w.len(), 1);
     }
 
     /// Auto ids skip ids a timer read from disk already has.
