@@ -29,6 +29,10 @@
 //! Bodies are bytes; `.json(&value)` and [`Message::json`] do serde for you.
 //! Blobs are lazy: a process that forwards a message with `inherit` never
 //! copies its blob.
+//!
+//! The node's runtime modules are Rust calls too, the same from a wasm
+//! process and a native one: [`kv`] and [`sqlite`] (databases), [`timer`]
+//! (timers, durable ones included) and [`vfs`] (files in drives).
 
 #[doc(hidden)]
 pub mod bindings {
