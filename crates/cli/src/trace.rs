@@ -11,6 +11,7 @@ pub fn run(
     package: Option<String>,
     json: bool,
 ) -> Result<(), Failure> {
+    end_when_stdout_closes();
     let stdout = std::io::stdout();
     let mut w = stdout.lock();
     client.trace(address, package, |resp| {
@@ -28,6 +29,34 @@ pub fn run(
         ok.and_then(|_| w.flush()).is_ok()
     })?;
     Ok(())
+}
+
+/// A trace piped into a reader that stops (`spindle trace | head -3`)
+/// ends at once, even while the bus is quiet and nothing is written.
+fn end_when_stdout_closes() {
+    let _ = std::thread::Builder::new()
+        .name("stdout-watch".into())
+        .spawn(|| {
+            let mut fd = libc::pollfd {
+                fd: libc::STDOUT_FILENO,
+                events: 0,
+                revents: 0,
+            };
+            loop {
+                // SAFETY: one valid pollfd; no events asked, so it returns
+                // only for an error or hang-up on stdout (a pipe whose reader
+                // is gone), or the timeout.
+                let n = unsafe { libc::poll(&mut fd, 1, 1000) };
+                if n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    std::process::exit(0);
+                }
+                if n < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    return;
+                }
+            }
+        });
 }
 
 /// One frame as a line for people.

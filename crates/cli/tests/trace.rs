@@ -165,3 +165,49 @@ fn a_bad_filter_is_an_error_naming_the_form() {
     let err = n.fails(&["trace", "--package", "nopublisher"]);
     assert!(err.contains("package:publisher"), "{err}");
 }
+
+#[test]
+fn a_trace_whose_reader_stops_ends_even_when_the_bus_is_quiet() {
+    let n = Node::new();
+    n.start_guest("timekeeper", "tk", "clock:acme");
+    let mut child = Command::new(spindle_bin())
+        .arg("--home")
+        .arg(n.home())
+        .args(["trace", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A reader that stops after the last record of a round (the answer to
+    // the CLI's request): the pipe closes and the bus goes quiet.
+    let out = BufReader::new(child.stdout.take().unwrap());
+    let (tx, seen) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            let Ok(line) = line else { return };
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if traced(&v, "response", "tk:clock:acme", "cli-").is_some() {
+                let _ = tx.send(());
+                return;
+            }
+        }
+    });
+    let end = Instant::now() + DEADLINE;
+    loop {
+        n.ok(&["send", TK, "sleep 1", "--timeout", "5s"]);
+        if seen.recv_timeout(Duration::from_millis(200)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < end, "the trace never showed a round");
+    }
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the trace went on with nobody reading"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
