@@ -54,6 +54,7 @@ impl Bench {
         let tester: Address = "local@bench:sys:spindle".parse().expect("address");
         let inbox = bus.register(tester.clone(), false).expect("register");
         spindle_db::start(&dir.path().join("db"), &bus).expect("the runtime modules");
+        spindle_vfs::start(&dir.path().join("vfs"), &bus).expect("the vfs module");
         let tester = Arc::new(tester);
         Bench {
             _dir: dir,
@@ -635,6 +636,9 @@ fn timed_answer(r: &str) -> (Duration, Duration) {
 }
 
 /// The runtime modules, from wasm processes (the `dbuser` guest).
+/// Rounds of the vfs figure (each: an append and a write, both synced).
+const VFS_ROUNDS: u64 = 300;
+
 async fn measure_db(b: &mut Bench, rows: &mut Vec<Row>) {
     let users: Vec<Address> = (0..KV_WRITERS)
         .map(|i| {
@@ -695,7 +699,32 @@ async fn measure_db(b: &mut Bench, rows: &mut Vec<Row>) {
         &b.ask(&users[1], format!("sqlgets app {SQL_GETS}").as_bytes())
             .await,
     );
+    // Files: a durable append and an atomic write per round, from wasm.
+    let filer = b
+        .driver
+        .spawn(
+            ProcessNum(5_100_000),
+            1,
+            &spec(Some("filer"), "filer", true),
+            None,
+        )
+        .expect("filer");
+    assert_eq!(b.ask(&filer, b"write warm up").await, "ok");
+    let t = Instant::now();
+    assert_eq!(
+        b.ask(&filer, format!("churn {VFS_ROUNDS}").as_bytes())
+            .await,
+        "churned"
+    );
+    let vfs_round = t.elapsed() / VFS_ROUNDS as u32;
     let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+    rows.push(Row {
+        metric:
+            "vfs: from wasm, a durable append + an atomic durable write (each synced), per pair"
+                .into(),
+        target: "–".into(),
+        measured: us(vfs_round),
+    });
     rows.push(Row {
         metric: format!("kv: durable set from wasm, {KV_WRITERS} concurrent writers: rate / p50"),
         target: "≥ 20k/s / ≤ 1 ms".into(),
