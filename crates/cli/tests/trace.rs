@@ -200,14 +200,7 @@ fn a_trace_whose_reader_stops_ends_even_when_the_bus_is_quiet() {
         }
         assert!(Instant::now() < end, "the trace never showed a round");
     }
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "the trace went on with nobody reading"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    until("the trace to end with nobody reading", || {
+        child.try_wait().unwrap().map(drop)
+    });
 }
