@@ -20,7 +20,6 @@ use crate::{Address, Request};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::fmt;
 use std::time::Duration;
 
 /// How long a database call waits for the module (a write waits for its
@@ -30,19 +29,7 @@ pub const DB_TIMEOUT: Duration = Duration::from_secs(30);
 /// A failed database call: `kind` as the module names it (`no-access`,
 /// `no-such-db`, `no-such-tx`, `disk-full`, `read-only`, `corrupt`,
 /// `statement`, `bad-request`, `storage`, or a send error's kind).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbError {
-    pub kind: String,
-    pub message: String,
-}
-
-impl fmt::Display for DbError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)
-    }
-}
-
-impl std::error::Error for DbError {}
+pub type DbError = crate::ModuleError;
 
 /// Who may be granted what.
 pub use spindle_abi::Access;
@@ -127,17 +114,17 @@ struct Answer {
 /// A database of a module, named for requests.
 #[derive(Debug, Clone)]
 struct Db {
-    module: Address,
+    /// The module's name (`kv`, `sqlite`).
+    module: &'static str,
     name: String,
     package: Option<String>,
 }
 
 impl Db {
     /// Names the database and opens it (with `package`, another package's).
-    fn open(module: &str, name: &str, package: Option<&str>) -> Result<Db, DbError> {
-        let our = crate::our();
+    fn open(module: &'static str, name: &str, package: Option<&str>) -> Result<Db, DbError> {
         let db = Db {
-            module: Address::from_host(format!("{}@{module}:sys:spindle", our.node())),
+            module,
             name: name.into(),
             package: package.map(str::to_string),
         };
@@ -160,25 +147,10 @@ impl Db {
         call: &Call,
         blob: Option<Vec<u8>>,
     ) -> Result<(Answer, Option<Vec<u8>>), DbError> {
-        let mut r = Request::to(self.module.clone())
-            .json(call)
-            .expects_response(DB_TIMEOUT);
-        if let Some(b) = blob {
-            r = r.blob(b);
-        }
-        let msg = r.send_and_await_response().map_err(|e| DbError {
-            kind: e.kind.to_string(),
-            message: e.to_string(),
-        })?;
-        let answer: Answer = msg.json().map_err(|e| DbError {
-            kind: "bad-response".into(),
-            message: e.to_string(),
-        })?;
-        if let Some(kind) = answer.error {
-            return Err(DbError {
-                kind,
-                message: answer.message,
-            });
+        let msg = crate::module::call(self.module, call, blob, DB_TIMEOUT)?;
+        let answer: Answer = msg.json().map_err(DbError::bad_response)?;
+        if let Some(e) = DbError::refused(&answer.error, &answer.message) {
+            return Err(e);
         }
         let blob = if answer.found || answer.count.is_some() || answer.rows.is_some() {
             crate::get_blob().map(|b| b.bytes)
@@ -324,7 +296,9 @@ pub mod kv {
         fn drop(&mut self) {
             if self.open {
                 let call = Call::tx("rollback", self.id);
-                let _ = Request::to(self.kv.0.module.clone()).json(&call).send();
+                let _ = Request::to(crate::module::address(self.kv.0.module))
+                    .json(&call)
+                    .send();
             }
         }
     }

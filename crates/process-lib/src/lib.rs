@@ -51,12 +51,14 @@ pub mod bindings {
 #[cfg(target_family = "wasm")]
 use bindings::spindle::process::host;
 mod db;
+mod module;
 #[cfg(not(target_family = "wasm"))]
 mod native;
 pub mod timer;
 pub mod vfs;
 pub use bindings::spindle::process::types::{self as wit, Blob, Capability, OnExit, SendErrorKind};
 pub use db::{Access, DbError, kv, sqlite};
+pub use module::ModuleError;
 #[cfg(not(target_family = "wasm"))]
 use native as host;
 use serde::{Serialize, de::DeserializeOwned};

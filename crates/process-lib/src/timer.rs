@@ -19,7 +19,6 @@
 use crate::{Address, Message, Request};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,19 +33,7 @@ pub struct TimerId(pub u64);
 
 /// A failed timer call: `kind` as the module names it (`bad-request`,
 /// `quota`, `id-in-use`), or a send error's kind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TimerError {
-    pub kind: String,
-    pub message: String,
-}
-
-impl fmt::Display for TimerError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)
-    }
-}
-
-impl std::error::Error for TimerError {}
+pub type TimerError = crate::ModuleError;
 
 /// A timer that fired, or was cancelled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,11 +47,7 @@ pub struct Fired {
 }
 
 fn module() -> Address {
-    Address::from_host(format!(
-        "{}@{}:sys:spindle",
-        crate::our().node(),
-        spindle_abi::module::TIMER
-    ))
+    crate::module::address(spindle_abi::module::TIMER)
 }
 
 /// Ids this process chooses: seeded from the clock, so a durable timer of
@@ -130,18 +113,20 @@ struct Answer<'a> {
     context: Option<&'a RawValue>,
 }
 
-fn send_error(e: crate::SendError) -> TimerError {
-    TimerError {
-        kind: e.kind.to_string(),
-        message: e.to_string(),
-    }
+fn refused(a: &Answer) -> Option<TimerError> {
+    TimerError::refused(&a.error, &a.message)
 }
 
-fn refused(a: &Answer) -> Option<TimerError> {
-    a.error.as_ref().map(|kind| TimerError {
-        kind: kind.clone(),
-        message: a.message.clone(),
-    })
+/// Sends `call`, awaits the module's answer for `timeout`, and reads it
+/// with `then` (a refusal is the error).
+fn ask<T>(
+    call: &Call,
+    timeout: Duration,
+    then: impl FnOnce(&Answer) -> T,
+) -> Result<T, TimerError> {
+    let msg = crate::module::call(spindle_abi::module::TIMER, call, None, timeout)?;
+    let answer: Answer = serde_json::from_slice(msg.body()).map_err(TimerError::bad_response)?;
+    refused(&answer).map_or_else(|| Ok(then(&answer)), Err)
 }
 
 /// How long the answer to a timer `d` away is awaited.
@@ -154,13 +139,7 @@ pub fn sleep(d: Duration) -> Result<(), TimerError> {
     if d > spindle_abi::MAX_AWAIT {
         return Err(too_far(d));
     }
-    let msg = Request::to(module())
-        .json(&Call::after(d, next_id()))
-        .expects_response(awaited(d))
-        .send_and_await_response()
-        .map_err(send_error)?;
-    let answer: Answer = serde_json::from_slice(msg.body()).map_err(bad_answer)?;
-    refused(&answer).map_or(Ok(()), Err)
+    ask(&Call::after(d, next_id()), awaited(d), |_| ())
 }
 
 /// Sets a timer `d` from now; it arrives as the response to its request,
@@ -200,20 +179,14 @@ pub fn set_durable<T: Serialize>(d: Duration, context: &T) -> Result<TimerId, Ti
         kind: "bad-request".into(),
         message: format!("the context is not JSON: {e}"),
     })?;
-    let raw = RawValue::from_string(json).map_err(bad_answer)?;
+    let raw = RawValue::from_string(json).map_err(TimerError::bad_response)?;
     let call = Call {
         durable: true,
         ack: true,
         context: Some(&raw),
         ..Call::after(d, id)
     };
-    let msg = Request::to(module())
-        .json(&call)
-        .expects_response(crate::DEFAULT_TIMEOUT)
-        .send_and_await_response()
-        .map_err(send_error)?;
-    let answer: Answer = serde_json::from_slice(msg.body()).map_err(bad_answer)?;
-    refused(&answer).map_or(Ok(id), Err)
+    ask(&call, crate::DEFAULT_TIMEOUT, |_| id)
 }
 
 fn send(call: &Call, d: Duration, context: Vec<u8>) -> Result<(), TimerError> {
@@ -225,7 +198,7 @@ fn send(call: &Call, d: Duration, context: Vec<u8>) -> Result<(), TimerError> {
         .expects_response(awaited(d))
         .context(context)
         .send()
-        .map_err(send_error)
+        .map_err(TimerError::from)
 }
 
 /// A timer further off than any response may be awaited.
@@ -252,20 +225,7 @@ pub fn cancel(id: TimerId) -> Result<bool, TimerError> {
         ack: false,
         context: None,
     };
-    let msg = Request::to(module())
-        .json(&call)
-        .expects_response(crate::DEFAULT_TIMEOUT)
-        .send_and_await_response()
-        .map_err(send_error)?;
-    let answer: Answer = serde_json::from_slice(msg.body()).map_err(bad_answer)?;
-    refused(&answer).map_or(Ok(answer.cancelled), Err)
-}
-
-fn bad_answer(e: serde_json::Error) -> TimerError {
-    TimerError {
-        kind: "bad-response".into(),
-        message: e.to_string(),
-    }
+    ask(&call, crate::DEFAULT_TIMEOUT, |a| a.cancelled)
 }
 
 /// Whether `msg` is about a timer: `Some(Ok)` for one that fired or was

@@ -16,10 +16,9 @@
 //! symlinks are refused by the node. There is no cursor: every read names
 //! its range.
 
-use crate::{Access, Address, Request};
+use crate::{Access, Address};
 use serde::Deserialize;
 use serde_json::json;
-use std::fmt;
 use std::time::Duration;
 
 /// How long a file call waits for the module (a write waits for its sync).
@@ -28,19 +27,7 @@ pub const VFS_TIMEOUT: Duration = Duration::from_secs(60);
 /// A failed file call: `kind` as the module names it (`not-found`,
 /// `no-access`, `quota`, `disk-full`, `read-only`, `storage`,
 /// `over-budget`, `bad-request`), or a send error's kind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VfsError {
-    pub kind: String,
-    pub message: String,
-}
-
-impl fmt::Display for VfsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)
-    }
-}
-
-impl std::error::Error for VfsError {}
+pub type VfsError = crate::ModuleError;
 
 /// What a path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,14 +76,6 @@ pub fn drive(name: &str) -> Result<Drive, VfsError> {
     Ok(d)
 }
 
-fn module() -> Address {
-    Address::from_host(format!(
-        "{}@{}:sys:spindle",
-        crate::our().node(),
-        spindle_abi::module::VFS
-    ))
-}
-
 impl Drive {
     /// Another package's drive (`package` as `name:publisher`): reading or
     /// writing it needs that package's grant.
@@ -122,25 +101,10 @@ impl Drive {
         body: serde_json::Value,
         blob: Option<Vec<u8>>,
     ) -> Result<(Answer, Option<Vec<u8>>), VfsError> {
-        let mut r = Request::to(module())
-            .json(&body)
-            .expects_response(VFS_TIMEOUT);
-        if let Some(b) = blob {
-            r = r.blob(b);
-        }
-        let msg = r.send_and_await_response().map_err(|e| VfsError {
-            kind: e.kind.to_string(),
-            message: e.to_string(),
-        })?;
-        let answer: Answer = msg.json().map_err(|e| VfsError {
-            kind: "bad-response".into(),
-            message: e.to_string(),
-        })?;
-        if let Some(kind) = answer.error {
-            return Err(VfsError {
-                kind,
-                message: answer.message,
-            });
+        let msg = crate::module::call(spindle_abi::module::VFS, &body, blob, VFS_TIMEOUT)?;
+        let answer: Answer = msg.json().map_err(VfsError::bad_response)?;
+        if let Some(e) = VfsError::refused(&answer.error, &answer.message) {
+            return Err(e);
         }
         // Only a read answers with contents; they cross into the process now.
         let blob = if body["op"] == "read" {

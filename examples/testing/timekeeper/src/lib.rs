@@ -85,10 +85,7 @@ fn precision(pending: u64, d: Duration, rounds: u64) -> Result<String, timer::Ti
         Request::to(module.clone())
             .json(&serde_json::json!({"op": "after", "ms": 3_600_000}))
             .send()
-            .map_err(|e| timer::TimerError {
-                kind: e.kind.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(timer::TimerError::from)?;
     }
     let mut late = Vec::with_capacity(rounds as usize);
     for _ in 0..rounds {
