@@ -17,6 +17,10 @@ pub const MESSAGING_PARAMS: &str = "\"messaging\"";
 
 /// The node's kernel, as a process sees it: the source of the stop request.
 pub const KERNEL_PROCESS: &str = "kernel";
+/// Issuer of the network right: `local@net:sys:spindle`.
+pub const NETWORK_PROCESS: &str = "net";
+/// `params` of the network right (send to and be reached from other nodes).
+pub const NETWORK_PARAMS: &str = "\"network\"";
 /// The package (`sys:spindle`) of the node's own processes and modules.
 pub const SYSTEM_PACKAGE: &str = "sys";
 pub const SYSTEM_PUBLISHER: &str = "spindle";

@@ -22,6 +22,12 @@
 //! a message only if it holds it or is its issuer — the bus decides, not the
 //! sender.
 //!
+//! A target on another node goes to the node's [`Remote`] (the links to
+//! its peers, `spindle-net`) after the same checks, plus one: a process
+//! needs the [`Capability::network`] right to send off the node, and to be
+//! reached from it. What comes in from a peer enters by
+//! [`Bus::deliver_remote`], where the receiving side's rules apply.
+//!
 //! Requests are numbered by the bus; a response carries the number of the
 //! request it answers and goes to that request's `rsvp`. Tracking of
 //! outstanding requests (contexts, timeouts, late responses) belongs to the
@@ -91,6 +97,20 @@ pub trait Service: Send + Sync + 'static {
 
     /// `process` is gone for good (deleted): nothing of it may outlive it.
     fn forgotten(&self, _process: &ProcessId) {}
+}
+
+/// The node's links to other nodes: takes a message for a process on
+/// another node, queues it on that node's link, or says at once why not
+/// (`Offline`: an unknown node, or a link that is down; `MailboxFull`: the
+/// link's queue is full). Never blocks.
+pub trait Remote: Send + Sync + 'static {
+    fn send(&self, env: Envelope) -> Result<(), Undelivered>;
+}
+
+/// This node's own name and its links ([`Bus::connect`]).
+struct Network {
+    name: String,
+    remote: Arc<dyn Remote>,
 }
 
 /// Where an endpoint's messages go.
@@ -326,6 +346,14 @@ pub struct Bus {
     services: RwLock<Vec<Arc<dyn Service>>>,
     /// Who listens to the traffic ([`Bus::tap`]).
     trace: Arc<trace::Tracers>,
+    /// Set once the node has a name and links ([`Bus::connect`]).
+    network: std::sync::OnceLock<Network>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "network {}", self.name)
+    }
 }
 
 impl std::fmt::Debug for dyn Service {
@@ -348,7 +376,25 @@ impl Bus {
             late_responses: AtomicU64::new(0),
             services: RwLock::default(),
             trace: Arc::default(),
+            network: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the node its own name (which then means this node, as
+    /// `local` always does) and the links that carry messages for other
+    /// nodes. Once per bus: false if it was connected already.
+    pub fn connect(&self, name: String, remote: Arc<dyn Remote>) -> bool {
+        self.network.set(Network { name, remote }).is_ok()
+    }
+
+    /// The node's own name, once it has one ([`Bus::connect`]).
+    pub fn own_name(&self) -> Option<&str> {
+        self.network.get().map(|n| n.name.as_str())
+    }
+
+    /// Whether `node` names this node: `local`, or its own name.
+    pub fn is_here(&self, node: &str) -> bool {
+        node == self.node || self.own_name() == Some(node)
     }
 
     /// A bus whose capabilities are kept in `journal`, starting from its
@@ -668,6 +714,9 @@ impl Bus {
         env: Envelope,
         privileged: bool,
     ) -> Result<(), (SendErrorKind, Envelope)> {
+        if !self.is_here(&env.target.node) {
+            return self.send_remote(env, privileged).map_err(|(k, e)| (k, *e));
+        }
         let mut seen = self.trace.seen(&env);
         let sent = match self.try_send(env, privileged, &mut seen) {
             Ok(()) => Ok(()),
@@ -687,6 +736,9 @@ impl Bus {
     /// senders that do their own backing off (wasm processes, whose guest
     /// library retries for [`MAILBOX_WAIT`]).
     pub fn send_now(&self, env: Envelope, privileged: bool) -> Result<(), Undelivered> {
+        if !self.is_here(&env.target.node) {
+            return self.send_remote(env, privileged);
+        }
         let Some(target) = self.lookup(&env.target.process) else {
             self.trace
                 .done(self.trace.seen(&env), Err(SendErrorKind::Offline));
@@ -707,6 +759,62 @@ impl Bus {
             Ok(()) => Ok(()),
             Err(Refused::Now(kind, env)) => Err((kind, env)),
             Err(Refused::Full(_, _, env)) => Err((SendErrorKind::MailboxFull, env)),
+        };
+        self.trace
+            .done(seen, sent.as_ref().map(|_| ()).map_err(|(k, _)| *k));
+        sent
+    }
+
+    /// A message for another node: the sender (unless `privileged`) needs
+    /// the network right, and its attached capabilities must be its to
+    /// give; then the link takes it or says why not.
+    fn send_remote(&self, env: Envelope, privileged: bool) -> Result<(), Undelivered> {
+        let seen = self.trace.seen(&env);
+        let sent = if !privileged && !self.holds(&env.source.process, &Capability::network()) {
+            Err((SendErrorKind::NoCapability, Box::new(env)))
+        } else if !env.message.capabilities().is_empty() {
+            // Capabilities do not cross nodes yet: a claim the receiver
+            // could not check is refused here rather than dropped there.
+            Err((SendErrorKind::Invalid, Box::new(env)))
+        } else {
+            match self.network.get() {
+                Some(n) => n.remote.send(env),
+                None => Err((SendErrorKind::Offline, Box::new(env))),
+            }
+        };
+        self.trace
+            .done(seen, sent.as_ref().map(|_| ()).map_err(|(k, _)| *k));
+        sent
+    }
+
+    /// A message from a process on another node (its source and rsvp name
+    /// that node; its target is here). A request needs a public target
+    /// holding the network right, outside the node's own package: a process
+    /// on another node holds no capability of this one. An answer is
+    /// delivered as it is: the link lets through only answers to requests
+    /// it carried. Never waits: a full mailbox is `MailboxFull` at once, so
+    /// one busy process never stalls the link that others' messages share.
+    pub fn deliver_remote(&self, env: Envelope) -> Result<(), Undelivered> {
+        let mut seen = self.trace.seen(&env);
+        let refused = match self.lookup(&env.target.process) {
+            None => Err(SendErrorKind::Offline),
+            Some(t) if env.message.is_answer() => Ok(t),
+            Some(t)
+                if !t.public
+                    || t.address.process.package.is_system()
+                    || !self.holds(&t.address.process, &Capability::network()) =>
+            {
+                Err(SendErrorKind::NoCapability)
+            }
+            Some(t) => Ok(t),
+        };
+        let sent = match refused {
+            Err(kind) => Err((kind, Box::new(env))),
+            Ok(target) => match self.deliver(&target, env, true, &mut seen) {
+                Ok(()) => Ok(()),
+                Err(Refused::Now(kind, env)) => Err((kind, env)),
+                Err(Refused::Full(_, _, env)) => Err((SendErrorKind::MailboxFull, env)),
+            },
         };
         self.trace
             .done(seen, sent.as_ref().map(|_| ()).map_err(|(k, _)| *k));

@@ -12,6 +12,22 @@ pub struct Capability {
 }
 
 impl Capability {
+    /// The right to send to and be reached from other nodes (`--network`),
+    /// issued by the node itself; a parent passes it to a child like any
+    /// capability it holds.
+    pub fn network() -> Capability {
+        Capability {
+            issuer: Address {
+                node: spindle_types::id::LOCAL_NODE.into(),
+                process: spindle_types::ProcessId {
+                    process: spindle_abi::NETWORK_PROCESS.into(),
+                    package: spindle_types::PackageId::system(),
+                },
+            },
+            params: spindle_abi::NETWORK_PARAMS.into(),
+        }
+    }
+
     /// The right to send requests to `target`.
     pub fn messaging(target: &Address) -> Capability {
         Capability {

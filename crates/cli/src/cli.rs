@@ -89,6 +89,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: VfsCmd,
     },
+    /// This node on the network: its name and key, and the peers it trusts
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
     /// Boot a throw-away node with example processes and show what it does
     Demo,
     /// Run a manifest in the foreground on a private node: output to stdout
@@ -98,6 +103,45 @@ pub enum Cmd {
         /// The manifest (TOML) with [[process]] tables
         manifest: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Give this node a name and a new key (node.key, node.toml in its home)
+    Init {
+        /// The node's name, as other nodes address it (`NAME@process:…`)
+        #[arg(long)]
+        name: String,
+        /// Where to listen for peers, IP:PORT (repeatable; none: dial only)
+        #[arg(long, value_name = "IP:PORT")]
+        listen: Vec<String>,
+    },
+    /// Print this node's name, key and listen addresses
+    Id,
+    /// Manage the allow-list of peers
+    Peer {
+        #[command(subcommand)]
+        cmd: PeerCmd,
+    },
+    /// List the peers: name, link, last heard, round trip, key, addresses
+    Peers {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCmd {
+    /// Trust a peer: its name, its key (from `spindle node id` there), its addresses
+    Add {
+        name: String,
+        key: String,
+        /// IP:PORT where it listens (none: it dials this node)
+        addresses: Vec<String>,
+    },
+    /// Stop trusting a peer (its link ends)
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +210,10 @@ pub struct StartArgs {
     /// Let any local process message this process
     #[arg(long)]
     pub public: bool,
+    /// Let this process send to and be reached from processes on other
+    /// nodes (see `spindle node`)
+    #[arg(long)]
+    pub network: bool,
     /// Give a native process an IPC channel to the message bus (fd 3, Node's
     /// process.send works as is)
     #[arg(long)]

@@ -66,6 +66,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Run { manifest } => crate::run::run(cli.home.clone(), &manifest),
         Cmd::Db { cmd } => db(&home, cmd),
         Cmd::Vfs { cmd } => vfs(&home, cmd),
+        Cmd::Node { cmd } => crate::node::run(&home, cmd),
         cmd => {
             let mut client = connect(&home)?;
             match cmd {
@@ -138,6 +139,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 | Cmd::Demo
                 | Cmd::Run { .. }
                 | Cmd::Db { .. }
+                | Cmd::Node { .. }
                 | Cmd::Vfs { .. } => {
                     unreachable!("handled above")
                 }
@@ -333,6 +335,7 @@ fn from_flags(
                 wasm,
                 package: args.package,
                 public: args.public.then_some(true),
+                network: args.network.then_some(true),
                 ipc: args.ipc.then_some(true),
                 heartbeat: args.heartbeat,
                 cwd: args.cwd,
@@ -373,6 +376,7 @@ fn from_flags(
 fn has_process_flags(a: &StartArgs) -> bool {
     a.package.is_some()
         || a.public
+        || a.network
         || a.ipc
         || a.heartbeat.is_some()
         || a.name.is_some()

@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod demo;
+mod node;
 mod run;
 mod table;
 mod trace;

@@ -264,6 +264,23 @@ impl Client {
         }
     }
 
+    /// The node's name, key, listeners and peers.
+    pub fn node(&mut self) -> Result<spindle_types::control::NodeInfo, ClientError> {
+        self.node_call(Request::Node)
+    }
+
+    /// Has the daemon read `node.toml` again (after it changed).
+    pub fn node_reload(&mut self) -> Result<spindle_types::control::NodeInfo, ClientError> {
+        self.node_call(Request::NodeReload)
+    }
+
+    fn node_call(&mut self, req: Request) -> Result<spindle_types::control::NodeInfo, ClientError> {
+        match self.call(&req)? {
+            Response::Node(n) => Ok(n),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Sends `body` to the process at `target` and returns its response body.
     pub fn send(
         &mut self,

@@ -81,6 +81,12 @@ pub enum Request {
         body: String,
         timeout_ms: u64,
     },
+    /// The node's name, key, listeners and peers (`spindle node id`,
+    /// `spindle node peers`); answered `node`.
+    Node,
+    /// Reads `node.toml` again (after `spindle node init` or `peer add`):
+    /// starts the network or takes the new allow-list; answered `node`.
+    NodeReload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +148,7 @@ pub enum Response {
         missed: u64,
     },
     Status(DaemonStatus),
+    Node(NodeInfo),
     /// The response to a `send`: its body (UTF-8, lossily) and metadata.
     Reply {
         source: String,
@@ -152,6 +159,42 @@ pub enum Response {
         kind: ErrorKind,
         message: String,
     },
+}
+
+/// The node on the network, as `spindle node` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Absent: the node was never initialised and is `local` only.
+    pub name: Option<String>,
+    /// Its public key, as its peer id.
+    pub key: Option<String>,
+    pub listening: Vec<String>,
+    pub peers: Vec<PeerRow>,
+    /// Why the network is not running, when it should be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One allow-listed peer and its link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerRow {
+    pub name: String,
+    pub key: String,
+    pub addresses: Vec<String>,
+    /// `up`, `opening` or `down`.
+    pub link: String,
+    /// `down`: why, once it was tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
+    /// `up`: for how long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_ms: Option<u64>,
+    /// Wall clock (ms since the epoch) of the last frame heard from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
+    /// Round trip of the link's last heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u64>,
 }
 
 /// One message on the bus, as `trace` shows it.

@@ -124,6 +124,32 @@ impl fmt::Display for Selector {
     }
 }
 
+/// The node name every node answers to: `local@…` always means this node,
+/// whatever its own name (`spindle node init --name`).
+pub const LOCAL_NODE: &str = "local";
+
+/// Checks a node's name (`spindle node init --name`, a peer's name): an id
+/// segment, and not [`LOCAL_NODE`].
+pub fn validate_node_name(name: &str) -> Result<(), IdError> {
+    if name == LOCAL_NODE {
+        return Err(IdError::BadId {
+            what: "node name",
+            text: name.into(),
+            shape: "a name other than `local`, which always means this node",
+            example: "`alice`",
+        });
+    }
+    if !valid_segment(name) {
+        return Err(IdError::BadId {
+            what: "node name",
+            text: shown(name),
+            shape: "one segment",
+            example: "`alice` or `build-box.os`",
+        });
+    }
+    Ok(())
+}
+
 fn valid_segment(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME_LEN

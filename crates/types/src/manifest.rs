@@ -29,6 +29,8 @@ pub struct RawProcess {
     pub package: Option<String>,
     /// Whether any local process may message this process.
     pub public: Option<bool>,
+    /// Whether it may send to and be reached from processes on other nodes.
+    pub network: Option<bool>,
     /// A native process gets an IPC channel to the message bus (Node's
     /// `process.send` works with no library).
     pub ipc: Option<bool>,
@@ -167,12 +169,16 @@ impl RawProcess {
             }
             (Some(c), None) if !c.trim().is_empty() => {
                 let ipc = self.ipc.unwrap_or(false);
-                if !ipc && (self.package.is_some() || self.public.is_some()) {
+                if !ipc
+                    && (self.package.is_some() || self.public.is_some() || self.network.is_some())
+                {
                     return Err(err(
                         if self.package.is_some() {
                             "package"
-                        } else {
+                        } else if self.public.is_some() {
                             "public"
+                        } else {
+                            "network"
                         },
                         "applies to processes on the message bus only (set `ipc = true`, or `wasm = \"app.wasm\"`)".into(),
                     ));
@@ -324,6 +330,7 @@ impl RawProcess {
         }
         let spec = ProcessSpec {
             name: self.name,
+            network: self.network.unwrap_or(false),
             program,
             env: self.env,
             log,
@@ -536,6 +543,7 @@ on_exit = "none"
             "log_keep",
             "package",
             "public",
+            "network",
             "ipc",
             "heartbeat",
         ];

@@ -57,6 +57,11 @@ pub struct ProcessSpec {
     pub parent: Option<ProcessId>,
     #[serde(default, skip_serializing_if = "Budgets::is_default")]
     pub budgets: Budgets,
+    /// Holds the network right while it runs (`--network`): it may send to
+    /// and be reached from processes on other nodes. A spawned child has it
+    /// only if its parent passes it on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
 }
 
 /// A process's own budgets; `None` takes the node's default

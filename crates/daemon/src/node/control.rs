@@ -47,6 +47,8 @@ impl Node {
                 stream,
             } => self.logs(&target, lines, follow, stream),
             Request::Status => Reply::One(Response::Status(self.status(now))),
+            Request::Node => self.node_info(),
+            Request::NodeReload => self.node_reload(),
             Request::Shutdown => {
                 self.begin_shutdown(Some(reply));
                 return;
@@ -403,10 +405,25 @@ async fn send_as_operator(bus: Arc<Bus>, target: &str, body: String, timeout: Du
                     body: String::from_utf8_lossy(&r.body).into_owned(),
                     metadata: r.metadata,
                 }),
-                Ok(Some(Err(kind))) => err(
-                    ErrorKind::Exited,
-                    format!("{target} ended before it responded ({})", kind.name()),
-                ),
+                Ok(Some(Err(kind))) => match kind {
+                    SendErrorKind::Exited => err(
+                        ErrorKind::Exited,
+                        format!("{target} ended before it responded ({})", kind.name()),
+                    ),
+                    // Word from another node: its link went down, or that
+                    // node refused the request.
+                    SendErrorKind::Offline => {
+                        err(ErrorKind::Offline, format!("cannot reach {target}: {kind}"))
+                    }
+                    SendErrorKind::MailboxFull => {
+                        err(ErrorKind::MailboxFull, format!("{target}: {kind}"))
+                    }
+                    SendErrorKind::Timeout => err(ErrorKind::Timeout, format!("{target}: {kind}")),
+                    SendErrorKind::NoCapability | SendErrorKind::Invalid => err(
+                        ErrorKind::BadRequest,
+                        format!("{target} refused the request: {kind}"),
+                    ),
+                },
                 _ => err(
                     ErrorKind::Timeout,
                     format!(

@@ -36,6 +36,22 @@ impl Node {
         });
     }
 
+    /// A process the operator started holds the network right exactly
+    /// when its spec says `network`; a spawned child keeps whatever its
+    /// parent passed it.
+    fn network_right(&self, num: ProcessNum, spec: &ProcessSpec) {
+        let Some(addr) = self.wasm.address(num, spec) else {
+            return;
+        };
+        let bus = self.wasm.bus();
+        let right = spindle_bus::Capability::network();
+        if spec.network {
+            bus.grant(&addr.process, [right]);
+        } else if spec.parent.is_none() && bus.holds(&addr.process, &right) {
+            bus.revoke(&addr.process, &[right]);
+        }
+    }
+
     /// Carries out the kernel's effects until it has none left.
     pub(super) fn apply(&mut self) {
         loop {
@@ -48,6 +64,7 @@ impl Node {
             for effect in effects {
                 match effect {
                     Effect::Spawn { num, run, spec } => {
+                        self.network_right(num, &spec);
                         let tap = self.attached(num).tap.clone();
                         let result = match &spec.program {
                             Program::Native { .. } => self.spawn_native(num, run, &spec, tap),

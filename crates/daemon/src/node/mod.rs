@@ -3,6 +3,7 @@
 mod attached;
 mod control;
 mod effects;
+mod network;
 mod spawning;
 
 use attached::{Attached, OnBus};
@@ -224,6 +225,8 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
             paths.journal.display()
         );
     }
+    // Links to other nodes, when this home has a name and key.
+    let network = network::Network::start(&paths.home, &bus);
     // Runtime modules: their addresses are the node's own, on the bus first.
     spindle_db::start(&paths.db, &bus)?;
     spindle_vfs::start(&paths.vfs, &bus)?;
@@ -290,6 +293,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         started: now,
         shutdown_waiters: vec![],
         after_commit: vec![],
+        network,
     };
     node.apply();
     node.persist();
@@ -382,6 +386,7 @@ struct Node {
     /// Answers to requests that changed the table, sent once the step's
     /// commit is durable.
     after_commit: Vec<(oneshot::Sender<Reply>, Reply)>,
+    network: network::Network,
 }
 
 fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {

@@ -129,6 +129,7 @@ impl Node {
                 transient: !matches!(call.on_exit, spindle_types::OnExit::Restart),
                 parent: Some(call.parent.process.clone()),
                 budgets: Default::default(),
+                network: false,
             };
             spec.check().map_err(|b| SpawnError::Spec {
                 key: b.key,

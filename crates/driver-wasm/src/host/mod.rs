@@ -419,8 +419,13 @@ impl ProcessHost {
         {
             return self.shared.bus.send_now_to(ep, env, false);
         }
-        let Some(ep) = self.shared.bus.endpoint(&env.target.process) else {
-            // The bus says (and traces) that it is offline.
+        // Another node's process goes to its link; one not on the bus is
+        // offline: the bus says (and traces) which.
+        let here = self.shared.bus.is_here(&env.target.node);
+        let Some(ep) = here
+            .then(|| self.shared.bus.endpoint(&env.target.process))
+            .flatten()
+        else {
             return self.shared.bus.send_now(env, false);
         };
         let to = env.target.clone();

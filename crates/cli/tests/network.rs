@@ -1,0 +1,139 @@
+//! Two real daemons on loopback, each in its own home, linked as peers:
+//! requests from the CLI and from wasm processes cross nodes with the
+//! local rules, and a peer that dies or freezes is `offline` in time.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// A node on the network: initialised, its daemon up and listening on a
+/// loopback port of its own choosing. Returns its key and address.
+fn on_network(node: &Node, name: &str) -> (String, String) {
+    node.ok(&["node", "init", "--name", name, "--listen", "127.0.0.1:0"]);
+    node.ok(&["ls"]);
+    until("the node to listen", || {
+        let id = node.ok(&["node", "id"]);
+        let parts: Vec<&str> = id.split_whitespace().collect();
+        (parts.len() == 3 && parts[0] == name && parts[2].contains("/tcp/"))
+            .then(|| (parts[1].to_string(), parts[2].to_string()))
+    })
+}
+
+fn link_of(node: &Node, peer: &str) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&node.ok(&["node", "peers", "--json"])).unwrap();
+    info["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == peer)
+        .map(|p| p["link"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+fn wait_linked(a: &Node, b: &Node) {
+    until("the link to come up", || {
+        (link_of(a, "bob") == "up" && link_of(b, "alice") == "up").then_some(())
+    });
+}
+
+/// alice and bob, each trusting the other, linked.
+fn pair() -> (Node, Node) {
+    let (alice, bob) = (Node::new(), Node::new());
+    let (akey, aaddr) = on_network(&alice, "alice");
+    let (bkey, baddr) = on_network(&bob, "bob");
+    alice.ok(&["node", "peer", "add", "bob", &bkey, &baddr]);
+    bob.ok(&["node", "peer", "add", "alice", &akey, &aaddr]);
+    wait_linked(&alice, &bob);
+    (alice, bob)
+}
+
+fn start_echo(node: &Node, name: &str, flags: &[&str]) {
+    let path = spindle_guests::path("echo");
+    let mut args = vec![
+        "start",
+        path.to_str().unwrap(),
+        "--name",
+        name,
+        "--package",
+        "demo:spindle",
+    ];
+    args.extend_from_slice(flags);
+    node.ok(&args);
+}
+
+fn stop_daemon(node: &Node) {
+    let _ = node.run(&["daemon", "stop"]);
+}
+
+#[test]
+fn requests_cross_nodes_with_the_local_rules() {
+    let (alice, bob) = pair();
+    start_echo(&bob, "echo", &["--public", "--network"]);
+    start_echo(&bob, "shut", &["--public"]);
+    start_echo(&alice, "client", &["--network"]);
+    start_echo(&alice, "nonet", &[]);
+
+    // The operator's request, answered across the link.
+    assert_eq!(
+        alice.ok(&["send", "bob@echo:demo:spindle", "hi"]).trim(),
+        "hi"
+    );
+    // wasm to wasm: a process with the network right gets every answer; a
+    // process without it is refused every time.
+    assert_eq!(
+        alice
+            .ok(&[
+                "send",
+                "local@client:demo:spindle",
+                "bench bob@echo:demo:spindle 200"
+            ])
+            .trim(),
+        "ok 200"
+    );
+    assert_eq!(
+        alice
+            .ok(&[
+                "send",
+                "local@nonet:demo:spindle",
+                "bench bob@echo:demo:spindle 5"
+            ])
+            .trim(),
+        "ok 0"
+    );
+    // A target without the network right cannot be reached from another
+    // node, even though it is public here.
+    let refused = alice.fails(&["send", "bob@shut:demo:spindle", "hi"]);
+    assert!(refused.contains("no capability"), "{refused}");
+    assert_eq!(
+        bob.ok(&["send", "local@shut:demo:spindle", "hi"]).trim(),
+        "hi"
+    );
+    // The node's own modules are never reachable from a peer.
+    let module = alice.fails(&["send", "bob@kv:sys:spindle", "{}"]);
+    assert!(module.contains("no capability"), "{module}");
+    // An unknown node, or a process the peer does not have: offline.
+    let t = Instant::now();
+    let unknown = alice.fails(&["send", "carol@echo:demo:spindle", "hi"]);
+    assert!(unknown.contains("offline"), "{unknown}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let absent = alice.fails(&["send", "bob@nobody:demo:spindle", "hi"]);
+    assert!(absent.contains("offline"), "{absent}");
+
+    // One-way messages from one process to another: every one that was
+    // accepted arrives, once.
+    let out = alice.ok(&[
+        "send",
+        "--timeout",
+        "60s",
+        "local@client:demo:spindle",
+        "flood bob@echo:demo:spindle 3000",
+    ]);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words.len(), 4, "{out}");
+    assert_eq!(words[1], words[3], "sent and counted differ: {out}");
+    assert!(words[1].parse::<u64>().unwrap() > 0, "{out}");
+
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+}

@@ -1,0 +1,120 @@
+//! The node on the network: its links started at boot (when `spindle node
+//! init` was run in its home), and the `node` / `node_reload` requests.
+
+use super::*;
+use spindle_net::{Files, Identity, LinkStatus, Net};
+use spindle_types::control::{NodeInfo, PeerRow};
+
+/// Whether this node takes part in a network.
+pub(super) enum Network {
+    /// Never initialised: `local` only, listening nowhere.
+    Off,
+    On(Net),
+    /// Initialised, but its files or its listener failed: why.
+    Failed(String),
+}
+
+impl Network {
+    /// Starts the links of a home that has a name and key.
+    pub(super) fn start(home: &std::path::Path, bus: &Arc<Bus>) -> Network {
+        let files = Files::in_home(home);
+        let started = Identity::load(&files)
+            .map_err(spindle_net::NetError::from)
+            .and_then(|id| id.map(|id| Net::start(id, bus.clone())).transpose());
+        match started {
+            Ok(None) => Network::Off,
+            Ok(Some(net)) => {
+                tracing::info!("node {} ({}) is on the network", net.name(), net.key());
+                Network::On(net)
+            }
+            Err(e) => {
+                tracing::error!("the network did not start, the node runs on its own: {e}");
+                Network::Failed(e.to_string())
+            }
+        }
+    }
+}
+
+impl Node {
+    pub(super) fn node_info(&self) -> Reply {
+        let info = match &self.network {
+            Network::Off => NodeInfo {
+                name: None,
+                key: None,
+                listening: vec![],
+                peers: vec![],
+                error: None,
+            },
+            Network::Failed(why) => NodeInfo {
+                name: None,
+                key: None,
+                listening: vec![],
+                peers: vec![],
+                error: Some(why.clone()),
+            },
+            Network::On(net) => NodeInfo {
+                name: Some(net.name().into()),
+                key: Some(net.key()),
+                listening: net.listening(),
+                peers: net.peers().into_iter().map(row).collect(),
+                error: None,
+            },
+        };
+        Reply::One(Response::Node(info))
+    }
+
+    /// `node_reload`: the node's files changed.
+    pub(super) fn node_reload(&mut self) -> Reply {
+        let files = Files::in_home(&self.paths.home);
+        match &self.network {
+            Network::On(net) => match Identity::load(&files) {
+                Ok(Some(id)) if id.name == net.name() => net.reload(&id),
+                Ok(Some(id)) => {
+                    return err(
+                        ErrorKind::BadRequest,
+                        format!(
+                            "node.toml now names this node `{}`, but it runs as `{}`: restart the daemon to take the new name",
+                            id.name,
+                            net.name()
+                        ),
+                    );
+                }
+                Ok(None) => {
+                    return err(
+                        ErrorKind::BadRequest,
+                        "node.toml is gone: restart the daemon to leave the network",
+                    );
+                }
+                Err(e) => return err(ErrorKind::BadRequest, e.to_string()),
+            },
+            // A bus takes one name for its life: a node that failed after
+            // it had one (never here: a failed start sets none) or a
+            // fresh one may start now.
+            Network::Off | Network::Failed(_) => {
+                self.network = Network::start(&self.paths.home, self.wasm.bus());
+                if let Network::Failed(why) = &self.network {
+                    return err(ErrorKind::BadRequest, why.clone());
+                }
+            }
+        }
+        self.node_info()
+    }
+}
+
+fn row(p: spindle_net::PeerStatus) -> PeerRow {
+    let (link, why, up_ms) = match p.link {
+        LinkStatus::Up { for_ms } => ("up", None, Some(for_ms)),
+        LinkStatus::Opening => ("opening", None, None),
+        LinkStatus::Down { why } => ("down", why, None),
+    };
+    PeerRow {
+        name: p.name,
+        key: p.key,
+        addresses: p.addresses,
+        link: link.into(),
+        why,
+        up_ms,
+        last_seen_ms: p.last_seen_ms,
+        rtt_us: p.rtt_us,
+    }
+}

@@ -1,0 +1,328 @@
+//! The network's thread: the libp2p swarm (owned by one task), the
+//! listener's inbound streams, and one dialer per peer this node dials.
+
+use crate::config::{Identity, Peer};
+use crate::link::{self, PeerLink};
+use crate::{NetError, Shared, wire};
+use libp2p::futures::StreamExt;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, noise, tcp, yamux};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// First wait before redialing a peer that could not be reached; doubled
+/// on each failure up to [`MAX_BACKOFF`], and back to this once linked.
+pub const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait between dials: a peer that comes back is linked again
+/// within it.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a dial and the opening of its stream may take (a peer that
+/// accepts TCP but never answers the handshake is frozen).
+pub const DIAL_WITHIN: Duration = Duration::from_secs(2);
+/// Idle connections stay: a link's heartbeats, not an idle timer, decide
+/// when a peer is gone.
+const IDLE_CONNECTION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+pub(crate) enum Command {
+    /// A new allow-list.
+    Peers(Vec<Peer>),
+    Dial {
+        peer: PeerId,
+        addresses: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Disconnect(PeerId),
+}
+
+type NodeSwarm = Swarm<libp2p_stream::Behaviour>;
+
+fn build(identity: &Identity) -> Result<NodeSwarm, NetError> {
+    let transport = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    Ok(
+        libp2p::SwarmBuilder::with_existing_identity(identity.key.clone())
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| transport(&e))?
+            .with_behaviour(|_| libp2p_stream::Behaviour::new())
+            .map_err(|e| transport(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION))
+            .build(),
+    )
+}
+
+/// Starts the network's thread; returns once it listens (or could not).
+pub(crate) fn spawn(
+    identity: Identity,
+    shared: Arc<Shared>,
+    listening: Arc<RwLock<Vec<String>>>,
+) -> Result<mpsc::UnboundedSender<Command>, NetError> {
+    let (commands, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let own = commands.clone();
+    std::thread::Builder::new()
+        .name("spindle-net".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(NetError::Thread(e)));
+                    return;
+                }
+            };
+            // Links keep their per-stream state in cells: they run on this
+            // thread only.
+            let local = tokio::task::LocalSet::new();
+            local.block_on(&rt, serve(identity, shared, listening, own, rx, ready_tx));
+        })
+        .map_err(NetError::Thread)?;
+    ready
+        .recv()
+        .map_err(|_| NetError::Transport("the network's thread ended".into()))??;
+    Ok(commands)
+}
+
+async fn serve(
+    identity: Identity,
+    shared: Arc<Shared>,
+    listening: Arc<RwLock<Vec<String>>>,
+    commands: mpsc::UnboundedSender<Command>,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    ready: std::sync::mpsc::Sender<Result<(), NetError>>,
+) {
+    let mut swarm = match build(&identity) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    for address in &identity.listen {
+        if let Err(e) = swarm.listen_on(address.clone()) {
+            let _ = ready.send(Err(NetError::Listen {
+                address: address.to_string(),
+                why: e.to_string(),
+            }));
+            return;
+        }
+    }
+    let mut control = swarm.behaviour().new_control();
+    let mut incoming = match control.accept(StreamProtocol::new(wire::PROTOCOL)) {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = ready.send(Err(NetError::Transport(e.to_string())));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let peers: Vec<Arc<PeerLink>> = shared
+        .peers
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for peer in peers {
+        start_dialer(&shared, peer, &commands, &control);
+    }
+    let mut dials: HashMap<ConnectionId, oneshot::Sender<Result<(), String>>> = HashMap::new();
+    loop {
+        tokio::select! {
+            event = swarm.select_next_some() => match event {
+                SwarmEvent::NewListenAddr { address, .. } => {
+                    tracing::info!("node {} listens on {address}", shared.name);
+                    listening.write().unwrap_or_else(|p| p.into_inner()).push(address.to_string());
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
+                    if shared.peer_by_id(&peer_id).is_none() {
+                        tracing::warn!("refused a connection from {peer_id}: not on the allow-list");
+                        let _ = swarm.disconnect_peer_id(peer_id);
+                    }
+                    if let Some(reply) = dials.remove(&connection_id) {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
+                    if let Some(reply) = dials.remove(&connection_id) {
+                        let _ = reply.send(Err(error.to_string()));
+                    }
+                }
+                _ => {}
+            },
+            Some(command) = rx.recv() => match command {
+                Command::Dial { peer, addresses, reply } => {
+                    if swarm.is_connected(&peer) {
+                        let _ = reply.send(Ok(()));
+                        continue;
+                    }
+                    let opts = DialOpts::peer_id(peer)
+                        .addresses(addresses)
+                        .condition(PeerCondition::Always)
+                        .build();
+                    let id = opts.connection_id();
+                    match swarm.dial(opts) {
+                        Ok(()) => { dials.insert(id, reply); }
+                        Err(e) => { let _ = reply.send(Err(e.to_string())); }
+                    }
+                }
+                Command::Disconnect(peer) => {
+                    let _ = swarm.disconnect_peer_id(peer);
+                }
+                Command::Peers(new) => {
+                    for gone in reload(&shared, new) {
+                        let _ = swarm.disconnect_peer_id(gone);
+                    }
+                    let fresh: Vec<Arc<PeerLink>> = shared
+                        .peers
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .values()
+                        .filter(|p| p.fresh.swap(false, Ordering::AcqRel))
+                        .cloned()
+                        .collect();
+                    for peer in fresh {
+                        start_dialer(&shared, peer, &commands, &control);
+                    }
+                }
+            },
+            Some((from, stream)) = incoming.next() => {
+                accept(&shared, &commands, from, stream);
+            }
+        }
+    }
+}
+
+/// Takes a new allow-list: peers removed or changed lose their record
+/// (their links end); returns their ids. New records are marked fresh.
+fn reload(shared: &Shared, new: Vec<Peer>) -> Vec<PeerId> {
+    let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
+    let mut gone = vec![];
+    peers.retain(|name, link| {
+        let keep = new
+            .iter()
+            .any(|p| p.name == *name && p.id == link.id && p.addresses == link.addresses);
+        if !keep {
+            link.gone.store(true, Ordering::Release);
+            link.removed.notify_one();
+            gone.push(link.id);
+        }
+        keep
+    });
+    for p in new {
+        if !peers.contains_key(&p.name) {
+            let link = PeerLink::new(p);
+            link.fresh.store(true, Ordering::Release);
+            peers.insert(link.name.clone(), Arc::new(link));
+        }
+    }
+    gone
+}
+
+/// A stream a peer opened: served if the peer is allow-listed, is the one
+/// that dials, and has no link yet.
+fn accept(
+    shared: &Arc<Shared>,
+    commands: &mpsc::UnboundedSender<Command>,
+    from: PeerId,
+    stream: libp2p::Stream,
+) {
+    let Some(peer) = shared.peer_by_id(&from) else {
+        tracing::warn!("refused a stream from {from}: not on the allow-list");
+        return;
+    };
+    if shared.dials(&from) {
+        tracing::warn!(
+            "refused a stream from {}: this node dials it, not the other way",
+            peer.name
+        );
+        return;
+    }
+    if !peer.claim() {
+        tracing::warn!(
+            "refused a second stream from {}: it has a link already",
+            peer.name
+        );
+        return;
+    }
+    let shared = shared.clone();
+    let commands = commands.clone();
+    tokio::task::spawn_local(async move {
+        link::run(&shared, &peer, stream).await;
+        let _ = commands.send(Command::Disconnect(peer.id));
+    });
+}
+
+fn start_dialer(
+    shared: &Arc<Shared>,
+    peer: Arc<PeerLink>,
+    commands: &mpsc::UnboundedSender<Command>,
+    control: &libp2p_stream::Control,
+) {
+    if !shared.dials(&peer.id) {
+        return;
+    }
+    tokio::task::spawn_local(dialer(
+        shared.clone(),
+        peer,
+        commands.clone(),
+        control.clone(),
+    ));
+}
+
+/// Keeps a link to `peer` up: dials, opens the stream, serves it, and
+/// after it ends (or a dial fails) tries again after a backoff.
+async fn dialer(
+    shared: Arc<Shared>,
+    peer: Arc<PeerLink>,
+    commands: mpsc::UnboundedSender<Command>,
+    mut control: libp2p_stream::Control,
+) {
+    let mut backoff = MIN_BACKOFF;
+    while !peer.gone.load(Ordering::Acquire) {
+        if peer.claim() {
+            let opened = tokio::time::timeout(DIAL_WITHIN, async {
+                let (reply, answer) = oneshot::channel();
+                commands
+                    .send(Command::Dial {
+                        peer: peer.id,
+                        addresses: peer.addresses.clone(),
+                        reply,
+                    })
+                    .map_err(|_| "the network stopped".to_string())?;
+                answer
+                    .await
+                    .map_err(|_| "the network stopped".to_string())??;
+                control
+                    .open_stream(peer.id, StreamProtocol::new(wire::PROTOCOL))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {DIAL_WITHIN:?}")));
+            match opened {
+                Ok(stream) => {
+                    let linked = link::run(&shared, &peer, stream).await;
+                    tracing::debug!("link to {} ended: {linked}", peer.name);
+                    backoff = MIN_BACKOFF;
+                }
+                Err(why) => {
+                    tracing::debug!("could not reach {}: {why}", peer.name);
+                    peer.unclaim(format!("unreachable: {why}"));
+                }
+            }
+            let _ = commands.send(Command::Disconnect(peer.id));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
