@@ -151,7 +151,9 @@ impl Envelope {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a send failed. Node-to-node frames carry it by variant index
+/// (postcard): new kinds go at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SendErrorKind {
     Offline,
     Timeout,

@@ -157,26 +157,6 @@ fn render(info: &NodeInfo) -> String {
         })
         .collect();
     let header = ["peer", "link", "last seen", "rtt", "key", "addresses"];
-    let mut widths = header.map(str::len);
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(c);
-            } else {
-                l.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        l.trim_end().to_string() + "\n"
-    };
-    out.push_str(&line(&header.map(String::from)));
-    for r in &rows {
-        out.push_str(&line(r));
-    }
+    out.push_str(&crate::table::columns(&header, &rows));
     out
 }

@@ -70,8 +70,14 @@ pub fn render(list: &[ProcessInfo]) -> String {
     if rows.is_empty() {
         return "no processes: start one with `spindle start -- COMMAND` or `spindle start app.toml`\n".into();
     }
+    columns(&header, &rows)
+}
+
+/// Left-aligned columns, two spaces apart, under a header; the last column
+/// is not padded.
+pub fn columns<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
-    for r in &rows {
+    for r in rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
@@ -90,7 +96,7 @@ pub fn render(list: &[ProcessInfo]) -> String {
         out.push('\n');
     };
     line(&header.map(String::from));
-    for r in &rows {
+    for r in rows {
         line(r);
     }
     out

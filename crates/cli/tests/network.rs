@@ -137,3 +137,24 @@ fn requests_cross_nodes_with_the_local_rules() {
     stop_daemon(&alice);
     stop_daemon(&bob);
 }
+
+#[test]
+fn node_commands_explain_bad_input() {
+    let node = Node::new();
+    let err = node.fails(&["node", "peer", "add", "bob", "12D3KooWbad", "127.0.0.1:1"]);
+    assert!(err.contains("spindle node init"), "{err}");
+    node.ok(&["node", "init", "--name", "alice"]);
+    let again = node.fails(&["node", "init", "--name", "alice"]);
+    assert!(again.contains("already"), "{again}");
+    let key = node.fails(&["node", "peer", "add", "bob", "not-a-key", "127.0.0.1:1"]);
+    assert!(key.contains("not a node key"), "{key}");
+    let name = node.fails(&["node", "init", "--name", "local"]);
+    assert!(name.contains("local"), "{name}");
+    let addr = Node::new().fails(&["node", "init", "--name", "x", "--listen", "nowhere"]);
+    assert!(addr.contains("IP:PORT"), "{addr}");
+    // A node never initialised is `local` only, and says how to change it.
+    let lone = Node::new();
+    assert!(lone.ok(&["node", "peers"]).contains("node init"));
+    stop_daemon(&lone);
+    stop_daemon(&node);
+}

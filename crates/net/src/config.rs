@@ -274,12 +274,6 @@ pub fn load_key(path: &Path) -> Result<Keypair, ConfigError> {
 /// `spindle node init`: a new key and a config naming the node. Refused
 /// if the home already has either.
 pub fn init(files: &Files, name: &str, listen: Vec<String>) -> Result<PeerId, ConfigError> {
-    if let Ok(existing) = NodeConfig::load(&files.config) {
-        return Err(ConfigError::AlreadyInitialised(existing.name));
-    }
-    if files.key.exists() {
-        return Err(ConfigError::AlreadyInitialised(name.into()));
-    }
     let config = NodeConfig {
         name: name.into(),
         listen,
@@ -287,7 +281,14 @@ pub fn init(files: &Files, name: &str, listen: Vec<String>) -> Result<PeerId, Co
     };
     let pair = ed25519::Keypair::generate();
     let id = PeerId::from(libp2p::identity::PublicKey::from(pair.public()));
+    // Bad input is reported as such even on a node that is already set up.
     config.check(&id)?;
+    if let Ok(existing) = NodeConfig::load(&files.config) {
+        return Err(ConfigError::AlreadyInitialised(existing.name));
+    }
+    if files.key.exists() {
+        return Err(ConfigError::AlreadyInitialised(name.into()));
+    }
     write_atomic(&files.key, &pair.to_bytes(), 0o600)?;
     config.save(&files.config)?;
     Ok(id)

@@ -460,7 +460,7 @@ fn inbound(peer: &PeerLink, h: Header, body: &[u8], blob: Option<&[u8]>) -> Enve
             },
             None,
         ),
-        Kind::Failed(kind) => Message::Failed(kind.into()),
+        Kind::Failed(kind) => Message::Failed(kind),
     };
     Envelope {
         id: h.id,
@@ -527,7 +527,7 @@ fn encode(out: &mut Vec<u8>, env: &Envelope) -> bool {
             &r.body,
             r.metadata.clone(),
         ),
-        Message::Failed(k) => (Kind::Failed((*k).into()), &[], None),
+        Message::Failed(k) => (Kind::Failed(*k), &[], None),
     };
     let Ok(body_len) = u32::try_from(body.len()) else {
         return false;

@@ -73,44 +73,7 @@ pub enum Kind {
         inherit: bool,
     },
     /// The request numbered `id` failed where it went.
-    Failed(FailKind),
-}
-
-/// [`SendErrorKind`] as the wire spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum FailKind {
-    Offline,
-    Timeout,
-    NoCapability,
-    MailboxFull,
-    Invalid,
-    Exited,
-}
-
-impl From<SendErrorKind> for FailKind {
-    fn from(k: SendErrorKind) -> FailKind {
-        match k {
-            SendErrorKind::Offline => FailKind::Offline,
-            SendErrorKind::Timeout => FailKind::Timeout,
-            SendErrorKind::NoCapability => FailKind::NoCapability,
-            SendErrorKind::MailboxFull => FailKind::MailboxFull,
-            SendErrorKind::Invalid => FailKind::Invalid,
-            SendErrorKind::Exited => FailKind::Exited,
-        }
-    }
-}
-
-impl From<FailKind> for SendErrorKind {
-    fn from(k: FailKind) -> SendErrorKind {
-        match k {
-            FailKind::Offline => SendErrorKind::Offline,
-            FailKind::Timeout => SendErrorKind::Timeout,
-            FailKind::NoCapability => SendErrorKind::NoCapability,
-            FailKind::MailboxFull => SendErrorKind::MailboxFull,
-            FailKind::Invalid => SendErrorKind::Invalid,
-            FailKind::Exited => SendErrorKind::Exited,
-        }
-    }
+    Failed(SendErrorKind),
 }
 
 /// One decoded frame. A message's body and blob borrow from the frame's
