@@ -133,7 +133,7 @@ fn render(info: &NodeInfo) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let rows: Vec<[String; 6]> = info
+    let rows: Vec<[String; 7]> = info
         .peers
         .iter()
         .map(|p| {
@@ -151,12 +151,21 @@ fn render(info: &NodeInfo) -> String {
                 p.rtt_us
                     .map(|us| format!("{:.2}ms", us as f64 / 1000.0))
                     .unwrap_or_else(|| "-".into()),
+                p.in_flight.to_string(),
                 p.key.clone(),
                 p.addresses.join(" "),
             ]
         })
         .collect();
-    let header = ["peer", "link", "last seen", "rtt", "key", "addresses"];
+    let header = [
+        "peer",
+        "link",
+        "last seen",
+        "rtt",
+        "in flight",
+        "key",
+        "addresses",
+    ];
     out.push_str(&crate::table::columns(&header, &rows));
     out
 }

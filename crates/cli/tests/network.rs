@@ -158,3 +158,106 @@ fn node_commands_explain_bad_input() {
     stop_daemon(&lone);
     stop_daemon(&node);
 }
+
+/// bob's daemon, stopped by SIGSTOP, is let go again however the test ends.
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Frozen {
+        // SAFETY: signalling a daemon this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A request bob's `slow` holds for a long time, sent from alice's CLI.
+fn held_request(alice: &Node) -> std::process::Child {
+    alice.spawn(&[
+        "send",
+        "--timeout",
+        "60s",
+        "bob@slow:demo:spindle",
+        "sleep 30000",
+    ])
+}
+
+fn answers(alice: &Node) -> bool {
+    alice
+        .run(&["send", "--timeout", "1s", "bob@echo:demo:spindle", "hi"])
+        .status
+        .success()
+}
+
+/// alice's link to bob carries the request and awaits its answer.
+fn wait_in_flight(alice: &Node) {
+    until("the request to be in flight", || {
+        let rows = alice.ok(&["node", "peers", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&rows).unwrap();
+        (v["peers"][0]["in_flight"].as_u64() == Some(1)).then_some(())
+    });
+}
+
+#[test]
+fn a_dead_or_frozen_peer_is_offline_in_time_and_comes_back() {
+    let (alice, bob) = pair();
+    start_echo(&bob, "echo", &["--public", "--network"]);
+    start_echo(&bob, "slow", &["--public", "--network"]);
+    until("bob's echo to answer", || answers(&alice).then_some(()));
+
+    // kill -9 with a request in flight: it fails `offline` at once, not
+    // `timeout` a minute later.
+    let held = held_request(&alice);
+    wait_in_flight(&alice);
+    let killed = Instant::now();
+    // SAFETY: signalling a daemon this test started.
+    unsafe { libc::kill(bob.daemon_pid(), libc::SIGKILL) };
+    let (at, out) = finished(held);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("offline"), "{err}");
+    let took = at.duration_since(killed);
+    assert!(took < Duration::from_secs(2), "offline after {took:?}");
+    // While bob is down, sends fail `offline` at once.
+    let t = Instant::now();
+    let down = alice.fails(&["send", "bob@echo:demo:spindle", "hi"]);
+    assert!(down.contains("offline"), "{down}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    // bob comes back, listening on a new port (`127.0.0.1:0`) that alice's
+    // allow-list does not know: the link comes up by itself all the same,
+    // through the connection bob makes, and traffic resumes.
+    bob.ok(&["ls"]);
+    until("traffic to resume after the restart", || {
+        answers(&alice).then_some(())
+    });
+
+    // A frozen peer: detected by heartbeats, the request in flight fails
+    // `offline` within the bound.
+    let held = held_request(&alice);
+    wait_in_flight(&alice);
+    let frozen_at = Instant::now();
+    let frozen = Frozen::freeze(bob.daemon_pid());
+    let (at, out) = finished(held);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("offline"), "{err}");
+    let took = at.duration_since(frozen_at);
+    assert!(took < Duration::from_secs(3), "offline after {took:?}");
+    let t = Instant::now();
+    let down = alice.fails(&["send", "bob@echo:demo:spindle", "hi"]);
+    assert!(down.contains("offline"), "{down}");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    drop(frozen);
+    until("traffic to resume after the thaw", || {
+        answers(&alice).then_some(())
+    });
+
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+}

@@ -83,7 +83,9 @@ impl Shared {
             .cloned()
     }
 
-    /// Whether this node dials `peer` (its key sorts first) or waits for it.
+    /// Whether this node opens the link's stream to `peer` (its key sorts
+    /// first) or waits for the peer to open it. Both sides dial
+    /// connections, so a link comes up when either knows where the other is.
     pub fn dials(&self, peer: &libp2p::PeerId) -> bool {
         self.own.to_bytes() < peer.to_bytes()
     }

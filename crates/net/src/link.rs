@@ -79,6 +79,9 @@ pub(crate) struct PeerLink {
     pub fresh: std::sync::atomic::AtomicBool,
     /// Told when the peer leaves the allow-list: its link ends.
     pub removed: Notify,
+    /// Told when a connection to the peer is established (by either
+    /// side): the node that opens the stream need not wait out its backoff.
+    pub connected: Notify,
     rtt_us: AtomicU64,
     /// Wall clock (ms since the epoch) of the last frame heard; 0: never.
     last_seen_ms: AtomicU64,
@@ -100,6 +103,8 @@ pub struct PeerStatus {
     pub link: LinkStatus,
     pub last_seen_ms: Option<u64>,
     pub rtt_us: Option<u64>,
+    /// Requests carried to it that await its answer.
+    pub in_flight: usize,
 }
 
 fn wall_ms() -> u64 {
@@ -120,6 +125,7 @@ impl PeerLink {
             gone: Default::default(),
             fresh: Default::default(),
             removed: Notify::new(),
+            connected: Notify::new(),
             rtt_us: AtomicU64::new(0),
             last_seen_ms: AtomicU64::new(0),
         }
@@ -146,6 +152,10 @@ impl PeerLink {
     }
 
     /// Gives the slot back after a stream that never became a link.
+    pub fn is_down(&self) -> bool {
+        matches!(*self.state(), State::Down { .. })
+    }
+
     pub fn unclaim(&self, why: String) {
         let mut s = self.state();
         if matches!(*s, State::Opening) {
@@ -170,6 +180,7 @@ impl PeerLink {
             link,
             last_seen_ms: (seen > 0).then_some(seen),
             rtt_us: (rtt > 0).then_some(rtt),
+            in_flight: self.in_flight().len(),
         }
     }
 

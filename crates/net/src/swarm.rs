@@ -1,5 +1,9 @@
 //! The network's thread: the libp2p swarm (owned by one task), the
-//! listener's inbound streams, and one dialer per peer this node dials.
+//! listener's inbound streams, and one task per peer that keeps its link
+//! up. Of two peers, the one whose key sorts first opens the link's one
+//! stream (its *dialer*); the other only dials connections (its
+//! *connector*), so a link also comes up when only one side knows the
+//! other's address, and two links never race.
 
 use crate::config::{Identity, Peer};
 use crate::link::{self, PeerLink};
@@ -144,9 +148,12 @@ async fn serve(
                     listening.write().unwrap_or_else(|p| p.into_inner()).push(address.to_string());
                 }
                 SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
-                    if shared.peer_by_id(&peer_id).is_none() {
-                        tracing::warn!("refused a connection from {peer_id}: not on the allow-list");
-                        let _ = swarm.disconnect_peer_id(peer_id);
+                    match shared.peer_by_id(&peer_id) {
+                        Some(peer) => peer.connected.notify_one(),
+                        None => {
+                            tracing::warn!("refused a connection from {peer_id}: not on the allow-list");
+                            let _ = swarm.disconnect_peer_id(peer_id);
+                        }
                     }
                     if let Some(reply) = dials.remove(&connection_id) {
                         let _ = reply.send(Ok(()));
@@ -268,19 +275,63 @@ fn start_dialer(
     commands: &mpsc::UnboundedSender<Command>,
     control: &libp2p_stream::Control,
 ) {
-    if !shared.dials(&peer.id) {
-        return;
+    if shared.dials(&peer.id) {
+        tokio::task::spawn_local(dialer(
+            shared.clone(),
+            peer,
+            commands.clone(),
+            control.clone(),
+        ));
+    } else if !peer.addresses.is_empty() {
+        tokio::task::spawn_local(connector(peer, commands.clone()));
     }
-    tokio::task::spawn_local(dialer(
-        shared.clone(),
-        peer,
-        commands.clone(),
-        control.clone(),
-    ));
+}
+
+/// Asks the swarm for a connection to `peer` (at once when it has one).
+async fn connect(peer: &PeerLink, commands: &mpsc::UnboundedSender<Command>) -> Result<(), String> {
+    let (reply, answer) = oneshot::channel();
+    commands
+        .send(Command::Dial {
+            peer: peer.id,
+            addresses: peer.addresses.clone(),
+            reply,
+        })
+        .map_err(|_| "the network stopped".to_string())?;
+    answer
+        .await
+        .map_err(|_| "the network stopped".to_string())?
+}
+
+/// Waits `backoff`, or less if a connection to the peer comes up.
+async fn pause(peer: &PeerLink, backoff: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(backoff) => {}
+        _ = peer.connected.notified() => {}
+    }
+}
+
+/// For a peer that opens the stream itself: while its link is down, keeps
+/// a connection to it so it can.
+async fn connector(peer: Arc<PeerLink>, commands: mpsc::UnboundedSender<Command>) {
+    let mut backoff = MIN_BACKOFF;
+    while !peer.gone.load(Ordering::Acquire) {
+        if peer.is_down() {
+            match tokio::time::timeout(DIAL_WITHIN, connect(&peer, &commands)).await {
+                Ok(Ok(())) => backoff = MIN_BACKOFF,
+                Ok(Err(why)) => tracing::debug!("could not reach {}: {why}", peer.name),
+                Err(_) => tracing::debug!("could not reach {} within {DIAL_WITHIN:?}", peer.name),
+            }
+        } else {
+            backoff = MIN_BACKOFF;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
 }
 
 /// Keeps a link to `peer` up: dials, opens the stream, serves it, and
-/// after it ends (or a dial fails) tries again after a backoff.
+/// after it ends (or a dial fails) tries again after a backoff — or at
+/// once when the peer connects to this node.
 async fn dialer(
     shared: Arc<Shared>,
     peer: Arc<PeerLink>,
@@ -290,18 +341,10 @@ async fn dialer(
     let mut backoff = MIN_BACKOFF;
     while !peer.gone.load(Ordering::Acquire) {
         if peer.claim() {
+            let mut reached = false;
             let opened = tokio::time::timeout(DIAL_WITHIN, async {
-                let (reply, answer) = oneshot::channel();
-                commands
-                    .send(Command::Dial {
-                        peer: peer.id,
-                        addresses: peer.addresses.clone(),
-                        reply,
-                    })
-                    .map_err(|_| "the network stopped".to_string())?;
-                answer
-                    .await
-                    .map_err(|_| "the network stopped".to_string())??;
+                connect(&peer, &commands).await?;
+                reached = true;
                 control
                     .open_stream(peer.id, StreamProtocol::new(wire::PROTOCOL))
                     .await
@@ -320,9 +363,14 @@ async fn dialer(
                     peer.unclaim(format!("unreachable: {why}"));
                 }
             }
-            let _ = commands.send(Command::Disconnect(peer.id));
+            // A connection that carried no link, or a link that ended, is
+            // dropped; a dial that failed left none (and the peer may have
+            // connected meanwhile).
+            if reached {
+                let _ = commands.send(Command::Disconnect(peer.id));
+            }
         }
-        tokio::time::sleep(backoff).await;
+        pause(&peer, backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

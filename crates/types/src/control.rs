@@ -195,6 +195,9 @@ pub struct PeerRow {
     /// Round trip of the link's last heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_us: Option<u64>,
+    /// Requests sent to it that await its answer.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 /// One message on the bus, as `trace` shows it.

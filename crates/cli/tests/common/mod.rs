@@ -36,6 +36,14 @@ pub fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Waits for a background command to end, within [`DEADLINE`]; returns
+/// when it ended and what it wrote.
+pub fn finished(mut child: std::process::Child) -> (Instant, Output) {
+    until("the command to end", || child.try_wait().unwrap());
+    let at = Instant::now();
+    (at, child.wait_with_output().unwrap())
+}
+
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
@@ -92,6 +100,19 @@ impl Node {
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .output()
+            .unwrap()
+    }
+    /// Starts a command in the background, its output captured.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(spindle_bin())
+            .arg("--home")
+            .arg(self.home())
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap()
     }
     /// Runs a command that must succeed; returns its stdout.

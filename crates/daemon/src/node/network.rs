@@ -116,5 +116,6 @@ fn row(p: spindle_net::PeerStatus) -> PeerRow {
         up_ms,
         last_seen_ms: p.last_seen_ms,
         rtt_us: p.rtt_us,
+        in_flight: p.in_flight as u64,
     }
 }
