@@ -261,3 +261,59 @@ fn a_dead_or_frozen_peer_is_offline_in_time_and_comes_back() {
     stop_daemon(&alice);
     stop_daemon(&bob);
 }
+
+/// Byte sum of the blob `blobto` sends.
+fn pattern_sum(n: u64) -> u64 {
+    (0..n).map(|i| i % 251).sum()
+}
+
+#[test]
+fn blobs_small_and_large_cross_nodes_whole_both_ways() {
+    let (alice, bob) = pair();
+    let big = ["--public", "--network", "--max-memory", "256MiB"];
+    start_echo(&bob, "echo", &big);
+    start_echo(&alice, "sender", &big);
+
+    // Small and large blobs arrive whole; `reflect` sends the blob back
+    // (inherited), so it crosses the link both ways.
+    for n in [0u64, 1000, 70_000, 1 << 20] {
+        let out = alice.ok(&[
+            "send",
+            "--timeout",
+            "30s",
+            "local@sender:demo:spindle",
+            &format!("blobto bob@echo:demo:spindle {n} blob"),
+        ]);
+        assert_eq!(
+            out.trim(),
+            format!("ok {n} {} -|0 0", pattern_sum(n)),
+            "{n}"
+        );
+        let back = alice.ok(&[
+            "send",
+            "--timeout",
+            "30s",
+            "local@sender:demo:spindle",
+            &format!("blobto bob@echo:demo:spindle {n} reflect"),
+        ]);
+        assert_eq!(
+            back.trim(),
+            format!("ok reflected|{n} {}", pattern_sum(n)),
+            "{n}"
+        );
+    }
+
+    // A blob near the limit, in a couple of hundred chunks.
+    let n: u64 = 48 << 20;
+    let out = alice.ok(&[
+        "send",
+        "--timeout",
+        "60s",
+        "local@sender:demo:spindle",
+        &format!("blobto bob@echo:demo:spindle {n} blob"),
+    ]);
+    assert_eq!(out.trim(), format!("ok {n} {} -|0 0", pattern_sum(n)));
+
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+}

@@ -1,14 +1,16 @@
 //! One peer's link: its record (one per allow-listed peer), what it has
-//! queued and awaits, and the task that serves its stream.
+//! queued and awaits, and the task that serves its stream (its reader and
+//! writer are in their own files).
+
+mod reader;
+mod writer;
 
 use crate::Shared;
 use crate::config::Peer;
-use crate::wire::{self, Frame, Header, Hello, Kind};
+use crate::wire::{self, Frame, Hello};
 use libp2p::PeerId;
 use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use spindle_bus::{
-    Blob, Envelope, Message, Request, Response, SendErrorKind, Undelivered, deadline_after,
-};
+use spindle_bus::{Envelope, Message, SendErrorKind, Undelivered, deadline_after};
 use spindle_types::{Address, id::LOCAL_NODE};
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -32,11 +34,6 @@ pub const LINK_QUEUED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
 /// Requests one link may await responses to: each is failed `offline` at
 /// once if the link goes down.
 pub const MAX_IN_FLIGHT: usize = 65_536;
-/// Bytes the writer gathers from its queue into one write.
-const WRITE_BATCH: usize = 256 << 10;
-/// Bytes read from a stream at a time: a large frame grows its buffer as
-/// its bytes arrive, never by what its prefix claims.
-const READ_CHUNK: usize = 64 << 10;
 
 /// A request sent on the link whose response is awaited.
 struct InFlight {
@@ -52,7 +49,7 @@ pub(crate) enum Outgoing {
     Pong(u64),
 }
 
-enum State {
+pub(crate) enum State {
     Down {
         why: Option<String>,
     },
@@ -72,7 +69,7 @@ pub(crate) struct PeerLink {
     state: Mutex<State>,
     in_flight: Mutex<HashMap<u64, InFlight>>,
     /// Bytes (weights) queued to send ([`LINK_QUEUED_BYTES`]).
-    queued: AtomicUsize,
+    pub(crate) queued: AtomicUsize,
     /// Set when the peer leaves the allow-list (its dialer stops).
     pub gone: std::sync::atomic::AtomicBool,
     /// Set for a record a reload added, until its dialer starts.
@@ -82,9 +79,9 @@ pub(crate) struct PeerLink {
     /// Told when a connection to the peer is established (by either
     /// side): the node that opens the stream need not wait out its backoff.
     pub connected: Notify,
-    rtt_us: AtomicU64,
+    pub(crate) rtt_us: AtomicU64,
     /// Wall clock (ms since the epoch) of the last frame heard; 0: never.
-    last_seen_ms: AtomicU64,
+    pub(crate) last_seen_ms: AtomicU64,
 }
 
 /// A link as `spindle node peers` shows it.
@@ -107,7 +104,7 @@ pub struct PeerStatus {
     pub in_flight: usize,
 }
 
-fn wall_ms() -> u64 {
+pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -131,7 +128,7 @@ impl PeerLink {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -266,7 +263,7 @@ impl PeerLink {
     /// Whether `answer` (from the peer) answers a request awaited through
     /// this link, to that request's rsvp (from whichever process there
     /// answers: a request may be handed on). Forgets it.
-    fn answered(&self, answer: &Envelope) -> bool {
+    pub(crate) fn answered(&self, answer: &Envelope) -> bool {
         let mut awaited = self.in_flight();
         let matches = awaited
             .get(&answer.id)
@@ -290,7 +287,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut reader, mut writer) = stream.split();
-    let mut buf = Vec::with_capacity(READ_CHUNK);
+    let mut buf = Vec::with_capacity(reader::READ_CHUNK);
     // HELLO both ways: the peer must give the name its key has here.
     let mut out = vec![];
     wire::encode_hello(
@@ -304,7 +301,7 @@ where
         writer.write_all(&out).await.map_err(|e| e.to_string())?;
         writer.flush().await.map_err(|e| e.to_string())?;
         let last = Cell::new(Instant::now());
-        read_frame(&mut reader, &mut buf, &last).await?;
+        reader::read_frame(&mut reader, &mut buf, &last).await?;
         match wire::decode(&buf).map_err(|e| e.to_string())? {
             Frame::Hello(h) if h.version != wire::VERSION => Err(format!(
                 "it speaks version {} of the link protocol, this node {}",
@@ -337,8 +334,8 @@ where
     tracing::info!("link to {} is up", peer.name);
     let last = Cell::new(Instant::now());
     let why = tokio::select! {
-        why = read_loop(shared, peer, &mut reader, &mut buf, &last, &tx) => why,
-        why = write_loop(peer, &mut writer, &mut rx) => why,
+        why = reader::read_loop(shared, peer, &mut reader, &mut buf, &last, &tx) => why,
+        why = writer::write_loop(peer, &mut writer, &mut rx) => why,
         why = watchdog(peer, &last) => why,
         _ = peer.removed.notified() => "the peer was removed from the allow-list".into(),
     };
@@ -346,273 +343,6 @@ where
     peer.down(shared, why.clone(), &mut rx);
     let _ = tokio::time::timeout(HEARTBEAT, writer.close()).await;
     why
-}
-
-/// Reads one frame into `buf` (its bytes after the length prefix).
-async fn read_frame<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-    last: &Cell<Instant>,
-) -> Result<(), String> {
-    let mut prefix = [0u8; 4];
-    reader
-        .read_exact(&mut prefix)
-        .await
-        .map_err(|e| format!("the stream ended: {e}"))?;
-    let len = wire::frame_len(prefix).map_err(|e| e.to_string())?;
-    buf.clear();
-    if buf.capacity() > WRITE_BATCH && len < READ_CHUNK {
-        buf.shrink_to(READ_CHUNK);
-    }
-    let mut chunk = [0u8; 4096];
-    while buf.len() < len {
-        let want = (len - buf.len()).min(chunk.len());
-        let n = reader
-            .read(&mut chunk[..want])
-            .await
-            .map_err(|e| format!("the stream broke: {e}"))?;
-        if n == 0 {
-            return Err("the stream ended inside a frame".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        last.set(Instant::now());
-    }
-    last.set(Instant::now());
-    Ok(())
-}
-
-async fn read_loop<R: AsyncRead + Unpin>(
-    shared: &Shared,
-    peer: &PeerLink,
-    reader: &mut R,
-    buf: &mut Vec<u8>,
-    last: &Cell<Instant>,
-    tx: &mpsc::Sender<Outgoing>,
-) -> String {
-    loop {
-        if let Err(why) = read_frame(reader, buf, last).await {
-            return why;
-        }
-        peer.last_seen_ms.store(wall_ms(), Ordering::Relaxed);
-        let frame = match wire::decode(buf) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!("link to {}: {e}; closing it", peer.name);
-                return format!("it sent a bad frame: {e}");
-            }
-        };
-        match frame {
-            Frame::Ping(nonce) => {
-                let _ = tx.try_send(Outgoing::Pong(nonce));
-            }
-            Frame::Pong(nonce) => {
-                peer.rtt_us
-                    .store(micros_since(nonce).max(1), Ordering::Relaxed);
-            }
-            Frame::Hello(_) => return "it said HELLO twice".into(),
-            Frame::Message { header, body, blob } => {
-                let env = inbound(peer, *header, body, blob);
-                // An answer is let in only for a request this link carried
-                // there, to the process awaiting it; any other (late, or
-                // unasked for) is dropped, as a late one is locally.
-                if env.message.is_answer() && !peer.answered(&env) {
-                    shared.bus.late_responses.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                let delivered = match shared.bus.deliver_remote(env) {
-                    // A full mailbox holds the link back as it holds a
-                    // local sender back (up to MAILBOX_WAIT): the peer's
-                    // queue fills and its senders hear `mailbox-full`,
-                    // rather than messages vanishing here.
-                    Err((SendErrorKind::MailboxFull, env)) => {
-                        if shared.bus.wait_for_room(&env.target.process).await {
-                            shared.bus.deliver_remote(*env)
-                        } else {
-                            Err((SendErrorKind::MailboxFull, env))
-                        }
-                    }
-                    other => other,
-                };
-                if let Err((kind, env)) = delivered {
-                    refuse(peer, tx, *env, kind);
-                }
-            }
-        }
-    }
-}
-
-/// A message from the peer as the bus carries it: its source and rsvp are
-/// on the peer (the authenticated node), its target here.
-fn inbound(peer: &PeerLink, h: Header, body: &[u8], blob: Option<&[u8]>) -> Envelope {
-    let there = |process| {
-        Arc::new(Address {
-            node: peer.name.clone(),
-            process,
-        })
-    };
-    let body = body.to_vec();
-    let message = match h.kind {
-        Kind::Request {
-            inherit,
-            expects_response_ms,
-        } => Message::Request(Request {
-            inherit,
-            expects_response: expects_response_ms.map(Duration::from_millis),
-            body,
-            metadata: h.metadata,
-            capabilities: vec![],
-        }),
-        Kind::Response { inherit } => Message::Response(
-            Response {
-                inherit,
-                body,
-                metadata: h.metadata,
-                capabilities: vec![],
-            },
-            None,
-        ),
-        Kind::Failed(kind) => Message::Failed(kind),
-    };
-    Envelope {
-        id: h.id,
-        source: there(h.source),
-        target: Arc::new(Address {
-            node: LOCAL_NODE.into(),
-            process: h.target,
-        }),
-        rsvp: h.rsvp.map(there),
-        message,
-        blob: match (h.blob, blob) {
-            (Some(mime), Some(bytes)) => Some(Arc::new(Blob {
-                mime,
-                bytes: bytes.to_vec(),
-            })),
-            _ => None,
-        },
-    }
-}
-
-/// Tells the peer that its request was not delivered here (if it awaits
-/// an answer); an undeliverable response is only counted.
-fn refuse(peer: &PeerLink, tx: &mpsc::Sender<Outgoing>, env: Envelope, kind: SendErrorKind) {
-    match (&env.message, env.rsvp) {
-        (Message::Request(_), Some(rsvp)) => {
-            let failed = Envelope {
-                id: env.id,
-                source: env.target,
-                target: rsvp,
-                rsvp: None,
-                message: Message::Failed(kind),
-                blob: None,
-            };
-            if tx.try_send(Outgoing::Message(failed)).is_err() {
-                tracing::debug!("link to {}: no room to refuse a request", peer.name);
-            }
-        }
-        _ => tracing::debug!("link to {}: a message was not delivered: {kind}", peer.name),
-    }
-}
-
-fn micros_since(nonce: u64) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64);
-    now.saturating_sub(nonce)
-}
-
-/// Appends `env`'s frame to `out`; false if it cannot go on the wire (a
-/// message past the wire's limits, which the node never lets grow so
-/// large).
-fn encode(out: &mut Vec<u8>, env: &Envelope) -> bool {
-    let (kind, body, metadata): (Kind, &[u8], Option<String>) = match &env.message {
-        Message::Request(r) => (
-            Kind::Request {
-                inherit: r.inherit,
-                expects_response_ms: r.expects_response.map(|d| d.as_millis() as u64),
-            },
-            &r.body,
-            r.metadata.clone(),
-        ),
-        Message::Response(r, _) => (
-            Kind::Response { inherit: r.inherit },
-            &r.body,
-            r.metadata.clone(),
-        ),
-        Message::Failed(k) => (Kind::Failed(*k), &[], None),
-    };
-    let Ok(body_len) = u32::try_from(body.len()) else {
-        return false;
-    };
-    let header = Header {
-        id: env.id,
-        source: env.source.process.clone(),
-        target: env.target.process.clone(),
-        rsvp: env.rsvp.as_ref().map(|r| r.process.clone()),
-        kind,
-        metadata,
-        body_len,
-        blob: env.blob.as_ref().map(|b| b.mime.clone()),
-    };
-    wire::encode_message(
-        out,
-        &header,
-        body,
-        env.blob.as_ref().map(|b| b.bytes.as_slice()),
-    )
-    .is_ok()
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(
-    peer: &PeerLink,
-    writer: &mut W,
-    rx: &mut mpsc::Receiver<Outgoing>,
-) -> String {
-    let mut out = Vec::with_capacity(WRITE_BATCH);
-    let mut beat = tokio::time::interval(HEARTBEAT);
-    loop {
-        tokio::select! {
-            next = rx.recv() => {
-                let Some(env) = next else { return "the link's queue closed".into() };
-                put(peer, &mut out, env);
-                while out.len() < WRITE_BATCH {
-                    match rx.try_recv() {
-                        Ok(env) => put(peer, &mut out, env),
-                        Err(_) => break,
-                    }
-                }
-            }
-            _ = beat.tick() => {
-                let now = SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as u64);
-                wire::encode_ping(&mut out, now, false);
-            }
-        }
-        if let Err(e) = writer.write_all(&out).await {
-            return format!("writing failed: {e}");
-        }
-        if let Err(e) = writer.flush().await {
-            return format!("writing failed: {e}");
-        }
-        out.clear();
-        if out.capacity() > 4 * WRITE_BATCH {
-            out.shrink_to(WRITE_BATCH);
-        }
-    }
-}
-
-fn put(peer: &PeerLink, out: &mut Vec<u8>, next: Outgoing) {
-    let env = match next {
-        Outgoing::Pong(nonce) => return wire::encode_ping(out, nonce, true),
-        Outgoing::Message(env) => env,
-    };
-    peer.queued.fetch_sub(env.weight(), Ordering::AcqRel);
-    if !encode(out, &env) {
-        tracing::warn!(
-            "link to {}: a message past the wire's limits was dropped",
-            peer.name
-        );
-    }
 }
 
 /// Ends the link when the peer has been silent for [`DEAD_AFTER`], and

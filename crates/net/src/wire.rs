@@ -5,8 +5,16 @@
 //! HELLO   = postcard(Hello)                          first frame each way
 //! PING    = nonce:u64 LE                             answered by PONG, same nonce
 //! PONG    = nonce:u64 LE
-//! MESSAGE = header_len:u32 LE | postcard(Header) | body | blob
+//! MESSAGE = header_len:u32 LE | postcard(Header) | body | blob?
+//! BLOB    = id:u64 LE | bytes                        the next bytes of message id's blob
 //! ```
+//!
+//! A blob up to [`INLINE_BLOB`] rides in its MESSAGE frame. A larger one
+//! follows its MESSAGE in BLOB frames of at most [`BLOB_CHUNK`] bytes, and
+//! other messages go between them: a large blob never holds a small
+//! message back by more than one chunk. The sender streams one blob at a
+//! time, so BLOB frames always continue the last message announced with
+//! one, which is delivered once its last byte is in.
 //!
 //! Everything here is read from a peer, so it is hostile input: lengths are
 //! checked against [`MAX_FRAME`] before anything is allocated, every split is
@@ -20,22 +28,27 @@ use spindle_bus::SendErrorKind;
 use spindle_types::ProcessId;
 
 /// Version of this protocol; a peer speaking another is refused at HELLO.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The libp2p protocol of Spindle's stream.
-pub const PROTOCOL: &str = "/spindle/link/1";
+pub const PROTOCOL: &str = "/spindle/link/2";
 /// Largest body, metadata or blob a message may carry: what one mailbox
 /// may hold, so nothing a peer sends is larger than a local send could be.
 pub const MAX_PAYLOAD: usize = spindle_bus::MAILBOX_BYTES;
 /// Largest header (ids, options, metadata): ids are short, metadata is
 /// a line of JSON.
 pub const MAX_HEADER: usize = 64 << 10;
-/// Largest frame on the wire: a full body and blob with their header.
-pub const MAX_FRAME: usize = 2 * MAX_PAYLOAD + MAX_HEADER + 8;
+/// Largest blob sent inside its MESSAGE frame; larger ones go in chunks.
+pub const INLINE_BLOB: usize = 64 << 10;
+/// Most blob bytes in one BLOB frame: what a small message may wait behind.
+pub const BLOB_CHUNK: usize = 256 << 10;
+/// Largest frame on the wire: a full body, an inline blob and a header.
+pub const MAX_FRAME: usize = MAX_PAYLOAD + INLINE_BLOB + MAX_HEADER + 8;
 
 const HELLO: u8 = 1;
 const PING: u8 = 2;
 const PONG: u8 = 3;
 const MESSAGE: u8 = 4;
+const BLOB: u8 = 5;
 
 /// The first frame each way: who the sender says it is. Its key was
 /// already proved by the transport's handshake; the name must be the one
@@ -59,8 +72,16 @@ pub struct Header {
     pub kind: Kind,
     pub metadata: Option<String>,
     pub body_len: u32,
-    /// `Some(mime)` when a blob follows the body (the rest of the frame).
-    pub blob: Option<Option<String>>,
+    pub blob: Option<BlobHead>,
+}
+
+/// A message's blob, as its header announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobHead {
+    pub mime: Option<String>,
+    pub len: u32,
+    /// Its bytes end the MESSAGE frame; otherwise BLOB frames bring them.
+    pub inline: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,10 +104,17 @@ pub enum Frame<'a> {
     Hello(Hello),
     Ping(u64),
     Pong(u64),
+    /// `blob` holds an inline blob's bytes; a blob that is not inline
+    /// comes in [`Frame::Blob`]s.
     Message {
         header: Box<Header>,
         body: &'a [u8],
         blob: Option<&'a [u8]>,
+    },
+    /// The next bytes of the blob of the message numbered `id`.
+    Blob {
+        id: u64,
+        bytes: &'a [u8],
     },
 }
 
@@ -138,6 +166,18 @@ pub fn decode(frame: &[u8]) -> Result<Frame<'_>, WireError> {
             })
         }
         MESSAGE => decode_message(payload),
+        BLOB => {
+            let (id, bytes) = payload
+                .split_first_chunk::<8>()
+                .ok_or(WireError::BadLength("blob"))?;
+            if bytes.is_empty() || bytes.len() > BLOB_CHUNK {
+                return Err(WireError::BadLength("blob"));
+            }
+            Ok(Frame::Blob {
+                id: u64::from_le_bytes(*id),
+                bytes,
+            })
+        }
         other => Err(WireError::UnknownKind(other)),
     }
 }
@@ -156,8 +196,11 @@ fn decode_message(payload: &[u8]) -> Result<Frame<'_>, WireError> {
         return Err(short);
     }
     let (body, blob) = rest.split_at(body_len);
-    let blob = match header.blob {
-        Some(_) if blob.len() <= MAX_PAYLOAD => Some(blob),
+    let blob = match &header.blob {
+        Some(b) if b.inline && b.len as usize == blob.len() && blob.len() <= INLINE_BLOB => {
+            Some(blob)
+        }
+        Some(b) if !b.inline && b.len as usize <= MAX_PAYLOAD && blob.is_empty() => None,
         None if blob.is_empty() => None,
         _ => return Err(short),
     };
@@ -201,7 +244,8 @@ pub fn encode_ping(out: &mut Vec<u8>, nonce: u64, pong: bool) {
 }
 
 /// Appends a MESSAGE frame to `out`; the whole frame goes in one buffer so
-/// the link writes it with one call.
+/// the link writes it with one call. `blob` is an inline blob's bytes
+/// (`None` for a blob sent in [`encode_blob`] chunks after it).
 pub fn encode_message(
     out: &mut Vec<u8>,
     header: &Header,
@@ -209,17 +253,28 @@ pub fn encode_message(
     blob: Option<&[u8]>,
 ) -> Result<(), EncodeError> {
     let head = postcard::to_stdvec(header).map_err(|_| EncodeError::TooLarge)?;
+    let blob_fits = match (&header.blob, blob) {
+        (None, None) => true,
+        (Some(h), Some(b)) => h.inline && h.len as usize == b.len() && b.len() <= INLINE_BLOB,
+        (Some(h), None) => !h.inline && h.len as usize <= MAX_PAYLOAD,
+        (None, Some(_)) => false,
+    };
     if head.len() > MAX_HEADER
         || body.len() > MAX_PAYLOAD
         || header.body_len as usize != body.len()
-        || blob.is_some_and(|b| b.len() > MAX_PAYLOAD)
-        || blob.is_some() != header.blob.is_some()
+        || !blob_fits
     {
         return Err(EncodeError::TooLarge);
     }
     let head_len = (head.len() as u32).to_le_bytes();
     put_frame(out, MESSAGE, &[&head_len, &head, body, blob.unwrap_or(&[])]);
     Ok(())
+}
+
+/// Appends a BLOB frame (1 to [`BLOB_CHUNK`] bytes of message `id`'s blob).
+pub fn encode_blob(out: &mut Vec<u8>, id: u64, bytes: &[u8]) {
+    debug_assert!(!bytes.is_empty() && bytes.len() <= BLOB_CHUNK);
+    put_frame(out, BLOB, &[&id.to_le_bytes(), bytes]);
 }
 
 fn put_frame(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {
@@ -279,17 +334,59 @@ mod tests {
             },
             metadata: Some("{}".into()),
             body_len: 2,
-            blob: Some(None),
+            blob: Some(BlobHead {
+                mime: None,
+                len: 4,
+                inline: true,
+            }),
         };
         encode_message(&mut b, &header, b"hi", Some(b"blob")).unwrap();
         assert_eq!(
             one(&b),
             Frame::Message {
-                header: Box::new(header),
+                header: Box::new(header.clone()),
                 body: b"hi",
                 blob: Some(b"blob")
             }
         );
+        // A large blob: announced, then chunked.
+        b.clear();
+        let big = Header {
+            blob: Some(BlobHead {
+                mime: Some("application/octet-stream".into()),
+                len: 1 << 20,
+                inline: false,
+            }),
+            ..header
+        };
+        encode_message(&mut b, &big, b"hi", None).unwrap();
+        assert_eq!(
+            one(&b),
+            Frame::Message {
+                header: Box::new(big.clone()),
+                body: b"hi",
+                blob: None
+            }
+        );
+        b.clear();
+        encode_blob(&mut b, 9, &[7; BLOB_CHUNK]);
+        assert_eq!(
+            one(&b),
+            Frame::Blob {
+                id: 9,
+                bytes: &[7; BLOB_CHUNK]
+            }
+        );
+        // Inline blobs are small; a header that disagrees with its bytes
+        // does not encode.
+        assert!(encode_message(&mut b, &big, b"hi", Some(b"x")).is_err());
+        let mut fat = big.clone();
+        fat.blob = Some(BlobHead {
+            mime: None,
+            len: (INLINE_BLOB + 1) as u32,
+            inline: true,
+        });
+        assert!(encode_message(&mut b, &fat, b"hi", Some(&vec![0; INLINE_BLOB + 1])).is_err());
     }
 
     #[test]
@@ -301,6 +398,14 @@ mod tests {
         ));
         assert_eq!(decode(&[9]), Err(WireError::UnknownKind(9)));
         assert_eq!(decode(&[PING, 1, 2]), Err(WireError::BadLength("ping")));
+        // A BLOB frame without bytes, or past a chunk.
+        assert_eq!(
+            decode(&[BLOB, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(WireError::BadLength("blob"))
+        );
+        let mut over = vec![BLOB, 0, 0, 0, 0, 0, 0, 0, 0];
+        over.resize(over.len() + BLOB_CHUNK + 1, 0);
+        assert_eq!(decode(&over), Err(WireError::BadLength("blob")));
         // A header longer than the frame.
         assert_eq!(
             decode(&[MESSAGE, 255, 255, 0, 0, 1]),
@@ -344,6 +449,7 @@ mod tests {
             id in any::<u64>(),
             body in proptest::collection::vec(any::<u8>(), 0..256),
             blob in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..256)),
+            chunked in any::<bool>(),
             meta in proptest::option::of("[ -~]{0,40}"),
             ms in proptest::option::of(any::<u64>()),
         ) {
@@ -355,12 +461,17 @@ mod tests {
                 kind: Kind::Request { inherit: true, expects_response_ms: ms },
                 metadata: meta,
                 body_len: body.len() as u32,
-                blob: blob.as_ref().map(|_| Some("text/plain".into())),
+                blob: blob.as_ref().map(|b| BlobHead {
+                    mime: Some("text/plain".into()),
+                    len: b.len() as u32,
+                    inline: !chunked,
+                }),
             };
+            let inline = if chunked { None } else { blob.as_deref() };
             let mut b = vec![];
-            encode_message(&mut b, &header, &body, blob.as_deref()).unwrap();
+            encode_message(&mut b, &header, &body, inline).unwrap();
             let got = one(&b);
-            prop_assert_eq!(got, Frame::Message { header: Box::new(header), body: &body, blob: blob.as_deref() });
+            prop_assert_eq!(got, Frame::Message { header: Box::new(header), body: &body, blob: inline });
         }
     }
 }

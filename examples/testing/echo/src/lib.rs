@@ -11,6 +11,8 @@
 //! For benchmarks: `bench <address> <n>` makes n request/response round trips
 //! to that address; `s` is counted silently; `count` answers with the count;
 //! `flood <address> <n>` sends n `s` one-way, then awaits that address's count.
+//! `blobto <address> <n> <body>` sends `body` with an n-byte blob (byte i is
+//! i % 251) and answers `ok <response body>|<its blob's size> <byte sum>`.
 
 use spindle_process::{Address, OnExit, Request, Response, Spawn, await_message, get_blob, spawn};
 use std::time::Duration;
@@ -90,6 +92,39 @@ fn run(_our: Address) {
                         .map(|m| String::from_utf8_lossy(m.body()).into_owned())
                         .unwrap_or_default();
                     format!("sent {sent} counted {counted}")
+                };
+                let _ = Response::new().body(answer).send();
+            }
+            body if body.starts_with(b"blobto ") => {
+                let text = String::from_utf8_lossy(body).into_owned();
+                let mut parts = text.splitn(4, ' ').skip(1);
+                let target = parts.next().and_then(Address::parse);
+                let n: usize = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let inner = parts.next().unwrap_or("").to_string();
+                let answer = match target {
+                    Some(t) => {
+                        let blob: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                        match Request::to(t)
+                            .body(inner.into_bytes())
+                            .blob(blob)
+                            .expects_response(Duration::from_secs(60))
+                            .send_and_await_response()
+                        {
+                            Ok(m) => {
+                                let (len, sum) = get_blob()
+                                    .map(|b| {
+                                        (
+                                            b.bytes.len(),
+                                            b.bytes.iter().map(|&x| x as u64).sum::<u64>(),
+                                        )
+                                    })
+                                    .unwrap_or((0, 0));
+                                format!("ok {}|{len} {sum}", String::from_utf8_lossy(m.body()))
+                            }
+                            Err(e) => format!("err {}", e.kind),
+                        }
+                    }
+                    None => "err bad target".to_string(),
                 };
                 let _ = Response::new().body(answer).send();
             }
