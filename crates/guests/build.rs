@@ -14,6 +14,7 @@ fn main() {
         "examples/counter",
         "examples/middleware",
         "examples/native-echo",
+        "examples/network",
         "examples/parent",
         "examples/testing",
         "examples/worker",

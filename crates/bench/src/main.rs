@@ -7,7 +7,8 @@
 //! `--ipc`: only native processes on the bus; `--db`: only the modules;
 //! `--api`: only the Node control API (real `node`); `--scale`: only
 //! spawn and lifecycle at scale (the `spawner` guest in the real daemon);
-//! `--timers`: only the timer module.
+//! `--timers`: only the timer module; `--net`: only node to node (two
+//! daemons on loopback).
 //!
 //! Each scenario gets a fresh node in a temporary home. Waits poll the
 //! daemon with deadlines; times are wall-clock, CPU is the daemon's own
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod api;
+mod net;
 mod scale;
 mod timers;
 mod wasm;
@@ -57,7 +59,11 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Node::in_dir(tempfile::tempdir().expect("temp dir"))
+    }
+
+    /// A node whose home is `home` in `dir` (set up there already, or not).
+    fn in_dir(dir: tempfile::TempDir) -> Node {
         let home = dir.path().join("home");
         let client = Client::connect_or_start(&home, &sibling("spindle")).expect("daemon");
         let pid = client.daemon_pid as i32;
@@ -505,6 +511,12 @@ fn main() {
         print_table(rows);
         return;
     }
+    if flag("--net") {
+        eprintln!("node to node …");
+        net::run(&mut rows);
+        print_table(rows);
+        return;
+    }
     if flag("--scale") {
         eprintln!("spawn and lifecycle at scale …");
         scale::run(&mut rows);
@@ -540,6 +552,8 @@ fn main() {
     scale::run(&mut rows);
     eprintln!("the timer module …");
     timers::run(&mut rows);
+    eprintln!("node to node …");
+    net::run(&mut rows);
     eprintln!("the Node control API …");
     api::run(&mut rows);
     print_table(rows);

@@ -367,7 +367,7 @@ async fn blob_trip(b: &mut Bench, peer: &Address) -> Option<(Duration, Duration)
     Some((median(trips), median(bare)))
 }
 
-fn median(mut d: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut d: Vec<Duration>) -> Duration {
     d.sort();
     d[d.len() / 2]
 }

@@ -317,3 +317,72 @@ fn blobs_small_and_large_cross_nodes_whole_both_ways() {
     stop_daemon(&alice);
     stop_daemon(&bob);
 }
+
+/// The walk-through in examples/network/README.md, step by step.
+#[test]
+fn the_network_example_walks_through() {
+    let (alice, bob) = pair();
+    let peer = spindle_guests::path("peer");
+    for node in [&alice, &bob] {
+        node.ok(&[
+            "start",
+            peer.to_str().unwrap(),
+            "--name",
+            "peer",
+            "--package",
+            "demo:spindle",
+            "--public",
+            "--network",
+        ]);
+    }
+    let out = alice.ok(&["send", "bob@peer:demo:spindle", "hi from the operator"]);
+    assert!(
+        out.starts_with("heard \"hi from the operator\" from alice@cli-"),
+        "{out}"
+    );
+    for (from, to) in [(&alice, "bob"), (&bob, "alice")] {
+        let out = from.ok(&[
+            "send",
+            "local@peer:demo:spindle",
+            &format!("ping {to}@peer:demo:spindle"),
+        ]);
+        let here = if to == "bob" { "alice" } else { "bob" };
+        assert!(
+            out.starts_with(&format!(
+                "{to}@peer:demo:spindle answered: heard \"hello\" from {here}@peer:demo:spindle ("
+            )),
+            "{out}"
+        );
+    }
+    let out = alice.ok(&[
+        "send",
+        "--timeout",
+        "30s",
+        "local@peer:demo:spindle",
+        "blob bob@peer:demo:spindle 8000000",
+    ]);
+    assert!(
+        out.starts_with(
+            "sent 8000000 bytes to bob@peer:demo:spindle: \"got 8000000 bytes\"; 8000000 bytes came back;"
+        ),
+        "{out}"
+    );
+    bob.ok(&["daemon", "stop"]);
+    let out = alice.ok(&[
+        "send",
+        "local@peer:demo:spindle",
+        "ping bob@peer:demo:spindle",
+    ]);
+    assert_eq!(out.trim(), "bob@peer:demo:spindle did not answer: offline");
+    bob.ok(&["ls"]);
+    until("the link to come back", || {
+        let out = alice.ok(&[
+            "send",
+            "local@peer:demo:spindle",
+            "ping bob@peer:demo:spindle",
+        ]);
+        out.contains(" answered: ").then_some(())
+    });
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+}

@@ -149,6 +149,14 @@ impl PeerLink {
     }
 
     /// Gives the slot back after a stream that never became a link.
+    /// Records why a connection to a peer that is down could not be made.
+    pub fn unreachable(&self, why: String) {
+        let mut s = self.state();
+        if let State::Down { why: w } = &mut *s {
+            *w = Some(why);
+        }
+    }
+
     pub fn is_down(&self) -> bool {
         matches!(*self.state(), State::Down { .. })
     }

@@ -318,8 +318,13 @@ async fn connector(peer: Arc<PeerLink>, commands: mpsc::UnboundedSender<Command>
         if peer.is_down() {
             match tokio::time::timeout(DIAL_WITHIN, connect(&peer, &commands)).await {
                 Ok(Ok(())) => backoff = MIN_BACKOFF,
-                Ok(Err(why)) => tracing::debug!("could not reach {}: {why}", peer.name),
-                Err(_) => tracing::debug!("could not reach {} within {DIAL_WITHIN:?}", peer.name),
+                Ok(Err(why)) => {
+                    tracing::debug!("could not reach {}: {why}", peer.name);
+                    peer.unreachable(format!("unreachable: {why}"));
+                }
+                Err(_) => {
+                    peer.unreachable(format!("unreachable: no answer within {DIAL_WITHIN:?}"))
+                }
             }
         } else {
             backoff = MIN_BACKOFF;

@@ -13,6 +13,9 @@
 //! `flood <address> <n>` sends n `s` one-way, then awaits that address's count.
 //! `blobto <address> <n> <body>` sends `body` with an n-byte blob (byte i is
 //! i % 251) and answers `ok <response body>|<its blob's size> <byte sum>`.
+//! `blobtime <address> <n>` makes that blob first, then sends it with the
+//! body `x` (answered without the blob entering the target) and answers
+//! with the microseconds from send to answer.
 
 use spindle_process::{Address, OnExit, Request, Response, Spawn, await_message, get_blob, spawn};
 use std::time::Duration;
@@ -85,13 +88,54 @@ fn run(_our: Address) {
                             sent += 1;
                         }
                     }
-                    let counted = Request::to(target)
-                        .body(b"count".to_vec())
-                        .expects_response(Duration::from_secs(60))
-                        .send_and_await_response()
-                        .map(|m| String::from_utf8_lossy(m.body()).into_owned())
-                        .unwrap_or_default();
+                    // The link or mailbox may still be full of the flood:
+                    // the count is asked again until it gets in.
+                    let mut counted = String::new();
+                    for _ in 0..10_000 {
+                        match Request::to(target.clone())
+                            .body(b"count".to_vec())
+                            .expects_response(Duration::from_secs(60))
+                            .send_and_await_response()
+                        {
+                            Ok(m) => {
+                                counted = String::from_utf8_lossy(m.body()).into_owned();
+                                break;
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind,
+                                    spindle_process::SendErrorKind::MailboxFull
+                                ) =>
+                            {
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                            Err(_) => break,
+                        }
+                    }
                     format!("sent {sent} counted {counted}")
+                };
+                let _ = Response::new().body(answer).send();
+            }
+            body if body.starts_with(b"blobtime ") => {
+                let text = String::from_utf8_lossy(body).into_owned();
+                let mut parts = text.split(' ').skip(1);
+                let target = parts.next().and_then(Address::parse);
+                let n: usize = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                let answer = match target {
+                    Some(t) => {
+                        let blob: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                        let start = std::time::Instant::now();
+                        match Request::to(t)
+                            .body(b"x".to_vec())
+                            .blob(blob)
+                            .expects_response(Duration::from_secs(60))
+                            .send_and_await_response()
+                        {
+                            Ok(_) => start.elapsed().as_micros().to_string(),
+                            Err(e) => format!("err {}", e.kind),
+                        }
+                    }
+                    None => "err bad target".to_string(),
                 };
                 let _ = Response::new().body(answer).send();
             }
