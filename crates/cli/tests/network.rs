@@ -386,3 +386,120 @@ fn the_network_example_walks_through() {
     stop_daemon(&alice);
     stop_daemon(&bob);
 }
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Starts `command` as a process on the bus (`--ipc`) of package
+/// `t:spindle` with `flags`, and waits for its log to say `up`.
+fn on_bus(node: &Node, name: &str, flags: &[&str], command: &[&str], up: &str) {
+    let mut args = vec!["start", "--name", name, "--package", "t:spindle", "--ipc"];
+    args.extend_from_slice(flags);
+    args.push("--");
+    args.extend_from_slice(command);
+    node.ok(&args);
+    let id = node.id_of(name);
+    until(up, || {
+        std::fs::read_to_string(&node.get(id.0).log_out)
+            .unwrap_or_default()
+            .contains(up)
+            .then_some(())
+    });
+}
+
+fn json(node: &Node, to: &str, body: &str) -> serde_json::Value {
+    let out = node.ok(&["send", to, body]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out}"))
+}
+
+#[test]
+fn native_processes_and_the_node_and_python_clients_cross_nodes() {
+    let (alice, bob) = pair();
+    start_echo(&bob, "echo", &["--public", "--network"]);
+    start_echo(&alice, "echo", &["--public", "--network"]);
+    let net = ["--public", "--network"];
+    let native = spindle_guests::native("native-echo");
+    on_bus(&alice, "necho", &net, &[native.to_str().unwrap()], "");
+    on_bus(
+        &alice,
+        "nc",
+        &net,
+        &["node", &fixture("ipc-client.js")],
+        "client: up",
+    );
+    on_bus(
+        &alice,
+        "pc",
+        &net,
+        &["python3", &fixture("ipc-client.py")],
+        "python: up",
+    );
+    let aio = fixture("ipc-client-async.py");
+    on_bus(&alice, "ac", &net, &["python3", &aio], "asyncio: up");
+    let py = fixture("ipc-client.py");
+    on_bus(&alice, "pn", &["--public"], &["python3", &py], "python: up");
+
+    // A native Rust process: a request, and a blob that goes there and back.
+    let necho = "local@necho:t:spindle";
+    assert_eq!(
+        alice
+            .ok(&["send", necho, "call bob@echo:demo:spindle 5000 hi"])
+            .trim(),
+        "ok hi"
+    );
+    let trip = alice.ok(&[
+        "send",
+        "--timeout",
+        "30s",
+        necho,
+        "blobtrip bob@echo:demo:spindle 1000000",
+    ]);
+    assert!(trip.starts_with("ok 1000000 in "), "{trip}");
+    // The Node and Python clients (blocking and asyncio) ask bob's echo.
+    for (svc, said) in [
+        ("local@nc:t:spindle", "via client"),
+        ("local@pc:t:spindle", "from python"),
+        ("local@ac:t:spindle", "from asyncio"),
+    ] {
+        let got = json(&alice, svc, r#"{"ask":"bob@echo:demo:spindle"}"#);
+        assert_eq!(
+            got,
+            serde_json::json!({"got": said, "from": "bob@echo:demo:spindle"}),
+            "{svc}"
+        );
+    }
+    // Failures keep their kinds: an absent process is offline; a process
+    // without the network right may not reach another node.
+    let got = json(
+        &alice,
+        "local@pc:t:spindle",
+        r#"{"ask":"bob@ghost:demo:spindle"}"#,
+    );
+    assert_eq!(got, serde_json::json!({"kind": "offline"}));
+    let got = json(
+        &alice,
+        "local@pn:t:spindle",
+        r#"{"ask":"bob@echo:demo:spindle"}"#,
+    );
+    assert_eq!(got, serde_json::json!({"kind": "no-capability"}));
+    // The other way: bob's CLI and bob's wasm echo reach alice's Python
+    // service; one without the right is refused.
+    assert_eq!(
+        json(&bob, "alice@pc:t:spindle", r#"{"x":1}"#),
+        serde_json::json!({"py": {"x": 1}})
+    );
+    assert_eq!(
+        bob.ok(&[
+            "send",
+            "local@echo:demo:spindle",
+            r#"call alice@pc:t:spindle 5000 "hey""#
+        ])
+        .trim(),
+        r#"ok {"py":"hey"}"#
+    );
+    let refused = bob.fails(&["send", "alice@pn:t:spindle", "{}"]);
+    assert!(refused.contains("no capability"), "{refused}");
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+}
