@@ -503,3 +503,68 @@ fn native_processes_and_the_node_and_python_clients_cross_nodes() {
     stop_daemon(&alice);
     stop_daemon(&bob);
 }
+
+#[test]
+fn three_nodes_each_link_on_its_own() {
+    let nodes = [Node::new(), Node::new(), Node::new()];
+    let names = ["alice", "bob", "carol"];
+    let ids: Vec<(String, String)> = nodes
+        .iter()
+        .zip(names)
+        .map(|(n, name)| on_network(n, name))
+        .collect();
+    for (i, n) in nodes.iter().enumerate() {
+        for (j, (key, addr)) in ids.iter().enumerate() {
+            if i != j {
+                n.ok(&["node", "peer", "add", names[j], key, addr]);
+            }
+        }
+        start_echo(n, "echo", &["--public", "--network"]);
+    }
+    // Every node reaches every other; a wasm process on alice talks to two
+    // nodes in turn.
+    for (i, n) in nodes.iter().enumerate() {
+        for (j, to) in names.iter().enumerate() {
+            if i != j {
+                until("the link", || {
+                    n.run(&[
+                        "send",
+                        "--timeout",
+                        "1s",
+                        &format!("{to}@echo:demo:spindle"),
+                        "hi",
+                    ])
+                    .status
+                    .success()
+                    .then_some(())
+                });
+            }
+        }
+    }
+    for to in ["bob", "carol"] {
+        let out = nodes[0].ok(&[
+            "send",
+            "local@echo:demo:spindle",
+            &format!("bench {to}@echo:demo:spindle 100"),
+        ]);
+        assert_eq!(out.trim(), "ok 100", "{to}");
+    }
+    // carol goes: alice's and bob's link to each other does not notice.
+    // SAFETY: signalling a daemon this test started.
+    unsafe { libc::kill(nodes[2].daemon_pid(), libc::SIGKILL) };
+    until("carol to be offline", || {
+        let out = nodes[0].run(&["send", "carol@echo:demo:spindle", "hi"]);
+        String::from_utf8_lossy(&out.stderr)
+            .contains("offline")
+            .then_some(())
+    });
+    let out = nodes[0].ok(&[
+        "send",
+        "local@echo:demo:spindle",
+        "bench bob@echo:demo:spindle 100",
+    ]);
+    assert_eq!(out.trim(), "ok 100");
+    for n in &nodes[..2] {
+        stop_daemon(n);
+    }
+}
