@@ -282,7 +282,6 @@ fn idle_links(n: &mut Node) -> u64 {
     let dirs: Vec<tempfile::TempDir> = (0..IDLE_PEERS)
         .map(|_| tempfile::tempdir().expect("temp dir"))
         .collect();
-    let mut nets = vec![];
     let mut config = std::fs::read_to_string(n.home.join("node.toml")).expect("node.toml");
     for (i, d) in dirs.iter().enumerate() {
         let files = spindle_net::config::Files::in_home(d.path());
@@ -300,14 +299,31 @@ fn idle_links(n: &mut Node) -> u64 {
         config.push_str(&format!(
             "\n[[peer]]\nname = \"{name}\"\nkey = \"{key}\"\naddresses = []\n"
         ));
-        let identity = spindle_net::config::Identity::load(&files)
-            .expect("identity")
-            .expect("initialised");
-        nets.push(
-            spindle_net::Net::start(identity, std::sync::Arc::new(spindle_bus::Bus::new(name)))
-                .expect("a peer"),
-        );
     }
+    // The peers' networks, on a runtime of their own.
+    let homes: Vec<std::path::PathBuf> = dirs.iter().map(|d| d.path().to_owned()).collect();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (up, ready) = std::sync::mpsc::channel();
+    let peers = on_thread(move || {
+        Box::pin(async move {
+            let nets: Vec<spindle_net::Net> = homes
+                .iter()
+                .enumerate()
+                .map(|(i, home)| {
+                    let files = spindle_net::config::Files::in_home(home);
+                    let identity = spindle_net::config::Identity::load(&files)
+                        .expect("identity")
+                        .expect("initialised");
+                    let bus = std::sync::Arc::new(spindle_bus::Bus::new(format!("idle{i}")));
+                    spindle_net::Net::start(identity, bus).expect("a peer")
+                })
+                .collect();
+            let _ = up.send(());
+            let _ = stopped.await;
+            drop(nets);
+        })
+    });
+    ready.recv_timeout(DEADLINE).expect("the idle peers start");
     std::thread::sleep(Duration::from_millis(500));
     let before = n.rss();
     std::fs::write(n.home.join("node.toml"), config).expect("node.toml");
@@ -319,7 +335,8 @@ fn idle_links(n: &mut Node) -> u64 {
     // Heartbeats run a few rounds before memory is read.
     std::thread::sleep(Duration::from_secs(2));
     let after = n.rss();
-    drop(nets);
+    let _ = stop.send(());
+    let _ = peers.join();
     after.saturating_sub(before) / IDLE_PEERS as u64
 }
 

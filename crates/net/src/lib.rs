@@ -24,9 +24,11 @@
 //! is bounded both ways, and delivery into this node follows the bus's
 //! rules for a remote sender ([`spindle_bus::Bus::deliver_remote`]).
 //!
-//! Everything of libp2p runs on one thread of its own, on a
-//! current-thread runtime: the swarm is owned by one task, and a hop
-//! between threads is the costliest thing on a round trip.
+//! The network runs as tasks on the runtime that starts it — in the
+//! daemon, the one thread that also runs the processes: the swarm is owned
+//! by one task, and a message between a process and its link never wakes
+//! another thread (on a round trip, a hop between threads costs more than
+//! the rest of the node's work).
 
 pub mod config;
 mod link;
@@ -51,12 +53,10 @@ pub enum NetError {
     Listen { address: String, why: String },
     #[error("the network's transport could not be set up: {0}")]
     Transport(String),
-    #[error("the network's thread could not start: {0}")]
-    Thread(std::io::Error),
 }
 
 /// What the node's links share between the bus's callers and the
-/// network's thread.
+/// network's tasks.
 pub(crate) struct Shared {
     pub name: String,
     pub own: libp2p::PeerId,
@@ -100,8 +100,9 @@ pub struct Net {
 }
 
 impl Net {
-    /// Starts the network of an initialised node: listens on its
-    /// addresses, dials the peers it dials, and connects `bus` to it.
+    /// Starts the network of an initialised node on the current tokio
+    /// runtime: listens on its addresses, dials its peers, and connects
+    /// `bus` to it.
     pub fn start(identity: Identity, bus: Arc<Bus>) -> Result<Net, NetError> {
         let shared = Arc::new(Shared {
             name: identity.name.clone(),

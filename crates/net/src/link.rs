@@ -12,7 +12,6 @@ use libp2p::PeerId;
 use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use spindle_bus::{Envelope, Message, SendErrorKind, Undelivered, deadline_after};
 use spindle_types::{Address, id::LOCAL_NODE};
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +33,31 @@ pub const LINK_QUEUED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
 /// Requests one link may await responses to: each is failed `offline` at
 /// once if the link goes down.
 pub const MAX_IN_FLIGHT: usize = 65_536;
+
+/// When a stream's peer was last heard from (any byte of any frame): set
+/// by its reader, read by its watchdog.
+pub(crate) struct Heard {
+    since: Instant,
+    micros: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            since: Instant::now(),
+            micros: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn now(&self) {
+        let us = self.since.elapsed().as_micros() as u64;
+        self.micros.store(us, Ordering::Relaxed);
+    }
+
+    fn at(&self) -> Instant {
+        self.since + Duration::from_micros(self.micros.load(Ordering::Relaxed))
+    }
+}
 
 /// A request sent on the link whose response is awaited.
 struct InFlight {
@@ -308,7 +332,7 @@ where
     let hello = async {
         writer.write_all(&out).await.map_err(|e| e.to_string())?;
         writer.flush().await.map_err(|e| e.to_string())?;
-        let last = Cell::new(Instant::now());
+        let last = Heard::new();
         reader::read_frame(&mut reader, &mut buf, &last).await?;
         match wire::decode(&buf).map_err(|e| e.to_string())? {
             Frame::Hello(h) if h.version != wire::VERSION => Err(format!(
@@ -340,7 +364,7 @@ where
     };
     peer.rtt_us.store(0, Ordering::Relaxed);
     tracing::info!("link to {} is up", peer.name);
-    let last = Cell::new(Instant::now());
+    let last = Heard::new();
     let why = tokio::select! {
         why = reader::read_loop(shared, peer, &mut reader, &mut buf, &last, &tx) => why,
         why = writer::write_loop(peer, &mut writer, &mut rx) => why,
@@ -355,12 +379,12 @@ where
 
 /// Ends the link when the peer has been silent for [`DEAD_AFTER`], and
 /// forgets awaited requests nobody waits for any more.
-async fn watchdog(peer: &PeerLink, last: &Cell<Instant>) -> String {
+async fn watchdog(peer: &PeerLink, last: &Heard) -> String {
     let mut tick = tokio::time::interval(HEARTBEAT / 2);
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let silent = now.saturating_duration_since(last.get());
+        let silent = now.saturating_duration_since(last.at());
         if silent > DEAD_AFTER {
             return format!("no heartbeat for {} ms", silent.as_millis());
         }

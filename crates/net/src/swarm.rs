@@ -1,4 +1,4 @@
-//! The network's thread: the libp2p swarm (owned by one task), the
+//! The network's tasks: the libp2p swarm (owned by one task), the
 //! listener's inbound streams, and one task per peer that keeps its link
 //! up. Of two peers, the one whose key sorts first opens the link's one
 //! stream (its *dialer*); the other only dials connections (its
@@ -62,73 +62,51 @@ fn build(identity: &Identity) -> Result<NodeSwarm, NetError> {
     )
 }
 
-/// Starts the network's thread; returns once it listens (or could not).
+/// Starts the network on the current tokio runtime (the daemon's own
+/// thread): the swarm's task, and one task per peer. Returns once it
+/// listens, or why it could not. On the thread that runs the processes, a
+/// message goes from a process to its link and from the link to a process
+/// without waking another thread.
 pub(crate) fn spawn(
     identity: Identity,
     shared: Arc<Shared>,
     listening: Arc<RwLock<Vec<String>>>,
 ) -> Result<mpsc::UnboundedSender<Command>, NetError> {
     let (commands, rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let own = commands.clone();
-    std::thread::Builder::new()
-        .name("spindle-net".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(NetError::Thread(e)));
-                    return;
-                }
-            };
-            // Links keep their per-stream state in cells: they run on this
-            // thread only.
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&rt, serve(identity, shared, listening, own, rx, ready_tx));
-        })
-        .map_err(NetError::Thread)?;
-    ready
-        .recv()
-        .map_err(|_| NetError::Transport("the network's thread ended".into()))??;
+    let mut swarm = build(&identity)?;
+    for address in &identity.listen {
+        swarm
+            .listen_on(address.clone())
+            .map_err(|e| NetError::Listen {
+                address: address.to_string(),
+                why: e.to_string(),
+            })?;
+    }
+    let mut control = swarm.behaviour().new_control();
+    let incoming = control
+        .accept(StreamProtocol::new(wire::PROTOCOL))
+        .map_err(|e| NetError::Transport(e.to_string()))?;
+    tokio::spawn(serve(
+        swarm,
+        control,
+        incoming,
+        shared,
+        listening,
+        commands.clone(),
+        rx,
+    ));
     Ok(commands)
 }
 
 async fn serve(
-    identity: Identity,
+    mut swarm: NodeSwarm,
+    control: libp2p_stream::Control,
+    mut incoming: libp2p_stream::IncomingStreams,
     shared: Arc<Shared>,
     listening: Arc<RwLock<Vec<String>>>,
     commands: mpsc::UnboundedSender<Command>,
     mut rx: mpsc::UnboundedReceiver<Command>,
-    ready: std::sync::mpsc::Sender<Result<(), NetError>>,
 ) {
-    let mut swarm = match build(&identity) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
-    };
-    for address in &identity.listen {
-        if let Err(e) = swarm.listen_on(address.clone()) {
-            let _ = ready.send(Err(NetError::Listen {
-                address: address.to_string(),
-                why: e.to_string(),
-            }));
-            return;
-        }
-    }
-    let mut control = swarm.behaviour().new_control();
-    let mut incoming = match control.accept(StreamProtocol::new(wire::PROTOCOL)) {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = ready.send(Err(NetError::Transport(e.to_string())));
-            return;
-        }
-    };
-    let _ = ready.send(Ok(()));
     let peers: Vec<Arc<PeerLink>> = shared
         .peers
         .read()
@@ -263,7 +241,7 @@ fn accept(
     }
     let shared = shared.clone();
     let commands = commands.clone();
-    tokio::task::spawn_local(async move {
+    tokio::spawn(async move {
         link::run(&shared, &peer, stream).await;
         let _ = commands.send(Command::Disconnect(peer.id));
     });
@@ -276,14 +254,14 @@ fn start_dialer(
     control: &libp2p_stream::Control,
 ) {
     if shared.dials(&peer.id) {
-        tokio::task::spawn_local(dialer(
+        tokio::spawn(dialer(
             shared.clone(),
             peer,
             commands.clone(),
             control.clone(),
         ));
     } else if !peer.addresses.is_empty() {
-        tokio::task::spawn_local(connector(peer, commands.clone()));
+        tokio::spawn(connector(peer, commands.clone()));
     }
 }
 

@@ -1,16 +1,15 @@
 //! A link's reader: frames from the peer, checked, turned into envelopes
 //! for the bus; a chunked blob is put together before its message goes on.
 
-use super::{Outgoing, PeerLink, wall_ms};
+use super::{Heard, Outgoing, PeerLink, wall_ms};
 use crate::Shared;
 use crate::wire::{self, BlobHead, Frame, Header, Kind};
 use libp2p::futures::{AsyncRead, AsyncReadExt};
 use spindle_bus::{Blob, Envelope, Message, Request, Response, SendErrorKind};
 use spindle_types::{Address, id::LOCAL_NODE};
-use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 /// Bytes read from a stream at a time: a large frame grows its buffer as
@@ -23,7 +22,7 @@ const KEEP_BUFFER: usize = 256 << 10;
 pub(super) async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
-    last: &Cell<Instant>,
+    last: &Heard,
 ) -> Result<(), String> {
     let mut prefix = [0u8; 4];
     reader
@@ -46,9 +45,9 @@ pub(super) async fn read_frame<R: AsyncRead + Unpin>(
             return Err("the stream ended inside a frame".into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        last.set(Instant::now());
+        last.now();
     }
-    last.set(Instant::now());
+    last.now();
     Ok(())
 }
 
@@ -67,7 +66,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
     peer: &PeerLink,
     reader: &mut R,
     buf: &mut Vec<u8>,
-    last: &Cell<Instant>,
+    last: &Heard,
     tx: &mpsc::Sender<Outgoing>,
 ) -> String {
     let mut assembling: Option<Assembly> = None;
