@@ -5,18 +5,38 @@
 use crate::Capability;
 use spindle_types::{Address, ProcessId};
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 
+/// The node's record of capabilities: those its processes hold, and those
+/// its processes issued to processes on other nodes. The issuing node
+/// keeps that record and checks it; the other node cannot forge it.
 #[derive(Debug, Default)]
-pub(crate) struct CapTable {
-    /// By holder, then by issuer: the params held.
-    held: HashMap<ProcessId, HashMap<Address, HashSet<String>>>,
-    /// Holders of some capability of each issuer.
-    issued: HashMap<Address, HashSet<ProcessId>>,
+pub(crate) struct Grants {
+    pub here: CapTable<ProcessId>,
+    /// Holders on other nodes (`bob@q:pkg:pub`), of rights issued here.
+    pub there: CapTable<Address>,
 }
 
-impl CapTable {
+#[derive(Debug)]
+pub(crate) struct CapTable<H> {
+    /// By holder, then by issuer: the params held.
+    held: HashMap<H, HashMap<Address, HashSet<String>>>,
+    /// Holders of some capability of each issuer.
+    issued: HashMap<Address, HashSet<H>>,
+}
+
+impl<H> Default for CapTable<H> {
+    fn default() -> Self {
+        CapTable {
+            held: HashMap::new(),
+            issued: HashMap::new(),
+        }
+    }
+}
+
+impl<H: Clone + Eq + Hash> CapTable<H> {
     /// Whether `holder` holds `cap`.
-    pub(crate) fn holds(&self, holder: &ProcessId, cap: &Capability) -> bool {
+    pub(crate) fn holds(&self, holder: &H, cap: &Capability) -> bool {
         self.held
             .get(holder)
             .and_then(|by| by.get(&cap.issuer))
@@ -24,7 +44,7 @@ impl CapTable {
     }
 
     /// Everything `holder` holds.
-    pub(crate) fn held(&self, holder: &ProcessId) -> Vec<Capability> {
+    pub(crate) fn held(&self, holder: &H) -> Vec<Capability> {
         self.held
             .get(holder)
             .into_iter()
@@ -40,7 +60,7 @@ impl CapTable {
     }
 
     /// Adds `cap` to `holder`'s; false if it held it already.
-    pub(crate) fn insert(&mut self, holder: &ProcessId, cap: Capability) -> bool {
+    pub(crate) fn insert(&mut self, holder: &H, cap: Capability) -> bool {
         let by = self.held.entry(holder.clone()).or_default();
         if !by.entry(cap.issuer.clone()).or_default().insert(cap.params) {
             return false;
@@ -53,7 +73,7 @@ impl CapTable {
     }
 
     /// Takes `cap` from `holder`; false if it did not hold it.
-    pub(crate) fn remove(&mut self, holder: &ProcessId, cap: &Capability) -> bool {
+    pub(crate) fn remove(&mut self, holder: &H, cap: &Capability) -> bool {
         let Some(by) = self.held.get_mut(holder) else {
             return false;
         };
@@ -79,7 +99,7 @@ impl CapTable {
     }
 
     /// Everything `holder` holds, taken away.
-    pub(crate) fn remove_holder(&mut self, holder: &ProcessId) -> Vec<Capability> {
+    pub(crate) fn remove_holder(&mut self, holder: &H) -> Vec<Capability> {
         let gone = self.held(holder);
         for c in &gone {
             self.remove(holder, c);
@@ -89,7 +109,7 @@ impl CapTable {
 
     /// Every `(holder, capability)` issued by `issuer`, taken away: a
     /// lookup per holder, whatever else they hold.
-    pub(crate) fn remove_issued_by(&mut self, issuer: &Address) -> Vec<(ProcessId, Capability)> {
+    pub(crate) fn remove_issued_by(&mut self, issuer: &Address) -> Vec<(H, Capability)> {
         let mut gone = vec![];
         for holder in self.issued.remove(issuer).into_iter().flatten() {
             let Some(by) = self.held.get_mut(&holder) else {
@@ -112,7 +132,7 @@ impl CapTable {
     }
 
     /// Every `(holder, capability)` pair.
-    pub(crate) fn pairs(&self) -> impl Iterator<Item = (&ProcessId, Capability)> {
+    pub(crate) fn pairs(&self) -> impl Iterator<Item = (&H, Capability)> {
         self.held.iter().flat_map(|(h, by)| {
             by.iter().flat_map(move |(issuer, ps)| {
                 ps.iter().map(move |p| {
@@ -126,6 +146,26 @@ impl CapTable {
                 })
             })
         })
+    }
+}
+
+impl CapTable<Address> {
+    /// Everything held by processes of node `node`, taken away (it left the
+    /// allow-list, or its name now belongs to another key).
+    pub(crate) fn remove_node(&mut self, node: &str) -> Vec<(Address, Capability)> {
+        let holders: Vec<Address> = self
+            .held
+            .keys()
+            .filter(|a| a.node == node)
+            .cloned()
+            .collect();
+        let mut gone = vec![];
+        for h in holders {
+            for c in self.remove_holder(&h) {
+                gone.push((h.clone(), c));
+            }
+        }
+        gone
     }
 }
 
@@ -166,7 +206,7 @@ mod tests {
         /// index always names exactly the holders of each issuer's grants.
         #[test]
         fn agrees_with_a_set_of_pairs(ops in proptest::collection::vec(op(), 0..60)) {
-            let mut t = CapTable::default();
+            let mut t = CapTable::<ProcessId>::default();
             let mut model: HashSet<(ProcessId, Capability)> = HashSet::new();
             for op in ops {
                 match op {

@@ -325,14 +325,14 @@ pub enum BusError {
 
 /// Who holds which capabilities (the legacy file's form).
 pub(crate) type Caps = HashMap<ProcessId, HashSet<Capability>>;
-use caps::CapTable;
+use caps::Grants;
 
 /// The node's message bus. See the crate docs.
 #[derive(Debug)]
 pub struct Bus {
     node: String,
     endpoints: RwLock<HashMap<ProcessId, Arc<Endpoint>>>,
-    caps: Arc<RwLock<CapTable>>,
+    caps: Arc<RwLock<Grants>>,
     /// Keeps `caps` on disk, for a bus made with [`Bus::open`].
     journal: Option<Journal>,
     next_id: AtomicU64,
@@ -411,7 +411,7 @@ impl Bus {
     /// Stages the rows of capabilities `holder` gained and lost.
     fn stage<'a>(
         &self,
-        holder: &ProcessId,
+        holder: &dyn std::fmt::Display,
         added: impl IntoIterator<Item = &'a Capability>,
         removed: impl IntoIterator<Item = &'a Capability>,
     ) {
@@ -463,12 +463,39 @@ impl Bus {
     pub fn retain(&self, known: impl Fn(&ProcessId) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<(ProcessId, Capability)> = caps
+            .here
             .pairs()
             .filter(|(h, c)| !known(h) || !known(&c.issuer.process))
             .map(|(h, c)| (h.clone(), c))
             .collect();
         for (holder, c) in &gone {
-            caps.remove(holder, c);
+            caps.here.remove(holder, c);
+            self.stage(holder, [], [c]);
+        }
+        let gone: Vec<(Address, Capability)> = caps
+            .there
+            .pairs()
+            .filter(|(_, c)| !known(&c.issuer.process))
+            .map(|(h, c)| (h.clone(), c))
+            .collect();
+        for (holder, c) in &gone {
+            caps.there.remove(holder, c);
+            self.stage(holder, [], [c]);
+        }
+    }
+
+    /// Drops the rights given to processes of nodes that are not `known`
+    /// (at boot: nodes no longer on the allow-list).
+    pub fn retain_nodes(&self, known: impl Fn(&str) -> bool) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<(Address, Capability)> = caps
+            .there
+            .pairs()
+            .filter(|(h, _)| !known(&h.node))
+            .map(|(h, c)| (h.clone(), c))
+            .collect();
+        for (holder, c) in &gone {
+            caps.there.remove(holder, c);
             self.stage(holder, [], [c]);
         }
     }
@@ -618,12 +645,12 @@ impl Bus {
     /// Capabilities `process` holds.
     pub fn capabilities(&self, process: &ProcessId) -> Vec<Capability> {
         let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
-        caps.held(process)
+        caps.here.held(process)
     }
 
     pub fn holds(&self, process: &ProcessId, cap: &Capability) -> bool {
         let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
-        caps.holds(process, cap)
+        caps.here.holds(process, cap)
     }
 
     /// Gives `process` capabilities (the kernel's decision: callers check
@@ -632,23 +659,50 @@ impl Bus {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
         let added: Vec<Capability> = new
             .into_iter()
-            .filter(|c| caps.insert(process, c.clone()))
+            .filter(|c| caps.here.insert(process, c.clone()))
             .collect();
         self.stage(process, &added, []);
     }
 
     pub fn revoke(&self, process: &ProcessId, gone: &[Capability]) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let removed: Vec<&Capability> = gone.iter().filter(|c| caps.remove(process, c)).collect();
+        let removed: Vec<&Capability> = gone
+            .iter()
+            .filter(|c| caps.here.remove(process, c))
+            .collect();
         self.stage(process, [], removed);
     }
 
     /// Revokes, from every holder, every capability `issuer` issued (it was killed).
     pub fn revoke_issued_by(&self, issuer: &Address) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        for (holder, c) in caps.remove_issued_by(issuer) {
+        for (holder, c) in caps.here.remove_issued_by(issuer) {
             self.stage(&holder, [], [&c]);
         }
+        for (holder, c) in caps.there.remove_issued_by(issuer) {
+            self.stage(&holder, [], [&c]);
+        }
+    }
+
+    /// Forgets every right processes of node `node` were given here: it
+    /// left the allow-list, or its name now belongs to another key.
+    pub fn forget_node(&self, node: &str) {
+        let gone = self
+            .caps
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .there
+            .remove_node(node);
+        for (holder, c) in gone {
+            self.stage(&holder, [], [&c]);
+        }
+    }
+
+    /// Whether `holder`, a process on another node, holds `cap` by this
+    /// node's record.
+    fn held_there(&self, holder: &Address, cap: &Capability) -> bool {
+        let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
+        caps.there.holds(holder, cap)
     }
 
     /// Forgets everything `process` holds (it was deleted).
@@ -657,6 +711,7 @@ impl Bus {
             .caps
             .write()
             .unwrap_or_else(|p| p.into_inner())
+            .here
             .remove_holder(process);
         self.stage(process, [], &gone);
         self.tell_services(|s| s.forgotten(process));
@@ -767,19 +822,41 @@ impl Bus {
 
     /// A message for another node: the sender (unless `privileged`) needs
     /// the network right, and its attached capabilities must be its to
-    /// give; then the link takes it or says why not.
+    /// give; then the link takes it or says why not. A right issued here
+    /// that goes with it is recorded as the target's: this node checks it
+    /// when the target uses it.
     fn send_remote(&self, env: Envelope, privileged: bool) -> Result<(), Undelivered> {
         let seen = self.trace.seen(&env);
         let sent = if !privileged && !self.holds(&env.source.process, &Capability::network()) {
             Err((SendErrorKind::NoCapability, Box::new(env)))
-        } else if !env.message.capabilities().is_empty() {
-            // Capabilities do not cross nodes yet: a claim the receiver
-            // could not check is refused here rather than dropped there.
-            Err((SendErrorKind::Invalid, Box::new(env)))
         } else {
-            match self.network.get() {
-                Some(n) => n.remote.send(env),
-                None => Err((SendErrorKind::Offline, Box::new(env))),
+            match self.rights_across(&env, privileged) {
+                Err(kind) => Err((kind, Box::new(env))),
+                Ok(given) => {
+                    let holder = env.target.clone();
+                    let mut env = env;
+                    // On the wire, a right issued here names this node.
+                    if let (Some(name), Some(caps)) =
+                        (self.own_name(), env.message.capabilities_mut())
+                    {
+                        for c in caps.iter_mut().filter(|c| self.is_here(&c.issuer.node)) {
+                            c.issuer.node = name.to_string();
+                        }
+                    }
+                    let sent = match self.network.get() {
+                        Some(n) => n.remote.send(env),
+                        None => Err((SendErrorKind::Offline, Box::new(env))),
+                    };
+                    if sent.is_ok() && !given.is_empty() {
+                        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+                        let added: Vec<Capability> = given
+                            .into_iter()
+                            .filter(|c| caps.there.insert(&holder, c.clone()))
+                            .collect();
+                        self.stage(&holder, &added, []);
+                    }
+                    sent
+                }
             }
         };
         self.trace
@@ -787,26 +864,78 @@ impl Bus {
         sent
     }
 
+    /// The rights issued here that `env` gives a process on another node,
+    /// or why it may not go: an attached capability must be the sender's
+    /// to give, not one of the node's own (`sys:spindle`), and issued here
+    /// or on the target's node (a third node's could not be checked there).
+    fn rights_across(
+        &self,
+        env: &Envelope,
+        privileged: bool,
+    ) -> Result<Vec<Capability>, SendErrorKind> {
+        let mut given = vec![];
+        for cap in env.message.capabilities() {
+            if (!privileged && !self.may_attach(&env.source, cap))
+                || cap.issuer.process.package.is_system()
+            {
+                return Err(SendErrorKind::Invalid);
+            }
+            if self.is_here(&cap.issuer.node) {
+                given.push(Capability {
+                    issuer: Address {
+                        node: spindle_types::id::LOCAL_NODE.into(),
+                        process: cap.issuer.process.clone(),
+                    },
+                    params: cap.params.clone(),
+                });
+            } else if cap.issuer.node != env.target.node {
+                return Err(SendErrorKind::Invalid);
+            }
+        }
+        Ok(given)
+    }
+
+    /// Whether a message from another node may be delivered to `target`.
+    /// Its attached capabilities are claims: one issued here must be the
+    /// sender's by this node's record; one issued on the sender's node is
+    /// that node's word; any other is refused. A request needs a target
+    /// outside the node's own package that holds the network right, and is
+    /// public or has given the sender the right to message it.
+    fn admit_remote(&self, target: &Endpoint, env: &Envelope) -> Result<(), SendErrorKind> {
+        for cap in env.message.capabilities() {
+            let claim_ok = if self.is_here(&cap.issuer.node) {
+                self.held_there(&env.source, cap)
+            } else {
+                cap.issuer.node == env.source.node
+            };
+            if !claim_ok {
+                return Err(SendErrorKind::Invalid);
+            }
+        }
+        if env.message.is_answer() {
+            return Ok(());
+        }
+        let t = &target.address;
+        if t.process.package.is_system() || !self.holds(&t.process, &Capability::network()) {
+            return Err(SendErrorKind::NoCapability);
+        }
+        if !target.public && !self.held_there(&env.source, &Capability::messaging(t)) {
+            return Err(SendErrorKind::NoCapability);
+        }
+        Ok(())
+    }
+
     /// A message from a process on another node (its source and rsvp name
-    /// that node; its target is here). A request needs a public target
-    /// holding the network right, outside the node's own package: a process
-    /// on another node holds no capability of this one. An answer is
-    /// delivered as it is: the link lets through only answers to requests
-    /// it carried. Never waits: a full mailbox is `MailboxFull` at once, so
+    /// that node; its target is here), admitted by [`Bus::admit_remote`]'s
+    /// rules: a process on another node holds only the rights this node
+    /// recorded as given to it. The link lets through only answers to
+    /// requests it carried. Never waits: a full mailbox is `MailboxFull` at once, so
     /// one busy process never stalls the link that others' messages share.
     pub fn deliver_remote(&self, env: Envelope) -> Result<(), Undelivered> {
         let mut seen = self.trace.seen(&env);
         let refused = match self.lookup(&env.target.process) {
             None => Err(SendErrorKind::Offline),
-            Some(t) if env.message.is_answer() => Ok(t),
-            Some(t)
-                if !t.public
-                    || t.address.process.package.is_system()
-                    || !self.holds(&t.address.process, &Capability::network()) =>
-            {
-                Err(SendErrorKind::NoCapability)
-            }
-            Some(t) => Ok(t),
+            Some(t) => self.admit_remote(&t, &env).map(|()| t),
         };
         let sent = match refused {
             Err(kind) => Err((kind, Box::new(env))),

@@ -81,6 +81,16 @@ impl Message {
         }
     }
 
+    /// The capabilities it carries, to change (a message that crosses
+    /// nodes names its own node's issuers by name).
+    pub fn capabilities_mut(&mut self) -> Option<&mut Vec<Capability>> {
+        match self {
+            Message::Request(r) => Some(&mut r.capabilities),
+            Message::Response(r, _) => Some(&mut r.capabilities),
+            Message::Failed(_) => None,
+        }
+    }
+
     /// Whether this answers the request it is numbered after (a response,
     /// or word that it failed).
     pub fn is_answer(&self) -> bool {

@@ -13,7 +13,7 @@
 //! `capabilities.json`, the whole-file form earlier versions wrote, is read
 //! once ([`load_legacy`]) and imported.
 
-use crate::caps::CapTable;
+use crate::caps::Grants;
 use crate::{Capability, Caps};
 use spindle_types::{Address, ProcessId};
 use std::path::{Path, PathBuf};
@@ -97,27 +97,36 @@ pub fn load_legacy(path: &Path) -> Result<Caps, CapsFileError> {
 }
 
 /// The row key of `holder` holding `cap`: `[holder, issuer, params]` as JSON.
-pub(crate) fn key(holder: &ProcessId, cap: &Capability) -> String {
+/// A holder here is a process id; one on another node, an address.
+pub(crate) fn key(holder: &dyn std::fmt::Display, cap: &Capability) -> String {
     serde_json::to_string(&(holder.to_string(), cap.issuer.to_string(), &cap.params))
         .expect("strings serialise")
 }
 
 /// The table from its rows. A row that cannot be read is reported and left
 /// out (it grants nothing); the rest stand.
-pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> CapTable {
-    let mut caps = CapTable::default();
+pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Grants {
+    let mut caps = Grants::default();
     for (k, _) in rows {
         let parsed = serde_json::from_str::<(String, String, String)>(k)
             .map_err(|e| e.to_string())
             .and_then(|(holder, issuer, params)| {
-                let holder: ProcessId = holder.parse().map_err(|e| format!("{e}"))?;
                 let issuer: Address = issuer.parse().map_err(|e| format!("{e}"))?;
                 Ok((holder, Capability { issuer, params }))
             });
         match parsed {
-            Ok((holder, cap)) => {
-                caps.insert(&holder, cap);
-            }
+            Ok((holder, cap)) if holder.contains('@') => match holder.parse::<Address>() {
+                Ok(h) => {
+                    caps.there.insert(&h, cap);
+                }
+                Err(e) => tracing::error!("capability row {k} in node.db: {e}; it is left out"),
+            },
+            Ok((holder, cap)) => match holder.parse::<ProcessId>() {
+                Ok(h) => {
+                    caps.here.insert(&h, cap);
+                }
+                Err(e) => tracing::error!("capability row {k} in node.db: {e}; it is left out"),
+            },
             Err(why) => tracing::error!(
                 "capability row {} in node.db cannot be read ({why}); it is left out",
                 spindle_types::id::shown(k)

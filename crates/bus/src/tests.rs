@@ -445,3 +445,79 @@ async fn a_tap_hears_what_matches_with_its_outcome_and_counts_what_it_lost() {
     );
     drop(taps);
 }
+
+/// Takes every message for other nodes.
+#[derive(Default)]
+struct Wire(std::sync::Mutex<Vec<Envelope>>);
+
+impl Remote for Wire {
+    fn send(&self, env: Envelope) -> Result<(), Undelivered> {
+        self.0.lock().unwrap().push(env);
+        Ok(())
+    }
+}
+
+fn on(node: &str, p: &str) -> Address {
+    format!("{node}@{p}:demo:spindle").parse().unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn rights_given_across_nodes_are_kept_checked_and_dropped_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let wire = Arc::new(Wire::default());
+    let bus = open(dir.path());
+    bus.connect("alice".into(), wire.clone());
+    let (vault, q) = (addr("vault"), on("bob", "q"));
+    let _rv = bus.register(vault.clone(), false).unwrap();
+    bus.grant(&vault.process, [Capability::network()]);
+
+    // bob@q has no right to the private vault, and cannot claim one.
+    let from_q = |caps| Envelope {
+        source: q.clone().into(),
+        target: vault.clone().into(),
+        ..request(&q, &vault, caps)
+    };
+    let (kind, _) = bus.deliver_remote(from_q(vec![])).unwrap_err();
+    assert_eq!(kind, SendErrorKind::NoCapability);
+    let forged = Capability::messaging(&vault);
+    let (kind, _) = bus
+        .deliver_remote(from_q(vec![forged.clone()]))
+        .unwrap_err();
+    assert_eq!(kind, SendErrorKind::Invalid);
+
+    // The vault gives it: the right goes on the wire naming this node, and
+    // this node records bob@q as its holder.
+    bus.send(
+        request(&vault, &q, vec![Capability::messaging(&vault)]),
+        false,
+    )
+    .await
+    .unwrap();
+    let sent = wire.0.lock().unwrap().pop().unwrap();
+    assert_eq!(
+        sent.message.capabilities(),
+        [Capability::messaging(&on("alice", "vault"))]
+    );
+    bus.deliver_remote(from_q(vec![])).unwrap();
+    bus.deliver_remote(from_q(vec![forged.clone()])).unwrap();
+    // A right of a third node, or of the node itself, does not go.
+    let third = Capability::messaging(&on("carol", "x"));
+    bus.grant(&vault.process, [third.clone()]);
+    for cap in [third, Capability::network()] {
+        let (kind, _) = bus
+            .send(request(&vault, &q, vec![cap]), false)
+            .await
+            .unwrap_err();
+        assert_eq!(kind, SendErrorKind::Invalid);
+    }
+
+    // The record is on disk; bob leaving the allow-list drops it.
+    bus.persisted().await.unwrap();
+    drop(bus);
+    let bus = open(dir.path());
+    let _rv = bus.register(vault.clone(), false).unwrap();
+    bus.deliver_remote(from_q(vec![])).unwrap();
+    bus.retain_nodes(|n| n == "carol");
+    let (kind, _) = bus.deliver_remote(from_q(vec![])).unwrap_err();
+    assert_eq!(kind, SendErrorKind::NoCapability);
+}

@@ -110,6 +110,11 @@ async fn closed_after(link: &mut Link, bytes: &[u8]) {
 }
 
 fn request(id: u64, to: &str, body: &[u8]) -> Vec<u8> {
+    claiming(id, to, body, vec![])
+}
+
+/// A request with capabilities attached: claims alice must check.
+fn claiming(id: u64, to: &str, body: &[u8], capabilities: Vec<spindle_bus::Capability>) -> Vec<u8> {
     let from: spindle_types::ProcessId = "m:demo:spindle".parse().unwrap();
     let header = Header {
         id,
@@ -123,6 +128,7 @@ fn request(id: u64, to: &str, body: &[u8]) -> Vec<u8> {
         metadata: None,
         body_len: body.len() as u32,
         blob: None,
+        capabilities,
     };
     let mut b = vec![];
     wire::encode_message(&mut b, &header, body, None).unwrap();
@@ -160,6 +166,16 @@ fn a_hostile_peer_costs_only_its_own_link() {
         node.ok(&args);
     }
     let mut held = start_sink(&alice);
+    let path = spindle_guests::path("echo");
+    alice.ok(&[
+        "start",
+        path.to_str().unwrap(),
+        "--name",
+        "vault",
+        "--package",
+        "demo:spindle",
+        "--network",
+    ]);
     let honest = || {
         assert_eq!(
             alice.ok(&["send", "bob@echo:demo:spindle", "hi"]).trim(),
@@ -234,6 +250,38 @@ fn a_hostile_peer_costs_only_its_own_link() {
         .unwrap_or_default()
         .to_string();
     assert!(said.contains("it says it is \"bob\""), "{said}");
+    honest();
+
+    // A private process: a request is refused, and a claimed right to
+    // message it is refused too — alice's record says mallory holds none.
+    rt.block_on(async {
+        let mut link = open(&mallory, alice_id, &at).await;
+        link.stream.write_all(&hello("mallory")).await.unwrap();
+        let forged =
+            spindle_bus::Capability::messaging(&"alice@vault:demo:spindle".parse().unwrap());
+        let mut both = request(1, "vault:demo:spindle", b"hi");
+        both.extend(claiming(2, "vault:demo:spindle", b"hi", vec![forged]));
+        link.stream.write_all(&both).await.unwrap();
+        link.stream.flush().await.unwrap();
+        let mut kinds = std::collections::BTreeMap::new();
+        tokio::time::timeout(DEADLINE, async {
+            while kinds.len() < 2 {
+                let Some(frame) = next_frame(&mut link.stream).await else {
+                    break;
+                };
+                if let Ok(Frame::Message { header, .. }) = wire::decode(&frame)
+                    && let Kind::Failed(k) = header.kind
+                {
+                    kinds.insert(header.id, k.name());
+                }
+            }
+        })
+        .await
+        .expect("both refused within the deadline");
+        assert_eq!(kinds.get(&1), Some(&"no-capability"), "{kinds:?}");
+        assert_eq!(kinds.get(&2), Some(&"invalid"), "{kinds:?}");
+        link.pump.abort();
+    });
     honest();
 
     // A flood into a mailbox that is not read: the link waits for room as

@@ -568,3 +568,58 @@ fn three_nodes_each_link_on_its_own() {
         stop_daemon(n);
     }
 }
+
+#[test]
+fn a_right_given_across_nodes_is_checked_by_the_node_that_gave_it() {
+    let (alice, bob) = pair();
+    let native = spindle_guests::native("native-echo");
+    // A private process on alice, reachable only by those it gives the right.
+    on_bus(
+        &alice,
+        "necho",
+        &["--network"],
+        &[native.to_str().unwrap()],
+        "",
+    );
+    let py = fixture("ipc-client.py");
+    let net = ["--public", "--network"];
+    on_bus(&bob, "pc", &net, &["python3", &py], "python: up");
+    on_bus(&bob, "pn", &net, &["python3", &py], "python: up");
+    let ask = r#"{"ask":"alice@necho:t:spindle"}"#;
+    let refused = serde_json::json!({"kind": "no-capability"});
+    assert_eq!(json(&bob, "local@pc:t:spindle", ask), refused);
+
+    // necho gives bob's pc the right to message it; pc keeps it.
+    let out = alice.ok(&[
+        "send",
+        "local@necho:t:spindle",
+        "grant local@necho:t:spindle bob@pc:t:spindle",
+    ]);
+    assert!(out.contains("held"), "{out}");
+    let caps = json(&bob, "local@pc:t:spindle", r#""caps""#);
+    assert!(
+        caps.to_string().contains("alice@necho:t:spindle"),
+        "pc holds the right: {caps}"
+    );
+    assert_eq!(
+        json(&bob, "local@pc:t:spindle", ask),
+        serde_json::json!({"got": "from python", "from": "alice@necho:t:spindle"})
+    );
+    // Another process on bob was given nothing, and cannot claim it.
+    assert_eq!(json(&bob, "local@pn:t:spindle", ask), refused);
+
+    // alice stops trusting bob: the rights alice gave bob's processes go
+    // with it, even when bob is trusted again.
+    let bob_row = alice.ok(&["node", "peers", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&bob_row).unwrap();
+    let (bkey, baddr) = (
+        v["peers"][0]["key"].as_str().unwrap().to_string(),
+        v["peers"][0]["addresses"][0].as_str().unwrap().to_string(),
+    );
+    alice.ok(&["node", "peer", "remove", "bob"]);
+    alice.ok(&["node", "peer", "add", "bob", &bkey, &baddr]);
+    wait_linked(&alice, &bob);
+    assert_eq!(json(&bob, "local@pc:t:spindle", ask), refused);
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+}

@@ -188,7 +188,8 @@ async fn serve(
 }
 
 /// Takes a new allow-list: peers removed or changed lose their record
-/// (their links end); returns their ids. New records are marked fresh.
+/// (their links end; removed or re-keyed ones, the rights this node gave
+/// them); returns their ids. New records are marked fresh.
 fn reload(shared: &Shared, new: Vec<Peer>) -> Vec<PeerId> {
     let mut peers = shared.peers.write().unwrap_or_else(|p| p.into_inner());
     let mut gone = vec![];
@@ -200,6 +201,11 @@ fn reload(shared: &Shared, new: Vec<Peer>) -> Vec<PeerId> {
             link.gone.store(true, Ordering::Release);
             link.removed.notify_one();
             gone.push(link.id);
+            // Rights given to its processes were given to that key: a name
+            // that leaves, or comes back with another key, keeps none.
+            if !new.iter().any(|p| p.name == *name && p.id == link.id) {
+                shared.bus.forget_node(name);
+            }
         }
         keep
     });

@@ -24,7 +24,7 @@
 //! node always the receiver, so neither can be claimed on the wire.
 
 use serde::{Deserialize, Serialize};
-use spindle_bus::SendErrorKind;
+use spindle_bus::{Capability, SendErrorKind};
 use spindle_types::ProcessId;
 
 /// Version of this protocol; a peer speaking another is refused at HELLO.
@@ -73,6 +73,10 @@ pub struct Header {
     pub metadata: Option<String>,
     pub body_len: u32,
     pub blob: Option<BlobHead>,
+    /// Attached capabilities: claims the receiver checks (a right issued
+    /// on the receiver by its own record; one issued on the sender is the
+    /// sender's word).
+    pub capabilities: Vec<Capability>,
 }
 
 /// A message's blob, as its header announces it.
@@ -339,6 +343,7 @@ mod tests {
                 len: 4,
                 inline: true,
             }),
+            capabilities: vec![],
         };
         encode_message(&mut b, &header, b"hi", Some(b"blob")).unwrap();
         assert_eq!(
@@ -422,6 +427,7 @@ mod tests {
             metadata: None,
             body_len: 0,
             blob: None,
+            capabilities: vec![],
         };
         encode_message(&mut b, &header, b"", None).unwrap();
         let text = b.windows(5).position(|w| w == b"a:b:c").unwrap();
@@ -466,6 +472,7 @@ mod tests {
                     len: b.len() as u32,
                     inline: !chunked,
                 }),
+                capabilities: vec![],
             };
             let inline = if chunked { None } else { blob.as_deref() };
             let mut b = vec![];

@@ -20,9 +20,20 @@ impl Network {
         let files = Files::in_home(home);
         let started = Identity::load(&files)
             .map_err(spindle_net::NetError::from)
-            .and_then(|id| id.map(|id| Net::start(id, bus.clone())).transpose());
+            .and_then(|id| {
+                id.map(|id| {
+                    // Rights given to nodes that have left the allow-list go.
+                    let names: Vec<String> = id.peers.iter().map(|p| p.name.clone()).collect();
+                    bus.retain_nodes(|n| names.iter().any(|k| k == n));
+                    Net::start(id, bus.clone())
+                })
+                .transpose()
+            });
         match started {
-            Ok(None) => Network::Off,
+            Ok(None) => {
+                bus.retain_nodes(|_| false);
+                Network::Off
+            }
             Ok(Some(net)) => {
                 tracing::info!("node {} ({}) is on the network", net.name(), net.key());
                 Network::On(net)

@@ -122,7 +122,13 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                 (a.header, a.body, Some(a.blob))
             }
         };
-        deliver(shared, peer, tx, inbound(peer, header, body, blob)).await;
+        deliver(
+            shared,
+            peer,
+            tx,
+            inbound(&shared.name, peer, header, body, blob),
+        )
+        .await;
     }
 }
 
@@ -160,14 +166,25 @@ async fn deliver(shared: &Shared, peer: &PeerLink, tx: &mpsc::Sender<Outgoing>, 
 }
 
 /// A message from the peer as the bus carries it: its source and rsvp are
-/// on the peer (the authenticated node), its target here.
-fn inbound(peer: &PeerLink, h: Header, body: Vec<u8>, blob: Option<Vec<u8>>) -> Envelope {
+/// on the peer (the authenticated node), its target here (`own` is this
+/// node's name), and a capability issued here names this node `local`.
+fn inbound(
+    own: &str,
+    peer: &PeerLink,
+    h: Header,
+    body: Vec<u8>,
+    blob: Option<Vec<u8>>,
+) -> Envelope {
     let there = |process| {
         Arc::new(Address {
             node: peer.name.clone(),
             process,
         })
     };
+    let mut capabilities = h.capabilities;
+    for c in capabilities.iter_mut().filter(|c| c.issuer.node == own) {
+        c.issuer.node = LOCAL_NODE.into();
+    }
     let message = match h.kind {
         Kind::Request {
             inherit,
@@ -177,14 +194,14 @@ fn inbound(peer: &PeerLink, h: Header, body: Vec<u8>, blob: Option<Vec<u8>>) -> 
             expects_response: expects_response_ms.map(Duration::from_millis),
             body,
             metadata: h.metadata,
-            capabilities: vec![],
+            capabilities,
         }),
         Kind::Response { inherit } => Message::Response(
             Response {
                 inherit,
                 body,
                 metadata: h.metadata,
-                capabilities: vec![],
+                capabilities,
             },
             None,
         ),

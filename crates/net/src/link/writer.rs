@@ -221,6 +221,7 @@ fn encode(out: &mut Vec<u8>, env: &Envelope) -> bool {
         metadata,
         body_len,
         blob,
+        capabilities: env.message.capabilities().to_vec(),
     };
     let bytes = env
         .blob
