@@ -29,7 +29,12 @@ pub const HELLO_WITHIN: Duration = Duration::from_secs(2);
 /// `mailbox-full`, as at a full mailbox.
 pub const LINK_QUEUE: usize = 4096;
 /// Bytes one link may have queued to send (the weight of its messages).
-pub const LINK_QUEUED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
+pub const LINK_QUEUED_BYTES: usize = 4 * spindle_bus::MAILBOX_BYTES;
+/// Messages one process may have queued on one link: a process that
+/// floods a peer takes a quarter of the link, and the others still get on.
+pub const SOURCE_QUEUE: usize = LINK_QUEUE / 4;
+/// Bytes one process may have queued on one link: one largest message.
+pub const SOURCE_QUEUED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
 /// Requests one link may await responses to: each is failed `offline` at
 /// once if the link goes down.
 pub const MAX_IN_FLIGHT: usize = 65_536;
@@ -67,10 +72,21 @@ struct InFlight {
     deadline: Instant,
 }
 
-/// What a link's writer sends: a message, or the answer to a PING.
+/// What a link's writer sends: a message from this node (counted against
+/// the link's and its source's budgets), this node's refusal of a peer's
+/// request (not counted: the peer's requests are bounded by its own
+/// queue), or the answer to a PING.
 pub(crate) enum Outgoing {
     Message(Envelope),
+    Refusal(Envelope),
     Pong(u64),
+}
+
+/// What one process has queued on a link.
+#[derive(Debug, Default, Clone, Copy)]
+struct Queued {
+    messages: usize,
+    bytes: usize,
 }
 
 pub(crate) enum State {
@@ -94,6 +110,8 @@ pub(crate) struct PeerLink {
     in_flight: Mutex<HashMap<u64, InFlight>>,
     /// Bytes (weights) queued to send ([`LINK_QUEUED_BYTES`]).
     pub(crate) queued: AtomicUsize,
+    /// What each process has queued ([`SOURCE_QUEUE`], [`SOURCE_QUEUED_BYTES`]).
+    by_source: Mutex<HashMap<spindle_types::ProcessId, Queued>>,
     /// Set when the peer leaves the allow-list (its dialer stops).
     pub gone: std::sync::atomic::AtomicBool,
     /// Set for a record a reload added, until its dialer starts.
@@ -143,6 +161,7 @@ impl PeerLink {
             state: Mutex::new(State::Down { why: None }),
             in_flight: Mutex::default(),
             queued: AtomicUsize::new(0),
+            by_source: Mutex::default(),
             gone: Default::default(),
             fresh: Default::default(),
             removed: Notify::new(),
@@ -229,9 +248,7 @@ impl PeerLink {
         {
             return Err((SendErrorKind::Invalid, Box::new(env)));
         }
-        let weight = env.weight();
-        if self.queued.fetch_add(weight, Ordering::AcqRel) + weight > LINK_QUEUED_BYTES {
-            self.queued.fetch_sub(weight, Ordering::AcqRel);
+        if !self.reserve(&env) {
             return Err((SendErrorKind::MailboxFull, Box::new(env)));
         }
         let awaited = match (&env.message, &env.rsvp) {
@@ -239,7 +256,7 @@ impl PeerLink {
                 let mut awaited = self.in_flight();
                 if awaited.len() >= MAX_IN_FLIGHT {
                     drop(awaited);
-                    self.queued.fetch_sub(weight, Ordering::AcqRel);
+                    self.release(&env);
                     return Err((SendErrorKind::MailboxFull, Box::new(env)));
                 }
                 let wait = r.expects_response.unwrap_or(spindle_bus::DEFAULT_AWAIT);
@@ -256,7 +273,6 @@ impl PeerLink {
             _ => None,
         };
         tx.try_send(Outgoing::Message(env)).map_err(|e| {
-            self.queued.fetch_sub(weight, Ordering::AcqRel);
             if let Some(id) = awaited {
                 self.in_flight().remove(&id);
             }
@@ -265,10 +281,61 @@ impl PeerLink {
                 mpsc::error::TrySendError::Closed(o) => (SendErrorKind::Offline, o),
             };
             match out {
-                Outgoing::Message(env) => (kind, Box::new(env)),
-                Outgoing::Pong(_) => unreachable!("a send queues a message"),
+                Outgoing::Message(env) => {
+                    self.release(&env);
+                    (kind, Box::new(env))
+                }
+                Outgoing::Refusal(_) | Outgoing::Pong(_) => {
+                    unreachable!("a send queues a message")
+                }
             }
         })
+    }
+
+    fn by_source(&self) -> std::sync::MutexGuard<'_, HashMap<spindle_types::ProcessId, Queued>> {
+        self.by_source.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes room for `env` in the link's queue, within the link's budget
+    /// and its source's; false if there is none.
+    fn reserve(&self, env: &Envelope) -> bool {
+        let weight = env.weight();
+        let mut by = self.by_source();
+        let q = by.entry(env.source.process.clone()).or_default();
+        if q.messages >= SOURCE_QUEUE || q.bytes + weight > SOURCE_QUEUED_BYTES {
+            if q.messages == 0 {
+                by.remove(&env.source.process);
+            }
+            return false;
+        }
+        if self.queued.fetch_add(weight, Ordering::AcqRel) + weight > LINK_QUEUED_BYTES {
+            self.queued.fetch_sub(weight, Ordering::AcqRel);
+            if q.messages == 0 {
+                by.remove(&env.source.process);
+            }
+            return false;
+        }
+        q.messages += 1;
+        q.bytes += weight;
+        true
+    }
+
+    /// Gives back the room `env` took: it was written, or will never be.
+    pub(crate) fn release(&self, env: &Envelope) {
+        let weight = env.weight();
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(weight))
+            });
+        let mut by = self.by_source();
+        if let Some(q) = by.get_mut(&env.source.process) {
+            q.messages = q.messages.saturating_sub(1);
+            q.bytes = q.bytes.saturating_sub(weight);
+            if q.messages == 0 {
+                by.remove(&env.source.process);
+            }
+        }
     }
 
     /// The link ended: nothing more goes on it, and every request awaiting
@@ -280,7 +347,7 @@ impl PeerLink {
         rx.close();
         while let Ok(out) = rx.try_recv() {
             if let Outgoing::Message(env) = out {
-                self.queued.fetch_sub(env.weight(), Ordering::AcqRel);
+                self.release(&env);
             }
         }
         let awaited = std::mem::take(&mut *self.in_flight());
@@ -389,5 +456,72 @@ async fn watchdog(peer: &PeerLink, last: &Heard) -> String {
             return format!("no heartbeat for {} ms", silent.as_millis());
         }
         peer.expire(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spindle_bus::Request;
+
+    fn env(id: u64, source: &str, bytes: usize) -> Envelope {
+        let at = |node: &str, p: &str| {
+            Arc::new(Address {
+                node: node.into(),
+                process: p.parse().unwrap(),
+            })
+        };
+        Envelope {
+            id,
+            source: at(LOCAL_NODE, source),
+            target: at("bob", "sink:demo:x"),
+            rsvp: None,
+            message: Message::Request(Request {
+                inherit: false,
+                expects_response: None,
+                body: vec![0; bytes],
+                metadata: None,
+                capabilities: vec![],
+            }),
+            blob: None,
+        }
+    }
+
+    fn up() -> (PeerLink, mpsc::Receiver<Outgoing>) {
+        let link = PeerLink::new(Peer {
+            name: "bob".into(),
+            id: PeerId::random(),
+            addresses: vec![],
+        });
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        *link.state() = State::Up {
+            tx,
+            since: Instant::now(),
+        };
+        (link, rx)
+    }
+
+    #[test]
+    fn one_process_takes_only_its_share_of_a_link() {
+        let (link, mut rx) = up();
+        for i in 0..SOURCE_QUEUE as u64 {
+            assert!(link.send(env(i, "flood:demo:x", 1)).is_ok());
+        }
+        let (kind, _) = link.send(env(0, "flood:demo:x", 1)).unwrap_err();
+        assert_eq!(kind, SendErrorKind::MailboxFull);
+        // Another process still gets on.
+        assert!(link.send(env(0, "other:demo:x", 1)).is_ok());
+        // Bytes too: one largest message per process.
+        let big = SOURCE_QUEUED_BYTES / 2 + 1;
+        assert!(link.send(env(1, "big:demo:x", big)).is_ok());
+        let (kind, _) = link.send(env(2, "big:demo:x", big)).unwrap_err();
+        assert_eq!(kind, SendErrorKind::MailboxFull);
+        // What is written gives its room back.
+        while let Ok(Outgoing::Message(e)) = rx.try_recv() {
+            link.release(&e);
+        }
+        assert!(link.send(env(3, "big:demo:x", big)).is_ok());
+        assert!(link.send(env(0, "flood:demo:x", 1)).is_ok());
+        assert_eq!(link.by_source().len(), 2);
     }
 }

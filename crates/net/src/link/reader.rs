@@ -34,17 +34,19 @@ pub(super) async fn read_frame<R: AsyncRead + Unpin>(
     if buf.capacity() > KEEP_BUFFER && len < READ_CHUNK {
         buf.shrink_to(READ_CHUNK);
     }
-    let mut chunk = [0u8; 4096];
     while buf.len() < len {
-        let want = (len - buf.len()).min(chunk.len());
+        // At most READ_CHUNK more than has arrived: a length prefix alone
+        // never makes the buffer large.
+        let start = buf.len();
+        buf.resize(start + (len - start).min(READ_CHUNK), 0);
         let n = reader
-            .read(&mut chunk[..want])
+            .read(&mut buf[start..])
             .await
             .map_err(|e| format!("the stream broke: {e}"))?;
+        buf.truncate(start + n);
         if n == 0 {
             return Err("the stream ended inside a frame".into());
         }
-        buf.extend_from_slice(&chunk[..n]);
         last.now();
     }
     last.now();
@@ -239,7 +241,7 @@ fn refuse(peer: &PeerLink, tx: &mpsc::Sender<Outgoing>, env: Envelope, kind: Sen
                 message: Message::Failed(kind),
                 blob: None,
             };
-            if tx.try_send(Outgoing::Message(failed)).is_err() {
+            if tx.try_send(Outgoing::Refusal(failed)).is_err() {
                 tracing::debug!("link to {}: no room to refuse a request", peer.name);
             }
         }

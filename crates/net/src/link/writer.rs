@@ -10,7 +10,6 @@ use libp2p::futures::{AsyncWrite, AsyncWriteExt};
 use spindle_bus::{Envelope, Message};
 use spindle_types::ProcessId;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
@@ -29,6 +28,8 @@ struct Bulk {
 
 struct Streaming {
     env: Envelope,
+    /// Counted against the link's budgets (not a refusal).
+    counted: bool,
     /// Blob bytes sent so far; `None` until its MESSAGE frame is out.
     sent: Option<usize>,
 }
@@ -43,15 +44,20 @@ impl Bulk {
     /// Takes the next thing from the queue: into `out` at once, or into
     /// the bulk queue when it is large or its source has a message there.
     fn take(&mut self, peer: &PeerLink, out: &mut Vec<u8>, next: Outgoing) {
-        let env = match next {
+        let (env, counted) = match next {
             Outgoing::Pong(nonce) => return wire::encode_ping(out, nonce, true),
-            Outgoing::Message(env) => env,
+            Outgoing::Message(env) => (env, true),
+            Outgoing::Refusal(env) => (env, false),
         };
         if large(&env) || self.sources.contains_key(&env.source.process) {
             *self.sources.entry(env.source.process.clone()).or_default() += 1;
-            self.queue.push_back(Streaming { env, sent: None });
+            self.queue.push_back(Streaming {
+                env,
+                counted,
+                sent: None,
+            });
         } else {
-            put(peer, out, &env);
+            put(peer, out, &env, counted);
         }
     }
 
@@ -63,7 +69,7 @@ impl Bulk {
         };
         let done = match (front.sent, front.env.blob.as_ref()) {
             (None, _) if !large(&front.env) => {
-                put(peer, out, &front.env);
+                put(peer, out, &front.env, front.counted);
                 true
             }
             (None, _) => {
@@ -89,10 +95,9 @@ impl Bulk {
         let Some(finished) = self.queue.pop_front() else {
             return;
         };
-        // A small one gave its weight back in `put`.
-        if large(&finished.env) {
-            peer.queued
-                .fetch_sub(finished.env.weight(), Ordering::AcqRel);
+        // A small one gave its room back in `put`.
+        if large(&finished.env) && finished.counted {
+            peer.release(&finished.env);
         }
         let source = &finished.env.source.process;
         if let Some(n) = self.sources.get_mut(source) {
@@ -168,9 +173,12 @@ fn dropped(peer: &PeerLink) {
     );
 }
 
-/// Puts a whole message (its blob, if any, inline) into `out`.
-fn put(peer: &PeerLink, out: &mut Vec<u8>, env: &Envelope) {
-    peer.queued.fetch_sub(env.weight(), Ordering::AcqRel);
+/// Puts a whole message (its blob, if any, inline) into `out`, and gives
+/// its room on the link back if it was `counted`.
+fn put(peer: &PeerLink, out: &mut Vec<u8>, env: &Envelope, counted: bool) {
+    if counted {
+        peer.release(env);
+    }
     if !encode(out, env) {
         dropped(peer);
     }
