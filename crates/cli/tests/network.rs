@@ -119,6 +119,23 @@ fn requests_cross_nodes_with_the_local_rules() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     let absent = alice.fails(&["send", "bob@nobody:demo:spindle", "hi"]);
     assert!(absent.contains("offline"), "{absent}");
+    // Delivered, but not answered in time: `timeout`, not `offline`; the
+    // answer that comes later is dropped as late, and the next is on time.
+    let slow = alice.fails(&[
+        "send",
+        "--timeout",
+        "200ms",
+        "bob@echo:demo:spindle",
+        "sleep 600",
+    ]);
+    assert!(
+        slow.contains("no response from bob@echo:demo:spindle within 200ms"),
+        "{slow}"
+    );
+    assert_eq!(
+        alice.ok(&["send", "bob@echo:demo:spindle", "after"]).trim(),
+        "after"
+    );
 
     // One-way messages from one process to another: every one that was
     // accepted arrives, once.
