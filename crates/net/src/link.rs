@@ -38,6 +38,9 @@ pub const SOURCE_QUEUED_BYTES: usize = spindle_bus::MAILBOX_BYTES;
 /// Requests one link may await responses to: each is failed `offline` at
 /// once if the link goes down.
 pub const MAX_IN_FLIGHT: usize = 65_536;
+/// Requests one process may await through one link: as many as it may
+/// await at all.
+pub const SOURCE_IN_FLIGHT: usize = spindle_bus::MAX_AWAITED;
 
 /// When a stream's peer was last heard from (any byte of any frame): set
 /// by its reader, read by its watchdog.
@@ -69,6 +72,8 @@ struct InFlight {
     /// The target, on the peer (what the failure comes from).
     from: Arc<Address>,
     rsvp: Arc<Address>,
+    /// The process that sent it (its [`SOURCE_IN_FLIGHT`] budget).
+    source: spindle_types::ProcessId,
     deadline: Instant,
 }
 
@@ -82,11 +87,18 @@ pub(crate) enum Outgoing {
     Pong(u64),
 }
 
-/// What one process has queued on a link.
+/// What one process has queued on a link, and awaits through it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Queued {
     messages: usize,
     bytes: usize,
+    awaited: usize,
+}
+
+impl Queued {
+    fn idle(&self) -> bool {
+        self.messages == 0 && self.awaited == 0
+    }
 }
 
 pub(crate) enum State {
@@ -248,33 +260,46 @@ impl PeerLink {
         {
             return Err((SendErrorKind::Invalid, Box::new(env)));
         }
+        if !header_fits(&env) {
+            return Err((SendErrorKind::Invalid, Box::new(env)));
+        }
         if !self.reserve(&env) {
             return Err((SendErrorKind::MailboxFull, Box::new(env)));
         }
         let awaited = match (&env.message, &env.rsvp) {
             (Message::Request(r), Some(rsvp)) => {
                 let mut awaited = self.in_flight();
-                if awaited.len() >= MAX_IN_FLIGHT {
+                if awaited.len() >= MAX_IN_FLIGHT || !self.await_one(&env.source.process) {
                     drop(awaited);
                     self.release(&env);
                     return Err((SendErrorKind::MailboxFull, Box::new(env)));
                 }
-                let wait = r.expects_response.unwrap_or(spindle_bus::DEFAULT_AWAIT);
-                awaited.insert(
+                // A request handed on with `inherit` carries no wait of its
+                // own: its first requester may wait as long as any.
+                let wait = r
+                    .expects_response
+                    .unwrap_or(spindle_types::limits::MAX_AWAIT);
+                let old = awaited.insert(
                     env.id,
                     InFlight {
                         from: env.target.clone(),
                         rsvp: rsvp.clone(),
+                        source: env.source.process.clone(),
                         deadline: deadline_after(wait),
                     },
                 );
+                if let Some(old) = old {
+                    self.awaited_done(&old);
+                }
                 Some(env.id)
             }
             _ => None,
         };
         tx.try_send(Outgoing::Message(env)).map_err(|e| {
-            if let Some(id) = awaited {
-                self.in_flight().remove(&id);
+            if let Some(id) = awaited
+                && let Some(f) = self.in_flight().remove(&id)
+            {
+                self.awaited_done(&f);
             }
             let (kind, out) = match e {
                 mpsc::error::TrySendError::Full(o) => (SendErrorKind::MailboxFull, o),
@@ -296,6 +321,29 @@ impl PeerLink {
         self.by_source.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Counts a request `source` awaits through the link; false past its
+    /// budget.
+    fn await_one(&self, source: &spindle_types::ProcessId) -> bool {
+        let mut by = self.by_source();
+        let q = by.entry(source.clone()).or_default();
+        if q.awaited >= SOURCE_IN_FLIGHT {
+            return false;
+        }
+        q.awaited += 1;
+        true
+    }
+
+    /// An awaited request is answered, failed or forgotten.
+    fn awaited_done(&self, f: &InFlight) {
+        let mut by = self.by_source();
+        if let Some(q) = by.get_mut(&f.source) {
+            q.awaited = q.awaited.saturating_sub(1);
+            if q.idle() {
+                by.remove(&f.source);
+            }
+        }
+    }
+
     /// Takes room for `env` in the link's queue, within the link's budget
     /// and its source's; false if there is none.
     fn reserve(&self, env: &Envelope) -> bool {
@@ -303,14 +351,14 @@ impl PeerLink {
         let mut by = self.by_source();
         let q = by.entry(env.source.process.clone()).or_default();
         if q.messages >= SOURCE_QUEUE || q.bytes + weight > SOURCE_QUEUED_BYTES {
-            if q.messages == 0 {
+            if q.idle() {
                 by.remove(&env.source.process);
             }
             return false;
         }
         if self.queued.fetch_add(weight, Ordering::AcqRel) + weight > LINK_QUEUED_BYTES {
             self.queued.fetch_sub(weight, Ordering::AcqRel);
-            if q.messages == 0 {
+            if q.idle() {
                 by.remove(&env.source.process);
             }
             return false;
@@ -332,7 +380,7 @@ impl PeerLink {
         if let Some(q) = by.get_mut(&env.source.process) {
             q.messages = q.messages.saturating_sub(1);
             q.bytes = q.bytes.saturating_sub(weight);
-            if q.messages == 0 {
+            if q.idle() {
                 by.remove(&env.source.process);
             }
         }
@@ -352,6 +400,7 @@ impl PeerLink {
         }
         let awaited = std::mem::take(&mut *self.in_flight());
         for (id, f) in awaited {
+            self.awaited_done(&f);
             shared
                 .bus
                 .fail_request(&f.from, id, f.rsvp, SendErrorKind::Offline);
@@ -367,16 +416,45 @@ impl PeerLink {
         let matches = awaited
             .get(&answer.id)
             .is_some_and(|f| f.rsvp.process == answer.target.process);
-        if matches {
-            awaited.remove(&answer.id);
+        if matches && let Some(f) = awaited.remove(&answer.id) {
+            self.awaited_done(&f);
         }
         matches
     }
 
     /// Forgets awaited requests whose requesters have stopped waiting.
     fn expire(&self, now: Instant) {
-        self.in_flight().retain(|_, f| f.deadline > now);
+        self.in_flight().retain(|_, f| {
+            let keep = f.deadline > now;
+            if !keep {
+                self.awaited_done(f);
+            }
+            keep
+        });
     }
+}
+
+/// Whether `env`'s header stays within the wire's [`wire::MAX_HEADER`]:
+/// ids are short; what grows is metadata, capabilities and a blob's mime
+/// (each counted with room to spare for its encoding).
+fn header_fits(env: &Envelope) -> bool {
+    let metadata = match &env.message {
+        Message::Request(r) => r.metadata.as_ref().map_or(0, String::len),
+        Message::Response(r, _) => r.metadata.as_ref().map_or(0, String::len),
+        Message::Failed(_) => 0,
+    };
+    let capabilities: usize = env
+        .message
+        .capabilities()
+        .iter()
+        .map(|c| c.params.len() + c.issuer.to_string().len() + 16)
+        .sum();
+    let mime = env
+        .blob
+        .as_ref()
+        .and_then(|b| b.mime.as_ref())
+        .map_or(0, String::len);
+    metadata + capabilities + mime + 1024 <= wire::MAX_HEADER
 }
 
 /// Serves one peer's stream, once [`PeerLink::claim`]ed, until it ends;
@@ -400,7 +478,7 @@ where
         writer.write_all(&out).await.map_err(|e| e.to_string())?;
         writer.flush().await.map_err(|e| e.to_string())?;
         let last = Heard::new();
-        reader::read_frame(&mut reader, &mut buf, &last).await?;
+        reader::read_frame(&mut reader, &mut buf, &last, wire::MAX_HELLO).await?;
         match wire::decode(&buf).map_err(|e| e.to_string())? {
             Frame::Hello(h) if h.version != wire::VERSION => Err(format!(
                 "it speaks version {} of the link protocol, this node {}",
@@ -409,7 +487,8 @@ where
             )),
             Frame::Hello(h) if h.name != peer.name => Err(format!(
                 "its key is {}'s here, but it says it is {:?}",
-                peer.name, h.name
+                peer.name,
+                spindle_types::id::shown(&h.name)
             )),
             Frame::Hello(_) => Ok(()),
             _ => Err("its first frame is not HELLO".into()),
@@ -523,5 +602,38 @@ mod tests {
         assert!(link.send(env(3, "big:demo:x", big)).is_ok());
         assert!(link.send(env(0, "flood:demo:x", 1)).is_ok());
         assert_eq!(link.by_source().len(), 2);
+    }
+
+    #[test]
+    fn one_process_awaits_only_its_share_through_a_link() {
+        let (link, mut rx) = up();
+        let asking = |id: u64, source: &str| {
+            let mut e = env(id, source, 1);
+            e.rsvp = Some(e.source.clone());
+            e
+        };
+        for id in 0..SOURCE_IN_FLIGHT as u64 {
+            assert!(link.send(asking(id, "asker:demo:x")).is_ok());
+            while let Ok(Outgoing::Message(e)) = rx.try_recv() {
+                link.release(&e);
+            }
+        }
+        let (kind, _) = link.send(asking(1 << 40, "asker:demo:x")).unwrap_err();
+        assert_eq!(kind, SendErrorKind::MailboxFull);
+        assert!(link.send(asking(1 << 41, "other:demo:x")).is_ok());
+        // An answer frees its slot.
+        let answer = Envelope {
+            message: Message::Failed(SendErrorKind::Timeout),
+            ..env(0, "x:demo:x", 0)
+        };
+        let answer = Envelope {
+            target: Arc::new(Address {
+                node: LOCAL_NODE.into(),
+                process: "asker:demo:x".parse().unwrap(),
+            }),
+            ..answer
+        };
+        assert!(link.answered(&answer));
+        assert!(link.send(asking(1 << 42, "asker:demo:x")).is_ok());
     }
 }

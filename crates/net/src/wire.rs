@@ -37,6 +37,9 @@ pub const MAX_PAYLOAD: usize = spindle_bus::MAILBOX_BYTES;
 /// Largest header (ids, options, metadata): ids are short, metadata is
 /// a line of JSON.
 pub const MAX_HEADER: usize = 64 << 10;
+/// Largest HELLO: a version and a node name (names are short), so a peer
+/// cannot make the greeting itself large.
+pub const MAX_HELLO: usize = 1024;
 /// Largest blob sent inside its MESSAGE frame; larger ones go in chunks.
 pub const INLINE_BLOB: usize = 64 << 10;
 /// Most blob bytes in one BLOB frame: what a small message may wait behind.
@@ -277,8 +280,17 @@ pub fn encode_message(
 
 /// Appends a BLOB frame (1 to [`BLOB_CHUNK`] bytes of message `id`'s blob).
 pub fn encode_blob(out: &mut Vec<u8>, id: u64, bytes: &[u8]) {
-    debug_assert!(!bytes.is_empty() && bytes.len() <= BLOB_CHUNK);
-    put_frame(out, BLOB, &[&id.to_le_bytes(), bytes]);
+    encode_blob_head(out, id, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// Appends the start of a BLOB frame of `len` (1 to [`BLOB_CHUNK`]) bytes,
+/// for a writer that sends the bytes from where they are.
+pub fn encode_blob_head(out: &mut Vec<u8>, id: u64, len: usize) {
+    debug_assert!(len > 0 && len <= BLOB_CHUNK);
+    out.extend_from_slice(&((1 + 8 + len) as u32).to_le_bytes());
+    out.push(BLOB);
+    out.extend_from_slice(&id.to_le_bytes());
 }
 
 fn put_frame(out: &mut Vec<u8>, kind: u8, parts: &[&[u8]]) {

@@ -18,11 +18,13 @@ pub(super) const READ_CHUNK: usize = 64 << 10;
 /// A buffer grown past this by one large frame is given back after it.
 const KEEP_BUFFER: usize = 256 << 10;
 
-/// Reads one frame into `buf` (its bytes after the length prefix).
+/// Reads one frame of at most `max` bytes into `buf` (its bytes after the
+/// length prefix).
 pub(super) async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
     last: &Heard,
+    max: usize,
 ) -> Result<(), String> {
     let mut prefix = [0u8; 4];
     reader
@@ -30,6 +32,11 @@ pub(super) async fn read_frame<R: AsyncRead + Unpin>(
         .await
         .map_err(|e| format!("the stream ended: {e}"))?;
     let len = wire::frame_len(prefix).map_err(|e| e.to_string())?;
+    if len > max {
+        return Err(format!(
+            "a frame of {len} bytes where at most {max} may come"
+        ));
+    }
     buf.clear();
     if buf.capacity() > KEEP_BUFFER && len < READ_CHUNK {
         buf.shrink_to(READ_CHUNK);
@@ -55,7 +62,7 @@ pub(super) async fn read_frame<R: AsyncRead + Unpin>(
 
 /// A message whose blob is still arriving in BLOB frames. A link holds at
 /// most one (the sender streams one blob at a time), of at most
-/// [`wire::MAX_PAYLOAD`] bytes, grown as the bytes come.
+/// [`wire::MAX_PAYLOAD`] bytes.
 struct Assembly {
     header: Header,
     body: Vec<u8>,
@@ -73,7 +80,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
 ) -> String {
     let mut assembling: Option<Assembly> = None;
     loop {
-        if let Err(why) = read_frame(reader, buf, last).await {
+        if let Err(why) = read_frame(reader, buf, last, wire::MAX_FRAME).await {
             return why;
         }
         peer.last_seen_ms.store(wall_ms(), Ordering::Relaxed);
@@ -99,11 +106,14 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                     if assembling.is_some() {
                         return bad(peer, "it announced a blob before the last one was done");
                     }
+                    // Reserved as announced (at most MAX_PAYLOAD, checked
+                    // by the decoder): pages no byte reaches cost nothing.
+                    let len = *len as usize;
                     assembling = Some(Assembly {
-                        len: *len as usize,
+                        len,
                         header: *header,
                         body: body.to_vec(),
-                        blob: vec![],
+                        blob: Vec::with_capacity(len),
                     });
                     continue;
                 }

@@ -18,12 +18,21 @@ use tokio::sync::mpsc::error::TryRecvError;
 const WRITE_BATCH: usize = 256 << 10;
 
 /// Messages that go out one chunk at a time, in order: those with a large
-/// blob, and those queued behind one from the same source.
-#[derive(Default)]
-struct Bulk {
+/// blob, and those queued behind one from the same source. Whatever is
+/// still here when the link ends gives its room on the link back.
+struct Bulk<'a> {
+    peer: &'a PeerLink,
     queue: VecDeque<Streaming>,
     /// How many of the queue's messages each source has there.
     sources: HashMap<ProcessId, usize>,
+}
+
+impl Drop for Bulk<'_> {
+    fn drop(&mut self) {
+        for s in self.queue.drain(..).filter(|s| s.counted) {
+            self.peer.release(&s.env);
+        }
+    }
 }
 
 struct Streaming {
@@ -40,10 +49,19 @@ fn large(env: &Envelope) -> bool {
         .is_some_and(|b| b.bytes.len() > wire::INLINE_BLOB)
 }
 
-impl Bulk {
+impl<'a> Bulk<'a> {
+    fn new(peer: &'a PeerLink) -> Bulk<'a> {
+        Bulk {
+            peer,
+            queue: VecDeque::new(),
+            sources: HashMap::new(),
+        }
+    }
+
     /// Takes the next thing from the queue: into `out` at once, or into
     /// the bulk queue when it is large or its source has a message there.
-    fn take(&mut self, peer: &PeerLink, out: &mut Vec<u8>, next: Outgoing) {
+    fn take(&mut self, out: &mut Vec<u8>, next: Outgoing) {
+        let peer = self.peer;
         let (env, counted) = match next {
             Outgoing::Pong(nonce) => return wire::encode_ping(out, nonce, true),
             Outgoing::Message(env) => (env, true),
@@ -62,11 +80,12 @@ impl Bulk {
     }
 
     /// Puts the next frame of the first bulk message into `out`: the
-    /// message, or one chunk of its blob.
-    fn step(&mut self, peer: &PeerLink, out: &mut Vec<u8>) {
-        let Some(front) = self.queue.front_mut() else {
-            return;
-        };
+    /// message, or the start of a BLOB frame — whose bytes, returned, go
+    /// out from the blob itself, not copied.
+    fn step(&mut self, out: &mut Vec<u8>) -> Option<Chunk> {
+        let peer = self.peer;
+        let front = self.queue.front_mut()?;
+        let mut chunk = None;
         let done = match (front.sent, front.env.blob.as_ref()) {
             (None, _) if !large(&front.env) => {
                 put(peer, out, &front.env, front.counted);
@@ -83,18 +102,20 @@ impl Bulk {
             }
             (Some(sent), Some(blob)) => {
                 let end = blob.bytes.len().min(sent + wire::BLOB_CHUNK);
-                wire::encode_blob(out, front.env.id, &blob.bytes[sent..end]);
+                wire::encode_blob_head(out, front.env.id, end - sent);
+                chunk = Some(Chunk {
+                    blob: blob.clone(),
+                    range: sent..end,
+                });
                 front.sent = Some(end);
                 end == blob.bytes.len()
             }
             (Some(_), None) => true,
         };
         if !done {
-            return;
+            return chunk;
         }
-        let Some(finished) = self.queue.pop_front() else {
-            return;
-        };
+        let finished = self.queue.pop_front()?;
         // A small one gave its room back in `put`.
         if large(&finished.env) && finished.counted {
             peer.release(&finished.env);
@@ -106,7 +127,14 @@ impl Bulk {
                 self.sources.remove(source);
             }
         }
+        chunk
     }
+}
+
+/// Blob bytes that follow the frame start at the end of the writer's buffer.
+struct Chunk {
+    blob: std::sync::Arc<spindle_bus::Blob>,
+    range: std::ops::Range<usize>,
 }
 
 pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
@@ -115,21 +143,21 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
     rx: &mut mpsc::Receiver<Outgoing>,
 ) -> String {
     let mut out = Vec::with_capacity(WRITE_BATCH);
-    let mut bulk = Bulk::default();
+    let mut bulk = Bulk::new(peer);
     let mut next_ping = Instant::now() + HEARTBEAT;
     loop {
         if bulk.queue.is_empty() {
             tokio::select! {
                 next = rx.recv() => {
                     let Some(next) = next else { return "the link's queue closed".into() };
-                    bulk.take(peer, &mut out, next);
+                    bulk.take(&mut out, next);
                 }
                 _ = tokio::time::sleep_until(next_ping.into()) => {}
             }
         }
         while out.len() < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(next) => bulk.take(peer, &mut out, next),
+                Ok(next) => bulk.take(&mut out, next),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return "the link's queue closed".into(),
             }
@@ -142,13 +170,20 @@ pub(super) async fn write_loop<W: AsyncWrite + Unpin>(
             wire::encode_ping(&mut out, nonce, false);
             next_ping = now + HEARTBEAT;
         }
-        if out.len() < WRITE_BATCH {
-            bulk.step(peer, &mut out);
-        }
+        let chunk = if out.len() < WRITE_BATCH {
+            bulk.step(&mut out)
+        } else {
+            None
+        };
         if out.is_empty() {
             continue;
         }
         if let Err(e) = writer.write_all(&out).await {
+            return format!("writing failed: {e}");
+        }
+        if let Some(c) = &chunk
+            && let Err(e) = writer.write_all(&c.blob.bytes[c.range.clone()]).await
+        {
             return format!("writing failed: {e}");
         }
         if let Err(e) = writer.flush().await {
@@ -390,6 +425,28 @@ mod tests {
         // At most one chunk went out ahead of it after it was queued.
         let chunks_before = frames[..small].iter().filter(|f| f.0 == "blob").count();
         assert!(chunks_before <= 2, "{chunks_before} chunks first");
+    }
+
+    #[test]
+    fn what_a_link_held_in_its_bulk_lane_is_given_back_when_it_ends() {
+        let peer = PeerLink::new(Peer {
+            name: "bob".into(),
+            id: libp2p::PeerId::random(),
+            addresses: vec![],
+        });
+        let (big, behind) = (env(1, "big:demo:x", 1 << 20), env(2, "big:demo:x", 0));
+        assert!(peer.reserve(&big) && peer.reserve(&behind));
+        let mut out = vec![];
+        {
+            let mut bulk = Bulk::new(&peer);
+            bulk.take(&mut out, Outgoing::Message(big));
+            bulk.take(&mut out, Outgoing::Message(behind));
+            // The blob's MESSAGE frame and one chunk go; then the link ends.
+            assert!(bulk.step(&mut out).is_none());
+            assert!(bulk.step(&mut out).is_some());
+        }
+        assert_eq!(peer.queued.load(std::sync::atomic::Ordering::Acquire), 0);
+        assert!(peer.by_source().is_empty());
     }
 
     #[tokio::test]
