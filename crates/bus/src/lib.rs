@@ -929,8 +929,9 @@ impl Bus {
     /// that node; its target is here), admitted by [`Bus::admit_remote`]'s
     /// rules: a process on another node holds only the rights this node
     /// recorded as given to it. The link lets through only answers to
-    /// requests it carried. Never waits: a full mailbox is `MailboxFull` at once, so
-    /// one busy process never stalls the link that others' messages share.
+    /// requests it carried. Never waits: a full mailbox is `MailboxFull` at
+    /// once; the link decides whether to wait for room (once per target
+    /// that stays full, so one busy process holds up the link once).
     pub fn deliver_remote(&self, env: Envelope) -> Result<(), Undelivered> {
         let mut seen = self.trace.seen(&env);
         let refused = match self.lookup(&env.target.process) {

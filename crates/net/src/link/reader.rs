@@ -79,6 +79,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
     tx: &mpsc::Sender<Outgoing>,
 ) -> String {
     let mut assembling: Option<Assembly> = None;
+    let mut stalled = Stalled::default();
     loop {
         if let Err(why) = read_frame(reader, buf, last, wire::MAX_FRAME).await {
             return why;
@@ -134,13 +135,8 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                 (a.header, a.body, Some(a.blob))
             }
         };
-        deliver(
-            shared,
-            peer,
-            tx,
-            inbound(&shared.name, peer, header, body, blob),
-        )
-        .await;
+        let env = inbound(&shared.name, peer, header, body, blob);
+        deliver(shared, peer, tx, &mut stalled, env).await;
     }
 }
 
@@ -151,7 +147,32 @@ fn bad(peer: &PeerLink, why: &str) -> String {
 }
 
 /// Hands a message from the peer to the bus.
-async fn deliver(shared: &Shared, peer: &PeerLink, tx: &mpsc::Sender<Outgoing>, env: Envelope) {
+/// Local processes whose mailbox stayed full through a whole wait: the
+/// link refuses their messages at once until one gets in, so a process
+/// that never reads holds the link up once, not per message.
+#[derive(Default)]
+struct Stalled(std::collections::HashSet<spindle_types::ProcessId>);
+
+/// How many stalled targets a link remembers (past it, it forgets them all
+/// and may wait once more for each).
+const MAX_STALLED: usize = 256;
+
+impl Stalled {
+    fn mark(&mut self, p: &spindle_types::ProcessId) {
+        if self.0.len() >= MAX_STALLED {
+            self.0.clear();
+        }
+        self.0.insert(p.clone());
+    }
+}
+
+async fn deliver(
+    shared: &Shared,
+    peer: &PeerLink,
+    tx: &mpsc::Sender<Outgoing>,
+    stalled: &mut Stalled,
+    env: Envelope,
+) {
     // An answer is let in only for a request this link carried there, to
     // the process awaiting it; any other (late, or unasked for) is
     // dropped, as a late one is locally.
@@ -159,19 +180,26 @@ async fn deliver(shared: &Shared, peer: &PeerLink, tx: &mpsc::Sender<Outgoing>, 
         shared.bus.late_responses.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    let target = (!stalled.0.is_empty()).then(|| env.target.process.clone());
     let delivered = match shared.bus.deliver_remote(env) {
         // A full mailbox holds the link back as it holds a local sender
         // back (up to MAILBOX_WAIT): the peer's queue fills and its
-        // senders hear `mailbox-full`, rather than messages vanishing here.
-        Err((SendErrorKind::MailboxFull, env)) => {
+        // senders hear `mailbox-full`, rather than messages vanishing here
+        // — once per target that stays full, not for every message.
+        Err((SendErrorKind::MailboxFull, env)) if !stalled.0.contains(&env.target.process) => {
             if shared.bus.wait_for_room(&env.target.process).await {
                 shared.bus.deliver_remote(*env)
             } else {
+                stalled.mark(&env.target.process);
                 Err((SendErrorKind::MailboxFull, env))
             }
         }
         other => other,
     };
+    // A stalled target that takes a message reads again.
+    if let (Ok(()), Some(t)) = (&delivered, target) {
+        stalled.0.remove(&t);
+    }
     if let Err((kind, env)) = delivered {
         refuse(peer, tx, *env, kind);
     }
