@@ -43,6 +43,11 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
             .is_some_and(|ps| ps.contains(&cap.params))
     }
 
+    /// How many holders have some right `issuer` issued.
+    pub(crate) fn holders(&self, issuer: &Address) -> usize {
+        self.issued.get(issuer).map_or(0, HashSet::len)
+    }
+
     /// Everything `holder` holds.
     pub(crate) fn held(&self, holder: &H) -> Vec<Capability> {
         self.held

@@ -69,6 +69,9 @@ pub use spindle_types::limits::{DEFAULT_AWAIT, MAILBOX_WAIT, MAX_AWAIT};
 /// awaited table, a native process's bridge): past it a send is refused
 /// `mailbox-full` until some are answered.
 pub const MAX_AWAITED: usize = 4096;
+/// Processes on other nodes one process may give rights to: the record of
+/// them is this node's to keep (in memory and on disk).
+pub const MAX_REMOTE_HOLDERS: usize = 4096;
 
 /// When a response awaited for `timeout` from now is due: at most
 /// [`MAX_AWAIT`] away, whatever a process asked for.
@@ -867,7 +870,8 @@ impl Bus {
     /// The rights issued here that `env` gives a process on another node,
     /// or why it may not go: an attached capability must be the sender's
     /// to give, not one of the node's own (`sys:spindle`), and issued here
-    /// or on the target's node (a third node's could not be checked there).
+    /// (to at most [`MAX_REMOTE_HOLDERS`]) or on the target's node (a
+    /// third node's could not be checked there).
     fn rights_across(
         &self,
         env: &Envelope,
@@ -881,13 +885,21 @@ impl Bus {
                 return Err(SendErrorKind::Invalid);
             }
             if self.is_here(&cap.issuer.node) {
-                given.push(Capability {
+                let cap = Capability {
                     issuer: Address {
                         node: spindle_types::id::LOCAL_NODE.into(),
                         process: cap.issuer.process.clone(),
                     },
                     params: cap.params.clone(),
-                });
+                };
+                let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
+                if !caps.there.holds(&env.target, &cap)
+                    && caps.there.holders(&cap.issuer) >= MAX_REMOTE_HOLDERS
+                {
+                    return Err(SendErrorKind::Invalid);
+                }
+                drop(caps);
+                given.push(cap);
             } else if cap.issuer.node != env.target.node {
                 return Err(SendErrorKind::Invalid);
             }

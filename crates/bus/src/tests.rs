@@ -521,3 +521,27 @@ async fn rights_given_across_nodes_are_kept_checked_and_dropped_here() {
     let (kind, _) = bus.deliver_remote(from_q(vec![])).unwrap_err();
     assert_eq!(kind, SendErrorKind::NoCapability);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn one_process_gives_rights_to_a_bounded_number_of_remote_processes() {
+    let bus = Bus::new("local");
+    let wire = Arc::new(Wire::default());
+    bus.connect("alice".into(), wire.clone());
+    let vault = addr("vault");
+    bus.grant(&vault.process, [Capability::network()]);
+    let give = |i: usize| {
+        request(
+            &vault,
+            &on("bob", &format!("q{i}")),
+            vec![Capability::messaging(&vault)],
+        )
+    };
+    for i in 0..MAX_REMOTE_HOLDERS {
+        bus.send(give(i), false).await.unwrap();
+    }
+    wire.0.lock().unwrap().clear();
+    let (kind, _) = bus.send(give(MAX_REMOTE_HOLDERS), false).await.unwrap_err();
+    assert_eq!(kind, SendErrorKind::Invalid);
+    // One that holds it already may be sent it again.
+    bus.send(give(0), false).await.unwrap();
+}

@@ -27,6 +27,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How long a dial and the opening of its stream may take (a peer that
 /// accepts TCP but never answers the handshake is frozen).
 pub const DIAL_WITHIN: Duration = Duration::from_secs(2);
+/// Connections one peer may hold: its link's, and one more while a link
+/// that ended is torn down; more are closed at once (each costs a socket
+/// and buffers).
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 2;
 /// Idle connections stay: a link's heartbeats, not an idle timer, decide
 /// when a peer is gone.
 const IDLE_CONNECTION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -125,8 +129,12 @@ async fn serve(
                     tracing::info!("node {} listens on {address}", shared.name);
                     listening.write().unwrap_or_else(|p| p.into_inner()).push(address.to_string());
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, connection_id, .. } => {
+                SwarmEvent::ConnectionEstablished { peer_id, connection_id, num_established, .. } => {
                     match shared.peer_by_id(&peer_id) {
+                        Some(peer) if num_established.get() > MAX_CONNECTIONS_PER_PEER => {
+                            tracing::warn!("closed a connection from {}: it has {MAX_CONNECTIONS_PER_PEER} already", peer.name);
+                            let _ = swarm.close_connection(connection_id);
+                        }
                         Some(peer) => peer.connected.notify_one(),
                         None => {
                             tracing::warn!("refused a connection from {peer_id}: not on the allow-list");
