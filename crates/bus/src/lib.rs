@@ -915,7 +915,9 @@ impl Bus {
     /// public or has given the sender the right to message it.
     fn admit_remote(&self, target: &Endpoint, env: &Envelope) -> Result<(), SendErrorKind> {
         for cap in env.message.capabilities() {
-            let claim_ok = if self.is_here(&cap.issuer.node) {
+            let claim_ok = if cap.issuer.process.package.is_system() {
+                false
+            } else if self.is_here(&cap.issuer.node) {
                 self.held_there(&env.source, cap)
             } else {
                 cap.issuer.node == env.source.node

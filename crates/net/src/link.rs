@@ -490,6 +490,10 @@ where
                 peer.name,
                 spindle_types::id::shown(&h.name)
             )),
+            // A peer removed while it greeted gets no link.
+            Frame::Hello(_) if peer.gone.load(Ordering::Acquire) => {
+                Err("the peer was removed from the allow-list".into())
+            }
             Frame::Hello(_) => Ok(()),
             _ => Err("its first frame is not HELLO".into()),
         }
@@ -512,10 +516,12 @@ where
     tracing::info!("link to {} is up", peer.name);
     let last = Heard::new();
     let why = tokio::select! {
+        // Removal first: a removed peer's buffered frames are not read.
+        biased;
+        _ = peer.removed.notified() => "the peer was removed from the allow-list".into(),
         why = reader::read_loop(shared, peer, &mut reader, &mut buf, &last, &tx) => why,
         why = writer::write_loop(peer, &mut writer, &mut rx) => why,
         why = watchdog(peer, &last) => why,
-        _ = peer.removed.notified() => "the peer was removed from the allow-list".into(),
     };
     drop(tx);
     peer.down(shared, why.clone(), &mut rx);
