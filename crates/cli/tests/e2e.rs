@@ -644,30 +644,12 @@ fn a_node_service_is_on_the_bus_with_no_library() {
     assert!(e.contains("offline"), "{e}");
 }
 
-/// Starts `command` as a process on the bus named `name`, waits for its
-/// log to say `up`, and returns its address.
+/// Starts `command` as a public process on the bus named `name`, waits
+/// for its log to say `up`, and returns its address.
 fn start_on_bus(n: &Node, name: &str, extra: &[&str], command: &[&str], up: &str) -> String {
-    let mut args = vec![
-        "start",
-        "--name",
-        name,
-        "--package",
-        "t:spindle",
-        "--public",
-        "--ipc",
-    ];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(command);
-    n.ok(&args);
-    let id = n.id_of(name);
-    until(up, || {
-        std::fs::read_to_string(&n.get(id.0).log_out)
-            .unwrap_or_default()
-            .contains(up)
-            .then_some(())
-    });
-    format!("local@{name}:t:spindle")
+    let mut flags = vec!["--public"];
+    flags.extend_from_slice(extra);
+    n.on_bus(name, &flags, command, up)
 }
 
 /// Starts the echo guest as a public process `name` of package `t:spindle`;

@@ -5,34 +5,12 @@
 //! and its link to an honest peer carry on.
 
 mod common;
+use common::net::*;
 use common::*;
 use libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, noise, tcp, yamux};
 use spindle_net::wire::{self, Frame, Header, Hello, Kind};
-
-fn start_daemon_on_network(node: &Node, name: &str) -> (String, String) {
-    node.ok(&["node", "init", "--name", name, "--listen", "127.0.0.1:0"]);
-    node.ok(&["ls"]);
-    until("the node to listen", || {
-        let id = node.ok(&["node", "id"]);
-        let parts: Vec<&str> = id.split_whitespace().collect();
-        (parts.len() == 3 && parts[2].contains("/tcp/"))
-            .then(|| (parts[1].to_string(), parts[2].to_string()))
-    })
-}
-
-fn peer_row(node: &Node, peer: &str) -> serde_json::Value {
-    let info: serde_json::Value =
-        serde_json::from_str(&node.ok(&["node", "peers", "--json"])).unwrap();
-    info["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == peer)
-        .cloned()
-        .unwrap_or_default()
-}
 
 /// One connection and stream to alice, as mallory.
 struct Link {
@@ -138,8 +116,8 @@ fn claiming(id: u64, to: &str, body: &[u8], capabilities: Vec<spindle_bus::Capab
 #[test]
 fn a_hostile_peer_costs_only_its_own_link() {
     let (alice, bob) = (Node::new(), Node::new());
-    let (akey, aaddr) = start_daemon_on_network(&alice, "alice");
-    let (bkey, baddr) = start_daemon_on_network(&bob, "bob");
+    let (akey, aaddr) = on_network(&alice, "alice");
+    let (bkey, baddr) = on_network(&bob, "bob");
     alice.ok(&["node", "peer", "add", "bob", &bkey, &baddr]);
     bob.ok(&["node", "peer", "add", "alice", &akey, &aaddr]);
     let alice_id: PeerId = akey.parse().unwrap();

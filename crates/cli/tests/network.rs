@@ -3,32 +3,15 @@
 //! local rules, and a peer that dies or freezes is `offline` in time.
 
 mod common;
+use common::net::*;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// A node on the network: initialised, its daemon up and listening on a
-/// loopback port of its own choosing. Returns its key and address.
-fn on_network(node: &Node, name: &str) -> (String, String) {
-    node.ok(&["node", "init", "--name", name, "--listen", "127.0.0.1:0"]);
-    node.ok(&["ls"]);
-    until("the node to listen", || {
-        let id = node.ok(&["node", "id"]);
-        let parts: Vec<&str> = id.split_whitespace().collect();
-        (parts.len() == 3 && parts[0] == name && parts[2].contains("/tcp/"))
-            .then(|| (parts[1].to_string(), parts[2].to_string()))
-    })
-}
-
 fn link_of(node: &Node, peer: &str) -> String {
-    let info: serde_json::Value =
-        serde_json::from_str(&node.ok(&["node", "peers", "--json"])).unwrap();
-    info["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == peer)
-        .map(|p| p["link"].as_str().unwrap().to_string())
+    peer_row(node, peer)["link"]
+        .as_str()
         .unwrap_or_default()
+        .to_string()
 }
 
 fn wait_linked(a: &Node, b: &Node) {
@@ -205,19 +188,10 @@ fn held_request(alice: &Node) -> std::process::Child {
     ])
 }
 
-fn answers(alice: &Node) -> bool {
-    alice
-        .run(&["send", "--timeout", "1s", "bob@echo:demo:spindle", "hi"])
-        .status
-        .success()
-}
-
 /// alice's link to bob carries the request and awaits its answer.
 fn wait_in_flight(alice: &Node) {
     until("the request to be in flight", || {
-        let rows = alice.ok(&["node", "peers", "--json"]);
-        let v: serde_json::Value = serde_json::from_str(&rows).unwrap();
-        (v["peers"][0]["in_flight"].as_u64() == Some(1)).then_some(())
+        (in_flight(alice) == 1).then_some(())
     });
 }
 
@@ -226,7 +200,9 @@ fn a_dead_or_frozen_peer_is_offline_in_time_and_comes_back() {
     let (alice, bob) = pair();
     start_echo(&bob, "echo", &["--public", "--network"]);
     start_echo(&bob, "slow", &["--public", "--network"]);
-    until("bob's echo to answer", || answers(&alice).then_some(()));
+    until("bob's echo to answer", || {
+        answers(&alice, "bob@echo:demo:spindle").then_some(())
+    });
 
     // kill -9 with a request in flight: it fails `offline` at once, not
     // `timeout` a minute later.
@@ -252,7 +228,7 @@ fn a_dead_or_frozen_peer_is_offline_in_time_and_comes_back() {
     // through the connection bob makes, and traffic resumes.
     bob.ok(&["ls"]);
     until("traffic to resume after the restart", || {
-        answers(&alice).then_some(())
+        answers(&alice, "bob@echo:demo:spindle").then_some(())
     });
 
     // A frozen peer: detected by heartbeats, the request in flight fails
@@ -272,7 +248,7 @@ fn a_dead_or_frozen_peer_is_offline_in_time_and_comes_back() {
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     drop(frozen);
     until("traffic to resume after the thaw", || {
-        answers(&alice).then_some(())
+        answers(&alice, "bob@echo:demo:spindle").then_some(())
     });
 
     stop_daemon(&alice);
@@ -408,23 +384,6 @@ fn fixture(name: &str) -> String {
     format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Starts `command` as a process on the bus (`--ipc`) of package
-/// `t:spindle` with `flags`, and waits for its log to say `up`.
-fn on_bus(node: &Node, name: &str, flags: &[&str], command: &[&str], up: &str) {
-    let mut args = vec!["start", "--name", name, "--package", "t:spindle", "--ipc"];
-    args.extend_from_slice(flags);
-    args.push("--");
-    args.extend_from_slice(command);
-    node.ok(&args);
-    let id = node.id_of(name);
-    until(up, || {
-        std::fs::read_to_string(&node.get(id.0).log_out)
-            .unwrap_or_default()
-            .contains(up)
-            .then_some(())
-    });
-}
-
 fn json(node: &Node, to: &str, body: &str) -> serde_json::Value {
     let out = node.ok(&["send", to, body]);
     serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out}"))
@@ -437,25 +396,23 @@ fn native_processes_and_the_node_and_python_clients_cross_nodes() {
     start_echo(&alice, "echo", &["--public", "--network"]);
     let net = ["--public", "--network"];
     let native = spindle_guests::native("native-echo");
-    on_bus(&alice, "necho", &net, &[native.to_str().unwrap()], "");
-    on_bus(
-        &alice,
+    alice.on_bus("necho", &net, &[native.to_str().unwrap()], "");
+    alice.on_bus(
         "nc",
         &net,
         &["node", &fixture("ipc-client.js")],
         "client: up",
     );
-    on_bus(
-        &alice,
+    alice.on_bus(
         "pc",
         &net,
         &["python3", &fixture("ipc-client.py")],
         "python: up",
     );
     let aio = fixture("ipc-client-async.py");
-    on_bus(&alice, "ac", &net, &["python3", &aio], "asyncio: up");
+    alice.on_bus("ac", &net, &["python3", &aio], "asyncio: up");
     let py = fixture("ipc-client.py");
-    on_bus(&alice, "pn", &["--public"], &["python3", &py], "python: up");
+    alice.on_bus("pn", &["--public"], &["python3", &py], "python: up");
 
     // A native Rust process: a request, and a blob that goes there and back.
     let necho = "local@necho:t:spindle";
@@ -591,17 +548,11 @@ fn a_right_given_across_nodes_is_checked_by_the_node_that_gave_it() {
     let (alice, bob) = pair();
     let native = spindle_guests::native("native-echo");
     // A private process on alice, reachable only by those it gives the right.
-    on_bus(
-        &alice,
-        "necho",
-        &["--network"],
-        &[native.to_str().unwrap()],
-        "",
-    );
+    alice.on_bus("necho", &["--network"], &[native.to_str().unwrap()], "");
     let py = fixture("ipc-client.py");
     let net = ["--public", "--network"];
-    on_bus(&bob, "pc", &net, &["python3", &py], "python: up");
-    on_bus(&bob, "pn", &net, &["python3", &py], "python: up");
+    bob.on_bus("pc", &net, &["python3", &py], "python: up");
+    bob.on_bus("pn", &net, &["python3", &py], "python: up");
     let ask = r#"{"ask":"alice@necho:t:spindle"}"#;
     let refused = serde_json::json!({"kind": "no-capability"});
     assert_eq!(json(&bob, "local@pc:t:spindle", ask), refused);

@@ -5,6 +5,7 @@
 //! after the heal traffic resumes by itself, nothing delivered twice.
 
 mod common;
+use common::net::*;
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -104,19 +105,6 @@ fn key_of(node: &Node) -> String {
         .to_string()
 }
 
-fn in_flight(node: &Node) -> u64 {
-    let v: serde_json::Value =
-        serde_json::from_str(&node.ok(&["node", "peers", "--json"])).unwrap();
-    v["peers"][0]["in_flight"].as_u64().unwrap_or(0)
-}
-
-fn answers(alice: &Node) -> bool {
-    alice
-        .run(&["send", "--timeout", "1s", "bob@echo:demo:spindle", "hi"])
-        .status
-        .success()
-}
-
 #[test]
 #[ignore = "needs root: makes network namespaces and a veth pair"]
 fn a_cut_cable_is_offline_in_time_and_heals_by_itself() {
@@ -187,7 +175,7 @@ fn a_cut_cable_is_offline_in_time_and_heals_by_itself() {
         "--network",
     ]);
     until("the link across the cable", || {
-        answers(&alice).then_some(())
+        answers(&alice, "bob@echo:demo:spindle").then_some(())
     });
 
     // Cut with a request in flight.
@@ -217,7 +205,7 @@ fn a_cut_cable_is_offline_in_time_and_heals_by_itself() {
     // it all arrive, once.
     cable.heal();
     until("traffic to resume after the heal", || {
-        answers(&alice).then_some(())
+        answers(&alice, "bob@echo:demo:spindle").then_some(())
     });
     let out = alice.ok(&[
         "send",

@@ -2,6 +2,8 @@
 //! node in a temporary home, waits with deadlines.
 #![allow(dead_code)]
 
+pub mod net;
+
 use spindle_client::Client;
 use spindle_types::ProcessNum;
 use spindle_types::control::ProcessInfo;
@@ -92,28 +94,44 @@ impl Node {
     pub fn home(&self) -> PathBuf {
         self.dir.path().join("home")
     }
-    pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(spindle_bin())
-            .arg("--home")
+    /// The CLI on this node's home, run in its folder.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(spindle_bin());
+        c.arg("--home")
             .arg(self.home())
             .args(args)
             .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+            .stdin(Stdio::null());
+        c
+    }
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
     /// Starts a command in the background, its output captured.
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
-        Command::new(spindle_bin())
-            .arg("--home")
-            .arg(self.home())
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
+        self.command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()
+    }
+    /// Starts `command` as a process on the bus (`--ipc`) of package
+    /// `t:spindle` with `flags`, waits for its log to say `up`, and
+    /// returns its address.
+    pub fn on_bus(&self, name: &str, flags: &[&str], command: &[&str], up: &str) -> String {
+        let mut args = vec!["start", "--name", name, "--package", "t:spindle", "--ipc"];
+        args.extend_from_slice(flags);
+        args.push("--");
+        args.extend_from_slice(command);
+        self.ok(&args);
+        let id = self.id_of(name);
+        until(up, || {
+            std::fs::read_to_string(&self.get(id.0).log_out)
+                .unwrap_or_default()
+                .contains(up)
+                .then_some(())
+        });
+        format!("local@{name}:t:spindle")
     }
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
