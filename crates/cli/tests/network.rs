@@ -591,3 +591,55 @@ fn a_right_given_across_nodes_is_checked_by_the_node_that_gave_it() {
     stop_daemon(&alice);
     stop_daemon(&bob);
 }
+
+#[test]
+fn a_name_given_another_key_while_the_daemon_was_stopped_inherits_no_rights() {
+    let (alice, bob) = pair();
+    let native = spindle_guests::native("native-echo");
+    alice.on_bus("necho", &["--network"], &[native.to_str().unwrap()], "");
+    let py = fixture("ipc-client.py");
+    bob.on_bus(
+        "pc",
+        &["--public", "--network"],
+        &["python3", &py],
+        "python: up",
+    );
+    alice.ok(&[
+        "send",
+        "local@necho:t:spindle",
+        "grant local@necho:t:spindle bob@pc:t:spindle",
+    ]);
+    let ask = r#"{"ask":"alice@necho:t:spindle"}"#;
+    assert_eq!(json(&bob, "local@pc:t:spindle", ask)["got"], "from python");
+
+    // With alice's daemon stopped, `bob` is given another node's key.
+    let alice_row = peer_row(&bob, "alice");
+    let (akey, aaddr) = (
+        alice_row["key"].as_str().unwrap().to_string(),
+        alice_row["addresses"][0].as_str().unwrap().to_string(),
+    );
+    stop_daemon(&alice);
+    stop_daemon(&bob);
+    let other = Node::new();
+    let (okey, oaddr) = on_network(&other, "bob");
+    alice.ok(&["node", "peer", "remove", "bob"]);
+    alice.ok(&["node", "peer", "add", "bob", &okey, &oaddr]);
+    other.ok(&["node", "peer", "add", "alice", &akey, &aaddr]);
+    alice.ok(&["ls"]);
+    other.on_bus(
+        "pc",
+        &["--public", "--network"],
+        &["python3", &py],
+        "python: up",
+    );
+    until("the new bob's link", || {
+        (peer_row(&alice, "bob")["link"] == "up").then_some(())
+    });
+    // Its pc has the same address as the old bob's, and none of its rights.
+    assert_eq!(
+        json(&other, "local@pc:t:spindle", ask),
+        serde_json::json!({"kind": "no-capability"})
+    );
+    stop_daemon(&alice);
+    stop_daemon(&other);
+}

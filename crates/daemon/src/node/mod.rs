@@ -226,7 +226,11 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         );
     }
     // Links to other nodes, when this home has a name and key.
-    let network = network::Network::start(&paths.home, &bus);
+    let peer_keys = records
+        .get(network::PEER_KEY_KIND)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let network = network::Network::start(&paths.home, &bus, &journal, peer_keys);
     // Runtime modules: their addresses are the node's own, on the bus first.
     spindle_db::start(&paths.db, &bus)?;
     spindle_vfs::start(&paths.vfs, &bus)?;

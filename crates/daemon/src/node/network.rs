@@ -14,23 +14,68 @@ pub(super) enum Network {
     Failed(String),
 }
 
+/// The journal's kind for the key each allow-listed peer had, by name: a
+/// right given to a peer's process was given to that key.
+pub(super) const PEER_KEY_KIND: &str = "peer-key";
+
+/// Rights given to peers' processes stay with the keys they were given to:
+/// a peer `known` (name → key, as the journal last had them) that left
+/// the allow-list, or whose name now has another key, loses them. The
+/// journal then holds the keys of `peers`.
+fn settle_rights(
+    bus: &Bus,
+    journal: &Journal,
+    known: &[(String, Vec<u8>)],
+    peers: &[(String, String)],
+) {
+    for (name, key) in known {
+        if !peers
+            .iter()
+            .any(|(n, k)| n == name && k.as_bytes() == key.as_slice())
+        {
+            bus.forget_node(name);
+            journal.delete(PEER_KEY_KIND, name.clone());
+        }
+    }
+    for (name, key) in peers {
+        if !known
+            .iter()
+            .any(|(n, k)| n == name && k.as_slice() == key.as_bytes())
+        {
+            journal.put(PEER_KEY_KIND, name.clone(), key.clone().into_bytes());
+        }
+    }
+}
+
+fn keys_of(id: &Identity) -> Vec<(String, String)> {
+    id.peers
+        .iter()
+        .map(|p| (p.name.clone(), p.id.to_string()))
+        .collect()
+}
+
 impl Network {
-    /// Starts the links of a home that has a name and key.
-    pub(super) fn start(home: &std::path::Path, bus: &Arc<Bus>) -> Network {
+    /// Starts the links of a home that has a name and key. `known` are
+    /// the peers' keys the journal holds.
+    pub(super) fn start(
+        home: &std::path::Path,
+        bus: &Arc<Bus>,
+        journal: &Journal,
+        known: &[(String, Vec<u8>)],
+    ) -> Network {
         let files = Files::in_home(home);
         let started = Identity::load(&files)
             .map_err(spindle_net::NetError::from)
             .and_then(|id| {
                 id.map(|id| {
-                    // Rights given to nodes that have left the allow-list go.
-                    let names: Vec<String> = id.peers.iter().map(|p| p.name.clone()).collect();
-                    bus.retain_nodes(|n| names.iter().any(|k| k == n));
+                    settle_rights(bus, journal, known, &keys_of(&id));
                     Net::start(id, bus.clone())
                 })
                 .transpose()
             });
         match started {
             Ok(None) => {
+                settle_rights(bus, journal, known, &[]);
                 bus.retain_nodes(|_| false);
                 Network::Off
             }
@@ -79,7 +124,15 @@ impl Node {
         let files = Files::in_home(&self.paths.home);
         match &self.network {
             Network::On(net) => match Identity::load(&files) {
-                Ok(Some(id)) if id.name == net.name() => net.reload(&id),
+                Ok(Some(id)) if id.name == net.name() => {
+                    let known: Vec<(String, Vec<u8>)> = net
+                        .peers()
+                        .into_iter()
+                        .map(|p| (p.name, p.key.into_bytes()))
+                        .collect();
+                    settle_rights(self.wasm.bus(), &self.journal, &known, &keys_of(&id));
+                    net.reload(&id)
+                }
                 Ok(Some(id)) => {
                     return err(
                         ErrorKind::BadRequest,
@@ -102,7 +155,8 @@ impl Node {
             // it had one (never here: a failed start sets none) or a
             // fresh one may start now.
             Network::Off | Network::Failed(_) => {
-                self.network = Network::start(&self.paths.home, self.wasm.bus());
+                self.network =
+                    Network::start(&self.paths.home, self.wasm.bus(), &self.journal, &[]);
                 if let Network::Failed(why) = &self.network {
                     return err(ErrorKind::BadRequest, why.clone());
                 }
