@@ -99,6 +99,7 @@ fn claiming(id: u64, to: &str, body: &[u8], capabilities: Vec<spindle_bus::Capab
         source: from.clone(),
         target: to.parse().unwrap(),
         rsvp: Some(from),
+        rsvp_here: false,
         kind: Kind::Request {
             inherit: false,
             expects_response_ms: Some(30_000),

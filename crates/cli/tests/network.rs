@@ -120,6 +120,32 @@ fn requests_cross_nodes_with_the_local_rules() {
         "after"
     );
 
+    // `inherit` across nodes: bob's echo hands alice's request on — to
+    // another process on bob, or back to one on alice — and the answer
+    // goes straight to the requester.
+    start_echo(&bob, "backend", &["--public", "--network"]);
+    start_echo(&alice, "worker", &["--public", "--network"]);
+    assert_eq!(
+        alice
+            .ok(&[
+                "send",
+                "bob@echo:demo:spindle",
+                "fwd local@backend:demo:spindle over there"
+            ])
+            .trim(),
+        "over there"
+    );
+    assert_eq!(
+        alice
+            .ok(&[
+                "send",
+                "local@client:demo:spindle",
+                "call bob@echo:demo:spindle 5000 fwd alice@worker:demo:spindle back here"
+            ])
+            .trim(),
+        "ok back here"
+    );
+
     // One-way messages from one process to another: every one that was
     // accepted arrives, once.
     let out = alice.ok(&[

@@ -254,9 +254,14 @@ impl PeerLink {
                 return Err((SendErrorKind::Offline, Box::new(env)));
             }
         };
-        // The source is always this node's; responses can only come back
-        // here, so a route through a third node is refused.
-        if env.source.node != LOCAL_NODE || env.rsvp.as_ref().is_some_and(|r| r.node != LOCAL_NODE)
+        // The source is always this node's; responses come back here, or
+        // go to the peer itself (a request of the peer's handed back with
+        // `inherit`): a route through a third node is refused.
+        if env.source.node != LOCAL_NODE
+            || env
+                .rsvp
+                .as_ref()
+                .is_some_and(|r| r.node != LOCAL_NODE && r.node != self.name)
         {
             return Err((SendErrorKind::Invalid, Box::new(env)));
         }
@@ -267,7 +272,8 @@ impl PeerLink {
             return Err((SendErrorKind::MailboxFull, Box::new(env)));
         }
         let awaited = match (&env.message, &env.rsvp) {
-            (Message::Request(r), Some(rsvp)) => {
+            // The answer to a request handed back to the peer stays there.
+            (Message::Request(r), Some(rsvp)) if rsvp.node == LOCAL_NODE => {
                 let mut awaited = self.in_flight();
                 if awaited.len() >= MAX_IN_FLIGHT || !self.await_one(&env.source.process) {
                     drop(awaited);
@@ -420,6 +426,14 @@ impl PeerLink {
             self.awaited_done(&f);
         }
         matches
+    }
+
+    /// Whether the link carried request `id` from `rsvp` to the peer, and
+    /// its answer is still awaited.
+    pub(crate) fn carried(&self, id: u64, rsvp: &spindle_types::ProcessId) -> bool {
+        self.in_flight()
+            .get(&id)
+            .is_some_and(|f| &f.rsvp.process == rsvp)
     }
 
     /// Forgets awaited requests whose requesters have stopped waiting.

@@ -70,8 +70,11 @@ pub struct Header {
     pub source: ProcessId,
     /// On the receiving node.
     pub target: ProcessId,
-    /// Where responses go, on the sending node (a request only).
+    /// Where responses go (a request only): on the sending node, or with
+    /// `rsvp_here` on the receiving one — a request the receiver sent, handed
+    /// back to it with `inherit`.
     pub rsvp: Option<ProcessId>,
+    pub rsvp_here: bool,
     pub kind: Kind,
     pub metadata: Option<String>,
     pub body_len: u32,
@@ -344,6 +347,7 @@ mod tests {
             source: pid("a:demo:x"),
             target: pid("echo:demo:x"),
             rsvp: Some(pid("a:demo:x")),
+            rsvp_here: false,
             kind: Kind::Request {
                 inherit: false,
                 expects_response_ms: Some(5000),
@@ -435,6 +439,7 @@ mod tests {
             source: pid("a:b:c"),
             target: pid("a:b:c"),
             rsvp: None,
+            rsvp_here: false,
             kind: Kind::Response { inherit: false },
             metadata: None,
             body_len: 0,
@@ -476,6 +481,7 @@ mod tests {
                 source: pid("a:demo:x"),
                 target: pid("b:demo:x"),
                 rsvp: None,
+                rsvp_here: false,
                 kind: Kind::Request { inherit: true, expects_response_ms: ms },
                 metadata: meta,
                 body_len: body.len() as u32,

@@ -180,6 +180,20 @@ async fn deliver(
         shared.bus.late_responses.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    // A request whose answer goes to a process here must be one that
+    // process sent there (handed back with `inherit`), or a peer could
+    // answer for others.
+    if let (Message::Request(_), Some(rsvp)) = (&env.message, &env.rsvp)
+        && rsvp.node == LOCAL_NODE
+        && !peer.carried(env.id, &rsvp.process)
+    {
+        tracing::warn!(
+            "link to {}: a request routed to {} that it was never sent; dropped",
+            peer.name,
+            rsvp.process
+        );
+        return;
+    }
     let target = (!stalled.0.is_empty()).then(|| env.target.process.clone());
     let delivered = match shared.bus.deliver_remote(env) {
         // A full mailbox holds the link back as it holds a local sender
@@ -201,7 +215,7 @@ async fn deliver(
         stalled.0.remove(&t);
     }
     if let Err((kind, env)) = delivered {
-        refuse(peer, tx, *env, kind);
+        refuse(shared, peer, tx, *env, kind);
     }
 }
 
@@ -254,7 +268,16 @@ fn inbound(
             node: LOCAL_NODE.into(),
             process: h.target,
         }),
-        rsvp: h.rsvp.map(there),
+        rsvp: h.rsvp.map(|process| {
+            if h.rsvp_here {
+                Arc::new(Address {
+                    node: LOCAL_NODE.into(),
+                    process,
+                })
+            } else {
+                there(process)
+            }
+        }),
         message,
         blob: match (h.blob, blob) {
             (Some(head), bytes) => Some(Arc::new(Blob {
@@ -268,8 +291,18 @@ fn inbound(
 
 /// Tells the peer that its request was not delivered here (if it awaits
 /// an answer); an undeliverable response is only counted.
-fn refuse(peer: &PeerLink, tx: &mpsc::Sender<Outgoing>, env: Envelope, kind: SendErrorKind) {
+fn refuse(
+    shared: &Shared,
+    peer: &PeerLink,
+    tx: &mpsc::Sender<Outgoing>,
+    env: Envelope,
+    kind: SendErrorKind,
+) {
     match (&env.message, env.rsvp) {
+        // Handed back with `inherit`: its requester is here.
+        (Message::Request(_), Some(rsvp)) if rsvp.node == LOCAL_NODE => {
+            shared.bus.fail_request(&env.target, env.id, rsvp, kind);
+        }
         (Message::Request(_), Some(rsvp)) => {
             let failed = Envelope {
                 id: env.id,

@@ -8,7 +8,7 @@ use super::{HEARTBEAT, Outgoing, PeerLink};
 use crate::wire::{self, BlobHead, Header, Kind};
 use libp2p::futures::{AsyncWrite, AsyncWriteExt};
 use spindle_bus::{Envelope, Message};
-use spindle_types::ProcessId;
+use spindle_types::{ProcessId, id::LOCAL_NODE};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
@@ -260,6 +260,7 @@ fn encode(out: &mut Vec<u8>, env: &Envelope) -> bool {
         source: env.source.process.clone(),
         target: env.target.process.clone(),
         rsvp: env.rsvp.as_ref().map(|r| r.process.clone()),
+        rsvp_here: env.rsvp.as_ref().is_some_and(|r| r.node != LOCAL_NODE),
         kind,
         metadata,
         body_len,

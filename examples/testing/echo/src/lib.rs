@@ -13,6 +13,8 @@
 //! `flood <address> <n>` sends n `s` one-way, then awaits that address's count.
 //! `blobto <address> <n> <body>` sends `body` with an n-byte blob (byte i is
 //! i % 251) and answers `ok <response body>|<its blob's size> <byte sum>`.
+//! `fwd <address> <body>` hands the request on to that address with
+//! `inherit` and `body`: the answer goes to the requester, not here.
 //! `blobtime <address> <n>` makes that blob first, then sends it with the
 //! body `x` (answered without the blob entering the target) and answers
 //! with the microseconds from send to answer.
@@ -115,6 +117,16 @@ fn run(_our: Address) {
                     format!("sent {sent} counted {counted}")
                 };
                 let _ = Response::new().body(answer).send();
+            }
+            body if body.starts_with(b"fwd ") => {
+                let text = String::from_utf8_lossy(&body[4..]).into_owned();
+                let (to, inner) = text.split_once(' ').unwrap_or((&text, ""));
+                if let Some(to) = Address::parse(to) {
+                    let _ = Request::to(to)
+                        .inherit(true)
+                        .body(inner.as_bytes().to_vec())
+                        .send();
+                }
             }
             body if body.starts_with(b"blobtime ") => {
                 let text = String::from_utf8_lossy(body).into_owned();
