@@ -31,6 +31,10 @@ pub const DIAL_WITHIN: Duration = Duration::from_secs(2);
 /// that ended is torn down; more are closed at once (each costs a socket
 /// and buffers).
 pub const MAX_CONNECTIONS_PER_PEER: u32 = 2;
+/// Streams one connection may carry: a link uses one (another may be
+/// opening while a refused one closes); a peer that opens more is refused
+/// by the multiplexer, which then keeps no buffers for them.
+const MAX_STREAMS: usize = 8;
 /// Idle connections stay: a link's heartbeats, not an idle timer, decide
 /// when a peer is gone.
 const IDLE_CONNECTION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -56,7 +60,11 @@ fn build(identity: &Identity) -> Result<NodeSwarm, NetError> {
             .with_tcp(
                 tcp::Config::default().nodelay(true),
                 noise::Config::new,
-                yamux::Config::default,
+                || {
+                    let mut c = yamux::Config::default();
+                    c.set_max_num_streams(MAX_STREAMS);
+                    c
+                },
             )
             .map_err(|e| transport(&e))?
             .with_behaviour(|_| libp2p_stream::Behaviour::new())
