@@ -177,7 +177,11 @@ async fn serve(
                     }
                 }
                 Command::Disconnect(peer) => {
-                    let _ = swarm.disconnect_peer_id(peer);
+                    // Only if no new link came up meanwhile: the peer may
+                    // have reconnected while the old one was torn down.
+                    if shared.peer_by_id(&peer).is_none_or(|p| p.is_down()) {
+                        let _ = swarm.disconnect_peer_id(peer);
+                    }
                 }
                 Command::Peers(new) => {
                     for gone in reload(&shared, new) {
