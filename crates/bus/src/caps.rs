@@ -136,6 +136,22 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
         gone
     }
 
+    /// Every `(holder, capability)` pair for which `gone` says so, taken away.
+    pub(crate) fn remove_where(
+        &mut self,
+        gone: impl Fn(&H, &Capability) -> bool,
+    ) -> Vec<(H, Capability)> {
+        let out: Vec<(H, Capability)> = self
+            .pairs()
+            .filter(|(h, c)| gone(h, c))
+            .map(|(h, c)| (h.clone(), c))
+            .collect();
+        for (h, c) in &out {
+            self.remove(h, c);
+        }
+        out
+    }
+
     /// Every `(holder, capability)` pair.
     pub(crate) fn pairs(&self) -> impl Iterator<Item = (&H, Capability)> {
         self.held.iter().flat_map(|(h, by)| {
@@ -151,26 +167,6 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
                 })
             })
         })
-    }
-}
-
-impl CapTable<Address> {
-    /// Everything held by processes of node `node`, taken away (it left the
-    /// allow-list, or its name now belongs to another key).
-    pub(crate) fn remove_node(&mut self, node: &str) -> Vec<(Address, Capability)> {
-        let holders: Vec<Address> = self
-            .held
-            .keys()
-            .filter(|a| a.node == node)
-            .cloned()
-            .collect();
-        let mut gone = vec![];
-        for h in holders {
-            for c in self.remove_holder(&h) {
-                gone.push((h.clone(), c));
-            }
-        }
-        gone
     }
 }
 

@@ -465,25 +465,14 @@ impl Bus {
     /// no longer exist, so a later process with the same name inherits nothing.
     pub fn retain(&self, known: impl Fn(&ProcessId) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<(ProcessId, Capability)> = caps
+        for (holder, c) in caps
             .here
-            .pairs()
-            .filter(|(h, c)| !known(h) || !known(&c.issuer.process))
-            .map(|(h, c)| (h.clone(), c))
-            .collect();
-        for (holder, c) in &gone {
-            caps.here.remove(holder, c);
-            self.stage(holder, [], [c]);
+            .remove_where(|h, c| !known(h) || !known(&c.issuer.process))
+        {
+            self.stage(&holder, [], [&c]);
         }
-        let gone: Vec<(Address, Capability)> = caps
-            .there
-            .pairs()
-            .filter(|(_, c)| !known(&c.issuer.process))
-            .map(|(h, c)| (h.clone(), c))
-            .collect();
-        for (holder, c) in &gone {
-            caps.there.remove(holder, c);
-            self.stage(holder, [], [c]);
+        for (holder, c) in caps.there.remove_where(|_, c| !known(&c.issuer.process)) {
+            self.stage(&holder, [], [&c]);
         }
     }
 
@@ -491,15 +480,8 @@ impl Bus {
     /// (at boot: nodes no longer on the allow-list).
     pub fn retain_nodes(&self, known: impl Fn(&str) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<(Address, Capability)> = caps
-            .there
-            .pairs()
-            .filter(|(h, _)| !known(&h.node))
-            .map(|(h, c)| (h.clone(), c))
-            .collect();
-        for (holder, c) in &gone {
-            caps.there.remove(holder, c);
-            self.stage(holder, [], [c]);
+        for (holder, c) in caps.there.remove_where(|h, _| !known(&h.node)) {
+            self.stage(&holder, [], [&c]);
         }
     }
 
@@ -690,15 +672,7 @@ impl Bus {
     /// Forgets every right processes of node `node` were given here: it
     /// left the allow-list, or its name now belongs to another key.
     pub fn forget_node(&self, node: &str) {
-        let gone = self
-            .caps
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .there
-            .remove_node(node);
-        for (holder, c) in gone {
-            self.stage(&holder, [], [&c]);
-        }
+        self.retain_nodes(|n| n != node);
     }
 
     /// Whether `holder`, a process on another node, holds `cap` by this
