@@ -1,6 +1,7 @@
 //! Who holds which capabilities, indexed both ways: by holder (every check
 //! on a send) and by issuer (revoking what a killed process issued), so
-//! neither walks the whole table.
+//! neither walks the whole table; and, for rights given across nodes, who
+//! gave each one (each giver's record is bounded on its own).
 
 use crate::Capability;
 use spindle_types::{Address, ProcessId};
@@ -13,39 +14,52 @@ use std::hash::Hash;
 #[derive(Debug, Default)]
 pub(crate) struct Grants {
     pub here: CapTable<ProcessId>,
-    /// Holders on other nodes (`bob@q:pkg:pub`), of rights issued here.
-    pub there: CapTable<Address>,
+    /// Holders on other nodes (`bob@q:pkg:pub`) of rights issued here,
+    /// each with the process here that gave it.
+    pub there: CapTable<Address, ProcessId>,
 }
 
+/// Capabilities by holder, each with who gave it (`G`; nobody in
+/// particular for the node's own processes).
 #[derive(Debug)]
-pub(crate) struct CapTable<H> {
-    /// By holder, then by issuer: the params held.
-    held: HashMap<H, HashMap<Address, HashSet<String>>>,
+pub(crate) struct CapTable<H, G = ()> {
+    /// By holder, then by issuer: the params held, and who gave each.
+    held: HashMap<H, HashMap<Address, HashMap<String, G>>>,
     /// Holders of some capability of each issuer.
     issued: HashMap<Address, HashSet<H>>,
+    /// How many of the pairs each giver gave.
+    given: HashMap<G, usize>,
 }
 
-impl<H> Default for CapTable<H> {
+impl<H, G> Default for CapTable<H, G> {
     fn default() -> Self {
         CapTable {
             held: HashMap::new(),
             issued: HashMap::new(),
+            given: HashMap::new(),
         }
     }
 }
 
 impl<H: Clone + Eq + Hash> CapTable<H> {
+    /// Adds `cap` to `holder`'s; false if it held it already.
+    pub(crate) fn insert(&mut self, holder: &H, cap: Capability) -> bool {
+        self.give(holder, cap, ())
+    }
+}
+
+impl<H: Clone + Eq + Hash, G: Clone + Eq + Hash> CapTable<H, G> {
     /// Whether `holder` holds `cap`.
     pub(crate) fn holds(&self, holder: &H, cap: &Capability) -> bool {
         self.held
             .get(holder)
             .and_then(|by| by.get(&cap.issuer))
-            .is_some_and(|ps| ps.contains(&cap.params))
+            .is_some_and(|ps| ps.contains_key(&cap.params))
     }
 
-    /// How many holders have some right `issuer` issued.
-    pub(crate) fn holders(&self, issuer: &Address) -> usize {
-        self.issued.get(issuer).map_or(0, HashSet::len)
+    /// How many pairs `giver` gave.
+    pub(crate) fn given_by(&self, giver: &G) -> usize {
+        self.given.get(giver).copied().unwrap_or(0)
     }
 
     /// Everything `holder` holds.
@@ -55,7 +69,7 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
             .into_iter()
             .flat_map(|by| {
                 by.iter().flat_map(|(issuer, ps)| {
-                    ps.iter().map(|p| Capability {
+                    ps.keys().map(|p| Capability {
                         issuer: issuer.clone(),
                         params: p.clone(),
                     })
@@ -64,12 +78,16 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
             .collect()
     }
 
-    /// Adds `cap` to `holder`'s; false if it held it already.
-    pub(crate) fn insert(&mut self, holder: &H, cap: Capability) -> bool {
+    /// Adds `cap` to `holder`'s, given by `giver`; false if it held it
+    /// already (its giver stays the first).
+    pub(crate) fn give(&mut self, holder: &H, cap: Capability, giver: G) -> bool {
         let by = self.held.entry(holder.clone()).or_default();
-        if !by.entry(cap.issuer.clone()).or_default().insert(cap.params) {
+        let ps = by.entry(cap.issuer.clone()).or_default();
+        if ps.contains_key(&cap.params) {
             return false;
         }
+        ps.insert(cap.params, giver.clone());
+        *self.given.entry(giver).or_default() += 1;
         self.issued
             .entry(cap.issuer)
             .or_default()
@@ -85,9 +103,10 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
         let Some(ps) = by.get_mut(&cap.issuer) else {
             return false;
         };
-        if !ps.remove(&cap.params) {
+        let Some(giver) = ps.remove(&cap.params) else {
             return false;
-        }
+        };
+        ungive(&mut self.given, &giver);
         if ps.is_empty() {
             by.remove(&cap.issuer);
             if let Some(hs) = self.issued.get_mut(&cap.issuer) {
@@ -120,7 +139,8 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
             let Some(by) = self.held.get_mut(&holder) else {
                 continue;
             };
-            for params in by.remove(issuer).into_iter().flatten() {
+            for (params, giver) in by.remove(issuer).into_iter().flatten() {
+                ungive(&mut self.given, &giver);
                 gone.push((
                     holder.clone(),
                     Capability {
@@ -156,7 +176,7 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
     pub(crate) fn pairs(&self) -> impl Iterator<Item = (&H, Capability)> {
         self.held.iter().flat_map(|(h, by)| {
             by.iter().flat_map(move |(issuer, ps)| {
-                ps.iter().map(move |p| {
+                ps.keys().map(move |p| {
                     (
                         h,
                         Capability {
@@ -167,6 +187,16 @@ impl<H: Clone + Eq + Hash> CapTable<H> {
                 })
             })
         })
+    }
+}
+
+/// One pair fewer given by `giver`.
+fn ungive<G: Eq + Hash>(given: &mut HashMap<G, usize>, giver: &G) {
+    if let Some(n) = given.get_mut(giver) {
+        *n -= 1;
+        if *n == 0 {
+            given.remove(giver);
+        }
     }
 }
 
@@ -203,44 +233,51 @@ mod tests {
     }
 
     proptest! {
-        /// The table answers as a plain set of pairs would, and its issuer
-        /// index always names exactly the holders of each issuer's grants.
+        /// The table answers as a plain set of pairs would, its issuer
+        /// index always names exactly the holders of each issuer's grants,
+        /// and each giver's count is what it gave.
         #[test]
         fn agrees_with_a_set_of_pairs(ops in proptest::collection::vec(op(), 0..60)) {
-            let mut t = CapTable::<ProcessId>::default();
-            let mut model: HashSet<(ProcessId, Capability)> = HashSet::new();
+            let mut t = CapTable::<ProcessId, u8>::default();
+            let mut model: HashMap<(ProcessId, Capability), u8> = HashMap::new();
             for op in ops {
                 match op {
                     Op::Insert(h, i, p) => {
-                        let new = model.insert((id(h), cap(i, p)));
-                        prop_assert_eq!(t.insert(&id(h), cap(i, p)), new);
+                        let giver = (h + p) % 2;
+                        let new = !model.contains_key(&(id(h), cap(i, p)));
+                        model.entry((id(h), cap(i, p))).or_insert(giver);
+                        prop_assert_eq!(t.give(&id(h), cap(i, p), giver), new);
                     }
                     Op::Remove(h, i, p) => {
-                        let had = model.remove(&(id(h), cap(i, p)));
+                        let had = model.remove(&(id(h), cap(i, p))).is_some();
                         prop_assert_eq!(t.remove(&id(h), &cap(i, p)), had);
                     }
                     Op::RemoveHolder(h) => {
                         let n = t.remove_holder(&id(h)).len();
                         let before = model.len();
-                        model.retain(|(x, _)| x != &id(h));
+                        model.retain(|(x, _), _| x != &id(h));
                         prop_assert_eq!(n, before - model.len());
                     }
                     Op::RemoveIssuedBy(i) => {
                         let issuer = cap(i, 0).issuer;
                         let n = t.remove_issued_by(&issuer).len();
                         let before = model.len();
-                        model.retain(|(_, c)| c.issuer != issuer);
+                        model.retain(|(_, c), _| c.issuer != issuer);
                         prop_assert_eq!(n, before - model.len());
                     }
                 }
                 let pairs: HashSet<(ProcessId, Capability)> =
                     t.pairs().map(|(h, c)| (h.clone(), c)).collect();
-                for (h, c) in &model {
+                for (h, c) in model.keys() {
                     prop_assert!(t.holds(h, c));
                 }
-                prop_assert_eq!(&pairs, &model);
+                prop_assert_eq!(&pairs, &model.keys().cloned().collect());
+                for g in 0..2u8 {
+                    let gave = model.values().filter(|&&x| x == g).count();
+                    prop_assert_eq!(t.given_by(&g), gave);
+                }
                 let mut index: HashMap<Address, HashSet<ProcessId>> = HashMap::new();
-                for (h, c) in &model {
+                for (h, c) in model.keys() {
                     index.entry(c.issuer.clone()).or_default().insert(h.clone());
                 }
                 prop_assert_eq!(&t.issued, &index);

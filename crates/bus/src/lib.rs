@@ -69,8 +69,9 @@ pub use spindle_types::limits::{DEFAULT_AWAIT, MAILBOX_WAIT, MAX_AWAIT};
 /// awaited table, a native process's bridge): past it a send is refused
 /// `mailbox-full` until some are answered.
 pub const MAX_AWAITED: usize = 4096;
-/// Processes on other nodes one process may give rights to: the record of
-/// them is this node's to keep (in memory and on disk).
+/// Rights (holder and capability) on other nodes one process may give: the
+/// record of them is this node's to keep (in memory and on disk), so each
+/// giver has its own budget and none can spend another's.
 pub const MAX_REMOTE_HOLDERS: usize = 4096;
 
 /// When a response awaited for `timeout` from now is due: at most
@@ -424,6 +425,19 @@ impl Bus {
             }
             for c in removed {
                 j.delete(persist::KIND, persist::key(holder, c));
+            }
+        }
+    }
+
+    /// Records rights `giver` gave `holder`, a process on another node.
+    fn stage_given(&self, holder: &Address, giver: &ProcessId, added: &[Capability]) {
+        if let Some(j) = &self.journal {
+            for c in added {
+                j.put(
+                    persist::KIND,
+                    persist::key(holder, c),
+                    giver.to_string().into_bytes(),
+                );
             }
         }
     }
@@ -811,6 +825,7 @@ impl Bus {
                 Err(kind) => Err((kind, Box::new(env))),
                 Ok(given) => {
                     let holder = env.target.clone();
+                    let giver = env.source.process.clone();
                     let mut env = env;
                     // On the wire, a right issued here names this node.
                     if let (Some(name), Some(caps)) =
@@ -828,9 +843,9 @@ impl Bus {
                         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
                         let added: Vec<Capability> = given
                             .into_iter()
-                            .filter(|c| caps.there.insert(&holder, c.clone()))
+                            .filter(|c| caps.there.give(&holder, c.clone(), giver.clone()))
                             .collect();
-                        self.stage(&holder, &added, []);
+                        self.stage_given(&holder, &giver, &added);
                     }
                     sent
                 }
@@ -868,7 +883,7 @@ impl Bus {
                 };
                 let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
                 if !caps.there.holds(&env.target, &cap)
-                    && caps.there.holders(&cap.issuer) >= MAX_REMOTE_HOLDERS
+                    && caps.there.given_by(&env.source.process) >= MAX_REMOTE_HOLDERS
                 {
                     return Err(SendErrorKind::Invalid);
                 }

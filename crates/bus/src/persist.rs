@@ -97,7 +97,8 @@ pub fn load_legacy(path: &Path) -> Result<Caps, CapsFileError> {
 }
 
 /// The row key of `holder` holding `cap`: `[holder, issuer, params]` as JSON.
-/// A holder here is a process id; one on another node, an address.
+/// A holder here is a process id; one on another node, an address (and the
+/// row's value is the id of the process here that gave it).
 pub(crate) fn key(holder: &dyn std::fmt::Display, cap: &Capability) -> String {
     serde_json::to_string(&(holder.to_string(), cap.issuer.to_string(), &cap.params))
         .expect("strings serialise")
@@ -107,7 +108,7 @@ pub(crate) fn key(holder: &dyn std::fmt::Display, cap: &Capability) -> String {
 /// out (it grants nothing); the rest stand.
 pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Grants {
     let mut caps = Grants::default();
-    for (k, _) in rows {
+    for (k, v) in rows {
         let parsed = serde_json::from_str::<(String, String, String)>(k)
             .map_err(|e| e.to_string())
             .and_then(|(holder, issuer, params)| {
@@ -115,9 +116,15 @@ pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Grants {
                 Ok((holder, Capability { issuer, params }))
             });
         match parsed {
+            // A right given across nodes names its giver; one recorded
+            // without counts against its issuer.
             Ok((holder, cap)) if holder.contains('@') => match holder.parse::<Address>() {
                 Ok(h) => {
-                    caps.there.insert(&h, cap);
+                    let giver = std::str::from_utf8(v)
+                        .ok()
+                        .and_then(|g| g.parse::<ProcessId>().ok())
+                        .unwrap_or_else(|| cap.issuer.process.clone());
+                    caps.there.give(&h, cap, giver);
                 }
                 Err(e) => tracing::error!("capability row {k} in node.db: {e}; it is left out"),
             },

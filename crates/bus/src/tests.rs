@@ -528,20 +528,38 @@ async fn one_process_gives_rights_to_a_bounded_number_of_remote_processes() {
     let wire = Arc::new(Wire::default());
     bus.connect("alice".into(), wire.clone());
     let vault = addr("vault");
+    let other = addr("other");
     bus.grant(&vault.process, [Capability::network()]);
-    let give = |i: usize| {
+    bus.grant(
+        &other.process,
+        [Capability::network(), Capability::messaging(&vault)],
+    );
+    let give = |from: &Address, i: usize| {
         request(
-            &vault,
+            from,
             &on("bob", &format!("q{i}")),
             vec![Capability::messaging(&vault)],
         )
     };
+    // A process holding vault's right spends its own budget giving it,
+    // not vault's.
     for i in 0..MAX_REMOTE_HOLDERS {
-        bus.send(give(i), false).await.unwrap();
+        bus.send(give(&other, MAX_REMOTE_HOLDERS + i), false)
+            .await
+            .unwrap();
+        wire.0.lock().unwrap().clear();
     }
-    wire.0.lock().unwrap().clear();
-    let (kind, _) = bus.send(give(MAX_REMOTE_HOLDERS), false).await.unwrap_err();
+    let (kind, _) = bus.send(give(&other, 0), false).await.unwrap_err();
+    assert_eq!(kind, SendErrorKind::Invalid);
+    for i in 0..MAX_REMOTE_HOLDERS {
+        bus.send(give(&vault, i), false).await.unwrap();
+        wire.0.lock().unwrap().clear();
+    }
+    let (kind, _) = bus
+        .send(give(&vault, 2 * MAX_REMOTE_HOLDERS), false)
+        .await
+        .unwrap_err();
     assert_eq!(kind, SendErrorKind::Invalid);
     // One that holds it already may be sent it again.
-    bus.send(give(0), false).await.unwrap();
+    bus.send(give(&vault, 0), false).await.unwrap();
 }

@@ -145,6 +145,10 @@ fn requests_cross_nodes_with_the_local_rules() {
             .trim(),
         "ok back here"
     );
+    // The request handed back is no longer awaited through the link: the
+    // peer cannot hand it back twice, and a link that goes down later
+    // fails nothing that was answered.
+    assert_eq!(in_flight(&alice), 0);
 
     // One-way messages from one process to another: every one that was
     // accepted arrives, once.

@@ -429,11 +429,16 @@ impl PeerLink {
     }
 
     /// Whether the link carried request `id` from `rsvp` to the peer, and
-    /// its answer is still awaited.
-    pub(crate) fn carried(&self, id: u64, rsvp: &spindle_types::ProcessId) -> bool {
-        self.in_flight()
-            .get(&id)
-            .is_some_and(|f| &f.rsvp.process == rsvp)
+    /// its answer is still awaited; if so the request comes back now
+    /// (handed back with `inherit`) and its answer no longer goes through
+    /// the link: it is forgotten, so the peer cannot hand it back twice.
+    pub(crate) fn take_carried(&self, id: u64, rsvp: &spindle_types::ProcessId) -> bool {
+        let mut awaited = self.in_flight();
+        let carried = awaited.get(&id).is_some_and(|f| &f.rsvp.process == rsvp);
+        if carried && let Some(f) = awaited.remove(&id) {
+            self.awaited_done(&f);
+        }
+        carried
     }
 
     /// Forgets awaited requests whose requesters have stopped waiting.

@@ -28,9 +28,9 @@ use spindle_bus::{Capability, SendErrorKind};
 use spindle_types::ProcessId;
 
 /// Version of this protocol; a peer speaking another is refused at HELLO.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The libp2p protocol of Spindle's stream.
-pub const PROTOCOL: &str = "/spindle/link/2";
+pub const PROTOCOL: &str = "/spindle/link/3";
 /// Largest body, metadata or blob a message may carry: what one mailbox
 /// may hold, so nothing a peer sends is larger than a local send could be.
 pub const MAX_PAYLOAD: usize = spindle_bus::MAILBOX_BYTES;

@@ -33,7 +33,9 @@ pub fn peer_row(node: &Node, peer: &str) -> serde_json::Value {
 pub fn in_flight(node: &Node) -> u64 {
     let v: serde_json::Value =
         serde_json::from_str(&node.ok(&["node", "peers", "--json"])).unwrap();
-    v["peers"][0]["in_flight"].as_u64().unwrap_or(0)
+    v["peers"][0]["in_flight"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no in_flight in {v}"))
 }
 
 /// Whether `node` gets an answer from `address` within a second.

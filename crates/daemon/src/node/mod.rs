@@ -226,11 +226,13 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         );
     }
     // Links to other nodes, when this home has a name and key.
-    let peer_keys = records
-        .get(network::PEER_KEY_KIND)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let network = network::Network::start(&paths.home, &bus, &journal, peer_keys);
+    let mut peer_keys = network::PeerKeys::load(
+        records
+            .get(network::PEER_KEY_KIND)
+            .map(Vec::as_slice)
+            .unwrap_or_default(),
+    );
+    let network = network::Network::start(&paths.home, &bus, &journal, &mut peer_keys);
     // Runtime modules: their addresses are the node's own, on the bus first.
     spindle_db::start(&paths.db, &bus)?;
     spindle_vfs::start(&paths.vfs, &bus)?;
@@ -298,6 +300,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
         shutdown_waiters: vec![],
         after_commit: vec![],
         network,
+        peer_keys,
     };
     node.apply();
     node.persist();
@@ -391,6 +394,7 @@ struct Node {
     /// commit is durable.
     after_commit: Vec<(oneshot::Sender<Reply>, Reply)>,
     network: network::Network,
+    peer_keys: network::PeerKeys,
 }
 
 fn err(kind: ErrorKind, message: impl Into<String>) -> Reply {

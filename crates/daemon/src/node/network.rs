@@ -18,32 +18,40 @@ pub(super) enum Network {
 /// right given to a peer's process was given to that key.
 pub(super) const PEER_KEY_KIND: &str = "peer-key";
 
-/// Rights given to peers' processes stay with the keys they were given to:
-/// a peer `known` (name → key, as the journal last had them) that left
-/// the allow-list, or whose name now has another key, loses them. The
-/// journal then holds the keys of `peers`.
-fn settle_rights(
-    bus: &Bus,
-    journal: &Journal,
-    known: &[(String, Vec<u8>)],
-    peers: &[(String, String)],
-) {
-    for (name, key) in known {
-        if !peers
-            .iter()
-            .any(|(n, k)| n == name && k.as_bytes() == key.as_slice())
-        {
-            bus.forget_node(name);
-            journal.delete(PEER_KEY_KIND, name.clone());
-        }
+/// The key each peer had, by name, as the journal holds them: rights held
+/// by a peer's processes were given to that key.
+pub(super) struct PeerKeys(Vec<(String, Vec<u8>)>);
+
+impl PeerKeys {
+    pub(super) fn load(rows: &[(String, Vec<u8>)]) -> PeerKeys {
+        PeerKeys(rows.to_vec())
     }
-    for (name, key) in peers {
-        if !known
-            .iter()
-            .any(|(n, k)| n == name && k.as_slice() == key.as_bytes())
-        {
-            journal.put(PEER_KEY_KIND, name.clone(), key.clone().into_bytes());
+
+    /// Rights given to peers' processes stay with the keys they were
+    /// given to: those of a node that left the allow-list (`peers`, name
+    /// → key), whose name now has another key, or whose key the journal
+    /// never had, are dropped. The journal then holds the keys of `peers`.
+    fn settle(&mut self, bus: &Bus, journal: &Journal, peers: &[(String, String)]) {
+        let had = |name: &str, key: &str| {
+            self.0
+                .iter()
+                .any(|(n, k)| n == name && k.as_slice() == key.as_bytes())
+        };
+        bus.retain_nodes(|node| peers.iter().any(|(n, k)| n == node && had(n, k)));
+        for (name, _) in &self.0 {
+            if !peers.iter().any(|(n, k)| n == name && had(n, k)) {
+                journal.delete(PEER_KEY_KIND, name.clone());
+            }
         }
+        for (name, key) in peers {
+            if !had(name, key) {
+                journal.put(PEER_KEY_KIND, name.clone(), key.clone().into_bytes());
+            }
+        }
+        self.0 = peers
+            .iter()
+            .map(|(n, k)| (n.clone(), k.clone().into_bytes()))
+            .collect();
     }
 }
 
@@ -55,28 +63,27 @@ fn keys_of(id: &Identity) -> Vec<(String, String)> {
 }
 
 impl Network {
-    /// Starts the links of a home that has a name and key. `known` are
-    /// the peers' keys the journal holds.
+    /// Starts the links of a home that has a name and key, and settles the
+    /// rights peers' processes hold against its allow-list.
     pub(super) fn start(
         home: &std::path::Path,
         bus: &Arc<Bus>,
         journal: &Journal,
-        known: &[(String, Vec<u8>)],
+        keys: &mut PeerKeys,
     ) -> Network {
         let files = Files::in_home(home);
         let started = Identity::load(&files)
             .map_err(spindle_net::NetError::from)
             .and_then(|id| {
                 id.map(|id| {
-                    settle_rights(bus, journal, known, &keys_of(&id));
+                    keys.settle(bus, journal, &keys_of(&id));
                     Net::start(id, bus.clone())
                 })
                 .transpose()
             });
         match started {
             Ok(None) => {
-                settle_rights(bus, journal, known, &[]);
-                bus.retain_nodes(|_| false);
+                keys.settle(bus, journal, &[]);
                 Network::Off
             }
             Ok(Some(net)) => {
@@ -125,12 +132,8 @@ impl Node {
         match &self.network {
             Network::On(net) => match Identity::load(&files) {
                 Ok(Some(id)) if id.name == net.name() => {
-                    let known: Vec<(String, Vec<u8>)> = net
-                        .peers()
-                        .into_iter()
-                        .map(|p| (p.name, p.key.into_bytes()))
-                        .collect();
-                    settle_rights(self.wasm.bus(), &self.journal, &known, &keys_of(&id));
+                    self.peer_keys
+                        .settle(self.wasm.bus(), &self.journal, &keys_of(&id));
                     net.reload(&id)
                 }
                 Ok(Some(id)) => {
@@ -155,8 +158,12 @@ impl Node {
             // it had one (never here: a failed start sets none) or a
             // fresh one may start now.
             Network::Off | Network::Failed(_) => {
-                self.network =
-                    Network::start(&self.paths.home, self.wasm.bus(), &self.journal, &[]);
+                self.network = Network::start(
+                    &self.paths.home,
+                    self.wasm.bus(),
+                    &self.journal,
+                    &mut self.peer_keys,
+                );
                 if let Network::Failed(why) = &self.network {
                     return err(ErrorKind::BadRequest, why.clone());
                 }

@@ -185,7 +185,7 @@ async fn deliver(
     // answer for others.
     if let (Message::Request(_), Some(rsvp)) = (&env.message, &env.rsvp)
         && rsvp.node == LOCAL_NODE
-        && !peer.carried(env.id, &rsvp.process)
+        && !peer.take_carried(env.id, &rsvp.process)
     {
         tracing::warn!(
             "link to {}: a request routed to {} that it was never sent; dropped",
