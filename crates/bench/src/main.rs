@@ -6,7 +6,9 @@
 //! (in-process, on the daemon's own driver and bus) and the runtime modules;
 //! `--ipc`: only native processes on the bus; `--db`: only the modules;
 //! `--api`: only the Node control API (real `node`); `--scale`: only
-//! spawn and lifecycle at scale (the `spawner` guest in the real daemon);
+//! spawn and lifecycle at scale (the `spawner` guest in the real daemon),
+//! then 100,000 idle wasm processes (`--many`: only those; they need
+//! `vm.max_map_count` raised, and say so when it is not);
 //! `--timers`: only the timer module; `--net`: only node to node (two
 //! daemons on loopback).
 //!
@@ -15,7 +17,7 @@
 //! user+system time from `/proc`.
 
 use spindle_client::Client;
-use spindle_types::control::{ProcessInfo, StateLabel};
+use spindle_types::control::{DaemonStatus, ProcessInfo, StateLabel};
 use spindle_types::manifest::RawProcess;
 use spindle_types::{ProcessSpec, Selector};
 use std::path::{Path, PathBuf};
@@ -102,6 +104,20 @@ impl Node {
             }
             assert!(Instant::now() < end, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Waits on the daemon's counts (what `list` would be too large to
+    /// carry for the largest runs).
+    fn wait_status(&mut self, what: &str, mut cond: impl FnMut(&DaemonStatus) -> bool) {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let s = self.client.status().expect("status");
+            if cond(&s) {
+                return;
+            }
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -517,9 +533,17 @@ fn main() {
         print_table(rows);
         return;
     }
+    if flag("--many") {
+        eprintln!("{} idle wasm processes …", 100_000);
+        scale::hundred_thousand(&mut rows);
+        print_table(rows);
+        return;
+    }
     if flag("--scale") {
         eprintln!("spawn and lifecycle at scale …");
         scale::run(&mut rows);
+        eprintln!("{} idle wasm processes …", 100_000);
+        scale::hundred_thousand(&mut rows);
         print_table(rows);
         return;
     }
@@ -550,6 +574,7 @@ fn main() {
     wasm::run(&mut rows, wasm::Part::All);
     eprintln!("spawn and lifecycle at scale …");
     scale::run(&mut rows);
+    scale::hundred_thousand(&mut rows);
     eprintln!("the timer module …");
     timers::run(&mut rows);
     eprintln!("node to node …");

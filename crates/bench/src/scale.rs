@@ -4,20 +4,25 @@
 //! processes is started through the CLI's path; and the table's cost on disk.
 
 use crate::{Node, Row};
-use spindle_types::ProcessSpec;
+use spindle_driver_wasm::runtime::{maps_needed, max_map_count, pool_size};
 use spindle_types::manifest::RawProcess;
+use spindle_types::{ProcessSpec, Selector};
 use std::time::Instant;
 
 /// Spawns per sample.
 const CHUNK: u64 = 500;
 /// Transactions timed.
 const TRANSACTIONS: u64 = 1_000;
-/// Processes of the full node: as many as the wasm pool takes with room for
-/// the spawner, its children and the slots kept from processes' spawns.
-const FILL: usize = spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize
-    - spindle_daemon::budget::OPERATOR_RESERVE
-    - CHUNK as usize
-    - 8;
+/// Processes of the full node: what the pool Linux's default mapping limit
+/// gives (about 10,000) takes, with room for the spawner, its children and
+/// the slots kept from processes' spawns.
+const FILL: usize = 9_200;
+/// Idle wasm processes held at once by the largest run.
+const MANY: usize = 100_000;
+/// Processes per `start` call: a control frame holds a few thousand specs.
+const START_BATCH: usize = 5_000;
+/// Processes of the largest run asked something.
+const ASKED: usize = 100;
 
 const SPAWNER: &str = "local@spawner:bench:spindle";
 
@@ -37,13 +42,13 @@ fn us(v: &serde_json::Value) -> String {
 }
 
 fn spawner(n: &Node, name: &str, package: &str) -> ProcessSpec {
+    guest(n, "spawner", name, package)
+}
+
+fn guest(n: &Node, guest: &str, name: &str, package: &str) -> ProcessSpec {
     let raw = RawProcess {
         name: Some(name.into()),
-        wasm: Some(
-            spindle_guests::path("spawner")
-                .to_string_lossy()
-                .into_owned(),
-        ),
+        wasm: Some(spindle_guests::path(guest).to_string_lossy().into_owned()),
         package: Some(package.into()),
         public: Some(true),
         ..Default::default()
@@ -60,6 +65,11 @@ fn disk(n: &Node) -> u64 {
 }
 
 pub(crate) fn run(rows: &mut Vec<Row>) {
+    assert!(
+        pool_size(max_map_count()) as usize
+            >= FILL + CHUNK as usize + spindle_daemon::budget::OPERATOR_RESERVE + 8,
+        "the pool is smaller than the full node's {FILL} processes"
+    );
     // An empty node: the spawner and its children only.
     let mut n = Node::new();
     n.client
@@ -146,5 +156,69 @@ pub(crate) fn run(rows: &mut Vec<Row>) {
         ),
         target: "O(1) per change".into(),
         measured: format!("{:.1} MiB", on_disk as f64 / (1 << 20) as f64),
+    });
+}
+
+/// The largest run: [`MANY`] idle wasm processes (the echo guest) started
+/// through the CLI's path, a sample of them asked, all stopped. It needs a
+/// pool that large, which Linux's default `vm.max_map_count` does not give.
+pub(crate) fn hundred_thousand(rows: &mut Vec<Row>) {
+    let metric =
+        format!("{MANY} concurrent idle wasm processes: all running / answered / all stopped");
+    let target = "start, answer and stop cleanly".to_string();
+    let pool = pool_size(max_map_count());
+    if (pool as usize) < MANY {
+        rows.push(Row {
+            metric,
+            target,
+            measured: format!(
+                "not run: vm.max_map_count {} gives a pool of {pool}; {MANY} need {} (`sysctl -w vm.max_map_count={}`)",
+                max_map_count().map_or_else(|| "(unreadable)".into(), |m| m.to_string()),
+                maps_needed(MANY as u32),
+                maps_needed(MANY as u32).next_power_of_two()
+            ),
+        });
+        return;
+    }
+    let mut n = Node::new();
+    let t = Instant::now();
+    let names: Vec<String> = (0..MANY).map(|i| format!("idle-{i}")).collect();
+    for batch in names.chunks(START_BATCH) {
+        let specs = batch
+            .iter()
+            .map(|name| guest(&n, "echo", name, "many:spindle"))
+            .collect();
+        n.client.start(specs).expect("start a batch");
+    }
+    n.wait_status("every process running", |s| s.running == MANY);
+    let all_running = t.elapsed();
+    let rss = n.rss();
+    let mut answered = 0;
+    for name in names.iter().step_by(MANY / ASKED) {
+        let reply = n
+            .client
+            .send(
+                &format!("local@{name}:many:spindle"),
+                "hi",
+                std::time::Duration::from_secs(5),
+            )
+            .expect("an answer");
+        answered += usize::from(reply == "hi");
+    }
+    let t = Instant::now();
+    n.client.stop(Selector::All).expect("stop all");
+    n.wait_status("every process stopped", |s| s.running == 0);
+    let all_stopped = t.elapsed();
+    drop(n);
+    rows.push(Row {
+        metric,
+        target,
+        measured: format!(
+            "{:.1} s / {answered} of {ASKED} / {:.1} s; daemon RSS {:.2} GiB, {:.1} KiB a process",
+            all_running.as_secs_f64(),
+            all_stopped.as_secs_f64(),
+            rss as f64 / (1u64 << 30) as f64,
+            rss as f64 / MANY as f64 / 1024.0
+        ),
     });
 }

@@ -160,6 +160,8 @@ pub struct WasmDriver {
     hub: Arc<LogHub>,
     logs_dir: PathBuf,
     runs: HashMap<ProcessNum, LiveWasm>,
+    /// Runs at once, at most: the engine's pool ([`crate::runtime::pool_size`]).
+    pool: u32,
     events: mpsc::UnboundedSender<WasmEvent>,
 }
 
@@ -250,6 +252,7 @@ impl WasmDriver {
                 hub,
                 logs_dir: logs_dir.into(),
                 runs: HashMap::new(),
+                pool: max_processes,
                 events,
             },
             events_rx,
@@ -306,6 +309,9 @@ impl WasmDriver {
         else {
             return Err(WasmError::NotWasm);
         };
+        if !self.runs.contains_key(&num) && self.runs.len() >= self.pool as usize {
+            return Err(WasmError::PoolFull { pool: self.pool });
+        }
         let runtime = self.runtime()?;
         let pre: ProcessPre<ProcessHost> = runtime.load(path, spec.parent.is_some())?;
         let our = Arc::new(our);
@@ -440,6 +446,11 @@ impl WasmDriver {
 
     pub fn live_runs(&self) -> usize {
         self.runs.len()
+    }
+
+    /// How many wasm processes can run at once (the engine's pool).
+    pub fn pool(&self) -> u32 {
+        self.pool
     }
 
     /// Runs started so far that reached their first `receive`.

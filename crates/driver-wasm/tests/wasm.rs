@@ -197,6 +197,37 @@ async fn init_returning_is_completion() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_full_pool_is_a_clear_error_for_the_next_process_only() {
+    let mut rig = Rig::new();
+    let pool = rig.driver.pool();
+    let mut live = vec![];
+    for i in 0..pool {
+        let spec = rig.spec(&format!("e{i}"), "echo", None);
+        live.push(
+            rig.driver
+                .spawn(ProcessNum(100 + u64::from(i)), 1, &spec, None)
+                .unwrap(),
+        );
+    }
+    let spec = rig.spec("over", "echo", None);
+    let over = rig
+        .driver
+        .spawn(ProcessNum(99), 1, &spec, None)
+        .unwrap_err();
+    assert!(
+        over.to_string()
+            .contains(&format!("already runs {pool} wasm processes")),
+        "{over}"
+    );
+    // Those running are untouched; one that ends makes room.
+    assert_eq!(rig.ask(&live[0], b"hi").await, b"hi");
+    rig.tell(&live[1], b"exit").await;
+    assert_eq!(rig.exit().await.1, ExitStatus::Code(0));
+    let next = rig.driver.spawn(ProcessNum(99), 1, &spec, None).unwrap();
+    assert_eq!(rig.ask(&next, b"there").await, b"there");
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn bad_components_are_clear_errors() {
     let mut rig = Rig::new();
     let dir = tempfile::tempdir().unwrap();

@@ -140,7 +140,7 @@ impl Node {
                 &call.parent.node,
                 &call.parent.process,
                 self.wasm.live_runs(),
-                spindle_driver_wasm::runtime::MAX_WASM_PROCESSES as usize,
+                self.wasm.pool() as usize,
             )
             .map_err(|e| SpawnError::Budget(e.to_string()))?;
             self.check_wasm(&spec, &HashSet::new())
