@@ -44,7 +44,10 @@ impl Bench {
         let bus = Arc::new(Bus::new("local"));
         let (driver, events, _spawns) = WasmDriver::new(
             &dir.path().join("cache"),
-            spindle_driver_wasm::runtime::pool_size(spindle_driver_wasm::runtime::max_map_count()),
+            spindle_driver_wasm::runtime::pool_size(
+                spindle_driver_wasm::runtime::max_map_count(),
+                None,
+            ),
             bus.clone(),
             Arc::new(LogHub::new()),
             &dir.path().join("logs"),

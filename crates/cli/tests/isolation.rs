@@ -297,3 +297,26 @@ fn every_import_at_its_limits_is_an_error_for_the_caller_alone() {
     );
     assert_eq!(send(&n, &victim, "after"), "after");
 }
+
+#[test]
+fn a_pool_size_that_is_no_number_stops_the_daemon_with_a_clear_error() {
+    let n = Node::new();
+    let out = Command::new(spindle_bin())
+        .arg("--home")
+        .arg(n.home())
+        .arg("ls")
+        .env("SPINDLE_WASM_PROCESSES", "lots")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("daemon.log"), "{said}");
+    let log = std::fs::read_to_string(n.home().join("daemon.log")).unwrap();
+    assert!(
+        log.contains("SPINDLE_WASM_PROCESSES=lots is not a number of wasm processes"),
+        "{log}"
+    );
+    // Unset, the same home starts.
+    n.ok(&["ls"]);
+}

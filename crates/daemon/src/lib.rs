@@ -107,6 +107,8 @@ pub enum DaemonError {
     Timers(#[from] spindle_timer::StartError),
     #[error("the vfs module could not start: {0}")]
     Vfs(#[from] spindle_vfs::StartError),
+    #[error(transparent)]
+    Wasm(#[from] spindle_driver_wasm::runtime::WasmError),
     #[error("cannot watch owner process {pid}: {source} (an owned node serves a running app)")]
     Owner { pid: u32, source: std::io::Error },
 }

@@ -20,6 +20,14 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const MAX_WASM_PROCESSES: u32 = 131_072;
 /// The smallest pool, however few mappings the kernel allows.
 pub const MIN_WASM_PROCESSES: u32 = 1_024;
+/// The pool of a node whose operator asked for no other size. A pool's
+/// bookkeeping is resident from the start (about 360 bytes a slot: 3.6 MiB
+/// for this one, 60 MiB for the largest), so a machine that allows more
+/// mappings does not make every node pay for slots it never uses.
+pub const DEFAULT_WASM_PROCESSES: u32 = 10_240;
+/// The daemon's environment variable that sizes the pool (a number of
+/// processes), read when the daemon starts.
+pub const POOL_ENV: &str = "SPINDLE_WASM_PROCESSES";
 /// Memory mappings one pool slot costs the daemon (its stack's guard, its
 /// memories' and tables' accessible parts split the pool's reservations):
 /// the kernel's `vm.max_map_count` is what bounds the pool.
@@ -30,16 +38,17 @@ pub const MAPS_KEPT: u64 = 4_096;
 /// Where Linux says how many mappings a process may have.
 pub const MAX_MAP_COUNT_FILE: &str = "/proc/sys/vm/max_map_count";
 
-/// How many wasm processes the node can run at once: as many as the
-/// kernel's mapping limit leaves room for (65,530 by default: about
+/// How many wasm processes the node can run at once: `asked` (by
+/// [`POOL_ENV`]; [`DEFAULT_WASM_PROCESSES`] if not), as far as the
+/// kernel's mapping limit leaves room (Linux's default, 65,530, about
 /// 10,000), within [`MIN_WASM_PROCESSES`]..=[`MAX_WASM_PROCESSES`].
-pub fn pool_size(max_map_count: Option<u64>) -> u32 {
-    let Some(maps) = max_map_count else {
-        return MIN_WASM_PROCESSES;
-    };
-    let fits = maps.saturating_sub(MAPS_KEPT) / MAPS_PER_PROCESS;
-    u32::try_from(fits)
-        .unwrap_or(u32::MAX)
+pub fn pool_size(max_map_count: Option<u64>, asked: Option<u32>) -> u32 {
+    let fits = max_map_count.map_or(MIN_WASM_PROCESSES, |maps| {
+        u32::try_from(maps.saturating_sub(MAPS_KEPT) / MAPS_PER_PROCESS).unwrap_or(u32::MAX)
+    });
+    asked
+        .unwrap_or(DEFAULT_WASM_PROCESSES)
+        .min(fits)
         .clamp(MIN_WASM_PROCESSES, MAX_WASM_PROCESSES)
 }
 
@@ -48,17 +57,44 @@ pub fn maps_needed(processes: u32) -> u64 {
     u64::from(processes) * MAPS_PER_PROCESS + MAPS_KEPT
 }
 
+/// The pool size the operator asked for in [`POOL_ENV`], if any.
+pub fn pool_asked() -> Result<Option<u32>, WasmError> {
+    let Some(v) = std::env::var_os(POOL_ENV) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .and_then(|t| t.trim().replace('_', "").parse::<u32>().ok())
+        .filter(|n| (MIN_WASM_PROCESSES..=MAX_WASM_PROCESSES).contains(n))
+        .map(Some)
+        .ok_or_else(|| WasmError::PoolSetting {
+            value: v.to_string_lossy().into_owned(),
+        })
+}
+
+/// The pool of this machine: what the operator asked for, as far as its
+/// kernel allows.
+pub fn pool_here() -> Result<u32, WasmError> {
+    Ok(pool_size(max_map_count(), pool_asked()?))
+}
+
 /// How to make the pool larger, if it can be: the pool is sized when the
-/// daemon starts its wasm engine.
+/// daemon starts.
 fn raise_hint(pool: u32) -> String {
     if pool >= MAX_WASM_PROCESSES {
         return String::new();
     }
-    let now = max_map_count().map_or_else(|| "unreadable".to_string(), |m| m.to_string());
-    format!(
-        ", or let the kernel map more (`sysctl -w vm.max_map_count={}`; now {now}) and restart the daemon",
-        maps_needed(MAX_WASM_PROCESSES).next_power_of_two()
-    )
+    let want = pool.saturating_mul(2).min(MAX_WASM_PROCESSES);
+    let maps = max_map_count();
+    let sysctl = if maps.is_some_and(|m| m >= maps_needed(want)) {
+        String::new()
+    } else {
+        format!(
+            " with `sysctl -w vm.max_map_count={}` (now {})",
+            maps_needed(want).next_power_of_two(),
+            maps.map_or_else(|| "unreadable".to_string(), |m| m.to_string())
+        )
+    };
+    format!(", or restart the daemon with {POOL_ENV}={want}{sysctl}")
 }
 
 /// This machine's `vm.max_map_count`, if it can be read.
@@ -105,6 +141,10 @@ pub enum WasmError {
     Link { path: PathBuf, message: String },
     #[error("the wasm engine could not be set up: {0}")]
     Engine(String),
+    #[error(
+        "{POOL_ENV}={value} is not a number of wasm processes from {MIN_WASM_PROCESSES} to {MAX_WASM_PROCESSES}: fix or unset it"
+    )]
+    PoolSetting { value: String },
     #[error(transparent)]
     Bus(#[from] spindle_bus::BusError),
     #[error("not a wasm process")]
@@ -512,18 +552,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_pool_is_sized_by_the_kernels_mapping_limit() {
+    fn the_pool_is_what_was_asked_as_far_as_the_kernel_allows() {
         // Linux's default leaves room for about 10,000.
-        let default = pool_size(Some(65_530));
+        let default = pool_size(Some(65_530), None);
         assert!((10_000..=10_300).contains(&default), "{default}");
         assert!(maps_needed(default) <= 65_530);
-        // Raised, the pool grows up to its ceiling; a pool's own need
-        // gives it back.
-        assert_eq!(pool_size(Some(maps_needed(100_000))), 100_000);
-        assert_eq!(pool_size(Some(u64::MAX)), MAX_WASM_PROCESSES);
+        // A machine that allows more does not make the pool larger
+        // unasked; asked, it grows as far as the kernel lets it.
+        assert_eq!(pool_size(Some(u64::MAX), None), DEFAULT_WASM_PROCESSES);
+        assert_eq!(
+            pool_size(Some(maps_needed(100_000)), Some(100_000)),
+            100_000
+        );
+        assert_eq!(pool_size(Some(65_530), Some(100_000)), default);
+        assert_eq!(
+            pool_size(Some(u64::MAX), Some(u32::MAX)),
+            MAX_WASM_PROCESSES
+        );
         // Unreadable or tiny: the floor.
-        assert_eq!(pool_size(None), MIN_WASM_PROCESSES);
-        assert_eq!(pool_size(Some(0)), MIN_WASM_PROCESSES);
+        assert_eq!(pool_size(None, None), MIN_WASM_PROCESSES);
+        assert_eq!(pool_size(Some(0), Some(50_000)), MIN_WASM_PROCESSES);
     }
 
     #[test]

@@ -243,7 +243,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     let timers = spindle_timer::start(&bus, timer_rows)?;
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
         &paths.home.join("cache"),
-        spindle_driver_wasm::runtime::pool_size(spindle_driver_wasm::runtime::max_map_count()),
+        spindle_driver_wasm::runtime::pool_here()?,
         bus,
         hub,
         &paths.logs,
