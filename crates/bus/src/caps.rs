@@ -4,7 +4,7 @@
 //! gave each one (each giver's record is bounded on its own).
 
 use crate::Capability;
-use spindle_types::{Address, ProcessId};
+use spindle_types::{Address, PackageId, ProcessId};
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
@@ -15,8 +15,8 @@ use std::hash::Hash;
 pub(crate) struct Grants {
     pub here: CapTable<ProcessId>,
     /// Holders on other nodes (`bob@q:pkg:pub`) of rights issued here,
-    /// each with the process here that gave it.
-    pub there: CapTable<Address, ProcessId>,
+    /// each with the package here whose process gave it.
+    pub there: CapTable<Address, PackageId>,
 }
 
 /// Capabilities by holder, each with who gave it (`G`; nobody in

@@ -69,9 +69,11 @@ pub use spindle_types::limits::{DEFAULT_AWAIT, MAILBOX_WAIT, MAX_AWAIT};
 /// awaited table, a native process's bridge): past it a send is refused
 /// `mailbox-full` until some are answered.
 pub const MAX_AWAITED: usize = 4096;
-/// Rights (holder and capability) on other nodes one process may give: the
-/// record of them is this node's to keep (in memory and on disk), so each
-/// giver has its own budget and none can spend another's.
+/// Rights (holder and capability) on other nodes the processes of one
+/// package may give: the record of them is this node's to keep (in memory
+/// and on disk), so each package has its own budget and none can spend
+/// another's — and a package's short-lived children share it, so the
+/// record stays bounded however many come and go.
 pub const MAX_REMOTE_HOLDERS: usize = 4096;
 
 /// When a response awaited for `timeout` from now is due: at most
@@ -429,8 +431,14 @@ impl Bus {
         }
     }
 
-    /// Records rights `giver` gave `holder`, a process on another node.
-    fn stage_given(&self, holder: &Address, giver: &ProcessId, added: &[Capability]) {
+    /// Records rights a process of package `giver` gave `holder`, a
+    /// process on another node.
+    fn stage_given(
+        &self,
+        holder: &Address,
+        giver: &spindle_types::PackageId,
+        added: &[Capability],
+    ) {
         if let Some(j) = &self.journal {
             for c in added {
                 j.put(
@@ -825,7 +833,7 @@ impl Bus {
                 Err(kind) => Err((kind, Box::new(env))),
                 Ok(given) => {
                     let holder = env.target.clone();
-                    let giver = env.source.process.clone();
+                    let giver = env.source.process.package.clone();
                     let mut env = env;
                     // On the wire, a right issued here names this node.
                     if let (Some(name), Some(caps)) =
@@ -859,7 +867,8 @@ impl Bus {
     /// The rights issued here that `env` gives a process on another node,
     /// or why it may not go: an attached capability must be the sender's
     /// to give, not one of the node's own (`sys:spindle`), and issued here
-    /// (to at most [`MAX_REMOTE_HOLDERS`]) or on the target's node (a
+    /// (the sender's package giving at most [`MAX_REMOTE_HOLDERS`]) or on
+    /// the target's node (a
     /// third node's could not be checked there).
     fn rights_across(
         &self,
@@ -882,8 +891,10 @@ impl Bus {
                     params: cap.params.clone(),
                 };
                 let caps = self.caps.read().unwrap_or_else(|p| p.into_inner());
+                // Counting those this message gives already.
                 if !caps.there.holds(&env.target, &cap)
-                    && caps.there.given_by(&env.source.process) >= MAX_REMOTE_HOLDERS
+                    && caps.there.given_by(&env.source.process.package) + given.len()
+                        >= MAX_REMOTE_HOLDERS
                 {
                     return Err(SendErrorKind::Invalid);
                 }

@@ -98,7 +98,7 @@ pub fn load_legacy(path: &Path) -> Result<Caps, CapsFileError> {
 
 /// The row key of `holder` holding `cap`: `[holder, issuer, params]` as JSON.
 /// A holder here is a process id; one on another node, an address (and the
-/// row's value is the id of the process here that gave it).
+/// row's value is the package here whose process gave it).
 pub(crate) fn key(holder: &dyn std::fmt::Display, cap: &Capability) -> String {
     serde_json::to_string(&(holder.to_string(), cap.issuer.to_string(), &cap.params))
         .expect("strings serialise")
@@ -116,14 +116,14 @@ pub(crate) fn from_rows(rows: &[(String, Vec<u8>)]) -> Grants {
                 Ok((holder, Capability { issuer, params }))
             });
         match parsed {
-            // A right given across nodes names its giver; one recorded
-            // without counts against its issuer.
+            // A right given across nodes names the package that gave it;
+            // one recorded without counts against its issuer's.
             Ok((holder, cap)) if holder.contains('@') => match holder.parse::<Address>() {
                 Ok(h) => {
                     let giver = std::str::from_utf8(v)
                         .ok()
-                        .and_then(|g| g.parse::<ProcessId>().ok())
-                        .unwrap_or_else(|| cap.issuer.process.clone());
+                        .and_then(|g| g.parse::<spindle_types::PackageId>().ok())
+                        .unwrap_or_else(|| cap.issuer.process.package.clone());
                     caps.there.give(&h, cap, giver);
                 }
                 Err(e) => tracing::error!("capability row {k} in node.db: {e}; it is left out"),

@@ -528,7 +528,8 @@ async fn one_process_gives_rights_to_a_bounded_number_of_remote_processes() {
     let wire = Arc::new(Wire::default());
     bus.connect("alice".into(), wire.clone());
     let vault = addr("vault");
-    let other = addr("other");
+    // Of another package: its budget is its own.
+    let other: Address = "local@other:else:spindle".parse().unwrap();
     bus.grant(&vault.process, [Capability::network()]);
     bus.grant(
         &other.process,
@@ -541,8 +542,8 @@ async fn one_process_gives_rights_to_a_bounded_number_of_remote_processes() {
             vec![Capability::messaging(&vault)],
         )
     };
-    // A process holding vault's right spends its own budget giving it,
-    // not vault's.
+    // A process of another package holding vault's right spends its own
+    // package's budget giving it, not vault's.
     for i in 0..MAX_REMOTE_HOLDERS {
         bus.send(give(&other, MAX_REMOTE_HOLDERS + i), false)
             .await
@@ -562,4 +563,16 @@ async fn one_process_gives_rights_to_a_bounded_number_of_remote_processes() {
     assert_eq!(kind, SendErrorKind::Invalid);
     // One that holds it already may be sent it again.
     bus.send(give(&vault, 0), false).await.unwrap();
+    // A short-lived process of vault's package shares that budget: children
+    // that come and go cannot grow the record without bound.
+    let child = addr("child");
+    bus.grant(
+        &child.process,
+        [Capability::network(), Capability::messaging(&vault)],
+    );
+    let (kind, _) = bus
+        .send(give(&child, 3 * MAX_REMOTE_HOLDERS), false)
+        .await
+        .unwrap_err();
+    assert_eq!(kind, SendErrorKind::Invalid);
 }

@@ -40,10 +40,11 @@ pub const MAX_MAP_COUNT_FILE: &str = "/proc/sys/vm/max_map_count";
 
 /// How many wasm processes the node can run at once: `asked` (by
 /// [`POOL_ENV`]; [`DEFAULT_WASM_PROCESSES`] if not), as far as the
-/// kernel's mapping limit leaves room (Linux's default, 65,530, about
-/// 10,000), within [`MIN_WASM_PROCESSES`]..=[`MAX_WASM_PROCESSES`].
+/// kernel's mapping limit, if known, leaves room (Linux's default,
+/// 65,530, about 10,000), within [`MIN_WASM_PROCESSES`]..=[`MAX_WASM_PROCESSES`].
 pub fn pool_size(max_map_count: Option<u64>, asked: Option<u32>) -> u32 {
-    let fits = max_map_count.map_or(MIN_WASM_PROCESSES, |maps| {
+    // A limit that cannot be read limits nothing that was asked.
+    let fits = max_map_count.map_or(u32::MAX, |maps| {
         u32::try_from(maps.saturating_sub(MAPS_KEPT) / MAPS_PER_PROCESS).unwrap_or(u32::MAX)
     });
     asked
@@ -74,7 +75,18 @@ pub fn pool_asked() -> Result<Option<u32>, WasmError> {
 /// The pool of this machine: what the operator asked for, as far as its
 /// kernel allows.
 pub fn pool_here() -> Result<u32, WasmError> {
-    Ok(pool_size(max_map_count(), pool_asked()?))
+    let asked = pool_asked()?;
+    let maps = max_map_count();
+    let pool = pool_size(maps, asked);
+    match (asked, maps) {
+        (Some(a), _) if a > pool => tracing::warn!(
+            "{POOL_ENV}={a}, but the kernel's mapping limit (vm.max_map_count {}) allows {pool} wasm processes: raise it to {} for {a}",
+            maps.map_or_else(|| "unreadable".to_string(), |m| m.to_string()),
+            maps_needed(a)
+        ),
+        _ => tracing::info!("the wasm pool holds {pool} processes"),
+    }
+    Ok(pool)
 }
 
 /// How to make the pool larger, if it can be: the pool is sized when the
@@ -85,14 +97,12 @@ fn raise_hint(pool: u32) -> String {
     }
     let want = pool.saturating_mul(2).min(MAX_WASM_PROCESSES);
     let maps = max_map_count();
-    let sysctl = if maps.is_some_and(|m| m >= maps_needed(want)) {
-        String::new()
-    } else {
-        format!(
-            " with `sysctl -w vm.max_map_count={}` (now {})",
-            maps_needed(want).next_power_of_two(),
-            maps.map_or_else(|| "unreadable".to_string(), |m| m.to_string())
-        )
+    let sysctl = match maps {
+        Some(m) if m < maps_needed(want) => format!(
+            " with `sysctl -w vm.max_map_count={}` (now {m})",
+            maps_needed(want).next_power_of_two()
+        ),
+        _ => String::new(),
     };
     format!(", or restart the daemon with {POOL_ENV}={want}{sysctl}")
 }
@@ -111,6 +121,9 @@ pub const MAX_WASM_MEMORY: usize = spindle_types::spec::MAX_WASM_MEMORY as usize
 /// Core instances a component may need (the program plus the small shims a
 /// component is made of).
 const CORE_INSTANCES_PER_PROCESS: u32 = 4;
+/// Linear memories a component may have (the program's, and one a shim
+/// may bring).
+const MEMORIES_PER_PROCESS: u32 = 2;
 /// Memory kept resident in a freed slot (zeroed by `memset` rather than
 /// handed back). None: wasmtime zeroes the kept part whether or not the
 /// process touched it, so keeping 64 KiB faulted in fresh pages on every
@@ -388,10 +401,15 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         let mut pool = wasmtime::PoolingAllocationConfig::new();
+        // Each component gets at most its share of the pool's totals, so
+        // one cannot take others' core instances, memories or tables.
         pool.total_component_instances(max_processes)
             .total_core_instances(max_processes * CORE_INSTANCES_PER_PROCESS)
-            .total_memories(max_processes * 2)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_PROCESS)
+            .total_memories(max_processes * MEMORIES_PER_PROCESS)
+            .max_memories_per_component(MEMORIES_PER_PROCESS)
             .total_tables(max_processes * CORE_INSTANCES_PER_PROCESS)
+            .max_tables_per_component(CORE_INSTANCES_PER_PROCESS)
             .total_stacks(max_processes)
             .max_memory_size(MAX_WASM_MEMORY)
             .linear_memory_keep_resident(KEEP_RESIDENT)
@@ -569,8 +587,9 @@ mod tests {
             pool_size(Some(u64::MAX), Some(u32::MAX)),
             MAX_WASM_PROCESSES
         );
-        // Unreadable or tiny: the floor.
-        assert_eq!(pool_size(None, None), MIN_WASM_PROCESSES);
+        // Unreadable: what was asked; tiny: the floor.
+        assert_eq!(pool_size(None, None), DEFAULT_WASM_PROCESSES);
+        assert_eq!(pool_size(None, Some(50_000)), 50_000);
         assert_eq!(pool_size(Some(0), Some(50_000)), MIN_WASM_PROCESSES);
     }
 

@@ -149,6 +149,8 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
             crate::owner::Owner::watch(pid).map_err(|source| DaemonError::Owner { pid, source })
         })
         .transpose()?;
+    // The pool's setting is checked before anything is touched.
+    let pool = spindle_driver_wasm::runtime::pool_here()?;
     let (journal, records, aside) = Journal::open_or_set_aside(&paths.journal)?;
     if let Some(aside) = aside {
         tracing::error!(
@@ -243,7 +245,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     let timers = spindle_timer::start(&bus, timer_rows)?;
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
         &paths.home.join("cache"),
-        spindle_driver_wasm::runtime::pool_here()?,
+        pool,
         bus,
         hub,
         &paths.logs,
