@@ -61,6 +61,27 @@ pub enum ClientError {
     Io(#[from] io::Error),
 }
 
+/// The most a failed start's log is read for its error.
+const START_LOG_READ: u64 = 64 << 10;
+
+/// The error a daemon that failed to start wrote last (its fatal one),
+/// from what it logged past `from`.
+fn last_error(log: &Path, from: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(
+        from.max(len.saturating_sub(START_LOG_READ)),
+    ))
+    .ok()?;
+    let mut text = String::new();
+    f.take(START_LOG_READ).read_to_string(&mut text).ok()?;
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("spindle: error: "))
+        .map(str::to_string)
+}
+
 /// The node home: `$SPINDLE_HOME`, else `~/.spindle`.
 pub fn default_home() -> PathBuf {
     if let Some(h) = std::env::var_os("SPINDLE_HOME").filter(|h| !h.is_empty()) {
@@ -146,6 +167,7 @@ impl Client {
             .append(true)
             .open(&log_path)
             .map_err(|e| start_failed(format!("cannot open {}: {e}", log_path.display())))?;
+        let logged_before = log.metadata().map_or(0, |m| m.len());
         let mut cmd = Command::new(exe);
         cmd.args(["daemon", "run"])
             .env("SPINDLE_HOME", home)
@@ -178,7 +200,9 @@ impl Client {
                 if let Ok(c) = Client::connect(home) {
                     return Ok(c);
                 }
-                return Err(start_failed(format!("it exited with {status}")));
+                let why = last_error(&log_path, logged_before)
+                    .map_or_else(String::new, |e| format!(": {e}"));
+                return Err(start_failed(format!("it exited with {status}{why}")));
             }
             if Instant::now() > end {
                 return Err(start_failed(format!(
