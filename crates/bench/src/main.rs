@@ -96,28 +96,23 @@ impl Node {
     }
 
     fn wait(&mut self, what: &str, mut cond: impl FnMut(&[ProcessInfo]) -> bool) {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let l = self.list();
-            if cond(&l) {
-                return;
-            }
-            assert!(Instant::now() < end, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_micros(500));
-        }
+        self.wait_for(what, Duration::from_micros(500), |n| cond(&n.list()));
     }
 
     /// Waits on the daemon's counts (what `list` would be too large to
     /// carry for the largest runs).
     fn wait_status(&mut self, what: &str, mut cond: impl FnMut(&DaemonStatus) -> bool) {
+        self.wait_for(what, Duration::from_millis(10), |n| {
+            cond(&n.client.status().expect("status"))
+        });
+    }
+
+    /// Polls `cond` every `every` until it holds, within [`DEADLINE`].
+    fn wait_for(&mut self, what: &str, every: Duration, mut cond: impl FnMut(&mut Node) -> bool) {
         let end = Instant::now() + DEADLINE;
-        loop {
-            let s = self.client.status().expect("status");
-            if cond(&s) {
-                return;
-            }
+        while !cond(self) {
             assert!(Instant::now() < end, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(every);
         }
     }
 

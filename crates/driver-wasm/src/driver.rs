@@ -160,8 +160,6 @@ pub struct WasmDriver {
     hub: Arc<LogHub>,
     logs_dir: PathBuf,
     runs: HashMap<ProcessNum, LiveWasm>,
-    /// Runs at once, at most: the engine's pool ([`crate::runtime::pool_size`]).
-    pool: u32,
     events: mpsc::UnboundedSender<WasmEvent>,
 }
 
@@ -252,7 +250,6 @@ impl WasmDriver {
                 hub,
                 logs_dir: logs_dir.into(),
                 runs: HashMap::new(),
-                pool: max_processes,
                 events,
             },
             events_rx,
@@ -309,8 +306,9 @@ impl WasmDriver {
         else {
             return Err(WasmError::NotWasm);
         };
-        if !self.runs.contains_key(&num) && self.runs.len() >= self.pool as usize {
-            return Err(WasmError::PoolFull { pool: self.pool });
+        let pool = self.pool();
+        if !self.runs.contains_key(&num) && self.runs.len() >= pool as usize {
+            return Err(WasmError::PoolFull { pool });
         }
         let runtime = self.runtime()?;
         let pre: ProcessPre<ProcessHost> = runtime.load(path, spec.parent.is_some())?;
@@ -448,9 +446,10 @@ impl WasmDriver {
         self.runs.len()
     }
 
-    /// How many wasm processes can run at once (the engine's pool).
+    /// How many wasm processes can run at once (the engine's pool,
+    /// [`crate::runtime::pool_size`]).
     pub fn pool(&self) -> u32 {
-        self.pool
+        self.runtime.max_processes()
     }
 
     /// Runs started so far that reached their first `receive`.

@@ -1,4 +1,5 @@
-//! The engine, the compiled-component cache, and the epoch ticker.
+//! The engine and the size of its pool, the compiled-component cache, and
+//! the epoch ticker.
 
 use crate::bindings::ProcessPre;
 use crate::host::ProcessHost;
@@ -182,6 +183,11 @@ pub(crate) struct LazyRuntime {
 }
 
 impl LazyRuntime {
+    /// The pool the engine has (or will have when made).
+    pub(crate) fn max_processes(&self) -> u32 {
+        self.max_processes
+    }
+
     pub(crate) fn new(cache_dir: &Path, max_processes: u32) -> LazyRuntime {
         LazyRuntime {
             cache_dir: cache_dir.into(),
