@@ -17,6 +17,11 @@ pub(crate) struct Grants {
     /// Holders on other nodes (`bob@q:pkg:pub`) of rights issued here,
     /// each with the package here whose process gave it.
     pub there: CapTable<Address, PackageId>,
+    /// Processes whose rights are never written: transient children not
+    /// on disk (a reboot ends them, and the boot drops every right naming
+    /// a process that is not in the table). A spawn's grants then cost no
+    /// write, and neither does its end.
+    pub unsaved: HashSet<ProcessId>,
 }
 
 /// Capabilities by holder, each with who gave it (`G`; nobody in
@@ -129,6 +134,25 @@ impl<H: Clone + Eq + Hash, G: Clone + Eq + Hash> CapTable<H, G> {
             self.remove(holder, c);
         }
         gone
+    }
+
+    /// Every `(holder, capability, giver)` issued by `issuer`.
+    pub(crate) fn issued_by(&self, issuer: &Address) -> Vec<(H, Capability, G)> {
+        let mut out = vec![];
+        for holder in self.issued.get(issuer).into_iter().flatten() {
+            let given = self.held.get(holder).and_then(|by| by.get(issuer));
+            for (params, giver) in given.into_iter().flatten() {
+                out.push((
+                    holder.clone(),
+                    Capability {
+                        issuer: issuer.clone(),
+                        params: params.clone(),
+                    },
+                    giver.clone(),
+                ));
+            }
+        }
+        out
     }
 
     /// Every `(holder, capability)` issued by `issuer`, taken away: a

@@ -414,20 +414,46 @@ impl Bus {
         }
     }
 
-    /// Stages the rows of capabilities `holder` gained and lost.
+    /// Whether the row of `cap` held by `holder` (a process here, or
+    /// `None` for one on another node) is written: neither names a process
+    /// whose rights are unsaved ([`Bus::unsaved`]).
+    fn written(&self, g: &Grants, holder: Option<&ProcessId>, cap: &Capability) -> bool {
+        g.unsaved.is_empty()
+            || !(holder.is_some_and(|h| g.unsaved.contains(h))
+                || (self.is_here(&cap.issuer.node) && g.unsaved.contains(&cap.issuer.process)))
+    }
+
+    /// Stages the rows of capabilities `holder`, a process here, gained
+    /// and lost (those that are written at all).
     fn stage<'a>(
         &self,
-        holder: &dyn std::fmt::Display,
+        g: &Grants,
+        holder: &ProcessId,
         added: impl IntoIterator<Item = &'a Capability>,
         removed: impl IntoIterator<Item = &'a Capability>,
     ) {
         if let Some(j) = &self.journal {
-            for c in added {
+            for c in added
+                .into_iter()
+                .filter(|c| self.written(g, Some(holder), c))
+            {
                 j.put(persist::KIND, persist::key(holder, c), vec![]);
             }
-            for c in removed {
+            for c in removed
+                .into_iter()
+                .filter(|c| self.written(g, Some(holder), c))
+            {
                 j.delete(persist::KIND, persist::key(holder, c));
             }
+        }
+    }
+
+    /// Stages the rows of rights `holder`, a process on another node, lost.
+    fn stage_lost_there(&self, g: &Grants, holder: &Address, removed: &Capability) {
+        if let Some(j) = &self.journal
+            && self.written(g, None, removed)
+        {
+            j.delete(persist::KIND, persist::key(holder, removed));
         }
     }
 
@@ -435,18 +461,45 @@ impl Bus {
     /// process on another node.
     fn stage_given(
         &self,
+        g: &Grants,
         holder: &Address,
         giver: &spindle_types::PackageId,
         added: &[Capability],
     ) {
         if let Some(j) = &self.journal {
-            for c in added {
+            for c in added.iter().filter(|c| self.written(g, None, c)) {
                 j.put(
                     persist::KIND,
                     persist::key(holder, c),
                     giver.to_string().into_bytes(),
                 );
             }
+        }
+    }
+
+    /// The rights `process` holds and issues are not written from now on:
+    /// it is a transient child, whose end nothing on disk has to record.
+    /// Until [`Bus::keep`] or [`Bus::forget`].
+    pub fn unsaved(&self, process: &ProcessId) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        caps.unsaved.insert(process.clone());
+    }
+
+    /// `process` is on disk now (a transient child that chose to restart):
+    /// the rights it holds and issued are written, from now on too.
+    pub fn keep(&self, process: &ProcessId) {
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        if !caps.unsaved.remove(process) {
+            return;
+        }
+        let held = caps.here.held(process);
+        self.stage(&caps, process, &held, []);
+        let issuer = self.address(process.clone());
+        for (holder, c, ()) in caps.here.issued_by(&issuer) {
+            self.stage(&caps, &holder, [&c], []);
+        }
+        for (holder, c, giver) in caps.there.issued_by(&issuer) {
+            self.stage_given(&caps, &holder, &giver, &[c]);
         }
     }
 
@@ -491,10 +544,10 @@ impl Bus {
             .here
             .remove_where(|h, c| !known(h) || !known(&c.issuer.process))
         {
-            self.stage(&holder, [], [&c]);
+            self.stage(&caps, &holder, [], [&c]);
         }
         for (holder, c) in caps.there.remove_where(|_, c| !known(&c.issuer.process)) {
-            self.stage(&holder, [], [&c]);
+            self.stage_lost_there(&caps, &holder, &c);
         }
     }
 
@@ -503,7 +556,7 @@ impl Bus {
     pub fn retain_nodes(&self, known: impl Fn(&str) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
         for (holder, c) in caps.there.remove_where(|h, _| !known(&h.node)) {
-            self.stage(&holder, [], [&c]);
+            self.stage_lost_there(&caps, &holder, &c);
         }
     }
 
@@ -668,7 +721,7 @@ impl Bus {
             .into_iter()
             .filter(|c| caps.here.insert(process, c.clone()))
             .collect();
-        self.stage(process, &added, []);
+        self.stage(&caps, process, &added, []);
     }
 
     pub fn revoke(&self, process: &ProcessId, gone: &[Capability]) {
@@ -677,17 +730,17 @@ impl Bus {
             .iter()
             .filter(|c| caps.here.remove(process, c))
             .collect();
-        self.stage(process, [], removed);
+        self.stage(&caps, process, [], removed);
     }
 
     /// Revokes, from every holder, every capability `issuer` issued (it was killed).
     pub fn revoke_issued_by(&self, issuer: &Address) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
         for (holder, c) in caps.here.remove_issued_by(issuer) {
-            self.stage(&holder, [], [&c]);
+            self.stage(&caps, &holder, [], [&c]);
         }
         for (holder, c) in caps.there.remove_issued_by(issuer) {
-            self.stage(&holder, [], [&c]);
+            self.stage_lost_there(&caps, &holder, &c);
         }
     }
 
@@ -704,15 +757,14 @@ impl Bus {
         caps.there.holds(holder, cap)
     }
 
-    /// Forgets everything `process` holds (it was deleted).
+    /// Forgets everything `process` holds (it was deleted), and that its
+    /// rights were unsaved: a later process of its name is written as usual.
     pub fn forget(&self, process: &ProcessId) {
-        let gone = self
-            .caps
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .here
-            .remove_holder(process);
-        self.stage(process, [], &gone);
+        let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        let gone = caps.here.remove_holder(process);
+        self.stage(&caps, process, [], &gone);
+        caps.unsaved.remove(process);
+        drop(caps);
         self.tell_services(|s| s.forgotten(process));
     }
 
@@ -853,7 +905,7 @@ impl Bus {
                             .into_iter()
                             .filter(|c| caps.there.give(&holder, c.clone(), giver.clone()))
                             .collect();
-                        self.stage_given(&holder, &giver, &added);
+                        self.stage_given(&caps, &holder, &giver, &added);
                     }
                     sent
                 }

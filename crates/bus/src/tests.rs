@@ -179,6 +179,76 @@ async fn capabilities_outlive_the_bus_on_disk() {
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn a_transient_childs_rights_are_never_written_until_it_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (parent, child, other, remote) = (addr("parent"), addr("child"), addr("other"), addr("r"));
+    // A right issued elsewhere (another node) that happens to share the
+    // child's process id is not the child's: it is written.
+    let namesake = Capability::messaging(&Address {
+        node: "bob".into(),
+        process: child.process.clone(),
+    });
+    {
+        let bus = open(dir.path());
+        bus.unsaved(&child.process);
+        bus.grant(&parent.process, [Capability::messaging(&child)]);
+        bus.grant(&child.process, [Capability::messaging(&other)]);
+        bus.grant(&other.process, [namesake.clone()]);
+        assert_eq!(
+            bus.journal().unwrap().commit(),
+            1,
+            "one batch: the namesake's row only"
+        );
+        bus.persisted().await.unwrap();
+        // In memory the rights hold as any other.
+        assert!(bus.holds(&parent.process, &Capability::messaging(&child)));
+        assert!(bus.holds(&child.process, &Capability::messaging(&other)));
+    }
+    let bus = open(dir.path());
+    assert!(bus.capabilities(&parent.process).is_empty());
+    assert!(bus.capabilities(&child.process).is_empty());
+    assert_eq!(bus.capabilities(&other.process), vec![namesake.clone()]);
+
+    // Its end writes nothing either; afterwards a process of its name is
+    // written as usual.
+    bus.unsaved(&child.process);
+    bus.grant(&parent.process, [Capability::messaging(&child)]);
+    bus.revoke_issued_by(&child);
+    bus.forget(&child.process);
+    let before = bus.journal().unwrap().commit();
+    assert_eq!(before, 0, "nothing staged for the child's whole life");
+    bus.grant(&child.process, [Capability::messaging(&other)]);
+    bus.persisted().await.unwrap();
+    drop(bus);
+    let bus = open(dir.path());
+    assert_eq!(
+        bus.capabilities(&child.process),
+        vec![Capability::messaging(&other)]
+    );
+
+    // A child that is kept (it chose to restart, so its row is written)
+    // has what it holds and issued written with it.
+    bus.forget(&child.process);
+    bus.unsaved(&child.process);
+    bus.grant(&parent.process, [Capability::messaging(&child)]);
+    bus.grant(&child.process, [Capability::messaging(&other)]);
+    bus.keep(&child.process);
+    bus.grant(&remote.process, [Capability::messaging(&child)]);
+    bus.persisted().await.unwrap();
+    drop(bus);
+    let bus = open(dir.path());
+    assert_eq!(
+        bus.capabilities(&parent.process),
+        vec![Capability::messaging(&child)]
+    );
+    assert_eq!(
+        bus.capabilities(&child.process),
+        vec![Capability::messaging(&other)]
+    );
+    assert!(bus.holds(&remote.process, &Capability::messaging(&child)));
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn retain_drops_holders_and_issuers_that_no_longer_exist() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, gone) = (addr("a"), addr("b"), addr("gone"));

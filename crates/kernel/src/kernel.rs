@@ -200,11 +200,23 @@ pub enum KernelError {
     ShuttingDown,
 }
 
+/// Process ids reserved on disk at a time. An id is never given twice in
+/// a node's life, so logs and state files of an earlier process are never
+/// another's; a reboot continues past the reserved block (up to this many
+/// ids are skipped), and a burst of spawns writes the table's record once
+/// per block instead of once per spawn — a transient child then costs no
+/// write at all.
+pub const IDS_RESERVED: u64 = 1024;
+
 /// The process table and every lifecycle decision. See the crate docs.
 #[derive(Debug)]
 pub struct Kernel {
     procs: BTreeMap<ProcessNum, Entry>,
     next_num: u64,
+    /// Ids below this are accounted for on disk (the table's record
+    /// holds it): ids are given out of blocks of [`IDS_RESERVED`], so a
+    /// start writes the record once per block rather than each time.
+    reserved: u64,
     next_run: RunId,
     node_tag: String,
     /// A node owned by an app (see the daemon's `owner`): its table is
@@ -231,6 +243,7 @@ impl Kernel {
         Kernel {
             procs: BTreeMap::new(),
             next_num: 1,
+            reserved: 1,
             next_run: 1,
             node_tag: node_tag.into(),
             owned: false,
@@ -256,6 +269,7 @@ impl Kernel {
             .iter()
             .map(|p| p.num.0 + 1)
             .fold(snapshot.next_num, u64::max);
+        k.reserved = k.next_num;
         // The rows of the earlier run go.
         k.dirty.extend(snapshot.processes.iter().map(|p| p.num));
         k.on_disk.extend(snapshot.processes.iter().map(|p| p.num));
@@ -276,8 +290,10 @@ impl Kernel {
     pub fn restore(snapshot: TableSnapshot, now: Instant) -> Self {
         let mut k = Kernel::new(snapshot.node_tag);
         k.next_num = snapshot.next_num;
+        k.reserved = k.next_num;
         for saved in snapshot.processes {
             k.next_num = k.next_num.max(saved.num.0 + 1);
+            k.reserved = k.next_num;
             let saved_desired = saved.desired;
             let resume = saved.desired == Desired::Running
                 && saved.spec.on_exit.restarts_after(ExitReason::Crashed);
@@ -318,7 +334,7 @@ impl Kernel {
             version: TABLE_VERSION,
             node_tag: self.node_tag.clone(),
             owned: self.owned,
-            next_num: self.next_num,
+            next_num: self.reserved.max(self.next_num),
             processes: self
                 .procs
                 .values()
@@ -334,7 +350,7 @@ impl Kernel {
             version: TABLE_VERSION,
             node_tag: self.node_tag.clone(),
             owned: self.owned,
-            next_num: self.next_num,
+            next_num: self.reserved.max(self.next_num),
         }
     }
 
@@ -358,6 +374,12 @@ impl Kernel {
             }
         }
         out
+    }
+
+    /// Whether `num`'s row is on disk (staged by the last
+    /// [`Kernel::take_changes`] or earlier, and not deleted since).
+    pub fn is_on_disk(&self, num: ProcessNum) -> bool {
+        self.on_disk.contains(&num)
     }
 
     /// Entries named `name`.
@@ -426,7 +448,10 @@ impl Kernel {
         }
         let num = ProcessNum(self.next_num);
         self.next_num += 1;
-        self.meta_dirty = true;
+        if self.next_num > self.reserved {
+            self.reserved = num.0.saturating_add(IDS_RESERVED);
+            self.meta_dirty = true;
+        }
         self.insert(Entry {
             num,
             spec: Arc::new(spec),

@@ -71,6 +71,13 @@ impl Node {
                             Program::Wasm { .. } => {
                                 match self.wasm.spawn(num, run, &spec, Some(tap)) {
                                     Ok(addr) => {
+                                        // A transient child's rights are never
+                                        // written: a reboot ends it anyway.
+                                        if !self.kernel.is_on_disk(num)
+                                            && self.kernel.get(num).is_some_and(|e| !e.durable())
+                                        {
+                                            self.wasm.bus().unsaved(&addr.process);
+                                        }
                                         self.attached(num).bus = Some(OnBus::Wasm(addr));
                                         Ok(None)
                                     }
@@ -175,8 +182,8 @@ impl Node {
                         {
                             // Gone for good: nothing it held or issued may
                             // pass to a later process of the same name.
-                            self.wasm.bus().forget(&addr.process);
                             self.wasm.bus().revoke_issued_by(addr);
+                            self.wasm.bus().forget(&addr.process);
                         }
                     }
                 }

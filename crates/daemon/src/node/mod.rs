@@ -416,6 +416,13 @@ impl Node {
     /// control requests are answered when it is.
     fn persist(&mut self) {
         let changes = self.kernel.take_changes();
+        // A transient child that chose to restart is on disk from now on,
+        // its rights with it (in the same commit).
+        for p in &changes.put {
+            if let Some(addr) = self.wasm.address(p.num, &p.spec) {
+                self.wasm.bus().keep(&addr.process);
+            }
+        }
         if !changes.is_empty() {
             table::stage(&self.journal, changes);
         }

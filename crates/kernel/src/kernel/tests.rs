@@ -118,7 +118,11 @@ fn start_runs_and_persists() {
     let c = f.k.take_changes();
     assert_eq!(c.put.len(), 1, "{c:?}");
     assert_eq!(c.put[0].num, n);
-    assert_eq!(c.meta.as_ref().map(|m| m.next_num), Some(n.0 + 1));
+    // The record reserves a block of ids beyond the one given.
+    assert_eq!(
+        c.meta.as_ref().map(|m| m.next_num),
+        Some(n.0 + IDS_RESERVED)
+    );
     assert!(f.k.take_changes().is_empty(), "each change is taken once");
     assert_eq!(f.k.get(n).unwrap().desired, Desired::Running);
 }
@@ -405,11 +409,42 @@ fn shutdown_and_restore() {
         })
         .collect();
     assert_eq!(spawned, BTreeSet::from([keep]));
+    // Ids continue past the block the earlier daemon had reserved.
     assert_eq!(
         k.start(spec("new"), f.now).unwrap(),
-        ProcessNum(4),
+        ProcessNum(1 + IDS_RESERVED),
         "ids never reused"
     );
+}
+
+#[test]
+fn ids_are_reserved_in_blocks_so_a_transient_child_writes_nothing() {
+    let mut f = Fake::new();
+    let parent = f.start(spec("parent"));
+    let first = f.k.take_changes();
+    let reserved = first.meta.expect("the first id reserves a block").next_num;
+    assert_eq!(reserved, parent.0 + IDS_RESERVED);
+    let transient = |n: u64| {
+        let mut s = spec(&format!("child-{n}"));
+        s.on_exit = OnExit::None;
+        s.transient = true;
+        s
+    };
+    // The rest of the block: no row, no record.
+    for i in 1..IDS_RESERVED {
+        let child = f.start(transient(i));
+        f.exit(child, ExitStatus::Code(0));
+        assert!(f.k.take_changes().is_empty(), "child {i} wrote something");
+    }
+    // The next id starts another block.
+    let next = f.start(transient(IDS_RESERVED));
+    assert_eq!(next.0, reserved);
+    let c = f.k.take_changes();
+    assert_eq!(c.meta.map(|m| m.next_num), Some(reserved + IDS_RESERVED));
+    assert!(c.put.is_empty(), "a transient child has no row");
+    // After a reboot no id of either block is given again.
+    let k2 = Kernel::restore(f.k.snapshot(), f.now);
+    assert_eq!(k2.meta().next_num, reserved + IDS_RESERVED);
 }
 
 #[test]
