@@ -120,6 +120,15 @@ impl Node {
         rss_of(&self.pid.to_string())
     }
 
+    /// The daemon's proportional set size: pages it shares (the page
+    /// cache behind every instance's copy-on-write memory image) count
+    /// once among their sharers, not once per mapping as in RSS.
+    fn pss(&self) -> u64 {
+        let s =
+            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.pid)).unwrap_or_default();
+        kib_field(&s, "Pss:") * 1024
+    }
+
     fn cpu(&self) -> Duration {
         cpu_of(self.pid)
     }
@@ -162,11 +171,15 @@ fn own_rss() -> u64 {
 /// The resident memory of process `pid` (`self`: this one).
 fn rss_of(pid: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+    kib_field(&s, "VmRSS:") * 1024
+}
+
+/// The value of a `/proc` line such as `VmRSS:   1234 kB`, in KiB (0 if absent).
+fn kib_field(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
         .unwrap_or(0)
-        * 1024
 }
 
 fn mib(b: u64) -> String {

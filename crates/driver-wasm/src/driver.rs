@@ -155,7 +155,6 @@ struct LiveWasm {
 /// pool reservations, no ticker thread).
 pub struct WasmDriver {
     runtime: Arc<LazyRuntime>,
-    loader: Loader,
     shared: Arc<Shared>,
     hub: Arc<LogHub>,
     logs_dir: PathBuf,
@@ -172,7 +171,8 @@ async fn warm_spawns(
     loader: Loader,
 ) {
     while let Some(mut call) = asked.recv().await {
-        // Resolved here, once: the loop uses what was found.
+        // Resolved once (here, unless the caller did): the loop uses what
+        // was found.
         let found = call.resolve();
         call.resolved = found.as_ref().ok().cloned();
         // A refused path is the loop's to report.
@@ -236,15 +236,16 @@ impl WasmDriver {
         let (ready, spawns_rx) = mpsc::channel(SPAWN_QUEUE);
         let runtime = Arc::new(LazyRuntime::new(cache_dir, max_processes));
         let loader = Loader::new(runtime.clone());
-        tokio::spawn(warm_spawns(asked, ready, loader.clone()));
+        tokio::spawn(warm_spawns(asked, ready.clone(), loader.clone()));
         Ok((
             WasmDriver {
                 runtime,
-                loader,
                 shared: Arc::new(Shared {
                     bus,
                     state_dir: state_dir.into(),
                     spawns,
+                    to_loop: ready,
+                    loader,
                     ready: Default::default(),
                 }),
                 hub,
@@ -278,7 +279,7 @@ impl WasmDriver {
     /// Compiles components off the control loop (for whoever hands the loop
     /// a start: the control server).
     pub fn loader(&self) -> Loader {
-        self.loader.clone()
+        self.shared.loader.clone()
     }
 
     /// Loads (compiles or fetches from cache) the component, so a bad file is

@@ -423,7 +423,13 @@ async fn unreadable_rows_and_unknown_processes_are_left_out() {
     let t = start(&bus, &rows).unwrap();
     assert_eq!(t.len(), 2);
     t.retain(|p| p.process.as_str() != "gone");
-    assert_eq!(t.len(), 1);
+    // Both are due at once: a timer the firing thread holds at the moment
+    // of `retain` is marked over and counted until it comes back.
+    let deadline = Instant::now() + PATIENCE;
+    while t.len() != 1 {
+        assert!(Instant::now() < deadline, "{} timers left, not 1", t.len());
+        tokio::task::yield_now().await;
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]

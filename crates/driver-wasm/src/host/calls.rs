@@ -284,7 +284,7 @@ impl host::Host for ProcessHost {
             )));
         }
         let (reply, answer) = oneshot::channel();
-        let call = crate::SpawnCall {
+        let mut call = crate::SpawnCall {
             parent: (*self.our).clone(),
             name,
             dir: self.component_dir.clone(),
@@ -296,7 +296,15 @@ impl host::Host for ProcessHost {
             grant_to: grantees,
             reply,
         };
-        if self.shared.spawns.send(call).await.is_err() {
+        // Resolved once, here; a component already loaded goes straight to
+        // the loop, one to compile waits for it in the stage before.
+        let found = call.resolve();
+        call.resolved = found.as_ref().ok().cloned();
+        let queue = match &found {
+            Ok(path) if !self.shared.loader.is_ready(path) => &self.shared.spawns,
+            _ => &self.shared.to_loop,
+        };
+        if queue.send(call).await.is_err() {
             return Ok(Err("the node is shutting down".into()));
         }
         let child = match answer.await {

@@ -34,7 +34,13 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 pub struct Shared {
     pub bus: Arc<Bus>,
     pub state_dir: PathBuf,
+    /// Spawn calls whose component may need compiling (the stage before
+    /// the loop, `warm_spawns`).
     pub spawns: mpsc::Sender<crate::SpawnCall>,
+    /// Spawn calls ready for the control loop: their component is loaded,
+    /// or their path was refused (the loop reports it).
+    pub to_loop: mpsc::Sender<crate::SpawnCall>,
+    pub loader: crate::runtime::Loader,
     /// Runs that have reached their first `receive` (are up and waiting).
     pub ready: std::sync::atomic::AtomicU64,
 }
