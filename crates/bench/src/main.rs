@@ -120,6 +120,14 @@ impl Node {
         rss_of(&self.pid.to_string())
     }
 
+    /// The daemon's anonymous resident memory: RSS without the clean
+    /// file pages (its binary's code, mapped artifacts) the kernel may drop
+    /// and read again.
+    fn rss_anon(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        kib_field(&s, "RssAnon:") * 1024
+    }
+
     /// The daemon's proportional set size: pages it shares (the page
     /// cache behind every instance's copy-on-write memory image) count
     /// once among their sharers, not once per mapping as in RSS.

@@ -479,9 +479,23 @@ impl Bus {
 
     /// The rights `process` holds and issues are not written from now on:
     /// it is a transient child, whose end nothing on disk has to record.
-    /// Until [`Bus::keep`] or [`Bus::forget`].
+    /// Until [`Bus::keep`] or [`Bus::forget`]. Rows already written for it
+    /// (a child that was kept earlier and is transient again, a right
+    /// granted before its run began) are deleted now, so none outlives it.
     pub fn unsaved(&self, process: &ProcessId) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
+        if caps.unsaved.contains(process) {
+            return;
+        }
+        let held = caps.here.held(process);
+        self.stage(&caps, process, [], &held);
+        let issuer = self.address(process.clone());
+        for (holder, c, ()) in caps.here.issued_by(&issuer) {
+            self.stage(&caps, &holder, [], [&c]);
+        }
+        for (holder, c, _) in caps.there.issued_by(&issuer) {
+            self.stage_lost_there(&caps, &holder, &c);
+        }
         caps.unsaved.insert(process.clone());
     }
 
@@ -536,14 +550,14 @@ impl Bus {
     }
 
     /// Drops holders that are not `known`, and capabilities issued by
-    /// processes that are not `known` — say, at boot, those of processes that
-    /// no longer exist, so a later process with the same name inherits nothing.
+    /// processes here that are not `known` — say, at boot, those of processes
+    /// that no longer exist, so a later process with the same name inherits
+    /// nothing. Rights issued on other nodes are theirs to judge.
     pub fn retain(&self, known: impl Fn(&ProcessId) -> bool) {
         let mut caps = self.caps.write().unwrap_or_else(|p| p.into_inner());
-        for (holder, c) in caps
-            .here
-            .remove_where(|h, c| !known(h) || !known(&c.issuer.process))
-        {
+        for (holder, c) in caps.here.remove_where(|h, c| {
+            !known(h) || (self.is_here(&c.issuer.node) && !known(&c.issuer.process))
+        }) {
             self.stage(&caps, &holder, [], [&c]);
         }
         for (holder, c) in caps.there.remove_where(|_, c| !known(&c.issuer.process)) {

@@ -25,8 +25,9 @@ pub struct SpawnCall {
     pub dir: PathBuf,
     /// The child's component, as the parent gave it (relative to `dir`).
     pub component: String,
-    /// The component's path once resolved inside `dir` (by the node, on
-    /// the way to its loop); `None` as a host makes the call.
+    /// The component's path once resolved inside `dir` (by the wasm host
+    /// that makes the call, or by the stage before the loop for a native
+    /// bridge's); `None` until then, or if the path was refused.
     pub resolved: Option<PathBuf>,
     pub on_exit: OnExit,
     pub public: bool,

@@ -246,17 +246,36 @@ async fn a_transient_childs_rights_are_never_written_until_it_is_kept() {
         vec![Capability::messaging(&other)]
     );
     assert!(bus.holds(&remote.process, &Capability::messaging(&child)));
+
+    // Marked unsaved again (transient once more), its written rows go at
+    // once: nothing of it can outlive it on disk.
+    bus.unsaved(&child.process);
+    bus.revoke_issued_by(&child);
+    bus.forget(&child.process);
+    bus.persisted().await.unwrap();
+    drop(bus);
+    let bus = open(dir.path());
+    assert!(bus.capabilities(&parent.process).is_empty());
+    assert!(bus.capabilities(&child.process).is_empty());
+    assert!(!bus.holds(&remote.process, &Capability::messaging(&child)));
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn retain_drops_holders_and_issuers_that_no_longer_exist() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, gone) = (addr("a"), addr("b"), addr("gone"));
+    // A right issued by a process of another node is that node's to
+    // judge, whatever the process's name.
+    let remote = Capability::messaging(&Address {
+        node: "bob".into(),
+        process: gone.process.clone(),
+    });
     let bus = open(dir.path());
     bus.grant(
         &a.process,
         [Capability::messaging(&b), Capability::messaging(&gone)],
     );
+    bus.grant(&b.process, [remote.clone()]);
     bus.grant(&gone.process, [Capability::messaging(&a)]);
     bus.retain(|p| p != &gone.process);
     bus.persisted().await.unwrap();
@@ -266,6 +285,7 @@ async fn retain_drops_holders_and_issuers_that_no_longer_exist() {
         bus.capabilities(&a.process),
         vec![Capability::messaging(&b)]
     );
+    assert_eq!(bus.capabilities(&b.process), vec![remote]);
     assert!(bus.capabilities(&gone.process).is_empty());
 }
 

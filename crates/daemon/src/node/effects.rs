@@ -72,8 +72,21 @@ impl Node {
                                 match self.wasm.spawn(num, run, &spec, Some(tap)) {
                                     Ok(addr) => {
                                         // A transient child's rights are never
-                                        // written: a reboot ends it anyway.
-                                        if !self.kernel.is_on_disk(num)
+                                        // written: a reboot ends it anyway. Not
+                                        // if another entry shares its address
+                                        // (a stopped namesake), whose rights
+                                        // are the same record.
+                                        let alone = self
+                                            .kernel
+                                            .named(&addr.process.process)
+                                            .filter(|e| e.num != num)
+                                            .all(|e| {
+                                                self.wasm
+                                                    .address(e.num, &e.spec)
+                                                    .is_none_or(|a| a.process != addr.process)
+                                            });
+                                        if alone
+                                            && !self.kernel.is_on_disk(num)
                                             && self.kernel.get(num).is_some_and(|e| !e.durable())
                                         {
                                             self.wasm.bus().unsaved(&addr.process);
