@@ -1094,3 +1094,75 @@ fn spawns_acknowledged_before_they_are_durable_come_back_whole_or_not_at_all() {
         (running == names.len()).then_some(())
     });
 }
+
+#[test]
+fn transient_children_leave_nothing_on_disk_and_nothing_to_a_namesake() {
+    let n = Node::new();
+    let spawner = spindle_guests::path("spawner");
+    let spawner = spawner.to_str().unwrap();
+    n.ok(&[
+        "start",
+        spawner,
+        "--name",
+        "boss",
+        "--package",
+        "t:spindle",
+        "--public",
+    ]);
+    let boss = "local@boss:t:spindle";
+    let mut c = n.client();
+    // Idle children (they stay, and never restart), then quick ones (they
+    // answer once and end).
+    for ask in [r#"{"idle": 20}"#, r#"{"transactions": 20}"#] {
+        let answer: serde_json::Value =
+            serde_json::from_str(&c.send(boss, ask, Duration::from_secs(30)).unwrap()).unwrap();
+        assert_eq!(answer["n"], 20, "{ask}: {answer}");
+    }
+    // What is on disk once the daemon has stopped: the parent, and none of
+    // its children or their rights.
+    n.ok(&["daemon", "stop"]);
+    let rows = records(&n.home());
+    let child = |s: &str| s.contains("idle-") || s.contains("quick-");
+    let rows_of_children: Vec<&String> = rows
+        .get("capability")
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| child(k))
+        .collect();
+    assert!(
+        rows_of_children.is_empty(),
+        "rights of transient children were written: {rows_of_children:?}"
+    );
+    let processes: Vec<String> = rows["process"]
+        .iter()
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert_eq!(processes.len(), 1, "{processes:?}");
+    // A durable process of a child's name, after the reboot, holds nothing
+    // and nobody holds a right to it.
+    n.ok(&[
+        "start",
+        spawner,
+        "--name",
+        "idle-1",
+        "--package",
+        "t:spindle",
+    ]);
+    until("idle-1 running", || {
+        n.list()
+            .iter()
+            .any(|p| p.name.as_deref() == Some("idle-1") && p.state == StateLabel::Running)
+            .then_some(())
+    });
+    n.ok(&["daemon", "stop"]);
+    let rows = records(&n.home());
+    let naming_it: Vec<&String> = rows
+        .get("capability")
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .filter(|k| k.contains("idle-1"))
+        .collect();
+    assert!(naming_it.is_empty(), "{naming_it:?}");
+}
