@@ -331,6 +331,12 @@ pub enum BusError {
 
 /// Who holds which capabilities (the legacy file's form).
 pub(crate) type Caps = HashMap<ProcessId, HashSet<Capability>>;
+/// The rows naming one process ([`Bus::rows_naming`]): pairs held here, and
+/// rights given to processes on other nodes with the package that gave each.
+type RowsNaming = (
+    Vec<(ProcessId, Capability)>,
+    Vec<(Address, Capability, spindle_types::PackageId)>,
+);
 use caps::Grants;
 
 /// The node's message bus. See the crate docs.
@@ -477,6 +483,25 @@ impl Bus {
         }
     }
 
+    /// The rows naming `process`: the rights it holds, and those it issued
+    /// to holders here and (with who gave each) on other nodes.
+    fn rows_naming(&self, g: &Grants, process: &ProcessId) -> RowsNaming {
+        let issuer = self.address(process.clone());
+        let mut here: Vec<(ProcessId, Capability)> = g
+            .here
+            .held(process)
+            .into_iter()
+            .map(|c| (process.clone(), c))
+            .collect();
+        here.extend(
+            g.here
+                .issued_by(&issuer)
+                .into_iter()
+                .map(|(h, c, ())| (h, c)),
+        );
+        (here, g.there.issued_by(&issuer))
+    }
+
     /// The rights `process` holds and issues are not written from now on:
     /// it is a transient child, whose end nothing on disk has to record.
     /// Until [`Bus::keep`] or [`Bus::forget`]. Rows already written for it
@@ -487,14 +512,12 @@ impl Bus {
         if caps.unsaved.contains(process) {
             return;
         }
-        let held = caps.here.held(process);
-        self.stage(&caps, process, [], &held);
-        let issuer = self.address(process.clone());
-        for (holder, c, ()) in caps.here.issued_by(&issuer) {
-            self.stage(&caps, &holder, [], [&c]);
+        let (here, there) = self.rows_naming(&caps, process);
+        for (holder, c) in &here {
+            self.stage(&caps, holder, [], [c]);
         }
-        for (holder, c, _) in caps.there.issued_by(&issuer) {
-            self.stage_lost_there(&caps, &holder, &c);
+        for (holder, c, _) in &there {
+            self.stage_lost_there(&caps, holder, c);
         }
         caps.unsaved.insert(process.clone());
     }
@@ -506,13 +529,11 @@ impl Bus {
         if !caps.unsaved.remove(process) {
             return;
         }
-        let held = caps.here.held(process);
-        self.stage(&caps, process, &held, []);
-        let issuer = self.address(process.clone());
-        for (holder, c, ()) in caps.here.issued_by(&issuer) {
-            self.stage(&caps, &holder, [&c], []);
+        let (here, there) = self.rows_naming(&caps, process);
+        for (holder, c) in &here {
+            self.stage(&caps, holder, [c], []);
         }
-        for (holder, c, giver) in caps.there.issued_by(&issuer) {
+        for (holder, c, giver) in there {
             self.stage_given(&caps, &holder, &giver, &[c]);
         }
     }

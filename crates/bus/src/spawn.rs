@@ -85,6 +85,14 @@ impl SpawnCall {
             None => confine(&self.dir, &self.component),
         }
     }
+
+    /// [`SpawnCall::resolve`], remembering the path found for whoever
+    /// handles the call next.
+    pub fn resolve_once(&mut self) -> Result<PathBuf, PathRefused> {
+        let found = self.resolve();
+        self.resolved = found.as_ref().ok().cloned();
+        found
+    }
 }
 
 /// `rel` inside `dir`, refused if it is absolute, climbs out with `..`, or

@@ -173,10 +173,8 @@ async fn warm_spawns(
     while let Some(mut call) = asked.recv().await {
         // Resolved once (here, unless the caller did): the loop uses what
         // was found.
-        let found = call.resolve();
-        call.resolved = found.as_ref().ok().cloned();
         // A refused path is the loop's to report.
-        let path = match found {
+        let path = match call.resolve_once() {
             Ok(path) if !loader.is_ready(&path) => path,
             _ => {
                 if ready.send(call).await.is_err() {

@@ -214,8 +214,9 @@ pub struct Kernel {
     procs: BTreeMap<ProcessNum, Entry>,
     next_num: u64,
     /// Ids below this are accounted for on disk (the table's record
-    /// holds it): ids are given out of blocks of [`IDS_RESERVED`], so a
-    /// start writes the record once per block rather than each time.
+    /// holds it; never below `next_num`): ids are given out of blocks of
+    /// [`IDS_RESERVED`], so a start writes the record once per block
+    /// rather than each time.
     reserved: u64,
     next_run: RunId,
     node_tag: String,
@@ -290,10 +291,8 @@ impl Kernel {
     pub fn restore(snapshot: TableSnapshot, now: Instant) -> Self {
         let mut k = Kernel::new(snapshot.node_tag);
         k.next_num = snapshot.next_num;
-        k.reserved = k.next_num;
         for saved in snapshot.processes {
             k.next_num = k.next_num.max(saved.num.0 + 1);
-            k.reserved = k.next_num;
             let saved_desired = saved.desired;
             let resume = saved.desired == Desired::Running
                 && saved.spec.on_exit.restarts_after(ExitReason::Crashed);
@@ -320,6 +319,7 @@ impl Kernel {
                 k.spawn(num, now);
             }
         }
+        k.reserved = k.next_num;
         k.meta_dirty = true;
         k
     }
@@ -334,7 +334,7 @@ impl Kernel {
             version: TABLE_VERSION,
             node_tag: self.node_tag.clone(),
             owned: self.owned,
-            next_num: self.reserved.max(self.next_num),
+            next_num: self.reserved,
             processes: self
                 .procs
                 .values()
@@ -350,7 +350,7 @@ impl Kernel {
             version: TABLE_VERSION,
             node_tag: self.node_tag.clone(),
             owned: self.owned,
-            next_num: self.reserved.max(self.next_num),
+            next_num: self.reserved,
         }
     }
 

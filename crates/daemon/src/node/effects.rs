@@ -52,6 +52,24 @@ impl Node {
         }
     }
 
+    /// Whether the rights of run `num`, on the bus at `addr`, go unwritten:
+    /// a transient child never on disk (a reboot ends it anyway), unless
+    /// another entry shares its address (a stopped namesake), whose rights
+    /// are the same record.
+    fn rights_unsaved(&self, num: ProcessNum, addr: &spindle_types::Address) -> bool {
+        !self.kernel.is_on_disk(num)
+            && self.kernel.get(num).is_some_and(|e| !e.durable())
+            && self
+                .kernel
+                .named(&addr.process.process)
+                .filter(|e| e.num != num)
+                .all(|e| {
+                    self.wasm
+                        .address(e.num, &e.spec)
+                        .is_none_or(|a| a.process != addr.process)
+                })
+    }
+
     /// Carries out the kernel's effects until it has none left.
     pub(super) fn apply(&mut self) {
         loop {
@@ -71,24 +89,7 @@ impl Node {
                             Program::Wasm { .. } => {
                                 match self.wasm.spawn(num, run, &spec, Some(tap)) {
                                     Ok(addr) => {
-                                        // A transient child's rights are never
-                                        // written: a reboot ends it anyway. Not
-                                        // if another entry shares its address
-                                        // (a stopped namesake), whose rights
-                                        // are the same record.
-                                        let alone = self
-                                            .kernel
-                                            .named(&addr.process.process)
-                                            .filter(|e| e.num != num)
-                                            .all(|e| {
-                                                self.wasm
-                                                    .address(e.num, &e.spec)
-                                                    .is_none_or(|a| a.process != addr.process)
-                                            });
-                                        if alone
-                                            && !self.kernel.is_on_disk(num)
-                                            && self.kernel.get(num).is_some_and(|e| !e.durable())
-                                        {
+                                        if self.rights_unsaved(num, &addr) {
                                             self.wasm.bus().unsaved(&addr.process);
                                         }
                                         self.attached(num).bus = Some(OnBus::Wasm(addr));

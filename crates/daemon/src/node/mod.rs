@@ -418,7 +418,7 @@ impl Node {
         let changes = self.kernel.take_changes();
         // A transient child that chose to restart is on disk from now on,
         // its rights with it (in the same commit).
-        for p in &changes.put {
+        for p in changes.put.iter().filter(|p| p.spec.transient) {
             if let Some(addr) = self.wasm.address(p.num, &p.spec) {
                 self.wasm.bus().keep(&addr.process);
             }

@@ -298,9 +298,7 @@ impl host::Host for ProcessHost {
         };
         // Resolved once, here; a component already loaded goes straight to
         // the loop, one to compile waits for it in the stage before.
-        let found = call.resolve();
-        call.resolved = found.as_ref().ok().cloned();
-        let queue = match &found {
+        let queue = match &call.resolve_once() {
             Ok(path) if !self.shared.loader.is_ready(path) => &self.shared.spawns,
             _ => &self.shared.to_loop,
         };
