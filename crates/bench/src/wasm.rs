@@ -48,6 +48,7 @@ impl Bench {
                 spindle_driver_wasm::runtime::max_map_count(),
                 None,
             ),
+            spindle_driver_wasm::Compiler::InProcess,
             bus.clone(),
             Arc::new(LogHub::new()),
             &dir.path().join("logs"),

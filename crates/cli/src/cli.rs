@@ -187,6 +187,16 @@ pub enum DaemonCmd {
         #[arg(long, value_name = "PID")]
         owner: Option<u32>,
     },
+    /// The daemon's compile helper: a component on stdin, its artifact to
+    /// FILE, the verdict on stdout (run by the daemon, one compile each)
+    #[command(hide = true)]
+    Compile {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The daemon that runs it: the helper never outlives it
+        #[arg(long, value_name = "PID")]
+        parent: u32,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -14,12 +14,23 @@ pub type Failure = Box<dyn std::error::Error>;
 /// How long `stop`/`delete` wait for processes to be gone before returning.
 const STOP_WAIT: Duration = Duration::from_secs(60);
 
+/// What a daemon's compile helper is asked to run: `spindle daemon compile`.
+const COMPILE_HELPER: &[&str] = &["daemon", "compile"];
+
+/// How this binary's daemons compile components.
+pub fn compiler() -> spindle_daemon::Compiler {
+    spindle_daemon::Compiler::this_binary(COMPILE_HELPER)
+}
+
 pub fn run(cli: Cli) -> Result<(), Failure> {
     let home = cli.home.clone().unwrap_or_else(default_home);
     match cli.cmd {
         Cmd::Daemon {
             cmd: DaemonCmd::Run { owner },
         } => daemon_run(&home, owner),
+        Cmd::Daemon {
+            cmd: DaemonCmd::Compile { .. },
+        } => Err("`spindle daemon compile` is the daemon's compile helper, not a command".into()),
         Cmd::Daemon {
             cmd: DaemonCmd::Status,
         } => match Client::connect(&home) {
@@ -160,7 +171,7 @@ pub fn init_logging(level: tracing::Level) {
 
 fn daemon_run(home: &Path, owner: Option<u32>) -> Result<(), Failure> {
     init_logging(tracing::Level::INFO);
-    spindle_daemon::run(home, owner).map_err(|e| {
+    spindle_daemon::run(home, owner, compiler()).map_err(|e| {
         tracing::error!("{e}");
         e.into()
     })

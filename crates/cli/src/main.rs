@@ -12,6 +12,12 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
+    if let cli::Cmd::Daemon {
+        cmd: cli::DaemonCmd::Compile { out, parent },
+    } = &args.cmd
+    {
+        return spindle_daemon::compiler::helper_main(out, *parent);
+    }
     match commands::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -49,7 +49,7 @@ pub fn run(home: Option<PathBuf>, manifest: &Path) -> Result<(), Failure> {
         let (home, failed) = (home.clone(), failed.clone());
         std::thread::spawn(move || feed(&home, specs, &failed))
     };
-    let ran = spindle_daemon::run(&home, None);
+    let ran = spindle_daemon::run(&home, None, crate::commands::compiler());
     if ran.is_ok() {
         let _ = feeder.join();
     }

@@ -21,7 +21,14 @@ fn start_ls_stop_by_name() {
     });
     let pid = p.pid.unwrap() as i32;
     assert!(alive(pid));
-    // Nothing leaks into the child: stdin, stdout, stderr and no more.
+    // Nothing leaks into the child: stdin, stdout, stderr and no more —
+    // once it runs its own program (before its exec, the daemon's
+    // descriptors marked close-on-exec are still there).
+    until("the child's first line", || {
+        std::fs::read_to_string(&p.log_out)
+            .ok()
+            .filter(|s| s.starts_with("ready"))
+    });
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
@@ -898,8 +905,38 @@ fn bad_components_start_nothing() {
         e.contains("junk.wasm") && e.contains("not a valid WebAssembly component"),
         "{e}"
     );
+    // Past the magic number the daemon's compile helper judges it: the same
+    // clear error, and the helper leaves nothing behind — no child of the
+    // daemon, no half-written artifact.
+    let bad = n.write(
+        "bad.wasm",
+        "\0asm\x0d\0\x01\0 and then nothing a parser accepts",
+    );
+    let e = n.fails(&["start", bad.to_str().unwrap()]);
+    assert!(
+        e.contains("bad.wasm") && e.contains("not a valid WebAssembly component"),
+        "{e}"
+    );
+    let daemon = n.daemon_pid();
+    let children = || {
+        std::fs::read_dir(format!("/proc/{daemon}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("children")).ok())
+            .collect::<String>()
+    };
+    assert_eq!(children().trim(), "", "the helper is gone");
     let counter = spindle_guests::path("counter");
     n.ok(&["start", counter.to_str().unwrap(), "--name", "c"]);
+    // The artifact is whole and the daemon runs it.
+    let cache: Vec<String> = std::fs::read_dir(n.home().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        cache.len() == 1 && cache[0].ends_with(".cwasm"),
+        "{cache:?}"
+    );
+    assert_eq!(children().trim(), "", "the helper is gone");
     let e = n.fails(&["start", counter.to_str().unwrap(), "--name", "c"]);
     assert!(e.contains("already used"), "{e}");
     assert_eq!(n.list().len(), 1);

@@ -35,6 +35,7 @@ pub mod trace;
 use std::path::{Path, PathBuf};
 
 pub use node::run;
+pub use spindle_driver_wasm::{Compiler, compiler};
 
 /// Where a node keeps its files.
 #[derive(Debug, Clone)]

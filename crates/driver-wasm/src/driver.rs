@@ -2,6 +2,7 @@
 
 use crate::bindings::ProcessPre;
 use crate::bindings::spindle::process::types as wit;
+use crate::compiler::Compiler;
 use crate::host::{self, ProcessHost, Shared};
 pub use crate::runtime::MAX_WASM_PROCESSES;
 use crate::runtime::{LazyRuntime, Loader, Runtime, TickGuard, WasmError};
@@ -215,10 +216,11 @@ pub fn address_of(node: &str, num: ProcessNum, spec: &ProcessSpec) -> Option<Add
 impl WasmDriver {
     /// The driver, the stream of its events, and the stream of guests' spawn
     /// calls. The engine (pooling `max_processes`, caching compiled components
-    /// in `cache_dir`) is made when first needed.
+    /// in `cache_dir`, compiling with `compiler`) is made when first needed.
     pub fn new(
         cache_dir: &Path,
         max_processes: u32,
+        compiler: Compiler,
         bus: Arc<Bus>,
         hub: Arc<LogHub>,
         logs_dir: &Path,
@@ -232,7 +234,7 @@ impl WasmDriver {
         let (events, events_rx) = mpsc::unbounded_channel();
         let (spawns, asked) = mpsc::channel(SPAWN_QUEUE);
         let (ready, spawns_rx) = mpsc::channel(SPAWN_QUEUE);
-        let runtime = Arc::new(LazyRuntime::new(cache_dir, max_processes));
+        let runtime = Arc::new(LazyRuntime::new(cache_dir, max_processes, compiler));
         let loader = Loader::new(runtime.clone());
         tokio::spawn(warm_spawns(asked, ready.clone(), loader.clone()));
         Ok((

@@ -9,6 +9,8 @@
 //!   wrong load). Linking happens once per component too: processes start
 //!   from a cached `ProcessPre`. A file that is not a valid component, or
 //!   imports what Spindle does not provide, is a clear error naming the file.
+//!   A daemon compiles in a helper process with its own budgets
+//!   ([`compiler`]), so the compiler's memory never stays in the daemon.
 //! - **Isolation**: a per-process memory cap (`StoreLimits`, trapping on a
 //!   failed grow), and epoch interruption: a ticker thread bumps the epoch
 //!   every [`EPOCH_TICK`](runtime::EPOCH_TICK) while wasm processes run; a
@@ -26,10 +28,12 @@
 //!   detail. On-exit requests are sent by the exiting process's host, with
 //!   its address as source.
 
+pub mod compiler;
 pub mod driver;
 pub mod host;
 pub mod runtime;
 
+pub use compiler::Compiler;
 pub use driver::{WasmDriver, WasmEvent};
 pub use runtime::{Runtime, WasmError};
 pub use spindle_bus::SpawnCall;

@@ -2,6 +2,7 @@
 //! the epoch ticker.
 
 use crate::bindings::ProcessPre;
+use crate::compiler::Compiler;
 use crate::host::ProcessHost;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -179,6 +180,7 @@ pub const COMPILES_AT_ONCE: usize = 2;
 pub(crate) struct LazyRuntime {
     cache_dir: PathBuf,
     max_processes: u32,
+    compiler: Compiler,
     made: Mutex<Option<Arc<Runtime>>>,
 }
 
@@ -188,10 +190,11 @@ impl LazyRuntime {
         self.max_processes
     }
 
-    pub(crate) fn new(cache_dir: &Path, max_processes: u32) -> LazyRuntime {
+    pub(crate) fn new(cache_dir: &Path, max_processes: u32, compiler: Compiler) -> LazyRuntime {
         LazyRuntime {
             cache_dir: cache_dir.into(),
             max_processes,
+            compiler,
             made: Mutex::new(None),
         }
     }
@@ -201,7 +204,11 @@ impl LazyRuntime {
         if let Some(r) = &*made {
             return Ok(r.clone());
         }
-        let r = Arc::new(Runtime::new(&self.cache_dir, self.max_processes)?);
+        let r = Arc::new(Runtime::new(
+            &self.cache_dir,
+            self.max_processes,
+            self.compiler.clone(),
+        )?);
         *made = Some(r.clone());
         Ok(r)
     }
@@ -339,7 +346,7 @@ fn open_without_links(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// A compiler's error without the bytes it quotes (`actual=[0x…]`).
-fn quiet(message: &str) -> String {
+pub(crate) fn quiet(message: &str) -> String {
     match message.find("actual=") {
         Some(at) => message[..at]
             .trim_end()
@@ -350,10 +357,41 @@ fn quiet(message: &str) -> String {
     }
 }
 
+/// The engine's settings: with the pool of `max_processes` for running
+/// processes, or without one for a compile helper. Everything that shapes
+/// the compiled code is the same in both, so a helper's artifact loads in
+/// the daemon's engine.
+pub(crate) fn engine_config(max_processes: Option<u32>) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.memory_reservation(MAX_WASM_MEMORY as u64);
+    if let Some(max_processes) = max_processes {
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        // Each component gets at most its share of the pool's totals, so
+        // one cannot take others' core instances, memories or tables.
+        pool.total_component_instances(max_processes)
+            .total_core_instances(max_processes * CORE_INSTANCES_PER_PROCESS)
+            .max_core_instances_per_component(CORE_INSTANCES_PER_PROCESS)
+            .total_memories(max_processes * MEMORIES_PER_PROCESS)
+            .max_memories_per_component(MEMORIES_PER_PROCESS)
+            .total_tables(max_processes * CORE_INSTANCES_PER_PROCESS)
+            .max_tables_per_component(CORE_INSTANCES_PER_PROCESS)
+            .total_stacks(max_processes)
+            .max_memory_size(MAX_WASM_MEMORY)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .async_stack_keep_resident(KEEP_RESIDENT)
+            .decommit_batch_size(DECOMMIT_BATCH);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
+    config
+}
+
 /// Engine + linker + caches, shared by every wasm process of the node.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<ProcessHost>,
+    compiler: Compiler,
     cache_dir: PathBuf,
     loaded: Mutex<HashMap<PathBuf, (Stamp, ProcessPre<ProcessHost>)>>,
     ticker: Arc<Ticker>,
@@ -401,28 +439,14 @@ impl Drop for TickGuard {
 }
 
 impl Runtime {
-    /// An engine whose pool holds `max_processes` wasm processes at once.
-    pub fn new(cache_dir: &Path, max_processes: u32) -> Result<Runtime, WasmError> {
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        let mut pool = wasmtime::PoolingAllocationConfig::new();
-        // Each component gets at most its share of the pool's totals, so
-        // one cannot take others' core instances, memories or tables.
-        pool.total_component_instances(max_processes)
-            .total_core_instances(max_processes * CORE_INSTANCES_PER_PROCESS)
-            .max_core_instances_per_component(CORE_INSTANCES_PER_PROCESS)
-            .total_memories(max_processes * MEMORIES_PER_PROCESS)
-            .max_memories_per_component(MEMORIES_PER_PROCESS)
-            .total_tables(max_processes * CORE_INSTANCES_PER_PROCESS)
-            .max_tables_per_component(CORE_INSTANCES_PER_PROCESS)
-            .total_stacks(max_processes)
-            .max_memory_size(MAX_WASM_MEMORY)
-            .linear_memory_keep_resident(KEEP_RESIDENT)
-            .async_stack_keep_resident(KEEP_RESIDENT)
-            .decommit_batch_size(DECOMMIT_BATCH);
-        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
-        config.memory_reservation(MAX_WASM_MEMORY as u64);
+    /// An engine whose pool holds `max_processes` wasm processes at once,
+    /// compiling with `compiler`.
+    pub fn new(
+        cache_dir: &Path,
+        max_processes: u32,
+        compiler: Compiler,
+    ) -> Result<Runtime, WasmError> {
+        let config = engine_config(Some(max_processes));
         let engine = Engine::new(&config).map_err(|e| WasmError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -437,6 +461,7 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            compiler,
             cache_dir: cache_dir.into(),
             loaded: Mutex::new(HashMap::new()),
             ticker,
@@ -541,33 +566,57 @@ impl Runtime {
                 message: "it is not a WebAssembly file (build it for wasm32-wasip2)".into(),
             });
         }
-        let mut component =
-            Component::new(&self.engine, bytes).map_err(|e| WasmError::Invalid {
+        // Unique among compiles at once (two paths may hold the same bytes).
+        static COMPILES: AtomicUsize = AtomicUsize::new(0);
+        let tmp =
+            cached.with_extension(format!("{}.tmp", COMPILES.fetch_add(1, Ordering::Relaxed)));
+        let written = match &self.compiler {
+            Compiler::Helper { program, args } => {
+                crate::compiler::in_helper(program, args, path, bytes, &tmp)
+            }
+            Compiler::InProcess => self.compile_here(path, bytes, &tmp),
+        }
+        .and_then(|()| {
+            std::fs::rename(&tmp, &cached).map_err(|e| WasmError::Compiler {
+                path: path.into(),
+                message: format!(
+                    "cannot keep the compiled artifact {}: {e}",
+                    cached.display()
+                ),
+            })
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // Run from the artifact's file mapping (clean pages the kernel may
+        // drop and read again).
+        // SAFETY: written just now by a compiler of this engine's settings
+        // into the node's private cache directory; wasmtime checks that its
+        // header matches this engine.
+        unsafe { Component::deserialize_file(&self.engine, &cached) }.map_err(|e| {
+            let _ = std::fs::remove_file(&cached);
+            WasmError::Compiler {
+                path: path.into(),
+                message: format!("the compiled artifact does not load: {e}"),
+            }
+        })
+    }
+
+    /// Compiles in this process's thread, writing the artifact to `out`.
+    fn compile_here(&self, path: &Path, bytes: &[u8], out: &Path) -> Result<(), WasmError> {
+        let artifact = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| WasmError::Invalid {
                 path: path.into(),
                 message: quiet(&e.root_cause().to_string()),
-            })?;
-        match component.serialize() {
-            Ok(art) => {
-                let tmp = cached.with_extension("tmp");
-                match std::fs::write(&tmp, &art).and_then(|_| std::fs::rename(&tmp, &cached)) {
-                    // Run from the artifact's file mapping (clean pages the
-                    // kernel may drop and read again), not the compiler's
-                    // anonymous copy.
-                    // SAFETY: written just now by this engine, as above.
-                    Ok(()) => match unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                        Ok(mapped) => component = mapped,
-                        Err(e) => tracing::warn!("cannot map {}: {e}", cached.display()),
-                    },
-                    Err(e) => {
-                        tracing::warn!("cannot cache {}: {e}", cached.display());
-                        let _ = std::fs::remove_file(&tmp);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!("cannot serialise {}: {e}", path.display()),
-        }
+            });
         trim_heap();
-        Ok(component)
+        std::fs::write(out, artifact?).map_err(|e| WasmError::Compiler {
+            path: path.into(),
+            message: format!("cannot write the compiled artifact {}: {e}", out.display()),
+        })
     }
 }
 

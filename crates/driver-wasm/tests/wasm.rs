@@ -30,6 +30,7 @@ impl Rig {
         let (driver, events, spawns) = WasmDriver::new(
             &dir.path().join("cache"),
             64,
+            spindle_driver_wasm::Compiler::InProcess,
             bus.clone(),
             Arc::new(LogHub::new()),
             &dir.path().join("logs"),

@@ -12,7 +12,7 @@ use crate::server::{self, Call, Follow, Reply};
 use crate::{DaemonError, Paths, table};
 use spindle_bus::Bus;
 use spindle_driver_native::{DriverEvent, NativeDriver, child_signal};
-use spindle_driver_wasm::{SpawnCall, WasmDriver, WasmEvent};
+use spindle_driver_wasm::{Compiler, SpawnCall, WasmDriver, WasmEvent};
 use spindle_ipc::{Bridge, Spawner};
 use spindle_kernel::{Effect, Kernel, State};
 use spindle_logs::{LogHub, tail_lines};
@@ -114,8 +114,14 @@ fn raise_fd_limit() {
 
 /// Boots the node in `home` and serves until SIGTERM/SIGINT, a `shutdown`
 /// request, or — for a node `owner` owns ([`crate::owner`]) — the end of
-/// that process. Blocks; builds its own single-threaded runtime.
-pub fn run(home: &std::path::Path, owner: Option<u32>) -> Result<(), DaemonError> {
+/// that process. Blocks; builds its own single-threaded runtime. Wasm
+/// components are compiled by `compiler` (a helper process, for a daemon:
+/// see [`spindle_driver_wasm::compiler`]).
+pub fn run(
+    home: &std::path::Path,
+    owner: Option<u32>,
+    compiler: Compiler,
+) -> Result<(), DaemonError> {
     let paths = Paths::new(home);
     let home_err = |source| DaemonError::Home {
         path: paths.home.clone(),
@@ -140,10 +146,10 @@ pub fn run(home: &std::path::Path, owner: Option<u32>) -> Result<(), DaemonError
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(paths, owner))
+    runtime.block_on(serve(paths, owner, compiler))
 }
 
-async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
+async fn serve(paths: Paths, owner: Option<u32>, compiler: Compiler) -> Result<(), DaemonError> {
     let owner = owner
         .map(|pid| {
             crate::owner::Owner::watch(pid).map_err(|source| DaemonError::Owner { pid, source })
@@ -246,6 +252,7 @@ async fn serve(paths: Paths, owner: Option<u32>) -> Result<(), DaemonError> {
     let (wasm, mut wasm_events, mut spawn_calls) = WasmDriver::new(
         &paths.home.join("cache"),
         pool,
+        compiler,
         bus,
         hub,
         &paths.logs,
