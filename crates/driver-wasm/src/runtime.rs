@@ -120,12 +120,20 @@ pub fn max_map_count() -> Option<u64> {
 /// Largest linear memory any wasm process may have (its `max_memory` must be
 /// at most this): the size of each pooled memory slot.
 pub const MAX_WASM_MEMORY: usize = spindle_types::spec::MAX_WASM_MEMORY as usize;
-/// Core instances a component may need (the program plus the small shims a
-/// component is made of).
+/// Core instances a component may need: the program, the small shim and
+/// fixup modules a component's lowered imports are made of, and the WASI
+/// adapter of a program built for preview 1. Only a count: it costs the
+/// pool nothing.
 const CORE_INSTANCES_PER_PROCESS: u32 = 4;
-/// Linear memories a component may have (the program's, and one a shim
-/// may bring).
-const MEMORIES_PER_PROCESS: u32 = 2;
+/// Linear memories a component may have: the program's. An adapter or a
+/// shim uses the program's memory (a component toolchain allows it no
+/// other). Each slot of the pool keeps about 190 bytes of bookkeeping
+/// resident whether used or not (a second memory a process cost the node
+/// 1.9 MiB at the default pool) and reserves its address space.
+const MEMORIES_PER_PROCESS: u32 = 1;
+/// Tables a component may have: the program's, its shim's, and one an
+/// adapter may bring (about 32 bytes of resident bookkeeping a slot).
+const TABLES_PER_PROCESS: u32 = 3;
 /// Memory kept resident in a freed slot (zeroed by `memset` rather than
 /// handed back). None: wasmtime zeroes the kept part whether or not the
 /// process touched it, so keeping 64 KiB faulted in fresh pages on every
@@ -375,8 +383,8 @@ pub(crate) fn engine_config(max_processes: Option<u32>) -> Config {
             .max_core_instances_per_component(CORE_INSTANCES_PER_PROCESS)
             .total_memories(max_processes * MEMORIES_PER_PROCESS)
             .max_memories_per_component(MEMORIES_PER_PROCESS)
-            .total_tables(max_processes * CORE_INSTANCES_PER_PROCESS)
-            .max_tables_per_component(CORE_INSTANCES_PER_PROCESS)
+            .total_tables(max_processes * TABLES_PER_PROCESS)
+            .max_tables_per_component(TABLES_PER_PROCESS)
             .total_stacks(max_processes)
             .max_memory_size(MAX_WASM_MEMORY)
             .linear_memory_keep_resident(KEEP_RESIDENT)
@@ -598,7 +606,7 @@ impl Runtime {
             let _ = std::fs::remove_file(&cached);
             WasmError::Compiler {
                 path: path.into(),
-                message: format!("the compiled artifact does not load: {e}"),
+                message: format!("the compiled component does not load: {e:#}"),
             }
         })
     }
@@ -646,6 +654,37 @@ mod tests {
         assert_eq!(pool_size(None, None), DEFAULT_WASM_PROCESSES);
         assert_eq!(pool_size(None, Some(50_000)), 50_000);
         assert_eq!(pool_size(Some(0), Some(50_000)), MIN_WASM_PROCESSES);
+    }
+
+    /// A component of two core modules, each with a memory of its own.
+    fn two_memories() -> Vec<u8> {
+        let module: &[u8] = b"\0asm\x01\0\0\0\x05\x03\x01\x00\x01";
+        let mut c = b"\0asm\x0d\0\x01\0".to_vec();
+        c.push(1);
+        c.push(module.len() as u8);
+        c.extend_from_slice(module);
+        // Two instances of it.
+        c.extend_from_slice(&[2, 7, 2, 0, 0, 0, 0, 0, 0]);
+        c
+    }
+
+    #[test]
+    fn a_component_needing_more_than_a_process_share_of_the_pool_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("two.wasm");
+        std::fs::write(&path, two_memories()).unwrap();
+        let runtime = Runtime::new(&dir.path().join("cache"), 64, Compiler::InProcess).unwrap();
+        let why = match runtime.load(&path, false) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a component with two memories loaded"),
+        };
+        assert!(
+            why.contains("two.wasm") && why.contains("2 Wasm linear memories"),
+            "{why}"
+        );
+        // Nothing of it is kept to be loaded next time.
+        let kept = std::fs::read_dir(dir.path().join("cache")).unwrap().count();
+        assert_eq!(kept, 0);
     }
 
     #[test]
