@@ -16,6 +16,9 @@ use tokio::sync::mpsc;
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Processes for the spawn, memory and scale figures.
 const MANY: u64 = 10_000;
+/// Instantiations timed into fresh slots: what the default pool has left
+/// beside [`MANY`].
+const FRESH: u64 = 200;
 
 struct Bench {
     _dir: tempfile::TempDir,
@@ -371,6 +374,12 @@ async fn blob_trip(b: &mut Bench, peer: &Address) -> Option<(Duration, Duration)
     Some((median(trips), median(bare)))
 }
 
+/// The mean instantiation between two of the driver's counts.
+fn per_instantiation(before: (u64, Duration), after: (u64, Duration)) -> Duration {
+    let n = after.0.saturating_sub(before.0).max(1);
+    after.1.saturating_sub(before.1) / u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 pub(crate) fn median(mut d: Vec<Duration>) -> Duration {
     d.sort();
     d[d.len() / 2]
@@ -413,6 +422,25 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
     let per_process = (rss().saturating_sub(rss0)) / MANY;
     let native_mixed = native_spawn_each();
 
+    // Instantiation alone, one at a time (nothing else runs meanwhile),
+    // each into a slot no process has used: the pool's slots past the
+    // 10,000 live ones.
+    let made0 = b.driver.instantiations();
+    for i in 0..FRESH {
+        let ready = b.driver.ready_count();
+        b.driver
+            .spawn(ProcessNum(4_000_000 + i), 1, &echo, None)
+            .expect("spawn");
+        b.until_ready(ready + 1).await;
+    }
+    let fresh = per_instantiation(made0, b.driver.instantiations());
+    for i in 0..FRESH {
+        b.driver.kill(ProcessNum(4_000_000 + i), 1);
+    }
+    for _ in 0..FRESH {
+        b.exit().await;
+    }
+
     // All of them answer, then all stop cleanly.
     let t = Instant::now();
     for i in (0..MANY).step_by((MANY / 100) as usize) {
@@ -436,6 +464,7 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
     b.until_ready(b.driver.ready_count()).await;
     const RESTARTS: u32 = 200;
     let mut restart_total = Duration::ZERO;
+    let made0 = b.driver.instantiations();
     for run in 2..2 + RESTARTS as u64 {
         b.tell(&addr, b"panic").await;
         b.exit().await;
@@ -447,6 +476,7 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
         b.until_ready(ready + 1).await;
         restart_total += t.elapsed();
     }
+    let reused = per_instantiation(made0, b.driver.instantiations());
 
     // Round trips and one-way messages between two processes.
     let a = b
@@ -486,6 +516,11 @@ async fn measure(b: &mut Bench, rows: &mut Vec<Row>) {
         metric: "wasm: spawn (cached component) → init running, each of 10,000".into(),
         target: "≤ 15 µs".into(),
         measured: us(spawn_each),
+    });
+    rows.push(Row {
+        metric: "wasm: instantiate alone, into a fresh pool slot / a slot the component had".into(),
+        target: "≤ 15 µs".into(),
+        measured: format!("{} / {}", us(fresh), us(reused)),
     });
     rows.push(Row {
         metric: "wasm: restart of a crashed process (exit → init running)".into(),

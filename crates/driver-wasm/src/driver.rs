@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 
@@ -247,6 +248,7 @@ impl WasmDriver {
                     to_loop: ready,
                     loader,
                     ready: Default::default(),
+                    instantiated: Default::default(),
                 }),
                 hub,
                 logs_dir: logs_dir.into(),
@@ -457,6 +459,16 @@ impl WasmDriver {
     pub fn ready_count(&self) -> u64 {
         self.shared.ready.load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Instantiations so far, and the time they took together.
+    pub fn instantiations(&self) -> (u64, Duration) {
+        let [n, nanos] = self
+            .shared
+            .instantiated
+            .each_ref()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed));
+        (n, Duration::from_nanos(nanos))
+    }
 }
 
 /// Why a run trapped, for exit details: the trap's own words, or the root
@@ -524,9 +536,16 @@ async fn run_process(
     // Host code runs inside these calls on the process's behalf: a panic in
     // it ends this process as crashed, not the daemon's task.
     let kill = store.data().kill.clone();
+    let shared = store.data().shared.clone();
     let ran = std::panic::AssertUnwindSafe(host::Killable {
         run: Box::pin(async {
-            match pre.instantiate_async(&mut store).await {
+            let t = Instant::now();
+            let made = pre.instantiate_async(&mut store).await;
+            let took = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let [n, nanos] = &shared.instantiated;
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            nanos.fetch_add(took, std::sync::atomic::Ordering::Relaxed);
+            match made {
                 Ok(p) => p.call_init(&mut store, &our).await,
                 Err(e) => Err(e),
             }

@@ -43,6 +43,9 @@ pub struct Shared {
     pub loader: crate::runtime::Loader,
     /// Runs that have reached their first `receive` (are up and waiting).
     pub ready: std::sync::atomic::AtomicU64,
+    /// Instantiations done, and the nanoseconds they took together (for
+    /// benchmarks: the step wasmtime's own figures are about).
+    pub instantiated: [std::sync::atomic::AtomicU64; 2],
 }
 
 /// The request being handled: where `send-response` goes, and what an
