@@ -187,12 +187,10 @@ pub enum DaemonCmd {
         #[arg(long, value_name = "PID")]
         owner: Option<u32>,
     },
-    /// The daemon's compile helper: a component on stdin, its artifact to
-    /// FILE, the verdict on stdout (run by the daemon, one compile each)
+    /// The daemon's compile helper: a component on stdin, the verdict and
+    /// the artifact on stdout (run by the daemon, one compile each)
     #[command(hide = true)]
     Compile {
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
         /// The daemon that runs it: the helper never outlives it
         #[arg(long, value_name = "PID")]
         parent: u32,

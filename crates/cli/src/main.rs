@@ -13,10 +13,10 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     if let cli::Cmd::Daemon {
-        cmd: cli::DaemonCmd::Compile { out, parent },
+        cmd: cli::DaemonCmd::Compile { parent },
     } = &args.cmd
     {
-        return spindle_daemon::compiler::helper_main(out, *parent);
+        return spindle_daemon::compiler::helper_main(*parent);
     }
     match commands::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1203,3 +1203,31 @@ fn transient_children_leave_nothing_on_disk_and_nothing_to_a_namesake() {
         .collect();
     assert!(naming_it.is_empty(), "{naming_it:?}");
 }
+
+#[test]
+#[ignore = "needs root: mounts a 200 KiB tmpfs as the cache (.ci/run runs it with --ignored)"]
+fn a_cache_that_cannot_be_written_still_runs_the_component() {
+    let n = Node::new();
+    let cache = n.home().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let _disk = spindle_store::testing::TinyDisk::mount(&cache, "size=200k")
+        .expect("mount -t tmpfs (needs root)");
+    // The counter's artifact (about 560 KiB) does not fit: it runs from
+    // memory, and the full disk keeps no half of it.
+    let counter = spindle_guests::path("counter");
+    n.ok(&[
+        "start",
+        counter.to_str().unwrap(),
+        "--name",
+        "c",
+        "--package",
+        "t:spindle",
+    ]);
+    assert_eq!(
+        n.ok(&["send", "local@c:t:spindle", r#"{"add":5}"#]).trim(),
+        r#"{"count":5}"#
+    );
+    let left: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    n.ok(&["daemon", "stop"]);
+}

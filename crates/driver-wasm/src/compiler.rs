@@ -13,9 +13,10 @@
 //! Embedders and tests may compile in their own threads
 //! ([`Compiler::InProcess`]).
 //!
-//! The helper reads the component on stdin, writes the artifact to the file
-//! it is given, and says how it went in one line on stdout: `ok`,
-//! `invalid <why>` (the component's fault) or `failed <why>`. The daemon
+//! The helper reads the component on stdin and says how it went in one line
+//! on stdout: `ok` followed by the artifact, `invalid <why>` (the
+//! component's fault) or `failed <why>`. The daemon keeps the artifact in
+//! its cache (or, when that cannot be written, runs it from memory), and
 //! learns of a killed helper from the missing line. The exit status is only
 //! a detail of the message, because the native driver reaps every child of
 //! the daemon that ends and may have collected it first.
@@ -24,6 +25,8 @@ use crate::runtime::{MAX_COMPONENT_BYTES, WasmError, engine_config, quiet};
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
@@ -36,8 +39,21 @@ pub const COMPILE_CPU_SECONDS: u64 = 300;
 /// ([`MAX_COMPONENT_BYTES`]); an allocation past this fails and the helper
 /// ends, not the daemon.
 pub const COMPILE_ADDRESS_SPACE: u64 = 8 << 30;
+/// Threads a helper compiles with, at most (one a core below that): each
+/// takes an allocator arena's and a stack's address space from
+/// [`COMPILE_ADDRESS_SPACE`], and more than a few gain a compile little.
+pub const COMPILE_THREADS: usize = 4;
+/// Allocator arenas a helper may have: its threads share them rather than
+/// each reserving 64 MiB of address space.
+const COMPILE_ARENAS: &str = "2";
+/// The helper's name in `ps` and `top`.
+const HELPER_NAME: &std::ffi::CStr = c"spindle-compile";
 /// Longest result line read from a helper.
 const RESULT_BYTES: u64 = 4096;
+/// Largest artifact a helper may hand back: a compiled component is a few
+/// times its size ([`MAX_COMPONENT_BYTES`]), a pathological one (a million
+/// empty functions in 4 MB) about fifty.
+pub const MAX_ARTIFACT_BYTES: u64 = 1 << 30;
 /// The helper's verdicts.
 const OK: &str = "ok";
 const INVALID: &str = "invalid ";
@@ -48,8 +64,7 @@ const FAILED: &str = "failed ";
 pub enum Compiler {
     /// In the daemon's own (blocking) threads.
     InProcess,
-    /// `program args… --out FILE --parent PID`, which must run
-    /// [`helper_main`].
+    /// `program args… --parent PID`, which must run [`helper_main`].
     Helper {
         program: PathBuf,
         args: Vec<OsString>,
@@ -114,28 +129,38 @@ enum Ended {
     Signal(i32),
 }
 
-/// Compiles `bytes` (the component at `path`) in a helper, which writes
-/// the artifact to `out`.
+/// Compiles `bytes` (the component at `path`) in a helper; returns the
+/// artifact.
 pub(crate) fn in_helper(
     program: &Path,
     args: &[OsString],
     path: &Path,
     bytes: &[u8],
-    out: &Path,
-) -> Result<(), WasmError> {
+) -> Result<Vec<u8>, WasmError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(COMPILE_THREADS);
     let mut child = Command::new(program)
+        .arg0(std::ffi::OsStr::from_bytes(HELPER_NAME.to_bytes()))
         .args(args)
-        .arg("--out")
-        .arg(out)
         .arg("--parent")
         .arg(std::process::id().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("MALLOC_ARENA_MAX", COMPILE_ARENAS)
         .spawn()
         .map_err(|e| WasmError::Compiler {
             path: path.into(),
-            message: format!("cannot start the compiler ({}): {e}", program.display()),
+            message: format!(
+                "cannot start the compiler ({} {}, this very binary): {e}",
+                program.display(),
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
         })?;
     // Taken before the helper can end: it first waits for its input.
     let handle = pidfd_open(child.id());
@@ -144,11 +169,32 @@ pub(crate) fn in_helper(
         let _ = input.write_all(bytes);
     }
     let mut said = Vec::new();
+    let mut artifact = Vec::new();
     if let Some(output) = child.stdout.take() {
-        let _ = output.take(RESULT_BYTES).read_to_end(&mut said);
+        let mut output = std::io::BufReader::new(output);
+        let _ =
+            std::io::BufRead::read_until(&mut (&mut output).take(RESULT_BYTES), b'\n', &mut said);
+        if said == format!("{OK}\n").as_bytes() {
+            let _ = output
+                .take(MAX_ARTIFACT_BYTES + 1)
+                .read_to_end(&mut artifact);
+        }
     }
     let ended = handle.and_then(|h| wait_pidfd(&h));
-    verdict(path, &String::from_utf8_lossy(&said), ended)
+    verdict(path, &String::from_utf8_lossy(&said), ended)?;
+    if artifact.len() as u64 > MAX_ARTIFACT_BYTES {
+        return Err(WasmError::Invalid {
+            path: path.into(),
+            message: format!(
+                "its compiled form is larger than a component's may be ({MAX_ARTIFACT_BYTES} bytes)"
+            ),
+        });
+    }
+    // A helper that ended with its artifact half-said is not `ok`.
+    match ended {
+        Some(Ended::Code(0)) | None => Ok(artifact),
+        Some(_) => verdict(path, "", ended).map(|()| artifact),
+    }
 }
 
 /// A handle on the child `pid` that stays its own even once reaped.
@@ -190,18 +236,28 @@ fn wait_pidfd(handle: &OwnedFd) -> Option<Ended> {
 }
 
 /// The helper's whole life: takes its budgets, reads a component on stdin,
-/// writes the artifact to `out`, and prints its verdict. `parent` is the
-/// daemon that started it: the helper never outlives it.
-pub fn helper_main(out: &Path, parent: u32) -> ExitCode {
-    let (line, code) = match compile_here(out, parent) {
-        Ok(()) => (OK.to_string(), ExitCode::SUCCESS),
-        Err(HelperError::Invalid(why)) => (format!("{INVALID}{why}"), ExitCode::FAILURE),
-        Err(HelperError::Failed(why)) => (format!("{FAILED}{why}"), ExitCode::FAILURE),
+/// and prints its verdict (and, if `ok`, the artifact) on stdout. `parent`
+/// is the daemon that started it: the helper never outlives it.
+pub fn helper_main(parent: u32) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    let said = match compile_here(parent) {
+        Ok(artifact) => writeln!(stdout, "{OK}")
+            .and_then(|()| stdout.write_all(&artifact))
+            .and_then(|()| stdout.flush()),
+        Err(e) => {
+            let line = match e {
+                HelperError::Invalid(why) => format!("{INVALID}{why}"),
+                HelperError::Failed(why) => format!("{FAILED}{why}"),
+            };
+            // One line, whatever the compiler said.
+            let _ = writeln!(stdout, "{}", line.replace('\n', " "));
+            return ExitCode::FAILURE;
+        }
     };
-    // One line, whatever the compiler said.
-    let line = line.replace('\n', " ");
-    let _ = writeln!(std::io::stdout(), "{line}");
-    code
+    match said {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }
 
 enum HelperError {
@@ -209,7 +265,7 @@ enum HelperError {
     Failed(String),
 }
 
-fn compile_here(out: &Path, parent: u32) -> Result<(), HelperError> {
+fn compile_here(parent: u32) -> Result<Vec<u8>, HelperError> {
     take_budgets(parent)
         .map_err(|e| HelperError::Failed(format!("cannot take its budgets: {e}")))?;
     let mut bytes = Vec::new();
@@ -224,11 +280,9 @@ fn compile_here(out: &Path, parent: u32) -> Result<(), HelperError> {
     }
     let engine = wasmtime::Engine::new(&engine_config(None))
         .map_err(|e| HelperError::Failed(format!("no engine: {e}")))?;
-    let artifact = engine
+    engine
         .precompile_component(&bytes)
-        .map_err(|e| HelperError::Invalid(quiet(&e.root_cause().to_string())))?;
-    std::fs::write(out, &artifact)
-        .map_err(|e| HelperError::Failed(format!("cannot write {}: {e}", out.display())))
+        .map_err(|e| HelperError::Invalid(quiet(&e.root_cause().to_string())))
 }
 
 /// Dies with `parent`, and holds to the compile's budgets.
@@ -240,16 +294,26 @@ fn take_budgets(parent: u32) -> std::io::Result<()> {
             Ok(())
         }
     };
+    // Never above what the helper was already held to: raising a hard
+    // limit is not allowed, and would not be a budget.
     let limit = |resource, soft: u64, hard: u64| {
+        let mut now = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a plain system call filling the struct.
+        check(unsafe { libc::getrlimit(resource, &mut now) })?;
         let lim = libc::rlimit {
-            rlim_cur: soft,
-            rlim_max: hard,
+            rlim_cur: soft.min(now.rlim_max),
+            rlim_max: hard.min(now.rlim_max),
         };
         // SAFETY: a plain system call on a filled struct.
         check(unsafe { libc::setrlimit(resource, &lim) })
     };
     // SAFETY: plain system calls.
     check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) })?;
+    // SAFETY: a NUL-terminated name of at most 16 bytes.
+    let _ = unsafe { libc::prctl(libc::PR_SET_NAME, HELPER_NAME.as_ptr()) };
     // The daemon died before the line above took effect: do not outlive it.
     // SAFETY: as above.
     if unsafe { libc::getppid() } as u32 != parent {
@@ -306,8 +370,6 @@ mod tests {
     /// what the daemon does with each way one can end.
     #[test]
     fn a_helper_that_is_killed_or_fails_is_the_components_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("a.cwasm");
         let p = Path::new("/x/app.wasm");
         let sh = |script: &str| {
             in_helper(
@@ -315,7 +377,6 @@ mod tests {
                 &["-c".into(), script.into(), "helper".into()],
                 p,
                 b"\0asm....",
-                &out,
             )
         };
         match sh("cat >/dev/null; kill -9 $$") {
@@ -335,13 +396,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // The arguments it is given name the file and the daemon.
-        let said = sh(
-            "cat >/dev/null; [ \"$2\" = \"$(dirname \"$2\")/a.cwasm\" ] && [ \"$4\" = \"$PPID\" ] && echo ok",
-        );
-        assert!(said.is_ok(), "{said:?}");
+        // It is told who its daemon is, and what follows `ok` is the
+        // artifact, all of it.
+        let said = sh("cat >/dev/null; [ \"$2\" = \"$PPID\" ] && printf 'ok\\nART\\nIFACT'");
+        assert_eq!(said.unwrap(), b"ART\nIFACT");
+        // Killed halfway through its artifact: not a result.
+        match sh("cat >/dev/null; printf 'ok\\npart'; kill -9 $$") {
+            Err(WasmError::Compiler { message, .. }) => {
+                assert!(message.contains("signal 9"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
-            in_helper(Path::new("/nonexistent/helper"), &[], p, b"", &out),
+            in_helper(Path::new("/nonexistent/helper"), &[], p, b""),
             Err(WasmError::Compiler { .. })
         ));
     }

@@ -395,13 +395,84 @@ pub(crate) fn engine_config(max_processes: Option<u32>) -> Config {
     config
 }
 
+/// Writes `artifact` to the cache file `cached` whole or not at all.
+fn keep(cached: &Path, artifact: &[u8]) -> std::io::Result<()> {
+    // Unique among compiles at once (two paths may hold the same bytes).
+    static COMPILES: AtomicUsize = AtomicUsize::new(0);
+    let tmp = cached.with_extension(format!("{}.tmp", COMPILES.fetch_add(1, Ordering::Relaxed)));
+    let written = std::fs::write(&tmp, artifact).and_then(|()| std::fs::rename(&tmp, cached));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Removes the artifacts a compile left half-written when its daemon died
+/// (one daemon uses a home at a time, so none is being written now).
+fn sweep_unfinished(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// What loading a component file came to.
+#[derive(Clone)]
+enum Loaded {
+    Ready(ProcessPre<ProcessHost>),
+    /// It does not compile or link: the same bytes are never compiled
+    /// again (a failed compile may have taken the helper's whole budget).
+    Refused(Refusal),
+}
+
+#[derive(Clone)]
+enum Refusal {
+    Invalid(String),
+    Link(String),
+}
+
+impl Refusal {
+    fn of(e: &WasmError) -> Option<Refusal> {
+        match e {
+            WasmError::Invalid { message, .. } => Some(Refusal::Invalid(message.clone())),
+            WasmError::Link { message, .. } => Some(Refusal::Link(message.clone())),
+            _ => None,
+        }
+    }
+
+    fn error(&self, path: &Path) -> WasmError {
+        let path = path.into();
+        match self {
+            Refusal::Invalid(message) => WasmError::Invalid {
+                path,
+                message: message.clone(),
+            },
+            Refusal::Link(message) => WasmError::Link {
+                path,
+                message: message.clone(),
+            },
+        }
+    }
+}
+
+/// Refused files remembered at most; past it the refusals are forgotten
+/// (and a refused file is judged again), so junk files cost the node
+/// bounded memory.
+const MAX_REFUSED: usize = 256;
+
 /// Engine + linker + caches, shared by every wasm process of the node.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<ProcessHost>,
     compiler: Compiler,
     cache_dir: PathBuf,
-    loaded: Mutex<HashMap<PathBuf, (Stamp, ProcessPre<ProcessHost>)>>,
+    /// Each component file the node has loaded or refused, as it was.
+    loaded: Mutex<HashMap<PathBuf, (Stamp, Loaded)>>,
     ticker: Arc<Ticker>,
 }
 
@@ -465,6 +536,7 @@ impl Runtime {
             path: cache_dir.into(),
             source,
         })?;
+        sweep_unfinished(cache_dir);
         let ticker = Ticker::start(engine.clone())?;
         Ok(Runtime {
             engine,
@@ -511,24 +583,41 @@ impl Runtime {
             });
         }
         let stamp = Stamp::of(&meta);
-        if let Some(pre) = self.cached_as(path, &stamp) {
-            return Ok(pre);
+        match self.known_as(path, &stamp) {
+            Some(Loaded::Ready(pre)) => return Ok(pre),
+            Some(Loaded::Refused(why)) => return Err(why.error(path)),
+            None => {}
         }
         let bytes = read_component(path, confined).map_err(read_err)?;
-        let component = self.compile_cached(path, &bytes)?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .and_then(ProcessPre::new)
-            .map_err(|e| WasmError::Link {
-                path: path.into(),
-                message: format!("{e:#}"),
-            })?;
-        self.loaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.into(), (stamp, pre.clone()));
-        Ok(pre)
+        let made = self.compile_cached(path, &bytes).and_then(|component| {
+            self.linker
+                .instantiate_pre(&component)
+                .and_then(ProcessPre::new)
+                .map_err(|e| WasmError::Link {
+                    path: path.into(),
+                    message: format!("{e:#}"),
+                })
+        });
+        let outcome = match &made {
+            Ok(pre) => Loaded::Ready(pre.clone()),
+            Err(e) => match Refusal::of(e) {
+                Some(why) => Loaded::Refused(why),
+                // Not the bytes' fault (no helper, a full disk): tried again.
+                None => return made,
+            },
+        };
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(outcome, Loaded::Refused(_))
+            && loaded
+                .values()
+                .filter(|(_, l)| matches!(l, Loaded::Refused(_)))
+                .count()
+                >= MAX_REFUSED
+        {
+            loaded.retain(|_, (_, l)| matches!(l, Loaded::Ready(_)));
+        }
+        loaded.insert(path.into(), (stamp, outcome));
+        made
     }
 
     /// The component at `path`, if it is loaded and the file unchanged.
@@ -538,9 +627,17 @@ impl Runtime {
     }
 
     fn cached_as(&self, path: &Path, stamp: &Stamp) -> Option<ProcessPre<ProcessHost>> {
+        match self.known_as(path, stamp)? {
+            Loaded::Ready(pre) => Some(pre),
+            Loaded::Refused(_) => None,
+        }
+    }
+
+    /// What loading the file at `path` came to, if it is unchanged since.
+    fn known_as(&self, path: &Path, stamp: &Stamp) -> Option<Loaded> {
         let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        let (s, pre) = loaded.get(path)?;
-        (s == stamp).then(|| pre.clone())
+        let (s, l) = loaded.get(path)?;
+        (s == stamp).then(|| l.clone())
     }
 
     fn cache_file(&self, bytes: &[u8]) -> PathBuf {
@@ -574,56 +671,44 @@ impl Runtime {
                 message: "it is not a WebAssembly file (build it for wasm32-wasip2)".into(),
             });
         }
-        // Unique among compiles at once (two paths may hold the same bytes).
-        static COMPILES: AtomicUsize = AtomicUsize::new(0);
-        let tmp =
-            cached.with_extension(format!("{}.tmp", COMPILES.fetch_add(1, Ordering::Relaxed)));
-        let written = match &self.compiler {
+        let artifact = match &self.compiler {
             Compiler::Helper { program, args } => {
-                crate::compiler::in_helper(program, args, path, bytes, &tmp)
+                crate::compiler::in_helper(program, args, path, bytes)?
             }
-            Compiler::InProcess => self.compile_here(path, bytes, &tmp),
-        }
-        .and_then(|()| {
-            std::fs::rename(&tmp, &cached).map_err(|e| WasmError::Compiler {
-                path: path.into(),
-                message: format!(
-                    "cannot keep the compiled artifact {}: {e}",
+            Compiler::InProcess => {
+                let made = self.engine.precompile_component(bytes);
+                trim_heap();
+                made.map_err(|e| WasmError::Invalid {
+                    path: path.into(),
+                    message: quiet(&e.root_cause().to_string()),
+                })?
+            }
+        };
+        let loaded = match keep(&cached, &artifact) {
+            // Run from the artifact's file mapping (clean pages the kernel
+            // may drop and read again).
+            // SAFETY: written just now from a compiler of this engine's
+            // settings into the node's private cache directory; wasmtime
+            // checks that its header matches this engine.
+            Ok(()) => unsafe { Component::deserialize_file(&self.engine, &cached) },
+            Err(e) => {
+                tracing::warn!(
+                    "cannot keep the compiled form of {} in {} ({e}): running it from memory",
+                    path.display(),
                     cached.display()
-                ),
-            })
-        });
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        // Run from the artifact's file mapping (clean pages the kernel may
-        // drop and read again).
-        // SAFETY: written just now by a compiler of this engine's settings
-        // into the node's private cache directory; wasmtime checks that its
-        // header matches this engine.
-        unsafe { Component::deserialize_file(&self.engine, &cached) }.map_err(|e| {
+                );
+                // SAFETY: as above, straight from the compiler.
+                unsafe { Component::deserialize(&self.engine, &artifact) }
+            }
+        };
+        drop(artifact);
+        trim_heap();
+        loaded.map_err(|e| {
             let _ = std::fs::remove_file(&cached);
             WasmError::Compiler {
                 path: path.into(),
                 message: format!("the compiled component does not load: {e:#}"),
             }
-        })
-    }
-
-    /// Compiles in this process's thread, writing the artifact to `out`.
-    fn compile_here(&self, path: &Path, bytes: &[u8], out: &Path) -> Result<(), WasmError> {
-        let artifact = self
-            .engine
-            .precompile_component(bytes)
-            .map_err(|e| WasmError::Invalid {
-                path: path.into(),
-                message: quiet(&e.root_cause().to_string()),
-            });
-        trim_heap();
-        std::fs::write(out, artifact?).map_err(|e| WasmError::Compiler {
-            path: path.into(),
-            message: format!("cannot write the compiled artifact {}: {e}", out.display()),
         })
     }
 }
@@ -685,6 +770,34 @@ mod tests {
         // Nothing of it is kept to be loaded next time.
         let kept = std::fs::read_dir(dir.path().join("cache")).unwrap().count();
         assert_eq!(kept, 0);
+    }
+
+    #[test]
+    fn a_refused_file_is_compiled_once_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = dir.path().join("compiles");
+        // A stand-in helper that counts its compiles and refuses each.
+        let script = format!(
+            "cat >/dev/null; echo x >> {}; echo 'invalid no good'",
+            count.display()
+        );
+        let helper = Compiler::Helper {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into(), "helper".into()],
+        };
+        let runtime = Runtime::new(&dir.path().join("cache"), 64, helper).unwrap();
+        let path = dir.path().join("bad.wasm");
+        std::fs::write(&path, b"\0asm\x0d\0\x01\0one").unwrap();
+        let compiles = || std::fs::read_to_string(&count).unwrap().lines().count();
+        for _ in 0..3 {
+            let why = runtime.load(&path, false).err().unwrap().to_string();
+            assert!(why.contains("bad.wasm") && why.contains("no good"), "{why}");
+        }
+        assert_eq!(compiles(), 1);
+        // Other bytes are judged afresh.
+        std::fs::write(&path, b"\0asm\x0d\0\x01\0other").unwrap();
+        assert!(runtime.load(&path, false).is_err());
+        assert_eq!(compiles(), 2);
     }
 
     #[test]

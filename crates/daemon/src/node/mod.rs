@@ -146,8 +146,16 @@ pub fn run(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(paths, owner, compiler))
+    let served = runtime.block_on(serve(paths, owner, compiler));
+    // A compile still running on a blocking thread does not hold the
+    // daemon up: its helper dies with the daemon (PDEATHSIG).
+    runtime.shutdown_timeout(SHUTDOWN_LEFTOVERS);
+    served
 }
+
+/// How long a stopping daemon waits for work still running on blocking
+/// threads (a component's compile) before it exits without it.
+const SHUTDOWN_LEFTOVERS: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn serve(paths: Paths, owner: Option<u32>, compiler: Compiler) -> Result<(), DaemonError> {
     let owner = owner
