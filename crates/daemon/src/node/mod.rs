@@ -153,6 +153,28 @@ pub fn run(
     served
 }
 
+/// Compiles (or maps from the cache) every component the table names,
+/// several at a time, before the loop's first spawns: restoring the table
+/// then compiles nothing on the control loop. A component that fails is
+/// reported by its process's start.
+async fn warm_table(loader: &spindle_driver_wasm::runtime::Loader, kernel: &Kernel) {
+    let components: HashSet<(std::path::PathBuf, bool)> = kernel
+        .entries()
+        .filter_map(|e| match &e.spec.program {
+            Program::Wasm { path, .. } => Some((path.clone(), e.spec.parent.is_some())),
+            Program::Native { .. } => None,
+        })
+        .collect();
+    let mut warming = tokio::task::JoinSet::new();
+    for (path, confined) in components {
+        let loader = loader.clone();
+        warming.spawn(async move {
+            let _ = loader.warm(&path, confined).await;
+        });
+    }
+    while warming.join_next().await.is_some() {}
+}
+
 /// How long a stopping daemon waits for work still running on blocking
 /// threads (a component's compile) before it exits without it.
 const SHUTDOWN_LEFTOVERS: std::time::Duration = std::time::Duration::from_millis(500);
@@ -305,6 +327,7 @@ async fn serve(paths: Paths, owner: Option<u32>, compiler: Compiler) -> Result<(
         owner.as_ref().map(|o| o.pid),
     ));
 
+    warm_table(&wasm.loader(), &kernel).await;
     let mut node = Node {
         paths,
         journal,
