@@ -45,7 +45,9 @@ pub use message::{
     UNCOUNTED_BYTES,
 };
 pub use reply::Reply;
-pub use spawn::{MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine};
+pub use spawn::{
+    FileStamp, Found, MAX_COMPONENT_PATH, PathRefused, SpawnCall, SpawnError, confine,
+};
 
 use spindle_store::journal::Journal;
 use spindle_types::{Address, ProcessId};

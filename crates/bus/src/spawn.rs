@@ -25,10 +25,10 @@ pub struct SpawnCall {
     pub dir: PathBuf,
     /// The child's component, as the parent gave it (relative to `dir`).
     pub component: String,
-    /// The component's path once resolved inside `dir` (by the wasm host
-    /// that makes the call, or by the stage before the loop for a native
-    /// bridge's); `None` until then, or if the path was refused.
-    pub resolved: Option<PathBuf>,
+    /// The component once found inside `dir` (by the wasm host that makes
+    /// the call, or by the stage before the loop for a native bridge's);
+    /// `None` until then, or if the path was refused.
+    pub resolved: Option<Found>,
     pub on_exit: OnExit,
     pub public: bool,
     /// Capabilities of the parent the child receives (checked to be the parent's).
@@ -77,9 +77,46 @@ pub enum PathRefused {
     Unreadable { path: String, why: String },
 }
 
+/// A component file a spawn named, as its lookup found it: where it is
+/// (a path free of links) and which file of which contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub path: PathBuf,
+    pub stamp: FileStamp,
+}
+
+/// Identifies a file's contents cheaply (size, time, and which file): a
+/// changed file, or another file at the same path, is loaded afresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    file: (u64, u64),
+}
+
+impl FileStamp {
+    pub fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            file: (meta.dev(), meta.ino()),
+        }
+    }
+
+    /// The file's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl SpawnCall {
-    /// The component's path inside the parent's folder.
-    pub fn resolve(&self) -> Result<PathBuf, PathRefused> {
+    /// The component inside the parent's folder.
+    pub fn resolve(&self) -> Result<Found, PathRefused> {
         match &self.resolved {
             Some(p) => Ok(p.clone()),
             None => confine(&self.dir, &self.component),
@@ -88,7 +125,7 @@ impl SpawnCall {
 
     /// [`SpawnCall::resolve`], remembering the path found for whoever
     /// handles the call next.
-    pub fn resolve_once(&mut self) -> Result<PathBuf, PathRefused> {
+    pub fn resolve_once(&mut self) -> Result<Found, PathRefused> {
         let found = self.resolve();
         self.resolved = found.as_ref().ok().cloned();
         found
@@ -97,7 +134,7 @@ impl SpawnCall {
 
 /// `rel` inside `dir`, refused if it is absolute, climbs out with `..`, or
 /// resolves (through symbolic links) to somewhere outside `dir`.
-pub fn confine(dir: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
+pub fn confine(dir: &Path, rel: &str) -> Result<Found, PathRefused> {
     if rel.is_empty() {
         return Err(PathRefused::Empty);
     }
@@ -123,30 +160,76 @@ pub fn confine(dir: &Path, rel: &str) -> Result<PathBuf, PathRefused> {
         path: rel.into(),
         why: e.kind().to_string(),
     };
-    match resolve_beneath(dir, &lexical) {
-        Ok(real) => return Ok(real),
+    let direct = dir.join(&lexical);
+    match open_unlinked(dir, &direct) {
+        Some(Ok(stamp)) => {
+            return Ok(Found {
+                path: direct,
+                stamp,
+            });
+        }
+        // A link on the way (or a kernel without openat2): resolved below.
+        Some(Err(e)) if e.raw_os_error() != Some(libc::ELOOP) && !no_openat2(&e) => {
+            return Err(unreadable(e));
+        }
+        _ => {}
+    }
+    let real = match resolve_beneath(dir, &lexical) {
+        Ok(real) => real,
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
             return Err(PathRefused::LinksOut(rel.into()));
         }
         // A kernel without openat2 (before 5.6), or no /proc: resolve the
         // long way, a lookup per path component.
-        Err(e)
-            if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
-                || e.kind() == std::io::ErrorKind::Unsupported => {}
+        Err(e) if no_openat2(&e) || e.kind() == std::io::ErrorKind::Unsupported => {
+            let root = dir.canonicalize().map_err(unreadable)?;
+            let real = root.join(&lexical).canonicalize().map_err(unreadable)?;
+            if !real.starts_with(&root) {
+                return Err(PathRefused::LinksOut(rel.into()));
+            }
+            let meta = std::fs::metadata(&real).map_err(unreadable)?;
+            (real, FileStamp::of(&meta))
+        }
         Err(e) => return Err(unreadable(e)),
+    };
+    Ok(Found {
+        path: real.0,
+        stamp: real.1,
+    })
+}
+
+/// `openat2` is missing (ENOSYS) or filtered out (EPERM).
+fn no_openat2(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM))
+}
+
+/// The common case in one lookup: `path` (`dir` joined with a plain
+/// relative path) reached without following any link, which makes it the
+/// file's own path and inside `dir`. `None` when `dir` is not a plain
+/// absolute path (it has `.` or `..` parts), so the result would not be.
+fn open_unlinked(dir: &Path, path: &Path) -> Option<std::io::Result<FileStamp>> {
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
+    let mut parts = dir.components();
+    let plain = parts.next() == Some(Component::RootDir)
+        && parts.all(|p| matches!(p, Component::Normal(_)));
+    if !plain {
+        return None;
     }
-    let root = dir.canonicalize().map_err(unreadable)?;
-    let real = root.join(&lexical).canonicalize().map_err(unreadable)?;
-    if !real.starts_with(&root) {
-        return Err(PathRefused::LinksOut(rel.into()));
-    }
-    Ok(real)
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS);
+    Some(
+        openat2(AT_FDCWD, path, how)
+            .map_err(std::io::Error::from)
+            .and_then(|fd| std::fs::File::from(fd).metadata())
+            .map(|meta| FileStamp::of(&meta)),
+    )
 }
 
 /// Resolves `rel` inside `dir` in one lookup that the kernel keeps beneath
 /// `dir` (`RESOLVE_BENEATH`: no `..` out, no absolute or outward link;
 /// `EXDEV` if it would leave), and names what it found.
-fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<PathBuf> {
+fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<(PathBuf, FileStamp)> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
     use std::os::fd::AsRawFd;
     let root = open(
@@ -169,7 +252,8 @@ fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<PathBuf> {
     if real.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
         return Err(std::io::ErrorKind::NotFound.into());
     }
-    Ok(real)
+    let meta = std::fs::File::from(found).metadata()?;
+    Ok((real, FileStamp::of(&meta)))
 }
 
 #[cfg(test)]
@@ -187,9 +271,10 @@ mod tests {
         std::os::unix::fs::symlink(outer.path().join("other.wasm"), dir.join("link.wasm")).unwrap();
         std::os::unix::fs::symlink("sub/child.wasm", dir.join("inner.wasm")).unwrap();
         let inside = dir.canonicalize().unwrap().join("sub/child.wasm");
-        assert_eq!(confine(&dir, "sub/child.wasm").unwrap(), inside);
-        assert_eq!(confine(&dir, "./sub/./child.wasm").unwrap(), inside);
-        assert_eq!(confine(&dir, "inner.wasm").unwrap(), inside);
+        let found = |rel: &str| confine(&dir, rel).map(|f| f.path);
+        assert_eq!(found("sub/child.wasm").unwrap(), inside);
+        assert_eq!(found("./sub/./child.wasm").unwrap(), inside);
+        assert_eq!(found("inner.wasm").unwrap(), inside);
         assert!(matches!(
             confine(&dir, "../other.wasm"),
             Err(PathRefused::Escapes(_))
@@ -216,6 +301,26 @@ mod tests {
         assert!(matches!(confine(&dir, &long), Err(PathRefused::TooLong(_))));
     }
 
+    /// The folder itself may be reached through links (the one lookup that
+    /// follows none then gives way to the full resolution); what comes back
+    /// is the file's own path, and the stamp is the file's.
+    #[test]
+    fn a_folder_behind_a_link_resolves_to_the_real_file() {
+        let outer = tempfile::tempdir().unwrap();
+        let real = outer.path().join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("c.wasm"), b"abc").unwrap();
+        std::os::unix::fs::symlink(&real, outer.path().join("via")).unwrap();
+        let canon = real.canonicalize().unwrap().join("c.wasm");
+        let meta = std::fs::metadata(&canon).unwrap();
+        for dir in [outer.path().join("via"), real.clone(), real.join("../real")] {
+            let f = confine(&dir, "c.wasm").unwrap();
+            assert_eq!(f.path, canon, "from {dir:?}");
+            assert_eq!(f.stamp, FileStamp::of(&meta));
+            assert_eq!(f.stamp.len(), 3);
+        }
+    }
+
     proptest! {
         /// Whatever path a process gives, what comes back is inside its folder.
         #[test]
@@ -225,7 +330,8 @@ mod tests {
             std::fs::create_dir_all(dir.join("a")).unwrap();
             std::fs::write(dir.join("a/b"), b"x").unwrap();
             std::fs::write(outer.path().join("b"), b"x").unwrap();
-            if let Ok(p) = confine(&dir, &rel) {
+            if let Ok(f) = confine(&dir, &rel) {
+                let p = f.path;
                 prop_assert!(p.starts_with(dir.canonicalize().unwrap()), "{rel:?} → {p:?}");
             }
         }

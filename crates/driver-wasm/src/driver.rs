@@ -161,6 +161,9 @@ pub struct WasmDriver {
     hub: Arc<LogHub>,
     logs_dir: PathBuf,
     runs: HashMap<ProcessNum, LiveWasm>,
+    /// The component a spawn's checks just loaded, for the start that
+    /// follows them ([`WasmDriver::prepare`]); taken by the next start.
+    prepared: Option<(PathBuf, ProcessPre<ProcessHost>)>,
     events: mpsc::UnboundedSender<WasmEvent>,
 }
 
@@ -177,7 +180,7 @@ async fn warm_spawns(
         // was found.
         // A refused path is the loop's to report.
         let path = match call.resolve_once() {
-            Ok(path) if !loader.is_ready(&path) => path,
+            Ok(found) if !loader.is_found_ready(&found) => found.path,
             _ => {
                 if ready.send(call).await.is_err() {
                     return;
@@ -253,6 +256,7 @@ impl WasmDriver {
                 hub,
                 logs_dir: logs_dir.into(),
                 runs: HashMap::new(),
+                prepared: None,
                 events,
             },
             events_rx,
@@ -296,6 +300,15 @@ impl WasmDriver {
         }
     }
 
+    /// Loads the component a process's spawn found (see
+    /// [`Runtime::load_found`]) so a bad file is an error before anything
+    /// starts, and keeps it for the start that follows.
+    pub fn prepare(&mut self, found: &spindle_bus::Found) -> Result<(), WasmError> {
+        let pre = self.runtime()?.load_found(found, true)?;
+        self.prepared = Some((found.path.clone(), pre));
+        Ok(())
+    }
+
     /// Starts a run; returns the process's address.
     pub fn spawn(
         &mut self,
@@ -313,8 +326,12 @@ impl WasmDriver {
         if !self.runs.contains_key(&num) && self.runs.len() >= pool as usize {
             return Err(WasmError::PoolFull { pool });
         }
+        let prepared = self.prepared.take().filter(|(p, _)| p == path);
         let runtime = self.runtime()?;
-        let pre: ProcessPre<ProcessHost> = runtime.load(path, spec.parent.is_some())?;
+        let pre: ProcessPre<ProcessHost> = match prepared {
+            Some((_, pre)) => pre,
+            None => runtime.load(path, spec.parent.is_some())?,
+        };
         let our = Arc::new(our);
         let (out_path, err_path) = spec.log_paths(&self.logs_dir, num.0);
         let open = |p: &Path| self.hub.open(p, spec.log.max_size, spec.log.keep);

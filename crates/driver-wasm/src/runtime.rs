@@ -4,12 +4,13 @@
 use crate::bindings::ProcessPre;
 use crate::compiler::Compiler;
 use crate::host::ProcessHost;
+use spindle_bus::{FileStamp, Found};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
@@ -243,6 +244,13 @@ impl Loader {
             .is_some_and(|r| r.cached(path).is_some())
     }
 
+    /// Is the file a spawn found the one loaded (no further lookup)?
+    pub fn is_found_ready(&self, found: &Found) -> bool {
+        self.runtime
+            .made()
+            .is_some_and(|r| r.cached_as(&found.path, &found.stamp).is_some())
+    }
+
     pub(crate) fn new(runtime: Arc<LazyRuntime>) -> Loader {
         Loader {
             runtime,
@@ -281,27 +289,6 @@ fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory of the allocator.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// Identifies a file's contents cheaply: a changed file is reloaded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    /// Which file it is: another file at the same path (even of the same
-    /// size and time) is loaded afresh.
-    file: (u64, u64),
-}
-
-impl Stamp {
-    fn of(meta: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        Stamp {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-            file: (meta.dev(), meta.ino()),
-        }
     }
 }
 
@@ -472,7 +459,7 @@ pub struct Runtime {
     compiler: Compiler,
     cache_dir: PathBuf,
     /// Each component file the node has loaded or refused, as it was.
-    loaded: Mutex<HashMap<PathBuf, (Stamp, Loaded)>>,
+    loaded: Mutex<HashMap<PathBuf, (FileStamp, Loaded)>>,
     ticker: Arc<Ticker>,
 }
 
@@ -568,22 +555,42 @@ impl Runtime {
     /// resolved inside its folder) is opened without following any
     /// symbolic link, so a link swapped in since cannot lead outside.
     pub fn load(&self, path: &Path, confined: bool) -> Result<ProcessPre<ProcessHost>, WasmError> {
+        let meta = std::fs::metadata(path).map_err(|source| WasmError::Read {
+            path: path.into(),
+            source,
+        })?;
+        self.load_found(
+            &Found {
+                path: path.into(),
+                stamp: FileStamp::of(&meta),
+            },
+            confined,
+        )
+    }
+
+    /// [`Runtime::load`] of a file already looked up (a spawn's component,
+    /// [`spindle_bus::confine`]): from memory without another lookup if it
+    /// is the file loaded before.
+    pub fn load_found(
+        &self,
+        found: &Found,
+        confined: bool,
+    ) -> Result<ProcessPre<ProcessHost>, WasmError> {
+        let (path, stamp) = (found.path.as_path(), &found.stamp);
         let read_err = |source| WasmError::Read {
             path: path.into(),
             source,
         };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        if meta.len() > MAX_COMPONENT_BYTES {
+        if stamp.len() > MAX_COMPONENT_BYTES {
             return Err(WasmError::Invalid {
                 path: path.into(),
                 message: format!(
                     "{} bytes, more than a component may have ({MAX_COMPONENT_BYTES})",
-                    meta.len()
+                    stamp.len()
                 ),
             });
         }
-        let stamp = Stamp::of(&meta);
-        match self.known_as(path, &stamp) {
+        match self.known_as(path, stamp) {
             Some(Loaded::Ready(pre)) => return Ok(pre),
             Some(Loaded::Refused(why)) => return Err(why.error(path)),
             None => {}
@@ -616,17 +623,17 @@ impl Runtime {
         {
             loaded.retain(|_, (_, l)| matches!(l, Loaded::Ready(_)));
         }
-        loaded.insert(path.into(), (stamp, outcome));
+        loaded.insert(path.into(), (stamp.clone(), outcome));
         made
     }
 
     /// The component at `path`, if it is loaded and the file unchanged.
     pub fn cached(&self, path: &Path) -> Option<ProcessPre<ProcessHost>> {
         let meta = std::fs::metadata(path).ok()?;
-        self.cached_as(path, &Stamp::of(&meta))
+        self.cached_as(path, &FileStamp::of(&meta))
     }
 
-    fn cached_as(&self, path: &Path, stamp: &Stamp) -> Option<ProcessPre<ProcessHost>> {
+    fn cached_as(&self, path: &Path, stamp: &FileStamp) -> Option<ProcessPre<ProcessHost>> {
         match self.known_as(path, stamp)? {
             Loaded::Ready(pre) => Some(pre),
             Loaded::Refused(_) => None,
@@ -634,7 +641,7 @@ impl Runtime {
     }
 
     /// What loading the file at `path` came to, if it is unchanged since.
-    fn known_as(&self, path: &Path, stamp: &Stamp) -> Option<Loaded> {
+    fn known_as(&self, path: &Path, stamp: &FileStamp) -> Option<Loaded> {
         let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         let (s, l) = loaded.get(path)?;
         (s == stamp).then(|| l.clone())

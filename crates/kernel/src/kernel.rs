@@ -184,6 +184,8 @@ pub enum Effect {
         num: ProcessNum,
         info: ExitInfo,
         restart_in: Option<Duration>,
+        /// It is a transient child (a spawn's job): no news when it completes.
+        transient: bool,
     },
     /// It was waiting to restart and now stays stopped (no run ended: a
     /// stop during backoff).
@@ -798,6 +800,7 @@ impl Kernel {
         };
         e.last_exit = Some(info.clone());
         set_state(&mut self.timers, e, State::Stopped);
+        let transient = e.spec.transient;
         self.dirty.insert(num);
 
         let mut restart_in = None;
@@ -807,6 +810,7 @@ impl Kernel {
                     num,
                     info,
                     restart_in: None,
+                    transient,
                 });
                 self.remove(num);
                 return;
@@ -832,13 +836,12 @@ impl Kernel {
                 }
             }
         }
-        let gone = restart_in.is_none()
-            && !self.shutting_down
-            && self.procs.get(&num).is_some_and(|e| e.spec.transient);
+        let gone = restart_in.is_none() && !self.shutting_down && transient;
         self.effects.push(Effect::Exited {
             num,
             info,
             restart_in,
+            transient,
         });
         if gone {
             self.remove(num);

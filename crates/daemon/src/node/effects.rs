@@ -135,6 +135,7 @@ impl Node {
                         num,
                         info,
                         restart_in,
+                        transient,
                     } => {
                         let bus = self.wasm.bus().clone();
                         let killed = info.reason == spindle_types::ExitReason::Killed;
@@ -152,11 +153,16 @@ impl Node {
                             Some(OnBus::Wasm(address)) if killed => bus.revoke_issued_by(address),
                             _ => {}
                         }
+                        // A transient child that did its job (a transaction)
+                        // is not news: the trace still shows its end.
+                        let done_transient =
+                            transient && info.reason == spindle_types::ExitReason::Completed;
                         match restart_in {
                             Some(d) => tracing::info!(
                                 "process {num}: {info}; restarting in {}",
                                 spindle_types::units::format_duration(d)
                             ),
+                            None if done_transient => tracing::debug!("process {num}: {info}"),
                             None => tracing::info!("process {num}: {info}"),
                         }
                         let stays = restart_in.is_none()

@@ -111,11 +111,11 @@ impl Node {
     pub(super) fn spawn_for(&mut self, call: SpawnCall) {
         use spindle_bus::SpawnError;
         let answer = (|| {
-            let path = call.resolve()?;
+            let found = call.resolve()?;
             let spec = ProcessSpec {
                 name: call.name.clone(),
                 program: Program::Wasm {
-                    path,
+                    path: found.path.clone(),
                     package: call.parent.process.package.clone(),
                     public: call.public,
                 },
@@ -143,7 +143,10 @@ impl Node {
                 self.wasm.pool() as usize,
             )
             .map_err(|e| SpawnError::Budget(e.to_string()))?;
-            self.check_wasm(&spec, &HashSet::new())
+            self.wasm
+                .prepare(&found)
+                .map_err(|e| SpawnError::Refused(e.to_string()))?;
+            self.check_address(&spec, &HashSet::new())
                 .map_err(SpawnError::Refused)?;
             let num = self
                 .kernel

@@ -299,7 +299,7 @@ impl host::Host for ProcessHost {
         // Resolved once, here; a component already loaded goes straight to
         // the loop, one to compile waits for it in the stage before.
         let queue = match &call.resolve_once() {
-            Ok(path) if !self.shared.loader.is_ready(path) => &self.shared.spawns,
+            Ok(found) if !self.shared.loader.is_found_ready(found) => &self.shared.spawns,
             _ => &self.shared.to_loop,
         };
         if queue.send(call).await.is_err() {

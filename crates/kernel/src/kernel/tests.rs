@@ -79,6 +79,7 @@ impl Fake {
                         num,
                         info,
                         restart_in,
+                        ..
                     } => self.exits.push((num, info, restart_in)),
                     Effect::Settled { num } => self.settled.push(num),
                     Effect::Removed { .. } => {}
