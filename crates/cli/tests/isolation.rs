@@ -320,3 +320,38 @@ fn a_pool_size_that_is_no_number_stops_the_daemon_with_a_clear_error() {
     // Unset, the same home starts.
     n.ok(&["ls"]);
 }
+
+/// A pool slot goes from one process to the next with nothing of the first
+/// in it: each process of the same component (which reuses the slot its
+/// predecessor had) finds its static data, heap and stack as fresh as the
+/// first did — however its memory was reset.
+#[test]
+fn a_process_finds_nothing_an_earlier_process_left_in_its_slot() {
+    let n = Node::new();
+    let file = n.ship("hostile");
+    let addr = "local@heir:heirs:test";
+    let mut found = Vec::new();
+    for round in 0..4 {
+        n.ok(&[
+            "start",
+            &file,
+            "--name",
+            "heir",
+            "--package",
+            "heirs:test",
+            "--public",
+        ]);
+        until("it answers", || {
+            let out = n.run(&["send", addr, "ping", "--timeout", "1s"]);
+            out.status.success().then_some(())
+        });
+        found.push(send(&n, addr, "leftovers"));
+        if round == 0 {
+            // The check sees its own marks: it would see a predecessor's.
+            let again = send(&n, addr, "leftovers");
+            assert!(again.contains("static"), "{again}");
+        }
+        n.ok(&["delete", "heir"]);
+    }
+    assert!(found.iter().all(|f| f == "clean"), "{found:?}");
+}

@@ -24,6 +24,11 @@
 //!   between them.
 //! - `panic-huge`: panics with a 1 MiB message.
 //! - `on-exit-flood`: sets an on-exit policy of 1,000 requests.
+//! - `leftovers`: looks for what an earlier process in its pool slot left
+//!   behind — in a static buffer (zero in the component's image), on the
+//!   heap (a fresh allocation's bytes) and on its stack — answers `clean`
+//!   or `dirty <where>`, then fills all three with [`MARK`] so a process
+//!   after it would find them if the slot were not reset.
 //! - `ping`: `pong` (it is still alive).
 
 use spindle_process::bindings::spindle::process::host;
@@ -34,6 +39,61 @@ use spindle_process::{
 use std::time::Duration;
 
 spindle_process::init!(run);
+
+/// What `leftovers` writes, for a later process of the slot to look for.
+const MARK: u8 = 0xa5;
+/// Bytes of each region `leftovers` looks at: several pages.
+const LOOKED_AT: usize = 16 << 10;
+static mut LEFT: [u8; LOOKED_AT] = [0; LOOKED_AT];
+
+/// Looks at the static buffer, a fresh heap allocation and a stretch of
+/// stack for [`MARK`]s, then leaves its own.
+fn leftovers() -> String {
+    let mut dirty = Vec::new();
+    let left = &raw mut LEFT;
+    // SAFETY: the guest is single-threaded; the buffer is only used here.
+    let left = unsafe { &mut *left };
+    if left.contains(&MARK) {
+        dirty.push("static");
+    }
+    left.fill(MARK);
+    let layout = std::alloc::Layout::from_size_align(LOOKED_AT, 4096).expect("a layout");
+    // SAFETY: a valid layout; the bytes are read as they were handed out
+    // (volatile, so the read is not assumed away), then written.
+    unsafe {
+        let p = std::alloc::alloc(layout);
+        if !p.is_null() {
+            if (0..LOOKED_AT).any(|i| std::ptr::read_volatile(p.add(i)) == MARK) {
+                dirty.push("heap");
+            }
+            // Never freed: the process ends with it.
+            std::ptr::write_bytes(p, MARK, LOOKED_AT);
+        }
+    }
+    if stack_marked() {
+        dirty.push("stack");
+    }
+    if dirty.is_empty() {
+        "clean".into()
+    } else {
+        format!("dirty {}", dirty.join(","))
+    }
+}
+
+/// Reads a stretch of fresh stack, then marks it.
+#[inline(never)]
+fn stack_marked() -> bool {
+    let mut frame = std::mem::MaybeUninit::<[u8; LOOKED_AT]>::uninit();
+    let p = frame.as_mut_ptr().cast::<u8>();
+    // SAFETY: the frame's bytes are read as the stack holds them (volatile),
+    // then written; nothing else uses them.
+    unsafe {
+        let found = (0..LOOKED_AT).any(|i| std::ptr::read_volatile(p.add(i)) == MARK);
+        std::ptr::write_bytes(p, MARK, LOOKED_AT);
+        std::hint::black_box(&frame);
+        found
+    }
+}
 
 fn answer(text: impl Into<Vec<u8>>) {
     let _ = Response::new().body(text).send();
@@ -199,6 +259,7 @@ fn run(_our: Address) {
         let args: Vec<&str> = words.collect();
         match op {
             "ping" => answer("pong"),
+            "leftovers" => answer(leftovers()),
             "attach" => {
                 let path = args.join(" ");
                 let db = sqlite::open("mine");
