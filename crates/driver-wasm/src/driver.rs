@@ -169,9 +169,10 @@ pub struct WasmDriver {
     events: mpsc::UnboundedSender<WasmEvent>,
 }
 
-/// Runs that end between two trims of the heap: after this many fewer than
-/// at their peak, the allocator gives their freed records back (one trim
-/// after a burst, never one per exit; measured: 168 MiB back after 9,000
+/// Runs that end between two trims of the heap: once this many, and at
+/// least half of those live at their peak, have ended, the allocator gives
+/// their freed records back (a few trims after a burst, never one per
+/// exit: a trim walks the whole heap; measured: 168 MiB back after 9,000
 /// ended, in a blocking thread's few tens of milliseconds).
 const TRIM_AFTER_ENDS: usize = 1024;
 
@@ -470,7 +471,8 @@ impl WasmDriver {
         if self.runs.get(&num).is_some_and(|l| l.run == run) {
             self.runs.remove(&num);
         }
-        if self.runs.len() + TRIM_AFTER_ENDS <= self.peak_runs {
+        let ended = self.peak_runs.saturating_sub(self.runs.len());
+        if ended >= TRIM_AFTER_ENDS.max(self.peak_runs / 2) {
             self.peak_runs = self.runs.len();
             tokio::task::spawn_blocking(crate::runtime::trim_heap);
         }
