@@ -160,7 +160,8 @@ pub fn confine(dir: &Path, rel: &str) -> Result<Found, PathRefused> {
         path: rel.into(),
         why: e.kind().to_string(),
     };
-    let direct = dir.join(&lexical);
+    // Rebuilt from its parts, so a `.` inside `dir` is not kept.
+    let direct: PathBuf = dir.components().chain(lexical.components()).collect();
     match open_unlinked(dir, &direct) {
         Some(Ok(stamp)) => {
             return Ok(Found {
@@ -206,7 +207,7 @@ fn no_openat2(e: &std::io::Error) -> bool {
 /// The common case in one lookup: `path` (`dir` joined with a plain
 /// relative path) reached without following any link, which makes it the
 /// file's own path and inside `dir`. `None` when `dir` is not a plain
-/// absolute path (it has `.` or `..` parts), so the result would not be.
+/// absolute path (it has `..` parts), so the result would not be.
 fn open_unlinked(dir: &Path, path: &Path) -> Option<std::io::Result<FileStamp>> {
     use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
     let mut parts = dir.components();
@@ -313,9 +314,15 @@ mod tests {
         std::os::unix::fs::symlink(&real, outer.path().join("via")).unwrap();
         let canon = real.canonicalize().unwrap().join("c.wasm");
         let meta = std::fs::metadata(&canon).unwrap();
-        for dir in [outer.path().join("via"), real.clone(), real.join("../real")] {
+        let dotted = PathBuf::from(format!("{}/./", real.display()));
+        for dir in [
+            outer.path().join("via"),
+            real.clone(),
+            real.join("../real"),
+            dotted,
+        ] {
             let f = confine(&dir, "c.wasm").unwrap();
-            assert_eq!(f.path, canon, "from {dir:?}");
+            assert_eq!(f.path.as_os_str(), canon.as_os_str(), "from {dir:?}");
             assert_eq!(f.stamp, FileStamp::of(&meta));
             assert_eq!(f.stamp.len(), 3);
         }

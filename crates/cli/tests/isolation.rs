@@ -322,9 +322,9 @@ fn a_pool_size_that_is_no_number_stops_the_daemon_with_a_clear_error() {
 }
 
 /// A pool slot goes from one process to the next with nothing of the first
-/// in it: each process of the same component (which reuses the slot its
-/// predecessor had) finds its static data, heap and stack as fresh as the
-/// first did — however its memory was reset.
+/// in it: each process of the same component (the pool gives a component
+/// back the slot it had) finds its static data, heap and stack as fresh as
+/// the first did — however its memory was reset.
 #[test]
 fn a_process_finds_nothing_an_earlier_process_left_in_its_slot() {
     let n = Node::new();

@@ -164,7 +164,8 @@ pub struct WasmDriver {
     /// The most runs live since the heap was last trimmed ([`TRIM_AFTER_ENDS`]).
     peak_runs: usize,
     /// The component a spawn's checks just loaded, for the start that
-    /// follows them ([`WasmDriver::prepare`]); taken by the next start.
+    /// follows them ([`WasmDriver::prepare`]); taken by that start, and
+    /// dropped when the spawn is answered ([`WasmDriver::unprepare`]).
     prepared: Option<(PathBuf, ProcessPre<ProcessHost>)>,
     events: mpsc::UnboundedSender<WasmEvent>,
 }
@@ -172,7 +173,7 @@ pub struct WasmDriver {
 /// Runs that end between two trims of the heap: once this many, and at
 /// least half of those live at their peak, have ended, the allocator gives
 /// their freed records back (a few trims after a burst, never one per
-/// exit: a trim walks the whole heap; measured: 168 MiB back after 9,000
+/// exit: a trim walks the whole heap; measured: 166 MiB back after 9,000
 /// ended, in a blocking thread's few tens of milliseconds).
 const TRIM_AFTER_ENDS: usize = 1024;
 
@@ -317,6 +318,12 @@ impl WasmDriver {
         let pre = self.runtime()?.load_found(found, true)?;
         self.prepared = Some((found.path.clone(), pre));
         Ok(())
+    }
+
+    /// Drops what [`WasmDriver::prepare`] kept, if no start took it (the
+    /// spawn was refused): a later start loads its file afresh.
+    pub fn unprepare(&mut self) {
+        self.prepared = None;
     }
 
     /// Starts a run; returns the process's address.

@@ -135,30 +135,18 @@ const MEMORIES_PER_PROCESS: u32 = 1;
 /// Tables a component may have: the program's, its shim's, and one an
 /// adapter may bring (about 32 bytes of resident bookkeeping a slot).
 const TABLES_PER_PROCESS: u32 = 3;
-/// Memory a freed slot keeps resident: the pages its process wrote, up to
-/// this much, are put back to the component's image by `memcpy`/`memset`
-/// instead of handed back to the kernel, so the next process in the slot
-/// (a transaction's next child, a restart) neither faults them in again nor
-/// costs an `madvise` and its TLB shootdown. Which pages were written is
-/// read from the kernel (`PAGEMAP_SCAN`, Linux 6.7+); on an older kernel a
-/// freed slot keeps nothing ([`KEEP_RESIDENT_BLIND`]). 16 KiB covers a
-/// short child's written pages (measured: a transaction 60 → 40 µs; 8 KiB
-/// gave 51 µs). The price: a slot once used keeps up to this much (12 KiB
-/// a slot measured after 9,000 processes ended).
-const MEMORY_KEEP_RESIDENT: usize = 16 << 10;
-/// The same for a freed slot's tables: their first page.
-const TABLE_KEEP_RESIDENT: usize = 4 << 10;
-/// What a freed slot keeps when the kernel cannot say which pages were
-/// written: nothing. wasmtime would then reset the whole kept part whether
-/// or not the process touched it, faulting in fresh pages on every exit
-/// (measured with 64 KiB: 10,000 stopped in 5.2 s instead of 0.38 s, +4 GiB
-/// resident at 100,000).
-const KEEP_RESIDENT_BLIND: usize = 0;
-/// The first kernel with `PAGEMAP_SCAN`.
-const PAGEMAP_SCAN_SINCE: (u32, u32) = (6, 7);
-/// The async stacks' part kept resident: none (they are not zeroed between
-/// processes, so there is nothing to save).
-const STACK_KEEP_RESIDENT: usize = 0;
+/// Memory kept resident in a freed slot (reset in place rather than handed
+/// back to the kernel): none. Kept blindly, wasmtime resets the kept part
+/// whether or not the process touched it (measured with 64 KiB: 10,000
+/// stopped in 5.2 s instead of 0.38 s; 100,000 in over 40 s and +4 GiB
+/// resident, vs 8.9 s). Kept with its `PAGEMAP_SCAN` reset (only the pages
+/// the process wrote are copied back), 16 KiB made a transaction 60 → 40 µs
+/// and a restart 38–63 → 20–29 µs, but that reset skips a written page that
+/// is swapped out or being migrated when the slot is freed, and neither
+/// resets nor decommits it: the next process in the slot could read it (and,
+/// in a table, call a stale function reference). A slot handed back whole
+/// has no such gap.
+const KEEP_RESIDENT: usize = 0;
 /// Freed slots whose memory is handed back to the kernel together. One at a
 /// time: a slot waiting in a batch cannot be reused, so a restart then lands
 /// in a cold slot (measured: restart 56–59 µs unbatched, 78–88 µs in
@@ -316,7 +304,7 @@ const WASM_MAGIC: &[u8] = b"\0asm";
 
 /// Reads a component file: a regular file (never a FIFO or a device, which
 /// could block or never end), at most [`MAX_COMPONENT_BYTES`] of it.
-fn read_component(path: &Path, confined: bool) -> std::io::Result<Vec<u8>> {
+fn read_component(path: &Path, confined: bool) -> std::io::Result<(Vec<u8>, FileStamp)> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let file = match confined.then(|| open_without_links(path)) {
@@ -329,7 +317,8 @@ fn read_component(path: &Path, confined: bool) -> std::io::Result<Vec<u8>> {
             .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
             .open(path)?,
     };
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a regular file",
@@ -343,7 +332,7 @@ fn read_component(path: &Path, confined: bool) -> std::io::Result<Vec<u8>> {
             format!("larger than a component may be ({MAX_COMPONENT_BYTES} bytes)"),
         ));
     }
-    Ok(bytes)
+    Ok((bytes, FileStamp::of(&meta)))
 }
 
 /// Opens `path` for reading, refusing a symbolic link anywhere on it.
@@ -390,40 +379,13 @@ pub(crate) fn engine_config(max_processes: Option<u32>) -> Config {
             .max_tables_per_component(TABLES_PER_PROCESS)
             .total_stacks(max_processes)
             .max_memory_size(MAX_WASM_MEMORY)
-            .async_stack_keep_resident(STACK_KEEP_RESIDENT)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .async_stack_keep_resident(KEEP_RESIDENT)
             .decommit_batch_size(DECOMMIT_BATCH);
-        // wasmtime checks for the scan itself (Auto), and without it resets
-        // kept pages blindly: keep none where the kernel is too old for it.
-        let kept = |size| {
-            if pagemap_scan_kernel() {
-                size
-            } else {
-                KEEP_RESIDENT_BLIND
-            }
-        };
-        pool.pagemap_scan(wasmtime::Enabled::Auto)
-            .linear_memory_keep_resident(kept(MEMORY_KEEP_RESIDENT))
-            .table_keep_resident(kept(TABLE_KEEP_RESIDENT));
         config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
     }
     config
-}
-
-/// Whether this kernel has `PAGEMAP_SCAN` (its release is at least
-/// [`PAGEMAP_SCAN_SINCE`]).
-fn pagemap_scan_kernel() -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .and_then(|r| release_at_least(&r, PAGEMAP_SCAN_SINCE))
-        .unwrap_or(false)
-}
-
-/// Whether a kernel release (`6.18.44-foo`) is at least `(major, minor)`.
-fn release_at_least(release: &str, (major, minor): (u32, u32)) -> Option<bool> {
-    let mut parts = release.trim().split(['.', '-']);
-    let got_major: u32 = parts.next()?.parse().ok()?;
-    let got_minor: u32 = parts.next()?.parse().ok()?;
-    Some((got_major, got_minor) >= (major, minor))
 }
 
 /// Writes `artifact` to the cache file `cached` whole or not at all.
@@ -639,7 +601,9 @@ impl Runtime {
             Some(Loaded::Refused(why)) => return Err(why.error(path)),
             None => {}
         }
-        let bytes = read_component(path, confined).map_err(read_err)?;
+        // What is compiled is known by the stamp of the file read (which a
+        // swap since the lookup makes another file).
+        let (bytes, read) = read_component(path, confined).map_err(read_err)?;
         let made = self.compile_cached(path, &bytes).and_then(|component| {
             self.linker
                 .instantiate_pre(&component)
@@ -667,7 +631,7 @@ impl Runtime {
         {
             loaded.retain(|_, (_, l)| matches!(l, Loaded::Ready(_)));
         }
-        loaded.insert(path.into(), (stamp.clone(), outcome));
+        loaded.insert(path.into(), (read, outcome));
         made
     }
 
@@ -769,18 +733,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_releases_are_compared_by_major_and_minor() {
-        assert_eq!(release_at_least("6.18.44-fc-v1272\n", (6, 7)), Some(true));
-        assert_eq!(release_at_least("6.7.0", (6, 7)), Some(true));
-        assert_eq!(release_at_least("6.6.87-generic", (6, 7)), Some(false));
-        assert_eq!(release_at_least("5.15.0", (6, 7)), Some(false));
-        assert_eq!(release_at_least("7.0", (6, 7)), Some(true));
-        assert_eq!(release_at_least("6", (6, 7)), None);
-        assert_eq!(release_at_least("", (6, 7)), None);
-        assert_eq!(release_at_least("x.y", (6, 7)), None);
-    }
-
-    #[test]
     fn the_pool_is_what_was_asked_as_far_as_the_kernel_allows() {
         // Linux's default leaves room for about 10,000.
         let default = pool_size(Some(65_530), None);
@@ -871,11 +823,11 @@ mod tests {
         std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("swapped")).unwrap();
         let direct = dir.path().join("real/x.wasm");
         let linked = dir.path().join("swapped/x.wasm");
-        assert_eq!(read_component(&direct, true).unwrap(), b"\0asm");
+        assert_eq!(read_component(&direct, true).unwrap().0, b"\0asm");
         // A directory swapped for a link after the check leads nowhere.
         assert!(read_component(&linked, true).is_err());
         // The operator's own paths may go through links.
-        assert_eq!(read_component(&linked, false).unwrap(), b"\0asm");
+        assert_eq!(read_component(&linked, false).unwrap().0, b"\0asm");
         // Never a FIFO.
         let fifo = dir.path().join("real/pipe.wasm");
         assert!(

@@ -172,6 +172,7 @@ impl Node {
             bus.grant(&child.process, call.capabilities.iter().cloned());
             Ok(child)
         })();
+        self.wasm.unprepare();
         let _ = call.reply.send(answer);
     }
 }

@@ -42,6 +42,9 @@ spindle_process::init!(run);
 
 /// What `leftovers` writes, for a later process of the slot to look for.
 const MARK: u8 = 0xa5;
+/// A run this long of [`MARK`] is what `leftovers` left: nothing else the
+/// guest keeps (ids, times, pointers) looks like it.
+const MARK_RUN: usize = 64;
 /// Bytes of each region `leftovers` looks at: several pages.
 const LOOKED_AT: usize = 16 << 10;
 static mut LEFT: [u8; LOOKED_AT] = [0; LOOKED_AT];
@@ -53,7 +56,7 @@ fn leftovers() -> String {
     let left = &raw mut LEFT;
     // SAFETY: the guest is single-threaded; the buffer is only used here.
     let left = unsafe { &mut *left };
-    if left.contains(&MARK) {
+    if marked(|i| left[i]) {
         dirty.push("static");
     }
     left.fill(MARK);
@@ -63,7 +66,7 @@ fn leftovers() -> String {
     unsafe {
         let p = std::alloc::alloc(layout);
         if !p.is_null() {
-            if (0..LOOKED_AT).any(|i| std::ptr::read_volatile(p.add(i)) == MARK) {
+            if marked(|i| std::ptr::read_volatile(p.add(i))) {
                 dirty.push("heap");
             }
             // Never freed: the process ends with it.
@@ -80,6 +83,18 @@ fn leftovers() -> String {
     }
 }
 
+/// Whether the [`LOOKED_AT`] bytes `at` reads hold a run of [`MARK_RUN`] marks.
+fn marked(at: impl Fn(usize) -> u8) -> bool {
+    let mut run = 0;
+    for i in 0..LOOKED_AT {
+        run = if at(i) == MARK { run + 1 } else { 0 };
+        if run >= MARK_RUN {
+            return true;
+        }
+    }
+    false
+}
+
 /// Reads a stretch of fresh stack, then marks it.
 #[inline(never)]
 fn stack_marked() -> bool {
@@ -88,7 +103,7 @@ fn stack_marked() -> bool {
     // SAFETY: the frame's bytes are read as the stack holds them (volatile),
     // then written; nothing else uses them.
     unsafe {
-        let found = (0..LOOKED_AT).any(|i| std::ptr::read_volatile(p.add(i)) == MARK);
+        let found = marked(|i| std::ptr::read_volatile(p.add(i)));
         std::ptr::write_bytes(p, MARK, LOOKED_AT);
         std::hint::black_box(&frame);
         found
