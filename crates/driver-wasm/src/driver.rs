@@ -173,7 +173,7 @@ pub struct WasmDriver {
 /// Runs that end between two trims of the heap: once this many, and at
 /// least half of those live at their peak, have ended, the allocator gives
 /// their freed records back (a few trims after a burst, never one per
-/// exit: a trim walks the whole heap; measured: 166 MiB back after 9,000
+/// exit: a trim walks the whole heap; measured: 163 MiB back after 9,000
 /// ended, in a blocking thread's few tens of milliseconds).
 const TRIM_AFTER_ENDS: usize = 1024;
 

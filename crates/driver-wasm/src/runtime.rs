@@ -145,7 +145,8 @@ const TABLES_PER_PROCESS: u32 = 3;
 /// is swapped out or being migrated when the slot is freed, and neither
 /// resets nor decommits it: the next process in the slot could read it (and,
 /// in a table, call a stale function reference). A slot handed back whole
-/// has no such gap.
+/// has no such gap. (The async stacks keep nothing either: they are not
+/// zeroed between processes, so keeping them resident would save nothing.)
 const KEEP_RESIDENT: usize = 0;
 /// Freed slots whose memory is handed back to the kernel together. One at a
 /// time: a slot waiting in a batch cannot be reused, so a restart then lands
@@ -325,7 +326,17 @@ fn read_component(path: &Path, confined: bool) -> std::io::Result<(Vec<u8>, File
         ));
     }
     let mut bytes = Vec::new();
-    file.take(MAX_COMPONENT_BYTES + 1).read_to_end(&mut bytes)?;
+    (&file)
+        .take(MAX_COMPONENT_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    // Rewritten in place while it was read: not bytes to compile (the next
+    // start reads it again).
+    if FileStamp::of(&file.metadata()?) != FileStamp::of(&meta) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "it changed while it was read",
+        ));
+    }
     if bytes.len() as u64 > MAX_COMPONENT_BYTES {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
