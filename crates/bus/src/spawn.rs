@@ -105,12 +105,13 @@ impl FileStamp {
     }
 
     /// The file's size in bytes.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.len
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// The stamp of the file `fd` is open on (an `O_PATH` descriptor will do).
+    fn of_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<FileStamp> {
+        Ok(FileStamp::of(&std::fs::File::from(fd).metadata()?))
     }
 }
 
@@ -175,28 +176,22 @@ pub fn confine(dir: &Path, rel: &str) -> Result<Found, PathRefused> {
         }
         _ => {}
     }
-    let real = match resolve_beneath(dir, &lexical) {
-        Ok(real) => real,
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            return Err(PathRefused::LinksOut(rel.into()));
-        }
+    match resolve_beneath(dir, &lexical) {
+        Ok(found) => Ok(found),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Err(PathRefused::LinksOut(rel.into())),
         // A kernel without openat2 (before 5.6), or no /proc: resolve the
         // long way, a lookup per path component.
         Err(e) if no_openat2(&e) || e.kind() == std::io::ErrorKind::Unsupported => {
             let root = dir.canonicalize().map_err(unreadable)?;
-            let real = root.join(&lexical).canonicalize().map_err(unreadable)?;
-            if !real.starts_with(&root) {
+            let path = root.join(&lexical).canonicalize().map_err(unreadable)?;
+            if !path.starts_with(&root) {
                 return Err(PathRefused::LinksOut(rel.into()));
             }
-            let meta = std::fs::metadata(&real).map_err(unreadable)?;
-            (real, FileStamp::of(&meta))
+            let stamp = FileStamp::of(&std::fs::metadata(&path).map_err(unreadable)?);
+            Ok(Found { path, stamp })
         }
-        Err(e) => return Err(unreadable(e)),
-    };
-    Ok(Found {
-        path: real.0,
-        stamp: real.1,
-    })
+        Err(e) => Err(unreadable(e)),
+    }
 }
 
 /// `openat2` is missing (ENOSYS) or filtered out (EPERM).
@@ -222,15 +217,14 @@ fn open_unlinked(dir: &Path, path: &Path) -> Option<std::io::Result<FileStamp>> 
     Some(
         openat2(AT_FDCWD, path, how)
             .map_err(std::io::Error::from)
-            .and_then(|fd| std::fs::File::from(fd).metadata())
-            .map(|meta| FileStamp::of(&meta)),
+            .and_then(FileStamp::of_fd),
     )
 }
 
 /// Resolves `rel` inside `dir` in one lookup that the kernel keeps beneath
 /// `dir` (`RESOLVE_BENEATH`: no `..` out, no absolute or outward link;
 /// `EXDEV` if it would leave), and names what it found.
-fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<(PathBuf, FileStamp)> {
+fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<Found> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
     use std::os::fd::AsRawFd;
     let root = open(
@@ -253,8 +247,10 @@ fn resolve_beneath(dir: &Path, rel: &Path) -> std::io::Result<(PathBuf, FileStam
     if real.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
         return Err(std::io::ErrorKind::NotFound.into());
     }
-    let meta = std::fs::File::from(found).metadata()?;
-    Ok((real, FileStamp::of(&meta)))
+    Ok(Found {
+        path: real,
+        stamp: FileStamp::of_fd(found)?,
+    })
 }
 
 #[cfg(test)]
@@ -324,7 +320,7 @@ mod tests {
             let f = confine(&dir, "c.wasm").unwrap();
             assert_eq!(f.path.as_os_str(), canon.as_os_str(), "from {dir:?}");
             assert_eq!(f.stamp, FileStamp::of(&meta));
-            assert_eq!(f.stamp.len(), 3);
+            assert_eq!(f.stamp.bytes(), 3);
         }
     }
 

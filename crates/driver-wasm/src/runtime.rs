@@ -598,12 +598,12 @@ impl Runtime {
             path: path.into(),
             source,
         };
-        if stamp.len() > MAX_COMPONENT_BYTES {
+        if stamp.bytes() > MAX_COMPONENT_BYTES {
             return Err(WasmError::Invalid {
                 path: path.into(),
                 message: format!(
                     "{} bytes, more than a component may have ({MAX_COMPONENT_BYTES})",
-                    stamp.len()
+                    stamp.bytes()
                 ),
             });
         }
